@@ -1,0 +1,206 @@
+"""The typed recipe: YAML in, validated objects out, `key=value` overrides on top.
+
+A wrong key or value fails here, naming the key, before Ray or any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    name: str = "pretrain"
+    storage_path: str = "./runs"  # local folder or s3:// gs:// URI
+    seed: int = 1234
+
+
+class DataConfig(_Strict):
+    shards: str  # folder or URI holding the Parquet shards written by `llmray data shard`
+    val_shards: str | None = None  # held-out shard folder; if unset, a fraction of documents is held out
+    val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    tokenizer: str  # a folder written by `llmray tokenizer train`, or any local HF tokenizer folder
+    seq_len: int = Field(256, gt=1)
+    tokenize_actors: int = Field(1, ge=1)  # actor pool size; each loads the tokenizer once
+    tokenize_batch_docs: int = Field(512, ge=1)
+    prefetch_batches: int = Field(4, ge=1)
+    max_epochs: int | None = Field(None, ge=1)  # None: cycle the corpus until max_steps
+
+
+class ModelConfig(_Strict):
+    pretrained: str | None = None  # local HF folder for continued pretraining; else built from scratch
+    arch: str = "llama"  # any transformers model_type
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int = Field(512, gt=0)
+    extra: dict[str, Any] = Field(default_factory=dict)  # passed to the transformers config as is
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.pretrained is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        return self
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(100, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    global_batch_size: int = Field(16, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = Field(1.0, ge=0)  # 0 turns clipping off
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    activation_checkpointing: bool = False
+    deepspeed: dict[str, Any] | str | None = None  # raw DeepSpeed JSON (dict or path), merged last
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(50, ge=0)  # 0: no evaluation during training
+    eval_batches: int = Field(4, gt=0)  # micro-batches per worker per evaluation
+    checkpoint_every: int = Field(50, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_prompt: str | None = "def "  # a generated sample printed at the end; None skips it
+    sample_tokens: int = Field(48, ge=1)
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _load_ds_json(cls, v):
+        if isinstance(v, str):
+            path = Path(v)
+            if not path.is_file():
+                raise ValueError(f"DeepSpeed JSON file {v} does not exist")
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"DeepSpeed JSON file {v} is not valid JSON: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "TrainConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("train.offload_params needs train.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
+        return self
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float | Literal["auto"] = "auto"
+    gpus_per_worker: float = Field(1.0, gt=0)
+    data_cpus: float | Literal["auto"] = "auto"  # CPUs kept free for the tokenize actors
+    max_failures: int = Field(0, ge=-1)
+
+
+class Recipe(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        t, s = self.train, self.scaling
+        per_step = t.micro_batch_size * s.num_workers
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size * scaling.num_workers = {t.micro_batch_size} * {s.num_workers} = {per_step}"
+            )
+        if self.model.pretrained is None and self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is larger than "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}"
+            )
+        if t.precision == "fp16" and not s.use_gpu:
+            raise ValueError("train.precision=fp16 needs scaling.use_gpu=true (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.seq_len
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {text!r} is not of the form key=value")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = f" (got {e['input']!r})" if key and not isinstance(e.get("input"), dict) else ""
+            lines.append(f"{key}: {msg}{got}" if key else msg)
+    return "; ".join(lines)
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"invalid recipe: {_describe(e)}") from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+    return recipe_from_dict(apply_overrides(raw, list(overrides)))

@@ -1,0 +1,65 @@
+"""Tokenizers: train a byte-level BPE on shards (`llmray tokenizer train`), or load any local HF tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from llmray.data import storage
+from llmray.data.corpus import list_shards
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def iter_texts(location: str, batch_docs: int = 1024) -> Iterator[list[str]]:
+    for shard in list_shards(location):
+        fs, path = storage.resolve(shard.path)
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(columns=["text"], batch_size=batch_docs):
+            yield batch.column(0).to_pylist()
+
+
+def train_tokenizer(shards: str, vocab_size: int, out: str, max_docs: int | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style, no unknown tokens) with `<|endoftext|>` as BOS/EOS, saved for AutoTokenizer."""
+    if vocab_size < 300:
+        raise TokenizerError(f"--vocab-size must be at least 300 (256 bytes + specials), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+
+    def texts() -> Iterator[str]:
+        seen = 0
+        for batch in iter_texts(shards):
+            for t in batch:
+                if max_docs is not None and seen >= max_docs:
+                    return
+                seen += 1
+                yield t
+
+    tok.train_from_iterator(texts(), trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[0],
+                                 pad_token=SPECIAL_TOKENS[1])
+    hf.save_pretrained(out)
+    return hf
+
+
+def load_tokenizer(name_or_path: str):
+    """A local folder (or a name already in the HF cache); the error names the path when it is not there."""
+    if not Path(name_or_path).exists() and ("/" in name_or_path and name_or_path.startswith((".", "/", "~"))):
+        raise TokenizerError(f"tokenizer {name_or_path} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"tokenizer {name_or_path} could not be loaded: {str(e).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise TokenizerError(f"tokenizer {name_or_path} has no EOS token; documents could not be separated")
+    return tok

@@ -1,0 +1,76 @@
+"""The model: any `transformers` causal-LM config built from scratch (Llama-style by default), or a local HF
+folder for continued pretraining; and the FLOPs arithmetic that MFU is reported from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from llmray.config import ModelConfig
+
+
+class ModelError(ValueError):
+    pass
+
+
+def build_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+    if cfg.pretrained is not None:
+        if not Path(cfg.pretrained).is_dir():
+            raise ModelError(f"model.pretrained: folder {cfg.pretrained} does not exist")
+        return AutoConfig.from_pretrained(cfg.pretrained)
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(cfg.extra)
+    try:
+        return AutoConfig.for_model(cfg.arch, **kwargs)
+    except ValueError as e:
+        raise ModelError(f"model.arch={cfg.arch!r}: {e}") from None
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    config = build_config(cfg, vocab_size)
+    if cfg.pretrained is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype)
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings, "
+                             f"fewer than the tokenizer's {vocab_size} tokens")
+        return model
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+
+
+def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    return n
+
+
+def flops_per_token(config: PretrainedConfig, n_params_non_embedding: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights (forward + backward) plus 12·L·H·T for attention scores
+    (Kaplan et al. 2020; PaLM appendix B). The LM head counts as a weight matrix."""
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    return 6.0 * n_params_non_embedding + 12.0 * layers * hidden * seq_len
+
+
+# Dense bf16 peak of common training GPUs, in FLOP/s (vendor datasheets, no sparsity).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12, "A800": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key in device_name.upper():
+            return PEAK_BF16_FLOPS[key]
+    return None

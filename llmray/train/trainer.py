@@ -1,0 +1,200 @@
+"""The driver: check the inputs, budget CPUs, start the token stream, launch Ray Train, summarise the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from llmray.config import Recipe, recipe_from_dict
+from llmray.data import storage
+from llmray.data.corpus import list_shards
+from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, take_samples
+from llmray.data.tokenizer import load_tokenizer
+from llmray.model import build_config
+from llmray.train import checkpoint
+from llmray.train.plot import plot_loss
+
+
+@dataclass
+class Summary:
+    run_dir: str
+    checkpoint: str | None
+    steps: int
+    tokens: int
+    n_params: int
+    wall_s: float
+    final_loss: float | None
+    val_loss: float | None
+    val_ppl: float | None
+    tokens_per_s: float | None
+    plot: str | None
+    sample: str | None
+
+    def text(self) -> str:
+        lines = [
+            f"run        {self.run_dir}",
+            f"model      {self.n_params / 1e6:.2f}M parameters",
+            f"trained    {self.steps} steps, {self.tokens:,} tokens in {self.wall_s:.0f}s",
+        ]
+        if self.final_loss is not None:
+            lines.append(f"loss       {self.final_loss:.4f}" + (f"   validation {self.val_loss:.4f} (perplexity {self.val_ppl:.1f})"
+                                                              if self.val_loss is not None else ""))
+        if self.tokens_per_s:
+            lines.append(f"throughput {self.tokens_per_s:,.0f} tokens/s (last window)")
+        lines += [f"checkpoint {self.checkpoint}", f"loss plot  {self.plot}"]
+        if self.sample is not None:
+            lines.append(f"sample     {self.sample!r}")
+        return "\n".join(lines)
+
+
+def check_inputs(recipe: Recipe) -> tuple[list[str], list[str] | None, int]:
+    """Everything that can be checked before a worker starts: shards, tokenizer, model shape."""
+    shards = [s.path for s in list_shards(recipe.data.shards)]
+    val_shards = [s.path for s in list_shards(recipe.data.val_shards)] if recipe.data.val_shards else None
+    vocab = len(load_tokenizer(recipe.data.tokenizer))
+    config = build_config(recipe.model, vocab)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and recipe.data.seq_len > positions:
+        raise ValueError(f"data.seq_len={recipe.data.seq_len} is larger than the model's {positions} positions")
+    return shards, val_shards, vocab
+
+
+def cpu_budget(recipe: Recipe, cluster_cpus: float) -> tuple[float, float]:
+    """(CPUs per Train worker, CPUs per tokenize actor). Data gets its share first: workers that take every
+    CPU leave the tokenize actors pending and the run waits forever for its first batch."""
+    s = recipe.scaling
+    data = s.data_cpus if s.data_cpus != "auto" else max(1.0, round(0.1 * cluster_cpus))
+    if s.cpus_per_worker != "auto":
+        per_worker = float(s.cpus_per_worker)
+    else:
+        per_worker = max(0.25, (cluster_cpus - data) / s.num_workers)
+        per_worker = min(per_worker, 8.0) if s.use_gpu else per_worker
+    if per_worker * s.num_workers + data > cluster_cpus + 1e-9 and not s.use_gpu:
+        raise ValueError(
+            f"scaling asks for {s.num_workers} workers x {per_worker} CPUs + {data} data CPUs, "
+            f"but the cluster has {cluster_cpus:g} CPUs")
+    return per_worker, data / recipe.data.tokenize_actors
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What Ray Train runs on each worker."""
+    from llmray.train import loop
+
+    recipe = recipe_from_dict(config["recipe"])
+    rank = ray.train.get_context().get_world_rank()
+    stream = RankStream(config["coordinator"], rank, recipe.data.prefetch_batches)
+    val = ray.get(config["val"][0]) if config["val"] else None
+
+    class RaySink:
+        def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+            ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    resume = ray.train.get_checkpoint()
+    if resume is None:
+        loop.train(recipe, stream, val, RaySink())
+        return
+    with tempfile.TemporaryDirectory(prefix="llmray-resume-") as tmp:
+        resume.to_directory(tmp)
+        loop.train(recipe, stream, val, RaySink(), resume_dir=tmp)
+
+
+def fit(recipe: Recipe) -> Summary:
+    shards, val_shards, _ = check_inputs(recipe)
+    ensure_ray()
+    per_worker, per_actor = cpu_budget(recipe, ray.cluster_resources().get("CPU", 1))
+    d = recipe.data
+    common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,
+                  actors=d.tokenize_actors, cpus_per_actor=per_actor)
+    if val_shards:
+        train_spec = StreamSpec(shards=tuple(shards), split="all", max_epochs=d.max_epochs, **common)
+        val_spec = StreamSpec(shards=tuple(val_shards), split="all", **common)
+    else:
+        train_spec = StreamSpec(shards=tuple(shards), split="train", val_fraction=d.val_fraction,
+                                max_epochs=d.max_epochs, **common)
+        val_spec = StreamSpec(shards=tuple(shards), split="val", val_fraction=d.val_fraction, **common)
+
+    t, s = recipe.train, recipe.scaling
+    val_ref = None
+    if t.eval_every or d.val_shards or d.val_fraction > 0:
+        n_val = t.eval_batches * t.micro_batch_size * s.num_workers
+        val = take_samples(val_spec, n_val) if (d.val_shards or d.val_fraction > 0) else None
+        if val is not None and len(val) < s.num_workers:
+            print(f"[llmray] warning: the validation split holds {len(val)} samples of {d.seq_len} tokens; "
+                  "no validation will run (raise data.val_fraction or set data.val_shards)")
+            val = None
+        val_ref = [ray.put(val)] if val is not None else None
+    coordinator = StreamCoordinator.remote(train_spec, s.num_workers, t.micro_batch_size)
+
+    resources = {"CPU": per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    env = {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": val_ref},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=recipe.run.name,
+            storage_path=_storage_path(recipe.run.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    print(f"[llmray] training {recipe.run.name}: {s.num_workers} workers x {per_worker:g} CPU"
+          f"{' + ' + format(s.gpus_per_worker, 'g') + ' GPU' if s.use_gpu else ''}, ZeRO-{t.zero_stage}, "
+          f"{len(shards)} shards, tokenize actors {d.tokenize_actors} x {per_actor:g} CPU", flush=True)
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    ray.kill(coordinator)
+    return summarize(recipe, result, wall)
+
+
+def _storage_path(path: str) -> str:
+    return path if storage.is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def summarize(recipe: Recipe, result, wall: float) -> Summary:
+    metrics = result.metrics or {}
+    history: list[dict] = []
+    n_params = 0
+    ckpt_path = None
+    if result.checkpoint is not None:
+        ckpt_path = result.checkpoint.path
+        with result.checkpoint.as_directory() as d:
+            state = checkpoint.read_state(d)
+        history, n_params = state["history"], state.get("n_params", 0)
+    run_fs, run_dir = storage.resolve(result.path)
+    plot_path = None
+    if history:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "loss.png")
+            plot_loss(history, local, f"{recipe.run.name}: ZeRO-{recipe.train.zero_stage}, "
+                                      f"{recipe.scaling.num_workers} workers")
+            plot_path = storage.join(result.path, "loss.png")
+            with open(local, "rb") as src, run_fs.open_output_stream(storage.join(run_dir, "loss.png")) as dst:
+                dst.write(src.read())
+    summary = Summary(
+        run_dir=result.path, checkpoint=ckpt_path, steps=metrics.get("step", 0), tokens=metrics.get("tokens", 0),
+        n_params=n_params, wall_s=wall, final_loss=metrics.get("loss"), val_loss=metrics.get("val_loss"),
+        val_ppl=metrics.get("val_ppl"), tokens_per_s=metrics.get("tokens_per_s"), plot=plot_path,
+        sample=metrics.get("sample"),
+    )
+    with run_fs.open_output_stream(storage.join(run_dir, "summary.json")) as f:
+        f.write(json.dumps(asdict(summary), indent=1).encode())
+    return summary
