@@ -12,8 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmray.errors import LlmrayError
 
-class RecipeError(ValueError):
+
+class RecipeError(LlmrayError):
     """A recipe that cannot run; the message names the key."""
 
 

@@ -9,9 +9,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from llmray.config import ModelConfig
+from llmray.errors import LlmrayError
 
 
-class ModelError(ValueError):
+class ModelError(LlmrayError):
     pass
 
 

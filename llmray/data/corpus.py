@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 
 from llmray.data import storage
 from llmray.data.shard import MANIFEST
+from llmray.errors import LlmrayError
 
 
-class CorpusError(ValueError):
+class CorpusError(LlmrayError):
     """Shards that cannot be read; the message names the file."""
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmray.data import storage
+from llmray.errors import LlmrayError
 
 SCHEMA = pa.schema([("text", pa.string()), ("doc_id", pa.string()), ("source", pa.string())])
 MANIFEST = "_manifest.json"
@@ -23,7 +24,7 @@ DEFAULT_INCLUDE = ("*.txt", "*.md", "*.jsonl", "*.parquet")
 ROW_GROUP_BYTES = 8 << 20
 
 
-class ShardError(ValueError):
+class ShardError(LlmrayError):
     """Input or output that cannot be sharded; the message names the path."""
 
 

@@ -11,11 +11,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from llmray.data import storage
 from llmray.data.corpus import list_shards
+from llmray.errors import LlmrayError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(LlmrayError):
     pass
 
 

@@ -7,11 +7,13 @@ import json
 import os
 from pathlib import Path
 
+from llmray.errors import LlmrayError
+
 TAG = "state"  # DeepSpeed sub-folder; fixed so a checkpoint's layout never depends on the step
 STATE_FILE = "llmray_state.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LlmrayError):
     pass
 
 

@@ -13,7 +13,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from llmray.config import Recipe, recipe_from_dict
+from llmray.config import Recipe, RecipeError, recipe_from_dict
 from llmray.data import storage
 from llmray.data.corpus import list_shards
 from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, take_samples
@@ -63,7 +63,7 @@ def check_inputs(recipe: Recipe) -> tuple[list[str], list[str] | None, int]:
     config = build_config(recipe.model, vocab)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and recipe.data.seq_len > positions:
-        raise ValueError(f"data.seq_len={recipe.data.seq_len} is larger than the model's {positions} positions")
+        raise RecipeError(f"data.seq_len={recipe.data.seq_len} is larger than the model's {positions} positions")
     return shards, val_shards, vocab
 
 
@@ -78,7 +78,7 @@ def cpu_budget(recipe: Recipe, cluster_cpus: float) -> tuple[float, float]:
         per_worker = max(0.25, (cluster_cpus - data) / s.num_workers)
         per_worker = min(per_worker, 8.0) if s.use_gpu else per_worker
     if per_worker * s.num_workers + data > cluster_cpus + 1e-9 and not s.use_gpu:
-        raise ValueError(
+        raise RecipeError(
             f"scaling asks for {s.num_workers} workers x {per_worker} CPUs + {data} data CPUs, "
             f"but the cluster has {cluster_cpus:g} CPUs")
     return per_worker, data / recipe.data.tokenize_actors

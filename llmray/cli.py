@@ -1,0 +1,107 @@
+"""`llmray`: shard a corpus, train a tokenizer, pretrain. Each command says what it will do, and bad input
+gets one line naming the file or key, not a stack trace from inside Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _shard(args) -> None:
+    from llmray.data.shard import shard_corpus
+
+    include = tuple(p for chunk in args.include for p in chunk.split(","))
+    print(f"sharding {', '.join(args.inputs)} ({', '.join(include)}) into {args.out}, ~{args.shard_size} per shard")
+    report = shard_corpus(args.inputs, args.out, args.shard_size, include, args.text_field, args.overwrite)
+    print(report.summary())
+
+
+def _tokenizer(args) -> None:
+    from llmray.data.tokenizer import train_tokenizer
+
+    print(f"training a byte-level BPE tokenizer of {args.vocab_size} tokens on {args.shards} into {args.out}")
+    tok = train_tokenizer(args.shards, args.vocab_size, args.out, args.max_docs)
+    print(f"saved {len(tok)} tokens to {args.out} (EOS {tok.eos_token!r})")
+
+
+def _train(args) -> None:
+    from llmray.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        import yaml
+
+        from llmray.train.zero import deepspeed_config, resolve_precision
+
+        print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        precision = resolve_precision(recipe, bf16_supported=True)
+        print(f"# {recipe.scaling.num_workers} workers, {recipe.grad_accum_steps} accumulation steps, "
+              f"{recipe.tokens_per_step:,} tokens per step; DeepSpeed config:")
+        print(yaml.safe_dump(deepspeed_config(recipe, precision), sort_keys=False))
+        return
+    from llmray.train.trainer import fit
+
+    summary = fit(recipe)
+    print("\n" + summary.text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmray", description="Pretrain causal LMs with Ray Data, Ray Train and DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="corpus preparation").add_subparsers(dest="data_command", required=True)
+    sh = data.add_parser("shard", help="write Parquet shards (text, doc_id, source) of a target size",
+                         description="Stream text files (.txt .md .jsonl .parquet, or --include patterns) from local "
+                                     "folders or s3:// gs:// URIs into Parquet shards; empty documents are skipped, "
+                                     "undecodable bytes replaced and counted.")
+    sh.add_argument("inputs", nargs="+", help="files or folders, local or URIs")
+    sh.add_argument("--out", required=True, help="output folder or URI")
+    sh.add_argument("--shard-size", default="64MB", help="target text bytes per shard (default 64MB)")
+    sh.add_argument("--include", action="append", default=None,
+                    help="file name patterns to take from folders, comma-separated (default *.txt,*.md,*.jsonl,*.parquet)")
+    sh.add_argument("--text-field", default="text", help="JSON field / Parquet column holding the text")
+    sh.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    sh.set_defaults(func=_shard)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_command", required=True)
+    tt = tok.add_parser("train", help="train a byte-level BPE tokenizer on shards",
+                        description="Train a byte-level BPE on the text of the shards, saved so that "
+                                    "transformers.AutoTokenizer.from_pretrained(OUT) loads it.")
+    tt.add_argument("shards", help="shard folder written by `llmray data shard`")
+    tt.add_argument("--vocab-size", type=int, default=8000)
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
+    tt.set_defaults(func=_tokenizer)
+
+    tr = sub.add_parser("train", help="pretrain from a YAML recipe on the Ray cluster",
+                        description="Pretrain from a recipe: Ray Data streams the shards into DeepSpeed ZeRO workers "
+                                    "launched by Ray Train. Override any key with key=value, e.g. "
+                                    "train.zero_stage=3 scaling.num_workers=2. Connects to the cluster in RAY_ADDRESS "
+                                    "(as under `ray job submit`) or starts a local one.")
+    tr.add_argument("recipe", help="YAML recipe, e.g. jobs/pretrain_tiny.yaml")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    tr.add_argument("--dry-run", action="store_true", help="print the resolved recipe and DeepSpeed config, run nothing")
+    tr.set_defaults(func=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "data" and args.include is None:
+        from llmray.data.shard import DEFAULT_INCLUDE
+
+        args.include = [",".join(DEFAULT_INCLUDE)]
+    from llmray.errors import USER_ERRORS
+
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"llmray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+import subprocess
+import sys
+
+import pytest
+
+from llmray.config import RecipeError, load_recipe, recipe_from_dict
+
+BASE = {"data": {"shards": "s", "tokenizer": "t"}}
+
+
+def recipe(*overrides):
+    from llmray.config import apply_overrides
+
+    return recipe_from_dict(apply_overrides({"data": dict(BASE["data"])}, list(overrides)))
+
+
+def test_overrides_are_typed_and_nested():
+    r = recipe("train.lr=1e-3", "train.zero_stage=3", "scaling.num_workers=4", "train.global_batch_size=64")
+    assert r.train.lr == pytest.approx(1e-3)
+    assert r.train.zero_stage == 3
+    assert r.grad_accum_steps == 64 // (8 * 4)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrr=1", "train.lrr: unknown key"),
+    ("train.zero_stage=5", "train.zero_stage"),
+    ("model.num_heads=3", "model.num_heads"),
+    ("train.schedule=exp", "train.schedule"),
+    ("scaling.num_workers=0", "scaling.num_workers"),
+])
+def test_bad_key_or_value_names_the_key(override, key):
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        recipe(override)
+
+
+def test_batch_arithmetic_must_divide():
+    with pytest.raises(RecipeError, match=r"train\.global_batch_size=20 is not a multiple of .*= 16"):
+        recipe("train.global_batch_size=20", "train.micro_batch_size=8", "scaling.num_workers=2")
+
+
+def test_seq_len_beyond_positions():
+    with pytest.raises(RecipeError, match=r"data\.seq_len=1024 is larger than model\.max_position_embeddings=512"):
+        recipe("data.seq_len=1024")
+
+
+def test_fp16_refused_on_cpu():
+    with pytest.raises(RecipeError, match="fp16 needs scaling.use_gpu=true"):
+        recipe("train.precision=fp16")
+
+
+def test_missing_required_and_files(tmp_path):
+    with pytest.raises(RecipeError, match="data.tokenizer: required key is missing"):
+        recipe_from_dict({"data": {"shards": "x"}})
+    with pytest.raises(RecipeError, match="recipe file .*nope.yaml does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_shipped_recipes_validate():
+    r = load_recipe("jobs/pretrain_tiny.yaml", ["scaling.num_workers=1", "train.global_batch_size=32"])
+    assert r.grad_accum_steps == 4
+
+
+def test_deepspeed_config_follows_recipe():
+    from llmray.train.zero import deepspeed_config
+
+    r = recipe("train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true",
+               "train.deepspeed={gradient_clipping: 0.5, zero_optimization: {stage3_max_live_parameters: 1000}}")
+    c = deepspeed_config(r, "fp32")
+    assert c["zero_optimization"]["stage"] == 3
+    assert c["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert c["zero_optimization"]["stage3_max_live_parameters"] == 1000  # raw JSON merged, not replaced
+    assert c["gradient_clipping"] == 0.5
+    assert c["train_batch_size"] == c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * 2
+    assert "torch_adam" not in c["optimizer"]["params"]  # offload takes DeepSpeed's CPU Adam
+
+
+def test_cli_rejects_typo_in_one_line_without_starting_ray():
+    out = subprocess.run([sys.executable, "-m", "llmray.cli", "train", "jobs/pretrain_tiny.yaml", "train.lrr=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["llmray: error: invalid recipe: train.lrr: unknown key"]
+
+
+@pytest.mark.parametrize("cmd", [[], ["data", "shard"], ["tokenizer", "train"], ["train"]])
+def test_every_command_has_help(cmd):
+    out = subprocess.run([sys.executable, "-m", "llmray.cli", *cmd, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage: llmray" in out.stdout

@@ -1,0 +1,99 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from llmray.data.corpus import list_shards
+from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, is_val_doc, take_samples
+from llmray.data.tokenizer import load_tokenizer
+
+SEQ = 32
+
+
+def spec_for(corpus, **kw):
+    shards = tuple(s.path for s in list_shards(corpus["shards"]))
+    return StreamSpec(shards=shards, tokenizer=corpus["tokenizer"], seq_len=SEQ, **{"seed": 7, "max_epochs": 1,
+                                                                                     "split": "all", **kw})
+
+
+def reference_samples(spec):
+    """Per shard: its documents tokenized one by one, EOS after each, cut into seq_len rows."""
+    tok = load_tokenizer(spec.tokenizer)
+    out = []
+    for path in spec.shards:
+        ids = []
+        for text in pq.read_table(path, columns=["text"]).column(0).to_pylist():
+            ids += tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        n = len(ids) // SEQ
+        out.append(np.array(ids[: n * SEQ]).reshape(n, SEQ))
+    return out
+
+
+def drain(spec, world, rows):
+    coord = StreamCoordinator.remote(spec, world, rows)
+    streams = [RankStream(coord, r) for r in range(world)]
+    steps = []
+    for batches in zip(*streams):
+        steps.append({k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+    return steps
+
+
+def test_stream_is_exact_tokenization_packed_with_eos(corpus, ray_cluster):
+    spec = spec_for(corpus)
+    ref = reference_samples(spec)
+    order = spec.shard_order(0)
+    steps = drain(spec, world=1, rows=4)
+    rows = {k: np.concatenate([s[k] for s in steps]) for k in steps[0]}
+    total = sum(len(r) for r in ref)
+    assert len(rows["input_ids"]) == total - total % 4  # only the last partial global batch is held back
+    seen = set()
+    for ids, pos, sample in zip(rows["input_ids"], rows["position"], rows["sample"]):
+        np.testing.assert_array_equal(ids, ref[order[pos]][sample])
+        seen.add((int(pos), int(sample)))
+    assert len(seen) == len(rows["input_ids"])  # nothing repeated
+    eos = load_tokenizer(spec.tokenizer).eos_token_id
+    assert (rows["input_ids"] == eos).sum() >= len(spec.shards)  # documents are separated by EOS
+    assert list(rows["position"][:3]) == [0, 0, 0]  # shards are consumed in the seeded order
+
+
+def test_global_batches_do_not_depend_on_world_size(corpus, ray_cluster):
+    spec = spec_for(corpus, max_epochs=2)
+    one = drain(spec, world=1, rows=8)
+    two = drain(spec, world=2, rows=4)
+    assert len(one) == len(two) > 0
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    epochs = np.concatenate([s["epoch"] for s in one])
+    assert set(epochs.tolist()) == {0, 1}  # epochs chain without a gap
+    ids = np.concatenate([s["input_ids"] for s in one])
+    e0, e1 = ids[epochs == 0], ids[epochs == 1]
+    n = min(len(e0), len(e1))  # the held-back partial batch shortens the last epoch
+    assert {r.tobytes() for r in e1[:n]} <= {r.tobytes() for r in e0}  # each epoch is the same samples...
+    assert not np.array_equal(e0[:n], e1[:n])  # ...in a new order
+
+
+def test_validation_split_is_held_out_by_document(corpus, ray_cluster):
+    docs = [d for s in list_shards(corpus["shards"]) for d in pq.read_table(s.path).column("doc_id").to_pylist()]
+    held = [d for d in docs if is_val_doc(d, 0.2)]
+    assert 0 < len(held) < len(docs) * 0.5
+    val = take_samples(spec_for(corpus, split="val", val_fraction=0.2), 10)
+    train = drain(spec_for(corpus, split="train", val_fraction=0.2), world=1, rows=8)
+    train_rows = {r.tobytes() for s in train for r in s["input_ids"]}
+    assert val.shape == (10, SEQ)
+    assert not any(r.tobytes() in train_rows for r in val)
+
+
+def test_shuffle_depends_on_seed(corpus, ray_cluster):
+    a = drain(spec_for(corpus), world=1, rows=8)[0]["input_ids"]
+    b = drain(spec_for(corpus, seed=8), world=1, rows=8)[0]["input_ids"]
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", ["tokenizer"])
+def test_bad_tokenizer_is_reported_before_streaming(corpus, bad, tmp_path):
+    from llmray.config import recipe_from_dict
+    from llmray.data.tokenizer import TokenizerError
+    from llmray.train.trainer import check_inputs
+
+    r = recipe_from_dict({"data": {"shards": corpus["shards"], "tokenizer": str(tmp_path / "missing-tok")}})
+    with pytest.raises(TokenizerError, match="missing-tok does not exist"):
+        check_inputs(r)
