@@ -13,7 +13,8 @@ def _shard(args) -> None:
 
     include = tuple(p for chunk in args.include for p in chunk.split(","))
     print(f"sharding {', '.join(args.inputs)} ({', '.join(include)}) into {args.out}, ~{args.shard_size} per shard")
-    report = shard_corpus(args.inputs, args.out, args.shard_size, include, args.text_field, args.overwrite)
+    report = shard_corpus(args.inputs, args.out, args.shard_size, include, args.text_field, args.overwrite,
+                          tuple(args.exclude))
     print(report.summary())
 
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--shard-size", default="64MB", help="target text bytes per shard (default 64MB)")
     sh.add_argument("--include", action="append", default=None,
                     help="file name patterns to take from folders, comma-separated (default *.txt,*.md,*.jsonl,*.parquet)")
+    sh.add_argument("--exclude", action="append", default=[],
+                    help="path patterns to leave out, e.g. '*/site-packages/*' (repeatable)")
     sh.add_argument("--text-field", default="text", help="JSON field / Parquet column holding the text")
     sh.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     sh.set_defaults(func=_shard)

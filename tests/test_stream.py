@@ -3,7 +3,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmray.data.corpus import list_shards
-from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, is_val_doc, take_samples
+from llmray.data.pack import is_val_doc
+from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, take_samples
 from llmray.data.tokenizer import load_tokenizer
 
 SEQ = 32

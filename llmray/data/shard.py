@@ -163,6 +163,7 @@ def shard_corpus(
     include: tuple[str, ...] = DEFAULT_INCLUDE,
     text_field: str = "text",
     overwrite: bool = False,
+    exclude: tuple[str, ...] = (),
 ) -> ShardReport:
     target = parse_size(shard_size)
     if target <= 0:
@@ -176,7 +177,8 @@ def shard_corpus(
             raise ShardError(f"input {inp} does not exist") from None
         explicit = fs.get_file_info(path).type.name == "File"
         files += [(fs, f, inp if explicit else f.path) for f in found
-                  if explicit or any(fnmatch.fnmatch(f.base_name, p) for p in include)]
+                  if explicit or (any(fnmatch.fnmatch(f.base_name, p) for p in include)
+                                  and not any(fnmatch.fnmatch(f.path, p) for p in exclude))]
     if not files:
         raise ShardError(f"no input files matching {', '.join(include)} under {', '.join(inputs)}")
 

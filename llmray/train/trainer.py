@@ -84,9 +84,13 @@ def cpu_budget(recipe: Recipe, cluster_cpus: float) -> tuple[float, float]:
     return per_worker, data / recipe.data.tokenize_actors
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one."""
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        if not os.environ.get("RAY_ADDRESS"):
+            # a fresh local cluster needs no token; Ray 2.60 otherwise turns token auth on and its CLI refuses us
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(log_to_driver=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -112,7 +116,21 @@ def train_loop_per_worker(config: dict) -> None:
         loop.train(recipe, stream, val, RaySink(), resume_dir=tmp)
 
 
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """Local paths made absolute: Train workers and data actors do not start in the driver's folder."""
+    def fix(p: str | None) -> str | None:
+        return p if p is None or storage.is_uri(p) or not os.path.exists(p) else os.path.abspath(p)
+
+    d, m = recipe.data, recipe.model
+    return recipe.model_copy(update={
+        "data": d.model_copy(update={"shards": fix(d.shards), "val_shards": fix(d.val_shards),
+                                     "tokenizer": fix(d.tokenizer)}),
+        "model": m.model_copy(update={"pretrained": fix(m.pretrained)}),
+    })
+
+
 def fit(recipe: Recipe) -> Summary:
+    recipe = absolute_paths(recipe)
     shards, val_shards, _ = check_inputs(recipe)
     ensure_ray()
     per_worker, per_actor = cpu_budget(recipe, ray.cluster_resources().get("CPU", 1))

@@ -1,0 +1,34 @@
+"""Shared set-up for the benchmarks: a corpus every Python install carries, sharded and tokenized once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+CACHE = Path(os.environ.get("LLMRAY_BENCH_DIR", "/tmp/llmray-bench"))
+
+
+def stdlib_corpus(vocab_size: int = 4000) -> tuple[str, str]:
+    """(shard folder, tokenizer folder) built from the interpreter's standard library sources, cached."""
+    from llmray.data.shard import shard_corpus
+    from llmray.data.tokenizer import train_tokenizer
+
+    shards, tok = CACHE / "shards", CACHE / "tok"
+    if not (shards / "_manifest.json").exists():
+        shard_corpus([sysconfig.get_paths()["stdlib"]], str(shards), shard_size="4MB", include=("*.py",),
+                     overwrite=True, exclude=("*/site-packages/*", "*/test/*"))
+    if not (tok / "tokenizer.json").exists():
+        train_tokenizer(str(shards), vocab_size, str(tok), max_docs=3000)
+    return str(shards), str(tok)
+
+
+def emit(name: str, figures: dict) -> None:
+    """Print the figures as JSON and keep them beside the script's other results."""
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures, indent=1))

@@ -1,0 +1,111 @@
+"""Tokenize and pack one shard: documents in, EOS after each, fixed `seq_len` rows out, shuffled within chunks.
+
+Plain Python with no Ray in it: Ray Data runs it as an actor pool (`stream.py`), and a bare benchmark or a
+profiler can call it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from llmray.data import storage
+
+VAL_BUCKETS = 10_000
+CHUNK_SAMPLES = 512  # packed samples per yielded block: the unit of Ray Data transfer and of shuffling
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything that fixes the stream's content and order."""
+
+    shards: tuple[str, ...]
+    tokenizer: str
+    seq_len: int
+    seed: int
+    split: str = "train"  # "train": documents outside the held-out fraction; "val": inside it; "all": every one
+    val_fraction: float = 0.0
+    batch_docs: int = 512
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    max_epochs: int | None = None
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Shard visiting order for an epoch: a seeded permutation, identical on every run."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
+
+
+def is_val_doc(doc_id: str, fraction: float) -> bool:
+    return zlib.crc32(doc_id.encode()) % VAL_BUCKETS < fraction * VAL_BUCKETS
+
+
+class TokenizePack:
+    """Ray Data actor: one shard in, its documents tokenized and packed into `seq_len` blocks out."""
+
+    def __init__(self, spec: StreamSpec):
+        from llmray.data.tokenizer import load_tokenizer
+
+        # The tokenizer's thread pool gets the CPUs this actor was budgeted, no more (it would steal from training).
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, int(spec.cpus_per_actor)))
+        self.spec = spec
+        hf = load_tokenizer(spec.tokenizer)
+        self.backend = hf.backend_tokenizer
+        self.eos = np.array([hf.eos_token_id], dtype=np.int32)
+
+    def _texts(self, path: str) -> Iterator[list[str]]:
+        fs, p = storage.resolve(path)
+        pf = pq.ParquetFile(fs.open_input_file(p))
+        columns = ["text", "doc_id"] if "doc_id" in pf.schema_arrow.names and self.spec.split != "all" else ["text"]
+        row = 0
+        for batch in pf.iter_batches(columns=columns, batch_size=self.spec.batch_docs):
+            texts = batch.column(0).to_pylist()
+            if self.spec.split != "all":
+                ids = batch.column(1).to_pylist() if len(columns) == 2 else [f"{path}#{row + i}" for i in range(len(texts))]
+                want_val = self.spec.split == "val"
+                texts = [t for t, d in zip(texts, ids) if is_val_doc(d, self.spec.val_fraction) == want_val]
+            row += batch.num_rows
+            yield [t for t in texts if t]
+
+    def __call__(self, item: dict) -> Iterator[dict]:
+        path, position, epoch = item["path"][0], int(item["position"][0]), int(item["epoch"][0])
+        seq_len = self.spec.seq_len
+        pending: list[np.ndarray] = []
+        pending_len = 0
+        emitted = chunk = 0
+        for texts in self._texts(path):
+            if not texts:
+                continue
+            for enc in self.backend.encode_batch_fast(texts, add_special_tokens=False):
+                pending.append(np.asarray(enc.ids, dtype=np.int32))
+                pending.append(self.eos)
+                pending_len += len(enc.ids) + 1
+            if pending_len < seq_len * CHUNK_SAMPLES:
+                continue
+            flat = np.concatenate(pending)
+            n = len(flat) // seq_len
+            pending, pending_len = [flat[n * seq_len:]], len(flat) - n * seq_len
+            for start in range(0, n, CHUNK_SAMPLES):
+                block = flat[start * seq_len: min(n, start + CHUNK_SAMPLES) * seq_len].reshape(-1, seq_len)
+                yield self._chunk(block, position, epoch, emitted, chunk)
+                emitted += len(block)
+                chunk += 1
+        if pending_len >= seq_len:  # the shard's tail; what is left under seq_len is dropped
+            flat = np.concatenate(pending)
+            n = len(flat) // seq_len
+            yield self._chunk(flat[: n * seq_len].reshape(n, seq_len), position, epoch, emitted, chunk)
+
+    def _chunk(self, block: np.ndarray, position: int, epoch: int, first: int, chunk: int) -> dict:
+        order = np.random.default_rng([self.spec.seed, epoch, position, chunk]).permutation(len(block))
+        n = len(block)
+        return {
+            "input_ids": block[order],
+            "epoch": np.full(n, epoch, dtype=np.int32),
+            "position": np.full(n, position, dtype=np.int32),  # index of the shard in this epoch's order
+            "sample": (first + order).astype(np.int64),  # index of the packed sample within its shard
+        }
