@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common import emit, stdlib_corpus
 
-RECIPE = "jobs/pretrain_tiny.yaml"
+RECIPE = str(Path(__file__).resolve().parents[1] / "jobs" / "pretrain_tiny.yaml")
 BENCH = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "data.seq_len=256",
          "train.micro_batch_size=8", "train.global_batch_size=16", "train.log_every=10", "train.eval_every=0",
          "train.checkpoint_every=0", "train.sample_prompt=null", "data.val_fraction=0", "scaling.num_workers=2"]
