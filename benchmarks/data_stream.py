@@ -28,12 +28,13 @@ def baseline(shards: list[str], tokenizer: str) -> tuple[int, float]:
 
 def ray_stream(shards: list[str], tokenizer: str, cpus: int, actors: int, epochs: int) -> tuple[int, float]:
     """Tokens a Train worker receives over `epochs` epochs, and the seconds from start to the last batch."""
-    from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec
+    from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, open_session
 
     spec = StreamSpec(shards=tuple(shards), tokenizer=tokenizer, seq_len=512, seed=0, split="all",
                       max_epochs=epochs, actors=actors, cpus_per_actor=cpus / actors)
     start = time.perf_counter()
-    tokens = sum(b["input_ids"].size for b in RankStream(StreamCoordinator.remote(spec, 1, 64), 0, prefetch=8))
+    coord = StreamCoordinator.remote(spec)
+    tokens = sum(b["input_ids"].size for b in RankStream(coord, open_session(coord, 1, 64), 0, prefetch=8))
     return tokens, time.perf_counter() - start
 
 

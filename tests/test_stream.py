@@ -4,7 +4,8 @@ import pytest
 
 from llmray.data.corpus import list_shards
 from llmray.data.pack import is_val_doc
-from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, take_samples
+from llmray.data.pack import StreamCursor
+from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, open_session, take_samples
 from llmray.data.tokenizer import load_tokenizer
 
 SEQ = 32
@@ -29,12 +30,14 @@ def reference_samples(spec):
     return out
 
 
-def drain(spec, world, rows):
-    coord = StreamCoordinator.remote(spec, world, rows)
-    streams = [RankStream(coord, r) for r in range(world)]
+def drain(spec, world, rows, start=None, coord=None):
+    coord = coord or StreamCoordinator.remote(spec)
+    session = open_session(coord, world, rows, start)
+    streams = [RankStream(coord, session, r) for r in range(world)]
     steps = []
     for batches in zip(*streams):
-        steps.append({k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+        assert all(b["cursor"] == batches[0]["cursor"] for b in batches)
+        steps.append({k: np.concatenate([b[k] for b in batches]) if k != "cursor" else batches[0][k] for k in batches[0]})
     return steps
 
 
@@ -43,7 +46,7 @@ def test_stream_is_exact_tokenization_packed_with_eos(corpus, ray_cluster):
     ref = reference_samples(spec)
     order = spec.shard_order(0)
     steps = drain(spec, world=1, rows=4)
-    rows = {k: np.concatenate([s[k] for s in steps]) for k in steps[0]}
+    rows = {k: np.concatenate([s[k] for s in steps]) for k in steps[0] if k != "cursor"}
     total = sum(len(r) for r in ref)
     assert len(rows["input_ids"]) == total - total % 4  # only the last partial global batch is held back
     seen = set()
@@ -98,3 +101,19 @@ def test_bad_tokenizer_is_reported_before_streaming(corpus, bad, tmp_path):
     r = recipe_from_dict({"data": {"shards": corpus["shards"], "tokenizer": str(tmp_path / "missing-tok")}})
     with pytest.raises(TokenizerError, match="missing-tok does not exist"):
         check_inputs(r)
+
+
+def test_stream_resumes_exactly_at_a_cursor_for_any_world_size(corpus, ray_cluster):
+    """Restarting at the cursor a micro-batch carries yields exactly the rest of the stream: the remainder of
+    a shard, the later shards, the next epoch, on the same or a different number of ranks."""
+    spec = spec_for(corpus, max_epochs=2)
+    full = drain(spec, world=1, rows=8)
+    ids = np.concatenate([s["input_ids"] for s in full])
+    coord = StreamCoordinator.remote(spec)  # one coordinator, restarted in place as a recovered run does
+    boundary = max(k for k, s in enumerate(full) if s["epoch"][0] == 0)  # the batch that ends epoch 0
+    for k in (0, 5, boundary):
+        cursor = full[k]["cursor"]
+        assert isinstance(cursor, StreamCursor)
+        rest = drain(spec, world=2, rows=4, start=cursor, coord=coord)
+        got = np.concatenate([s["input_ids"] for s in rest])
+        np.testing.assert_array_equal(got, ids[(k + 1) * 8:])

@@ -40,6 +40,20 @@ class StreamSpec:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
 
 
+@dataclass(frozen=True)
+class StreamCursor:
+    """Where the stream stands: the next sample is output number `offset` of the shard at `position` in
+    epoch `epoch`'s shard order. Independent of world size, so a run can resume on more or fewer workers."""
+
+    epoch: int = 0
+    position: int = 0
+    offset: int = 0
+
+    @classmethod
+    def after(cls, epoch: int, position: int, offset: int) -> "StreamCursor":
+        return cls(int(epoch), int(position), int(offset) + 1)
+
+
 def is_val_doc(doc_id: str, fraction: float) -> bool:
     return zlib.crc32(doc_id.encode()) % VAL_BUCKETS < fraction * VAL_BUCKETS
 
@@ -74,6 +88,7 @@ class TokenizePack:
 
     def __call__(self, item: dict) -> Iterator[dict]:
         path, position, epoch = item["path"][0], int(item["position"][0]), int(item["epoch"][0])
+        skip = int(item["skip"][0]) if "skip" in item else 0  # resuming inside this shard
         seq_len = self.spec.seq_len
         pending: list[np.ndarray] = []
         pending_len = 0
@@ -92,20 +107,24 @@ class TokenizePack:
             pending, pending_len = [flat[n * seq_len:]], len(flat) - n * seq_len
             for start in range(0, n, CHUNK_SAMPLES):
                 block = flat[start * seq_len: min(n, start + CHUNK_SAMPLES) * seq_len].reshape(-1, seq_len)
-                yield self._chunk(block, position, epoch, emitted, chunk)
+                if emitted + len(block) > skip:
+                    yield self._chunk(block, position, epoch, emitted, chunk, skip)
                 emitted += len(block)
                 chunk += 1
         if pending_len >= seq_len:  # the shard's tail; what is left under seq_len is dropped
             flat = np.concatenate(pending)
             n = len(flat) // seq_len
-            yield self._chunk(flat[: n * seq_len].reshape(n, seq_len), position, epoch, emitted, chunk)
+            if emitted + n > skip:
+                yield self._chunk(flat[: n * seq_len].reshape(n, seq_len), position, epoch, emitted, chunk, skip)
 
-    def _chunk(self, block: np.ndarray, position: int, epoch: int, first: int, chunk: int) -> dict:
+    def _chunk(self, block: np.ndarray, position: int, epoch: int, first: int, chunk: int, skip: int) -> dict:
         order = np.random.default_rng([self.spec.seed, epoch, position, chunk]).permutation(len(block))
+        keep = slice(max(0, skip - first), None)  # outputs before the resume point were trained on already
         n = len(block)
         return {
-            "input_ids": block[order],
-            "epoch": np.full(n, epoch, dtype=np.int32),
-            "position": np.full(n, position, dtype=np.int32),  # index of the shard in this epoch's order
-            "sample": (first + order).astype(np.int64),  # index of the packed sample within its shard
+            "input_ids": block[order][keep],
+            "epoch": np.full(n, epoch, dtype=np.int32)[keep],
+            "position": np.full(n, position, dtype=np.int32)[keep],  # index of the shard in this epoch's order
+            "sample": (first + order).astype(np.int64)[keep],  # packed sample's index within its shard: its id
+            "offset": np.arange(first, first + n, dtype=np.int64)[keep],  # its place in the shard's output order
         }

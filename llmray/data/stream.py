@@ -15,19 +15,27 @@ seed alone: the same global batch reaches 1 worker or 8, and a run can later res
 from __future__ import annotations
 
 import time
+import uuid
 from collections import deque
 from typing import Iterator
 
 import numpy as np
 import ray
 
-from llmray.data.pack import StreamSpec, TokenizePack
+from llmray.data.pack import StreamCursor, StreamSpec, TokenizePack
 
 
-def build_dataset(spec: StreamSpec, epoch: int) -> "ray.data.Dataset":
-    """One epoch of the packed stream, as a Ray Dataset whose output order is fixed."""
+def build_dataset(spec: StreamSpec, epoch: int, start: StreamCursor | None = None) -> "ray.data.Dataset":
+    """One epoch of the packed stream, as a Ray Dataset whose output order is fixed. With `start` (in this
+    epoch), shards before it are not read and the first `start.offset` samples of its shard are dropped."""
     order = spec.shard_order(epoch)
-    items = [{"path": spec.shards[i], "position": pos, "epoch": epoch} for pos, i in enumerate(order)]
+    first = start.position if start is not None else 0
+    items = [{"path": spec.shards[order[pos]], "position": pos, "epoch": epoch, "skip": 0}
+             for pos in range(first, len(order))]
+    if start is not None and items:
+        items[0]["skip"] = start.offset
+    if not items:  # resumed exactly at the end of the epoch
+        return ray.data.from_items([{"path": "", "position": 0, "epoch": epoch, "skip": 0}]).limit(0)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         TokenizePack,
@@ -42,15 +50,18 @@ def build_dataset(spec: StreamSpec, epoch: int) -> "ray.data.Dataset":
     return ds
 
 
-def iter_epochs(spec: StreamSpec) -> Iterator[dict]:
-    """Packed-sample blocks over as many epochs as the spec allows (endless when max_epochs is None)."""
-    epoch = 0
+def iter_epochs(spec: StreamSpec, start: StreamCursor | None = None) -> Iterator[dict]:
+    """Packed-sample blocks from `start` (default: the beginning) over as many epochs as the spec allows
+    (endless when max_epochs is None)."""
+    epoch = start.epoch if start is not None else 0
     while spec.max_epochs is None or epoch < spec.max_epochs:
+        resumed = start is not None and epoch == start.epoch
         produced = 0
-        for batch in build_dataset(spec, epoch).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        ds = build_dataset(spec, epoch, start if resumed else None)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             produced += len(batch["input_ids"])
             yield batch
-        if produced == 0:
+        if produced == 0 and not resumed:
             raise ValueError(f"the {spec.split} split of the corpus holds fewer than seq_len={spec.seq_len} tokens")
         epoch += 1
 
@@ -73,49 +84,76 @@ class StreamCoordinator:
     """Cuts the ordered stream into global micro-batches of `world_size * rows_per_rank` rows.
 
     Rank r receives rows [r*m, (r+1)*m) of each, so a step's global batch is the same set of samples for
-    any world size. Calls from one rank are served in order; the rank keeps several in flight to prefetch.
+    any world size. Each micro-batch carries the cursor just past it, the stream position a checkpoint stores.
+    A worker group opens a session with the cursor it resumes from (all its ranks pass the same session id);
+    a new session (a restarted or resized group) drops everything read ahead and restarts the stream there.
     """
 
-    def __init__(self, spec: StreamSpec, world_size: int, rows_per_rank: int):
-        self.blocks = iter_epochs(spec)
-        self.world, self.rows = world_size, rows_per_rank
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+        self.session: str | None = None
+
+    def open(self, session: str, start: StreamCursor | None, world_size: int, rows_per_rank: int) -> None:
+        if session == self.session:
+            return
+        if self.session is not None:
+            self.blocks.close()  # stops the abandoned Ray Data execution
+        self.session, self.world, self.rows = session, world_size, rows_per_rank
+        self.blocks = iter_epochs(self.spec, start)
         self.queues: list[deque] = [deque() for _ in range(world_size)]
-        self.buffer: list[dict] = []
-        self.buffered = 0
+        self.buffer: dict | None = None
         self.done = False
 
-    def _fill(self) -> None:
-        need = self.world * self.rows
-        while self.buffered < need and not self.done:
+    def _take(self, need: int) -> dict | None:
+        parts, have = ([self.buffer], len(self.buffer["input_ids"])) if self.buffer else ([], 0)
+        while have < need and not self.done:
             try:
                 block = next(self.blocks)
             except StopIteration:
                 self.done = True
                 break
-            self.buffer.append(block)
-            self.buffered += len(block["input_ids"])
-        if self.buffered < need:  # end of the last epoch: a partial global batch would desync ranks
+            parts.append(block)
+            have += len(block["input_ids"])
+        if have < need:  # end of the last epoch: a partial global batch would desync ranks
+            self.buffer = None
+            return None
+        merged = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self.buffer = {k: v[need:] for k, v in merged.items()} if have > need else None
+        return {k: v[:need] for k, v in merged.items()}
+
+    def _fill(self) -> None:
+        head = self._take(self.world * self.rows)
+        if head is None:
             for q in self.queues:
                 q.append(None)
             return
-        merged = {k: np.concatenate([b[k] for b in self.buffer]) for k in self.buffer[0]}
-        head = {k: v[:need] for k, v in merged.items()}
-        rest = {k: v[need:] for k, v in merged.items()}
-        self.buffer, self.buffered = ([rest], len(rest["input_ids"])) if len(rest["input_ids"]) else ([], 0)
+        cursor = StreamCursor.after(head["epoch"][-1], head["position"][-1], head["offset"][-1])
         for r, q in enumerate(self.queues):
-            q.append({k: v[r * self.rows:(r + 1) * self.rows] for k, v in head.items()})
+            part = {k: v[r * self.rows:(r + 1) * self.rows] for k, v in head.items()}
+            part["cursor"] = cursor
+            q.append(part)
 
-    def next(self, rank: int) -> dict | None:
+    def next(self, session: str, rank: int) -> dict | None:
+        if session != self.session:
+            raise RuntimeError(f"stream session {session} was replaced by {self.session}")
         if not self.queues[rank]:
             self._fill()
         return self.queues[rank].popleft()
 
 
+def open_session(coordinator, world_size: int, rows_per_rank: int, start: StreamCursor | None = None,
+                 session: str | None = None) -> str:
+    """Start (or restart) the coordinator's stream at `start` for a group of `world_size` ranks."""
+    session = session or uuid.uuid4().hex
+    ray.get(coordinator.open.remote(session, start, world_size, rows_per_rank))
+    return session
+
+
 class RankStream:
     """A worker's view of the stream: an iterator of micro-batches, prefetched, with the wait time counted."""
 
-    def __init__(self, coordinator, rank: int, prefetch: int = 4):
-        self.coord, self.rank, self.prefetch = coordinator, rank, prefetch
+    def __init__(self, coordinator, session: str, rank: int, prefetch: int = 4):
+        self.coord, self.session, self.rank, self.prefetch = coordinator, session, rank, prefetch
         self.wait_seconds = 0.0
         self.inflight: deque = deque()
 
@@ -124,7 +162,7 @@ class RankStream:
 
     def __next__(self) -> dict:
         while len(self.inflight) < self.prefetch:
-            self.inflight.append(self.coord.next.remote(self.rank))
+            self.inflight.append(self.coord.next.remote(self.session, self.rank))
         t0 = time.perf_counter()
         batch = ray.get(self.inflight.popleft())
         self.wait_seconds += time.perf_counter() - t0
