@@ -1,4 +1,4 @@
-"""`llmray`: shard a corpus, train a tokenizer, pretrain. Each command says what it will do, and bad input
+"""`llmray`: shard a corpus, train a tokenizer, pretrain, export. Each command says what it will do, and bad input
 gets one line naming the file or key, not a stack trace from inside Ray."""
 
 from __future__ import annotations
@@ -43,8 +43,17 @@ def _train(args) -> None:
         return
     from llmray.train.trainer import fit
 
-    summary = fit(recipe)
+    summary = fit(recipe, resume_from=args.resume_from, fresh=args.fresh)
     print("\n" + summary.text())
+
+
+def _export(args) -> None:
+    from llmray.export import export
+
+    print(f"exporting {args.checkpoint} to {args.out} ({args.dtype}, Hugging Face format)")
+    info = export(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite)
+    print(f"wrote {info['parameters'] / 1e6:.2f}M parameters (step {info['step']}, {info['tokens']:,} tokens) to "
+          f"{info['out']}: {', '.join(info['files'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe", help="YAML recipe, e.g. jobs/pretrain_tiny.yaml")
     tr.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
     tr.add_argument("--dry-run", action="store_true", help="print the resolved recipe and DeepSpeed config, run nothing")
+    start = tr.add_mutually_exclusive_group()
+    start.add_argument("--resume-from", metavar="CKPT", default=None,
+                       help="start this (new) run from a checkpoint folder or URI, e.g. another run's checkpoint_...; "
+                            "by default a run whose folder holds checkpoints continues from its latest")
+    start.add_argument("--fresh", action="store_true",
+                       help="start from step 0; refuses if the run already has checkpoints (never overwrites)")
     tr.set_defaults(func=_train)
+
+    ex = sub.add_parser("export", help="a checkpoint into a Hugging Face model folder",
+                        description="Consolidate a checkpoint's ZeRO shards (any stage, local or s3://) into a folder "
+                                    "that transformers.AutoModelForCausalLM.from_pretrained loads: config.json, "
+                                    "model.safetensors, tokenizer, generation_config.json.")
+    ex.add_argument("checkpoint", help="checkpoint folder or URI, e.g. runs/demo/checkpoint_2026-...")
+    ex.add_argument("--out", required=True, help="output folder (written whole, or not at all)")
+    ex.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    ex.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this size")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.set_defaults(func=_export)
     return p
 
 

@@ -84,6 +84,9 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     sample_prompt: str | None = "def "  # a generated sample printed at the end; None skips it
     sample_tokens: int = Field(48, ge=1)
+    # Audit trail in the checkpoint state: every step's loss and the id (epoch, shard position, sample) of each
+    # sample it trained on. For tests and data audits; it grows with the run.
+    record_samples: bool = False
 
     @field_validator("deepspeed")
     @classmethod

@@ -3,8 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmray.data.corpus import list_shards
-from llmray.data.pack import is_val_doc
-from llmray.data.pack import StreamCursor
+from llmray.data.pack import StreamCursor, is_val_doc
 from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, open_session, take_samples
 from llmray.data.tokenizer import load_tokenizer
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 import time
 from typing import Iterator, Protocol
 
@@ -80,15 +79,34 @@ def _sample(engine, tokenizer, prompt: str, n_tokens: int, seed: int, zero3: boo
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
+def _gather_ids(batch: dict) -> list[list[int]]:
+    """Every rank's (epoch, shard position, sample) ids of this micro-batch, in rank order."""
+    mine = np.stack([batch["epoch"], batch["position"], batch["sample"]], axis=1).tolist()
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return [row for part in out for row in part]
+
+
 def train(recipe: Recipe, batches: Iterator[dict], val_samples: np.ndarray | None, sink: Sink,
           resume_dir: str | None = None, verbose: bool = True) -> dict:
-    """Train until `train.max_steps` (or the stream ends); returns the last metrics reported."""
+    """Train until `train.max_steps` (or the stream ends); returns the last metrics reported.
+
+    `resume_dir`: a local copy of a checkpoint; the stream in `batches` must already start at its cursor.
+    """
     t, use_gpu = recipe.train, recipe.scaling.use_gpu
     device = _device(use_gpu)
     torch.manual_seed(recipe.run.seed)
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     precision = resolve_precision(recipe, use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     ds_config = deepspeed_config(recipe, precision)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state = {"step": 0, "tokens": 0, "history": [], "cursor": None, "resumes": []}
+    universal = False
+    if resume_dir is not None:
+        state = checkpoint.verify(resume_dir)
+        universal = checkpoint.needs_universal(state, world, t.zero_stage)
+        if universal:  # DeepSpeed must know at initialize() that its states come re-partitioned
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
     model = build_model(recipe.model, len(tokenizer))
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable()
@@ -98,12 +116,19 @@ def train(recipe: Recipe, batches: Iterator[dict], val_samples: np.ndarray | Non
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=None if "scheduler" in ds_config else make_scheduler(t))
-    rank, world = dist.get_rank(), dist.get_world_size()
 
-    state = {"step": 0, "tokens": 0, "history": []}
     if resume_dir is not None:
-        state = checkpoint.load(engine, resume_dir)
+        checkpoint.load(engine, resume_dir, universal)
+        same_world = state.get("world_size") == world
+        if not (same_world and checkpoint.restore_rng(resume_dir, rank)):
+            torch.manual_seed(recipe.run.seed + 1_000_003 * state["step"] + rank)  # new world size: fresh, seeded
+        state.setdefault("resumes", []).append({"step": state["step"], "world_size": world,
+                                                "from_world_size": state.get("world_size", world)})
+        if verbose and rank == 0:
+            how = "" if same_world else f", re-partitioned from {state.get('world_size')} to {world} ranks"
+            print(f"[llmray] resumed at step {state['step']}{how}; stream at {state.get('cursor')}", flush=True)
     step, tokens, history = state["step"], state["tokens"], state["history"]
+    cursor, audit = state.get("cursor"), state.get("trace", [])
 
     peak = peak_flops(torch.cuda.get_device_name(device)) if use_gpu else None
     window = Window(recipe.tokens_per_step, world, fpt, peak)
@@ -111,6 +136,16 @@ def train(recipe: Recipe, batches: Iterator[dict], val_samples: np.ndarray | Non
     accum = recipe.grad_accum_steps
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     last: dict = {}
+
+    def save_checkpoint(metrics: dict) -> None:
+        tmp = checkpoint.scratch_dir()
+        checkpoint.save(engine, tmp, {
+            "step": step, "tokens": tokens, "history": history, "cursor": cursor, "trace": audit,
+            "resumes": state.get("resumes", []), "world_size": world, "n_params": n_params,
+            "vocab_size": len(tokenizer), "recipe": recipe.model_dump(mode="json"),
+        }, rank, tokenizer)
+        sink.report(metrics, checkpoint_dir=tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def report(final: bool) -> None:
         nonlocal loss_sum, last, window_steps
@@ -133,11 +168,7 @@ def train(recipe: Recipe, batches: Iterator[dict], val_samples: np.ndarray | Non
             m["sample"] = _sample(engine, tokenizer, t.sample_prompt, t.sample_tokens, recipe.run.seed,
                                   t.zero_stage == 3, device)
         if final or (t.checkpoint_every and step % t.checkpoint_every == 0):
-            tmp = tempfile.mkdtemp(prefix="llmray-ckpt-")
-            checkpoint.save(engine, tmp, {"step": step, "tokens": tokens, "history": history,
-                                          "n_params": n_params, "recipe": recipe.model_dump(mode="json")}, rank)
-            sink.report(m, checkpoint_dir=tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+            save_checkpoint(m)
         else:
             sink.report(m)
         last = m
@@ -146,6 +177,7 @@ def train(recipe: Recipe, batches: Iterator[dict], val_samples: np.ndarray | Non
     engine.train()
     while step < t.max_steps:
         step_loss = torch.zeros((), device=device, dtype=torch.float32)
+        step_samples = []
         for _ in range(accum):
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -157,12 +189,18 @@ def train(recipe: Recipe, batches: Iterator[dict], val_samples: np.ndarray | Non
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().float()
+            if t.record_samples:
+                step_samples += _gather_ids(batch)
         if batch is None:  # the stream ended (max_epochs): a partial accumulation is dropped
             if verbose and rank == 0:
                 print(f"[llmray] data stream ended after {step} steps", flush=True)
             break
         step += 1
         tokens += recipe.tokens_per_step
+        cursor = vars(batch["cursor"]) if "cursor" in batch else None  # the stream position after this step
+        if t.record_samples:
+            (mean_loss,) = _mean_across_ranks([step_loss.item() / accum])
+            audit.append({"step": step, "loss": mean_loss, "samples": step_samples})
         window.steps += 1
         window_steps += 1
         loss_sum += step_loss

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 
 import ray
@@ -16,7 +18,8 @@ from ray.train.torch import TorchTrainer
 from llmray.config import Recipe, RecipeError, recipe_from_dict
 from llmray.data import storage
 from llmray.data.corpus import list_shards
-from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, take_samples
+from llmray.data.pack import StreamCursor
+from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, open_session, take_samples
 from llmray.data.tokenizer import load_tokenizer
 from llmray.model import build_config
 from llmray.train import checkpoint
@@ -94,12 +97,15 @@ def ensure_ray() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """What Ray Train runs on each worker."""
+    """What Ray Train runs on each worker: find the checkpoint to resume (this run's latest after a failure or
+    a rerun, else `--resume-from`), start the stream at its cursor, train."""
+    import torch.distributed as dist
+
     from llmray.train import loop
 
     recipe = recipe_from_dict(config["recipe"])
-    rank = ray.train.get_context().get_world_rank()
-    stream = RankStream(config["coordinator"], rank, recipe.data.prefetch_batches)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     val = ray.get(config["val"][0]) if config["val"] else None
 
     class RaySink:
@@ -108,12 +114,47 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     resume = ray.train.get_checkpoint()
-    if resume is None:
-        loop.train(recipe, stream, val, RaySink())
-        return
+    if resume is None and config.get("resume_from"):
+        resume = ray.train.Checkpoint(config["resume_from"])
     with tempfile.TemporaryDirectory(prefix="llmray-resume-") as tmp:
-        resume.to_directory(tmp)
-        loop.train(recipe, stream, val, RaySink(), resume_dir=tmp)
+        start = None
+        if resume is not None:
+            resume.to_directory(tmp)
+            cursor = checkpoint.verify(tmp).get("cursor")
+            start = StreamCursor(**cursor) if cursor else None
+        # One stream session per worker group: a restarted group gets a new one, and the stream restarts at its cursor.
+        session = [uuid.uuid4().hex if rank == 0 else None]
+        dist.broadcast_object_list(session, src=0)
+        open_session(config["coordinator"], world, recipe.train.micro_batch_size, start, session[0])
+        stream = RankStream(config["coordinator"], session[0], rank, recipe.data.prefetch_batches)
+        loop.train(recipe, stream, val, RaySink(), resume_dir=tmp if resume is not None else None)
+
+
+def resume_point(recipe: Recipe, vocab: int, resume_from: str | None, fresh: bool) -> str | None:
+    """Decide, before any worker starts, where the run begins; returns the checkpoint given by `--resume-from`.
+
+    A run whose folder already holds checkpoints continues from the latest (Ray Train restores it on its own);
+    `fresh` refuses such a run rather than overwrite it.
+    """
+    run = run_uri(recipe)
+    existing = checkpoint.list_checkpoints(run)
+    wanted = recipe.model_dump(mode="json")
+    if existing and (fresh or resume_from):
+        step, latest = existing[-1]
+        raise checkpoint.CheckpointError(
+            f"run {recipe.run.name!r} already has {len(existing)} checkpoint(s) in {run} (latest: step {step}); "
+            f"{'--fresh' if fresh else '--resume-from'} never overwrites a run: choose another run.name, or remove "
+            "that folder, or drop the flag to continue it")
+    if resume_from:
+        state = checkpoint.verify(resume_from)
+        checkpoint.check_compatible(state, wanted, vocab, resume_from)
+        print(f"[llmray] starting {recipe.run.name} from {resume_from} (step {state['step']})", flush=True)
+        return resume_from
+    if existing:
+        step, latest = existing[-1]
+        checkpoint.check_compatible(checkpoint.read_state(latest), wanted, vocab, latest)
+        print(f"[llmray] continuing run {recipe.run.name} from its checkpoint at step {step} ({latest})", flush=True)
+    return None
 
 
 def absolute_paths(recipe: Recipe) -> Recipe:
@@ -129,9 +170,12 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     })
 
 
-def fit(recipe: Recipe) -> Summary:
+def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False) -> Summary:
     recipe = absolute_paths(recipe)
-    shards, val_shards, _ = check_inputs(recipe)
+    shards, val_shards, vocab = check_inputs(recipe)
+    if resume_from and not storage.is_uri(resume_from):
+        resume_from = os.path.abspath(resume_from)
+    resume_from = resume_point(recipe, vocab, resume_from, fresh)
     ensure_ray()
     per_worker, per_actor = cpu_budget(recipe, ray.cluster_resources().get("CPU", 1))
     d = recipe.data
@@ -155,7 +199,7 @@ def fit(recipe: Recipe) -> Summary:
                   "no validation will run (raise data.val_fraction or set data.val_shards)")
             val = None
         val_ref = [ray.put(val)] if val is not None else None
-    coordinator = StreamCoordinator.remote(train_spec, s.num_workers, t.micro_batch_size)
+    coordinator = StreamCoordinator.remote(train_spec)
 
     resources = {"CPU": per_worker}
     if s.use_gpu:
@@ -163,7 +207,8 @@ def fit(recipe: Recipe) -> Summary:
     env = {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": val_ref},
+        train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": val_ref,
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=recipe.run.name,
@@ -187,28 +232,33 @@ def _storage_path(path: str) -> str:
     return path if storage.is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
+def run_uri(recipe: Recipe) -> str:
+    return storage.join(_storage_path(recipe.run.storage_path), recipe.run.name)
+
+
 def summarize(recipe: Recipe, result, wall: float) -> Summary:
+    """Write loss.png and summary.json into the run folder (local or object store)."""
     metrics = result.metrics or {}
     history: list[dict] = []
     n_params = 0
+    run = run_uri(recipe)
     ckpt_path = None
     if result.checkpoint is not None:
-        ckpt_path = result.checkpoint.path
-        with result.checkpoint.as_directory() as d:
-            state = checkpoint.read_state(d)
+        ckpt_path = storage.join(run, posixpath.basename(result.checkpoint.path.rstrip("/")))
+        state = checkpoint.read_state(ckpt_path)
         history, n_params = state["history"], state.get("n_params", 0)
-    run_fs, run_dir = storage.resolve(result.path)
+    run_fs, run_dir = storage.resolve(run)
     plot_path = None
     if history:
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "loss.png")
             plot_loss(history, local, f"{recipe.run.name}: ZeRO-{recipe.train.zero_stage}, "
                                       f"{recipe.scaling.num_workers} workers")
-            plot_path = storage.join(result.path, "loss.png")
+            plot_path = storage.join(run, "loss.png")
             with open(local, "rb") as src, run_fs.open_output_stream(storage.join(run_dir, "loss.png")) as dst:
                 dst.write(src.read())
     summary = Summary(
-        run_dir=result.path, checkpoint=ckpt_path, steps=metrics.get("step", 0), tokens=metrics.get("tokens", 0),
+        run_dir=run, checkpoint=ckpt_path, steps=metrics.get("step", 0), tokens=metrics.get("tokens", 0),
         n_params=n_params, wall_s=wall, final_loss=metrics.get("loss"), val_loss=metrics.get("val_loss"),
         val_ppl=metrics.get("val_ppl"), tokens_per_s=metrics.get("tokens_per_s"), plot=plot_path,
         sample=metrics.get("sample"),

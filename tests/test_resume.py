@@ -1,0 +1,182 @@
+"""Exactly-once resume on a real local Ray cluster with real DeepSpeed (CPU, gloo): a killed worker, a rerun,
+a resize, a truncated checkpoint, an incompatible recipe, and the export to Hugging Face.
+
+Every run records the ids of the samples it trained on (train.record_samples), so each test can check that
+the interrupted run saw exactly the samples of an uninterrupted one, in the same steps."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from llmray.config import load_recipe
+from llmray.data.corpus import list_shards
+from llmray.data.shard import shard_corpus
+from llmray.train.checkpoint import CheckpointError, list_checkpoints, read_state
+from llmray.train.trainer import fit
+
+STEPS = 24
+SHARDS = 3
+
+
+@pytest.fixture(scope="module")
+def small(corpus, tmp_path_factory):
+    """~40 KB of the corpus in 3 shards: an epoch is ~13 steps, so a 24-step run crosses an epoch's end."""
+    root = tmp_path_factory.mktemp("small")
+    docs, size = [], 0
+    for s in list_shards(corpus["shards"]):
+        for text in pq.read_table(s.path, columns=["text"]).column(0).to_pylist():
+            if size < 40_000 and len(text) < 8_000:
+                docs.append(text)
+                size += len(text)
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    shard_corpus([str(root / "docs.jsonl")], str(root / "shards"), shard_size="10KB")
+    assert len(list_shards(str(root / "shards"))) == SHARDS
+    return {"shards": str(root / "shards"), "tokenizer": corpus["tokenizer"], "root": root}
+
+
+def recipe(small, storage, name, *overrides):
+    return load_recipe("jobs/pretrain_tiny.yaml", [
+        f"data.shards={small['shards']}", f"data.tokenizer={small['tokenizer']}", f"run.storage_path={storage}",
+        f"run.name={name}", "data.seq_len=64", "model.hidden_size=64", "model.num_layers=2",
+        "train.micro_batch_size=4", "train.global_batch_size=16", "train.schedule=constant", "train.warmup_steps=2",
+        "train.lr=3e-3", "train.log_every=6", "train.eval_every=0", "train.eval_batches=1", "data.val_fraction=0.2",
+        "train.sample_prompt=null", "train.record_samples=true", "train.checkpoint_every=6",
+        "train.keep_checkpoints=2", f"train.max_steps={STEPS}", "scaling.num_workers=2", "train.zero_stage=2",
+        *overrides])
+
+
+def trace(summary_or_ckpt):
+    path = summary_or_ckpt if isinstance(summary_or_ckpt, str) else summary_or_ckpt.checkpoint
+    state = read_state(path)
+    steps = state["trace"]
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    return state, np.array([s["loss"] for s in steps]), [s["samples"] for s in steps]
+
+
+def assert_exactly_once(samples):
+    """No sample twice within an epoch, and every completed epoch covers each shard's samples 0..n-1."""
+    flat = [tuple(x) for step in samples for x in step]
+    assert len(flat) == len(set(flat)) == STEPS * 16
+    epochs = sorted({e for e, _, _ in flat})
+    assert len(epochs) >= 2  # the run crossed an epoch boundary
+    for e in epochs[:-1]:
+        per_shard = Counter(p for ep, p, _ in flat if ep == e)
+        for p in per_shard:
+            got = sorted(s for ep, q, s in flat if ep == e and q == p)
+            assert got == list(range(len(got))), f"epoch {e} shard position {p} skipped samples"
+        assert sorted(per_shard) == list(range(SHARDS))  # every shard of the epoch was read
+
+
+@pytest.fixture(scope="module")
+def reference(small, ray_cluster, tmp_path_factory):
+    """The uninterrupted run every resumed one is compared with: 2 workers, ZeRO-2, 24 steps."""
+    storage = tmp_path_factory.mktemp("ref")
+    summary = fit(recipe(small, storage, "ref"))
+    state, losses, samples = trace(summary)
+    assert len(losses) == STEPS and not state["resumes"]
+    assert_exactly_once(samples)
+    return {"summary": summary, "losses": losses, "samples": samples, "storage": storage}
+
+
+def kill_worker_when_checkpointed(run_dir, killed):
+    """SIGKILL one Ray Train worker process a few steps after the run's first checkpoint is complete."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not list_checkpoints(str(run_dir)):
+        time.sleep(0.05)
+    time.sleep(3)  # let Ray Train register it: a checkpoint every rank wrote but Ray never recorded is not resumed
+    workers = [p for p in psutil.process_iter(["pid", "cmdline"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    if workers:
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        killed.append(workers[-1].pid)
+
+
+def test_killed_worker_recovers_with_no_sample_lost_or_repeated(small, reference, tmp_path):
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_worker_when_checkpointed, args=(tmp_path / "killed", killed), daemon=True)
+    killer.start()
+    summary = fit(recipe(small, tmp_path, "killed", "scaling.max_failures=1"))
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    state, losses, samples = trace(summary)
+    assert summary.steps == STEPS and len(state["resumes"]) == 1
+    assert state["resumes"][0]["step"] in (6, 12, 18)  # restarted from a checkpoint, not from scratch
+    np.testing.assert_allclose(losses, reference["losses"], rtol=0, atol=1e-6)
+    assert samples == reference["samples"]
+    assert_exactly_once(samples)
+
+
+def test_rerun_continues_and_resizes_two_workers_to_one(small, reference, tmp_path, capsys):
+    """ZeRO-3 shards of 2 ranks, continued on 1 rank through DeepSpeed's universal checkpoint."""
+    first = fit(recipe(small, tmp_path, "resize", "train.zero_stage=3", "train.max_steps=12"))
+    assert first.steps == 12
+    with pytest.raises(CheckpointError, match=r"differs in model: .*'hidden_size': 64.*'hidden_size': 32"):
+        fit(recipe(small, tmp_path, "resize", "train.zero_stage=3", "model.hidden_size=32"))
+    with pytest.raises(CheckpointError, match="already has 2 checkpoint.*--fresh never overwrites"):
+        fit(recipe(small, tmp_path, "resize", "train.zero_stage=3"), fresh=True)
+    second = fit(recipe(small, tmp_path, "resize", "train.zero_stage=3", "scaling.num_workers=1"))
+    assert "continuing run resize from its checkpoint at step 12" in capsys.readouterr().out
+    state, losses, samples = trace(second)
+    assert state["resumes"] == [{"step": 12, "world_size": 1, "from_world_size": 2}]
+    np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5, atol=1e-5)
+    assert samples == reference["samples"]
+
+
+def test_resume_from_another_runs_checkpoint_one_worker_to_two(small, reference, tmp_path):
+    first = fit(recipe(small, tmp_path, "one", "scaling.num_workers=1", "train.max_steps=12"))
+    second = fit(recipe(small, tmp_path, "two"), resume_from=first.checkpoint)
+    state, losses, samples = trace(second)
+    assert state["resumes"] == [{"step": 12, "world_size": 2, "from_world_size": 1}]
+    np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5, atol=1e-5)
+    assert samples == reference["samples"]
+
+
+def test_truncated_or_incomplete_checkpoint_is_refused(small, reference, tmp_path):
+    good = reference["summary"].checkpoint
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    victim = next(p for p in sorted((truncated / "state").iterdir()) if "optim_states" in p.name)
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"truncated: state/{victim.name} has 100 of its"):
+        fit(recipe(small, tmp_path, "t1"), resume_from=str(truncated))
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(good, incomplete)
+    (incomplete / "done" / "rank-1.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: rank 1's completion marker is missing"):
+        fit(recipe(small, tmp_path, "t2"), resume_from=str(incomplete))
+    assert [s for s, _ in list_checkpoints(reference["summary"].run_dir)] == [18, 24]  # keep-last-2
+
+
+def test_export_loads_in_plain_transformers_with_the_engines_loss(small, reference, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmray.cli import main
+    from llmray.data.stream import StreamSpec, take_samples
+
+    ckpt = reference["summary"].checkpoint
+    out = tmp_path / "hf"
+    assert main(["export", ckpt, "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(os.listdir(out))
+    assert main(["export", ckpt, "--out", str(out)]) == 2  # never overwrites silently
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    # The run's last evaluation (2 ranks, a micro-batch of 4 held-out samples each) recomputed from the export.
+    shards = tuple(s.path for s in list_shards(small["shards"]))
+    val = take_samples(StreamSpec(shards=shards, tokenizer=small["tokenizer"], seq_len=64, seed=recipe(small, tmp_path, "x").run.seed, split="val",
+                                  val_fraction=0.2), 8)
+    with torch.no_grad():
+        ids = torch.from_numpy(val).long()
+        exported = np.mean([model(input_ids=ids[i:i + 4], labels=ids[i:i + 4]).loss.item() for i in (0, 4)])
+    engine = read_state(ckpt)["history"][-1]["val_loss"]
+    assert abs(exported - engine) < 1e-5
