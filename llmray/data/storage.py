@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 from pathlib import Path
 
@@ -16,8 +17,22 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """A filesystem and the path inside it; local paths are made absolute."""
     path = str(path)
     if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
+        fs, inner = pafs.FileSystem.from_uri(path)
+        if isinstance(fs, pafs.S3FileSystem):
+            fs = _s3_with_env_credentials(fs)
+        return fs, inner
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def _s3_with_env_credentials(fs: pafs.S3FileSystem) -> pafs.S3FileSystem:
+    """Credentials from the environment made explicit: pyarrow pickles explicit keys (and the endpoint) with the
+    filesystem, so Ray workers on other nodes reach the same store as the driver without the same environment."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not (key and secret):
+        return fs  # instance roles or a credentials file: every node resolves its own
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return pafs.S3FileSystem(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"),
+                             region=fs.region, endpoint_override=endpoint)
 
 
 def join(base: str, *parts: str) -> str:

@@ -114,8 +114,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     resume = ray.train.get_checkpoint()
-    if resume is None and config.get("resume_from"):
-        resume = ray.train.Checkpoint(config["resume_from"])
+    if resume is None:
+        resume = config.get("resume_from")  # a ray.train.Checkpoint carrying the driver's filesystem
     with tempfile.TemporaryDirectory(prefix="llmray-resume-") as tmp:
         start = None
         if resume is not None:
@@ -208,11 +208,14 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False) -> 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": val_ref,
-                           "resume_from": resume_from},
+                           "resume_from": _as_ray_checkpoint(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=recipe.run.name,
-            storage_path=_storage_path(recipe.run.storage_path),
+            # The filesystem is resolved here and shipped to the workers, so an endpoint or credentials set in
+            # the driver's environment (AWS_ENDPOINT_URL, ...) reach the workers too.
+            storage_path=storage.resolve(recipe.run.storage_path)[1],
+            storage_filesystem=storage.resolve(recipe.run.storage_path)[0],
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=s.max_failures),
             worker_runtime_env={"env_vars": env},
@@ -226,6 +229,11 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False) -> 
     wall = time.perf_counter() - started
     ray.kill(coordinator)
     return summarize(recipe, result, wall)
+
+
+def _as_ray_checkpoint(uri: str) -> ray.train.Checkpoint:
+    fs, path = storage.resolve(uri)
+    return ray.train.Checkpoint(path, filesystem=fs)
 
 
 def _storage_path(path: str) -> str:
