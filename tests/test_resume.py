@@ -54,6 +54,10 @@ def recipe(small, storage, name, *overrides):
         *overrides])
 
 
+def resumes(state):
+    return [{k: r[k] for k in ("step", "world_size", "from_world_size")} for r in state["resumes"]]
+
+
 def trace(summary_or_ckpt):
     path = summary_or_ckpt if isinstance(summary_or_ckpt, str) else summary_or_ckpt.checkpoint
     state = read_state(path)
@@ -126,7 +130,7 @@ def test_rerun_continues_and_resizes_two_workers_to_one(small, reference, tmp_pa
     second = fit(recipe(small, tmp_path, "resize", "train.zero_stage=3", "scaling.num_workers=1"))
     assert "continuing run resize from its checkpoint at step 12" in capsys.readouterr().out
     state, losses, samples = trace(second)
-    assert state["resumes"] == [{"step": 12, "world_size": 1, "from_world_size": 2}]
+    assert resumes(state) == [{"step": 12, "world_size": 1, "from_world_size": 2}]
     np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5, atol=1e-5)
     assert samples == reference["samples"]
 
@@ -135,7 +139,7 @@ def test_resume_from_another_runs_checkpoint_one_worker_to_two(small, reference,
     first = fit(recipe(small, tmp_path, "one", "scaling.num_workers=1", "train.max_steps=12"))
     second = fit(recipe(small, tmp_path, "two"), resume_from=first.checkpoint)
     state, losses, samples = trace(second)
-    assert state["resumes"] == [{"step": 12, "world_size": 2, "from_world_size": 1}]
+    assert resumes(state) == [{"step": 12, "world_size": 2, "from_world_size": 1}]
     np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5, atol=1e-5)
     assert samples == reference["samples"]
 
@@ -209,7 +213,7 @@ def test_object_store_run_resumes_and_exports(small, reference, s3, tmp_path):
     assert any(k.endswith("done/rank-1.json") for k in keys) and "runs/s3run/summary.json" in keys
     second = fit(recipe(small, s3, "s3run"))  # the same run name and storage: continues from the bucket
     state, losses, samples = trace(second)
-    assert state["resumes"] == [{"step": 12, "world_size": 2, "from_world_size": 2}]
+    assert resumes(state) == [{"step": 12, "world_size": 2, "from_world_size": 2}]
     np.testing.assert_allclose(losses, reference["losses"], rtol=0, atol=1e-6)
     assert samples == reference["samples"]
 

@@ -123,7 +123,8 @@ def train(recipe: Recipe, batches: Iterator[dict], val_samples: np.ndarray | Non
         if not (same_world and checkpoint.restore_rng(resume_dir, rank)):
             torch.manual_seed(recipe.run.seed + 1_000_003 * state["step"] + rank)  # new world size: fresh, seeded
         state.setdefault("resumes", []).append({"step": state["step"], "world_size": world,
-                                                "from_world_size": state.get("world_size", world)})
+                                                "from_world_size": state.get("world_size", world),
+                                                "loaded_at": time.time()})
         if verbose and rank == 0:
             how = "" if same_world else f", re-partitioned from {state.get('world_size')} to {world} ranks"
             print(f"[llmray] resumed at step {state['step']}{how}; stream at {state.get('cursor')}", flush=True)
@@ -196,6 +197,8 @@ def train(recipe: Recipe, batches: Iterator[dict], val_samples: np.ndarray | Non
                 print(f"[llmray] data stream ended after {step} steps", flush=True)
             break
         step += 1
+        if step == first_step + 1 and state.get("resumes"):
+            state["resumes"][-1]["first_step_at"] = time.time()  # recovery time, for benchmarks/checkpoint.py
         tokens += recipe.tokens_per_step
         cursor = vars(batch["cursor"]) if "cursor" in batch else None  # the stream position after this step
         if t.record_samples:

@@ -26,6 +26,9 @@ from llmray.train import checkpoint
 from llmray.train.plot import plot_loss
 
 
+REPORT_MIN_INTERVAL_S = 2.5  # Ray Train's controller polls workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
+
+
 @dataclass
 class Summary:
     run_dir: str
@@ -99,6 +102,7 @@ def ensure_ray() -> None:
 def train_loop_per_worker(config: dict) -> None:
     """What Ray Train runs on each worker: find the checkpoint to resume (this run's latest after a failure or
     a rerun, else `--resume-from`), start the stream at its cursor, train."""
+    import torch
     import torch.distributed as dist
 
     from llmray.train import loop
@@ -109,7 +113,20 @@ def train_loop_per_worker(config: dict) -> None:
     val = ray.get(config["val"][0]) if config["val"] else None
 
     class RaySink:
+        """Checkpoints always go to Ray Train; plain metrics at most every REPORT_MIN_INTERVAL_S. Ray Train
+        keeps one pending result per worker and its controller collects it every couple of seconds, so a
+        second report inside that interval blocks the training step until then. Rank 0 decides, for all."""
+
+        last = 0.0
+
         def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+            if checkpoint_dir is None:
+                due = torch.tensor([time.monotonic() - self.last >= REPORT_MIN_INTERVAL_S], dtype=torch.int32,
+                                   device="cuda" if dist.get_backend() == "nccl" else "cpu")
+                dist.broadcast(due, src=0)
+                if not due.item():
+                    return
+            self.last = time.monotonic()
             ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
             ray.train.report(metrics, checkpoint=ckpt)
 
