@@ -61,9 +61,10 @@ def save_restore_worker(overrides: list[str], out: str) -> None:
     def engine():
         torch.manual_seed(0)
         model = build_model(recipe.model, len(tokenizer))
+        n = count_params(model)  # before ZeRO-3 partitions the parameters away
         eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                        lr_scheduler=make_scheduler(recipe.train))
-        return eng, count_params(model)
+        return eng, n
 
     eng, n_params = engine()
     ids = torch.randint(0, len(tokenizer), (recipe.train.micro_batch_size, recipe.data.seq_len), device=device)

@@ -177,7 +177,8 @@ def test_export_loads_in_plain_transformers_with_the_engines_loss(small, referen
     assert model.generation_config.eos_token_id == tok.eos_token_id
     # The run's last evaluation (2 ranks, a micro-batch of 4 held-out samples each) recomputed from the export.
     shards = tuple(s.path for s in list_shards(small["shards"]))
-    val = take_samples(StreamSpec(shards=shards, tokenizer=small["tokenizer"], seq_len=64, seed=recipe(small, tmp_path, "x").run.seed, split="val",
+    seed = recipe(small, tmp_path, "x").run.seed
+    val = take_samples(StreamSpec(shards=shards, tokenizer=small["tokenizer"], seq_len=64, seed=seed, split="val",
                                   val_fraction=0.2), 8)
     with torch.no_grad():
         ids = torch.from_numpy(val).long()
@@ -224,3 +225,29 @@ def test_object_store_run_resumes_and_exports(small, reference, s3, tmp_path):
     info = export(second.checkpoint, str(tmp_path / "hf"))
     assert info["step"] == STEPS
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").num_parameters() == info["parameters"]
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch llmray-was-exploited",))
+
+
+def test_checkpoint_with_pickled_code_is_refused_not_run(small, reference, tmp_path, monkeypatch):
+    """A tampered checkpoint (sizes in its markers updated to match) must not execute code on export or resume."""
+    import torch
+
+    from llmray.export import export
+    from llmray.train.safe_load import UnsafeCheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil"
+    shutil.copytree(reference["summary"].checkpoint, evil)
+    target = evil / "state" / "mp_rank_00_model_states.pt"
+    torch.save({"module": Exploit()}, target)
+    marker = evil / "done" / "rank-0.json"
+    done = json.loads(marker.read_text())
+    done["files"]["state/mp_rank_00_model_states.pt"] = target.stat().st_size
+    marker.write_text(json.dumps(done))
+    with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle"):
+        export(str(evil), str(tmp_path / "out"))
+    assert not (tmp_path / "llmray-was-exploited").exists() and not (tmp_path / "out").exists()

@@ -184,7 +184,8 @@ def shard_corpus(
 
     out_fs, out_path = storage.resolve(out)
     if storage.exists(out_fs, out_path):
-        existing = [f for f in storage.list_files(out_fs, out_path) if f.base_name.endswith(".parquet") or f.base_name == MANIFEST]
+        existing = [f for f in storage.list_files(out_fs, out_path)
+                    if f.base_name.endswith(".parquet") or f.base_name == MANIFEST]
         if existing and not overwrite:
             raise ShardError(f"output {out} already holds shards; choose another folder or pass --overwrite")
         for f in existing:

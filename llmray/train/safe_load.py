@@ -8,9 +8,16 @@ the few plain-data DeepSpeed classes its checkpoints contain allow-listed.
 from __future__ import annotations
 
 import functools
+import pickle
 from contextlib import contextmanager
 
 import torch
+
+from llmray.errors import LlmrayError
+
+
+class UnsafeCheckpointError(LlmrayError):
+    pass
 
 
 def _deepspeed_globals() -> list:
@@ -27,10 +34,15 @@ def weights_only_loads():
     allowed = _deepspeed_globals()
 
     @functools.wraps(original)
-    def load(*args, **kwargs):
+    def load(f, *args, **kwargs):
         kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(*args, **kwargs)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            reason = str(e).split("\n\n")[-1].strip().splitlines()[0] if str(e) else ""
+            raise UnsafeCheckpointError(f"{f} holds objects other than tensors and plain data; refusing to unpickle "
+                                        f"it ({reason})") from None
 
     torch.load = load
     try:

@@ -25,7 +25,6 @@ from llmray.model import build_config
 from llmray.train import checkpoint
 from llmray.train.plot import plot_loss
 
-
 REPORT_MIN_INTERVAL_S = 2.5  # Ray Train's controller polls workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
 
 
@@ -51,8 +50,8 @@ class Summary:
             f"trained    {self.steps} steps, {self.tokens:,} tokens in {self.wall_s:.0f}s",
         ]
         if self.final_loss is not None:
-            lines.append(f"loss       {self.final_loss:.4f}" + (f"   validation {self.val_loss:.4f} (perplexity {self.val_ppl:.1f})"
-                                                              if self.val_loss is not None else ""))
+            val = f"   validation {self.val_loss:.4f} (perplexity {self.val_ppl:.1f})" if self.val_loss is not None else ""
+            lines.append(f"loss       {self.final_loss:.4f}{val}")
         if self.tokens_per_s:
             lines.append(f"throughput {self.tokens_per_s:,.0f} tokens/s (last window)")
         lines += [f"checkpoint {self.checkpoint}", f"loss plot  {self.plot}"]
@@ -137,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
         start = None
         if resume is not None:
             resume.to_directory(tmp)
-            cursor = checkpoint.verify(tmp).get("cursor")
+            cursor = checkpoint.read_state(tmp).get("cursor")  # the loop verifies the whole checkpoint
             start = StreamCursor(**cursor) if cursor else None
         # One stream session per worker group: a restarted group gets a new one, and the stream restarts at its cursor.
         session = [uuid.uuid4().hex if rank == 0 else None]
@@ -222,6 +221,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False) -> 
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     env = {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    run_fs, run_root = storage.resolve(recipe.run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": val_ref,
@@ -231,8 +231,8 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False) -> 
             name=recipe.run.name,
             # The filesystem is resolved here and shipped to the workers, so an endpoint or credentials set in
             # the driver's environment (AWS_ENDPOINT_URL, ...) reach the workers too.
-            storage_path=storage.resolve(recipe.run.storage_path)[1],
-            storage_filesystem=storage.resolve(recipe.run.storage_path)[0],
+            storage_path=run_root,
+            storage_filesystem=run_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=s.max_failures),
             worker_runtime_env={"env_vars": env},
