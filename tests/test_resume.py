@@ -185,6 +185,13 @@ def test_export_loads_in_plain_transformers_with_the_engines_loss(small, referen
         exported = np.mean([model(input_ids=ids[i:i + 4], labels=ids[i:i + 4]).loss.item() for i in (0, 4)])
     engine = read_state(ckpt)["history"][-1]["val_loss"]
     assert abs(exported - engine) < 1e-5
+    sharded = tmp_path / "sharded"  # large models: model-0000k-of-n.safetensors and an index
+    assert main(["export", ckpt, "--out", str(sharded), "--max-shard-size", "200KB", "--dtype", "bfloat16"]) == 0
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("model-*.safetensors"))) > 1
+    reloaded = AutoModelForCausalLM.from_pretrained(sharded)
+    assert reloaded.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        torch.testing.assert_close(a.to(torch.bfloat16), b, msg=name)
 
 
 @pytest.fixture
