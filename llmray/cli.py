@@ -1,4 +1,4 @@
-"""`llmray`: shard a corpus, train a tokenizer, pretrain, export. Each command says what it will do, and bad input
+"""`llmray`: shard a corpus, train a tokenizer, pretrain, export, serve. Each command says what it will do, and bad input
 gets one line naming the file or key, not a stack trace from inside Ray."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 
 def _shard(args) -> None:
@@ -54,6 +55,34 @@ def _export(args) -> None:
     info = export(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite)
     print(f"wrote {info['parameters'] / 1e6:.2f}M parameters (step {info['step']}, {info['tokens']:,} tokens) to "
           f"{info['out']}: {', '.join(info['files'])}")
+
+
+def _serve(args) -> None:
+    from ray import serve
+
+    from llmray.serve.app import build_app
+    from llmray.train.trainer import ensure_ray
+
+    models = [{"path": p} for p in args.models]
+    if args.name:
+        if len(args.name) != len(models):
+            from llmray.serve.app import ServeConfigError
+
+            raise ServeConfigError(f"--name was given {len(args.name)} times for {len(models)} model folders")
+        for m, n in zip(models, args.name):
+            m["name"] = n
+    actor = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
+    app = build_app({"models": models, "api_key": args.api_key, "max_batch_size": args.max_batch_size,
+                     "batch_wait_ms": args.batch_wait_ms}, num_replicas=args.replicas, ray_actor_options=actor)
+    ensure_ray()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="llmray", route_prefix="/", blocking=False)
+    print(f"serving {', '.join(m.get('name') or os.path.basename(m['path'].rstrip('/')) for m in models)} at "
+          f"http://{args.host}:{args.port}/v1 (OpenAI API; GET /healthz); Ctrl-C stops", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this size")
     ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ex.set_defaults(func=_export)
+
+    sv = sub.add_parser("serve", help="serve exported models behind an OpenAI-compatible API (Ray Serve)",
+                        description="Start Ray Serve on a local Ray (or the cluster in RAY_ADDRESS) with GET /v1/models, "
+                                    "POST /v1/completions and /v1/chat/completions. For clusters and autoscaling use "
+                                    "`serve run serve/config.yaml`.")
+    sv.add_argument("models", nargs="+", help="exported model folders (llmray export) or s3:// URIs")
+    sv.add_argument("--name", action="append", help="the model id clients ask for, once per folder (default: folder name)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 to expose it)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: $LLMRAY_API_KEY)")
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    sv.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    sv.add_argument("--max-batch-size", type=int, default=16, help="requests sharing one forward pass")
+    sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    sv.set_defaults(func=_serve)
     return p
 
 

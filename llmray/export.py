@@ -11,7 +11,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import torch
 
 from llmray.config import recipe_from_dict
@@ -35,10 +34,8 @@ def local_copy(uri: str):
     if not storage.is_uri(uri):
         yield uri
         return
-    fs, path = storage.resolve(uri)
     with tempfile.TemporaryDirectory(prefix="llmray-export-") as tmp:
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        yield tmp
+        yield storage.download(uri, tmp)
 
 
 def consolidated_state_dict(directory: str, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -52,3 +52,10 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
         raise FileNotFoundError(path)
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted((f for f in found if f.type == pafs.FileType.File), key=lambda f: f.path)
+
+
+def download(uri: str, dest: str) -> str:
+    """Copy a folder from object storage to the local folder `dest`; returns `dest`."""
+    fs, path = resolve(uri)
+    pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest

@@ -1,0 +1,274 @@
+"""The Ray Serve application: an OpenAI-compatible HTTP API over one or several exported models.
+
+    serve run serve/config.yaml            # import_path: llmray.serve.app:build_app
+    llmray serve ./exports/my-model        # the same app on a local Ray
+
+Routes: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream or not).
+"""
+
+# No `from __future__ import annotations` here: FastAPI, behind Serve's ingress, must see `Request` as a class,
+# not a string, or it takes `request` for a query parameter and answers 422.
+import asyncio
+import json
+import os
+import tempfile
+import time
+import uuid
+from typing import AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from llmray.data import storage
+from llmray.errors import LlmrayError
+from llmray.serve.engine import Engine, Finished, Sampling
+from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, error
+
+
+class ServeConfigError(LlmrayError):
+    pass
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str  # an exported Hugging Face folder, local or s3://...
+    name: str | None = None  # the `model` clients ask for; default: the folder's name
+
+    @property
+    def id(self) -> str:
+        return self.name or os.path.basename(self.path.rstrip("/"))
+
+
+class ServeArgs(BaseModel):
+    """The application's arguments (`args:` in serve/config.yaml); a typo is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelSpec] = Field(min_length=1)
+    api_key: str | None = None  # or LLMRAY_API_KEY in the replica's environment
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_ms: float = Field(10.0, ge=0)
+    engine: Literal["transformers", "vllm"] = "transformers"
+    device: str | None = None  # default: cuda when the replica has a GPU
+
+
+def _local(path: str) -> str:
+    if not storage.is_uri(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ServeConfigError(f"model folder {path} has no config.json (export a checkpoint with `llmray export`)")
+        return path
+    return storage.download(path, tempfile.mkdtemp(prefix="llmray-model-"))
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
+
+
+app = FastAPI(title="llmray", description="OpenAI-compatible completions and chat over llmray exports")
+
+
+@serve.deployment(name="OpenAIServer", max_ongoing_requests=64)
+@serve.ingress(app)
+class OpenAIServer:
+    def __init__(self, args: dict):
+        self.args = ServeArgs.model_validate(args)
+        self.api_key = self.args.api_key or os.environ.get("LLMRAY_API_KEY")
+        self.engines = {m.id: Engine(_local(m.path), self.args.max_batch_size, self.args.batch_wait_ms / 1000,
+                                     self.args.device) for m in self.args.models}
+        self.created = int(time.time())
+
+    # ---- plumbing ---------------------------------------------------------------------------------------------
+
+    def _unauthorized(self, request: Request) -> JSONResponse | None:
+        if self.api_key is None:
+            return None
+        given = request.headers.get("authorization", "")
+        if given != f"Bearer {self.api_key}":
+            return error(401, "missing or wrong API key (send Authorization: Bearer <key>)", "authentication_error",
+                         code="invalid_api_key")
+        return None
+
+    async def _parse(self, request: Request, model):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error(400, "the request body is not valid JSON")
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            return error(400, f"{where}: {first['msg']}", param=where or None)
+
+    def _engine(self, name: str) -> Engine | JSONResponse:
+        if name not in self.engines:
+            return error(404, f"model {name!r} is not served here; GET /v1/models lists {sorted(self.engines)}",
+                         code="model_not_found", param="model")
+        return self.engines[name]
+
+    def _budget(self, engine: Engine, prompt_ids: list[int], max_tokens: int | None):
+        room = engine.context - len(prompt_ids)
+        wanted = max_tokens if max_tokens is not None else room
+        if room <= 0 or wanted > room:
+            return error(400, f"this model's context is {engine.context} tokens; the prompt has {len(prompt_ids)} "
+                              f"and {wanted} more were asked for", param="messages" if max_tokens is None else "prompt",
+                         code="context_length_exceeded")
+        return wanted
+
+    @staticmethod
+    async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, str | Finished]]:
+        """(choice index, event) from several engine streams as they come; closing it cancels them all."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, s):
+            try:
+                async for ev in s:
+                    await queue.put((i, ev))
+            except BaseException as e:  # noqa: BLE001 - surfaced to the consumer
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        left = len(tasks)
+        try:
+            while left:
+                i, ev = await queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                left -= isinstance(ev, Finished)
+                yield i, ev
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _generate(self, body, kind: str):
+        engine = self._engine(body.model)
+        if isinstance(engine, JSONResponse):
+            return engine
+        if kind == "chat":
+            prompts = [engine.chat_prompt([(m.role, m.text) for m in body.messages])]
+            limit = body.limit
+        else:
+            prompts, limit = body.prompts, body.max_tokens
+        encoded = [engine.encode(p) for p in prompts]
+        budgets = []
+        for ids in encoded:
+            budget = self._budget(engine, ids, limit)
+            if isinstance(budget, JSONResponse):
+                return budget
+            budgets.append(budget)
+        streams, prompt_tokens = [], 0
+        for ids, budget in zip(encoded, budgets):
+            prompt_tokens += len(ids) * body.n
+            for j in range(body.n):
+                seed = None if body.seed is None else body.seed + j
+                streams.append(engine.stream(ids, Sampling(budget, body.temperature, body.top_p, seed, body.stops,
+                                                                 body.ignore_eos)))
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        events = self._merge(streams)
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._chunks(events, rid, body.model, kind, len(streams), prompt_tokens,
+                                                  include_usage), media_type="text/event-stream")
+        texts, finished = [""] * len(streams), [None] * len(streams)
+        async for i, ev in events:
+            if isinstance(ev, Finished):
+                finished[i] = ev
+            else:
+                texts[i] += ev
+        completion_tokens = sum(f.completion_tokens for f in finished)
+        if kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f.reason,
+                        "logprobs": None} for i, (t, f) in enumerate(zip(texts, finished))]
+        else:
+            choices = [{"index": i, "text": t, "finish_reason": f.reason, "logprobs": None}
+                       for i, (t, f) in enumerate(zip(texts, finished))]
+        return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": body.model, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    async def _chunks(self, events, rid: str, model: str, kind: str, n: int, prompt_tokens: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        created, completion_tokens = int(time.time()), 0
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(i: int, text: str | None, reason: str | None, first: bool = False) -> dict:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+                choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+            return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+        if kind == "chat":
+            for i in range(n):
+                yield _sse(chunk(i, "", None, first=True))
+        async for i, ev in events:
+            if isinstance(ev, Finished):
+                completion_tokens += ev.completion_tokens
+                yield _sse(chunk(i, None, ev.reason))
+            else:
+                yield _sse(chunk(i, ev, None))
+        if include_usage:
+            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                  "total_tokens": prompt_tokens + completion_tokens}})
+        yield _sse("[DONE]")
+
+    # ---- routes -----------------------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "models": {name: e.stats for name, e in self.engines.items()}}
+
+    @app.get("/v1/models")
+    def models(self, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
+                                            "owned_by": "llmray", "context_length": e.context}
+                                           for name, e in self.engines.items()]}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        body = await self._parse(request, CompletionRequest)
+        return body if isinstance(body, JSONResponse) else await self._generate(body, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        body = await self._parse(request, ChatCompletionRequest)
+        return body if isinstance(body, JSONResponse) else await self._generate(body, "chat")
+
+
+def build_app(args: dict, **deployment_options) -> serve.Application:
+    """`import_path: llmray.serve.app:build_app` in a Serve config; `args` as in `ServeArgs`. Keyword options
+    (num_replicas, ray_actor_options, autoscaling_config, ...) go to the deployment, as `deployments:` would."""
+    try:
+        parsed = ServeArgs.model_validate(args)
+    except ValidationError as e:
+        raise ServeConfigError(f"serve args: {e}") from None
+    if parsed.engine == "vllm":
+        return _vllm_app(parsed)
+    local = [m.model_copy(update={"path": m.path if storage.is_uri(m.path) else os.path.abspath(m.path)})
+             for m in parsed.models]  # replicas do not start in the caller's folder
+    deployment = OpenAIServer.options(**deployment_options) if deployment_options else OpenAIServer
+    return deployment.bind(parsed.model_copy(update={"models": local}).model_dump())
+
+
+def _vllm_app(args: ServeArgs) -> serve.Application:
+    """The same model folders on vLLM through `ray.serve.llm`, where vLLM is installed (GPU)."""
+    try:
+        import vllm  # noqa: F401
+        from ray.serve.llm import LLMConfig, build_openai_app
+    except ImportError:
+        raise ServeConfigError("engine: vllm needs the vllm package (pip install vllm, on a GPU node); "
+                               "engine: transformers serves the same model folders without it") from None
+    configs = [LLMConfig(model_loading_config={"model_id": m.id, "model_source": m.path}) for m in args.models]
+    return build_openai_app({"llm_configs": configs})

@@ -1,0 +1,176 @@
+"""A real Ray Serve on 127.0.0.1 driven by the official `openai` client (and raw HTTP where the client would hide
+what is on the wire). Expected texts come from plain `transformers` greedy generation on the same model."""
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+KEY = "sk-llmray-test"
+CONTEXT = 256
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(corpus, tmp_path_factory):
+    """A random-init tiny Llama with the corpus tokenizer, saved as `llmray export` would (initializer_range
+    raised so greedy choices are not near-ties)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("served") / "tiny"
+    tok = AutoTokenizer.from_pretrained(corpus["tokenizer"])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=CONTEXT, initializer_range=0.3,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, ray_cluster):
+    from ray import serve
+
+    from llmray.serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"models": [{"path": str(model_dir), "name": "tiny"}, {"path": str(model_dir), "name": "tiny-b"}],
+                     "api_key": KEY, "max_batch_size": 16, "batch_wait_ms": 20},
+                    ray_actor_options={"num_cpus": 1})
+    serve.run(app, name="llmray", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Greedy continuation by plain transformers, the same tokenization as the server's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def greedy(prompt: str, n: int) -> str:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    greedy.tokenizer = tok
+    return greedy
+
+
+def test_models_and_health(client, server):
+    assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-b"]
+    health = httpx.get(f"{server}/healthz").json()
+    assert health["status"] == "ok" and set(health["models"]) == {"tiny", "tiny-b"}
+
+
+def test_completion_is_transformers_greedy_with_usage(client, reference):
+    r = client.completions.create(model="tiny", prompt="def main(", max_tokens=20, temperature=0)
+    assert r.choices[0].text == reference("def main(", 20)
+    assert r.usage.prompt_tokens == len(reference.tokenizer("def main(").input_ids)
+    assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+    assert r.object == "text_completion" and r.model == "tiny"
+
+
+def test_chat_stream_matches_whole_answer(client, server, reference):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "import os"}]
+    whole = client.chat.completions.create(model="tiny-b", messages=messages, max_tokens=12, temperature=0)
+    expected = reference("system: be brief\nuser: import os\nassistant:", 12)  # the default chat transcript
+    assert whole.choices[0].message.content == expected and whole.choices[0].message.role == "assistant"
+    pieces = client.chat.completions.create(model="tiny-b", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(pieces)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+    with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True}) as raw:
+        lines = [line for line in raw.iter_lines() if line]
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_seed_n_and_stop(client, reference):
+    ask = dict(model="tiny", prompt="class ", max_tokens=16, temperature=1.0)
+    a, b = (client.completions.create(seed=7, **ask).choices[0].text for _ in range(2))
+    c = client.completions.create(seed=8, **ask).choices[0].text
+    assert a == b and a != c
+    three = client.completions.create(n=3, seed=1, **ask)
+    assert [ch.index for ch in three.choices] == [0, 1, 2] and len({ch.text for ch in three.choices}) == 3
+    assert three.usage.prompt_tokens == 3 * len(reference.tokenizer("class ").input_ids)
+    full = reference("import ", 24)
+    stop = full[6:9]
+    cut = client.completions.create(model="tiny", prompt="import ", max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[:full.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_errors_have_the_openai_shape_and_status(client, server):
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert e.value.status_code == 401
+    assert httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    bad_json = httpx.post(f"{server}/v1/completions", headers=auth, content=b"{not json")
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="x", temperature=5)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="tiny", messages=[])
+    with pytest.raises(openai.NotFoundError, match="'gpt-4' is not served here") as e:
+        client.completions.create(model="gpt-4", prompt="x")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="context is 256 tokens") as e:
+        client.completions.create(model="tiny", prompt="word " * 300, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_sixteen_clients_at_once_all_correct(client, server, reference):
+    prompts = [f"def f{i}(x):" for i in range(16)]
+    expected = [reference(p, 16) for p in prompts]
+    before = httpx.get(f"{server}/healthz").json()["models"]["tiny"]["forward_passes"]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0) as ac:
+            return await asyncio.gather(*[ac.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0)
+                                          for p in prompts])
+
+    answers = asyncio.run(run())  # any 5xx would raise here
+    assert [a.choices[0].text for a in answers] == expected
+    stats = httpx.get(f"{server}/healthz").json()["models"]["tiny"]
+    assert stats["largest_batch"] > 1
+    assert stats["forward_passes"] - before < 16 * 16  # they shared forward passes
+
+
+def test_disconnected_stream_stops_generating(server):
+    health = lambda: httpx.get(f"{server}/healthz").json()["models"]["tiny-b"]  # noqa: E731
+    before = health()
+    with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny-b", "prompt": "x", "max_tokens": 250, "stream": True,
+                            "ignore_eos": True}) as raw:
+        for i, _ in enumerate(raw.iter_lines()):
+            if i >= 2:
+                break  # the client goes away mid-answer
+    deadline = time.time() + 30
+    while time.time() < deadline and (health()["cancelled"] == before["cancelled"] or health()["active"]):
+        time.sleep(0.1)
+    after = health()
+    assert after["cancelled"] == before["cancelled"] + 1 and after["active"] == 0
+    assert after["generated_tokens"] - before["generated_tokens"] < 250
