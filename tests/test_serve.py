@@ -2,6 +2,7 @@
 what is on the wire). Expected texts come from plain `transformers` greedy generation on the same model."""
 
 import asyncio
+import importlib.util
 import json
 import socket
 import time
@@ -174,3 +175,28 @@ def test_disconnected_stream_stops_generating(server):
     after = health()
     assert after["cancelled"] == before["cancelled"] + 1 and after["active"] == 0
     assert after["generated_tokens"] - before["generated_tokens"] < 250
+
+
+def test_serve_config_file_is_valid_for_serve_and_for_the_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from llmray.serve.app import ServeArgs
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(open("serve/config.yaml")))
+    app = config.applications[0]
+    assert app.import_path == "llmray.serve.app:build_app"
+    args = ServeArgs.model_validate(app.args)
+    assert args.models[0].id == "tiny" and args.engine == "transformers"
+    assert app.deployments[0].name == "OpenAIServer" and app.deployments[0].autoscaling_config["max_replicas"] == 4
+
+
+def test_bad_app_args_and_missing_vllm_are_refused_clearly(model_dir):
+    from llmray.serve.app import ServeConfigError, build_app
+
+    with pytest.raises(ServeConfigError, match="max_batch_sise"):
+        build_app({"models": [{"path": str(model_dir)}], "max_batch_sise": 4})
+    if importlib.util.find_spec("vllm") is not None:
+        return  # vLLM is here: the refusal cannot happen
+    with pytest.raises(ServeConfigError, match="engine: vllm needs the vllm package"):
+        build_app({"models": [{"path": str(model_dir)}], "engine": "vllm"})

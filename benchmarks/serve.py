@@ -1,0 +1,166 @@
+"""Serving throughput and latency: a load generator on 127.0.0.1 against `llmray serve`'s app at concurrency
+1, 4 and 16, and the same generations done one by one in this process with `transformers` as the baseline.
+
+Each request streams a completion of exactly --tokens tokens (ignore_eos) from a short prompt. Per level:
+requests/s, generated tokens/s, p50/p99 latency, p50/p99 time to first token. The HTTP path's overhead is the
+p50 latency at concurrency 1 minus the p50 of the same request through the engine in-process (no HTTP, no Serve).
+
+    python benchmarks/serve.py [--hidden 256 --layers 4] [--tokens 32] [--requests 48] [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from common import CACHE, emit, stdlib_corpus
+
+PROMPTS = [f"def handler_{i}(request, *args):\n    " for i in range(64)]
+
+
+def build_model(tok_dir: str, hidden: int, layers: int) -> str:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = CACHE / f"serve-model-h{hidden}-l{layers}"
+    if not (out / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=max(1, hidden // 64), intermediate_size=hidden * 3,
+                             max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        LlamaForCausalLM(config).save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def baseline(model_dir: str, tokens: int, count: int) -> dict:
+    """One request after another, in this process: `generate` with its KV cache, greedy, exactly `tokens`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    latencies = []
+    with torch.no_grad():
+        for i in range(count):
+            ids = tok(PROMPTS[i % len(PROMPTS)], return_tensors="pt").input_ids
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=tok.eos_token_id)
+            latencies.append(time.perf_counter() - t0)
+    return {"requests": count, "tokens_per_s": round(count * tokens / sum(latencies), 1),
+            "p50_latency_ms": round(pct(latencies, 0.5) * 1e3, 1)}
+
+
+def engine_in_process(model_dir: str, tokens: int, count: int) -> float:
+    """p50 seconds of one request through llmray's engine with no HTTP and no Serve in between."""
+    from llmray.serve.engine import Engine, Sampling
+
+    engine = Engine(model_dir, max_batch_size=16, batch_wait_s=0.01)
+
+    async def one(prompt: str) -> float:
+        t0 = time.perf_counter()
+        async for _ in engine.stream(engine.encode(prompt), Sampling(tokens, 0.0, ignore_eos=True)):
+            pass
+        return time.perf_counter() - t0
+
+    async def run() -> list[float]:
+        return [await one(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
+
+    return pct(asyncio.run(run()), 0.5)
+
+
+async def load(url: str, concurrency: int, tokens: int, count: int, seconds: float) -> dict:
+    """`concurrency` clients issuing streamed completions until `count` are done or `seconds` pass."""
+    import httpx
+
+    latencies, ttfts, errors = [], [], 0
+    issued = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal issued, errors
+        while issued < count and time.perf_counter() < stop_at:
+            prompt = PROMPTS[issued % len(PROMPTS)]
+            issued += 1
+            t0 = time.perf_counter()
+            first = None
+            body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+                    "ignore_eos": True}
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data: {"):
+                        first = time.perf_counter() - t0
+            latencies.append(time.perf_counter() - t0)
+            ttfts.append(first or latencies[-1])
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as http:
+        await asyncio.gather(*[client(http) for _ in range(concurrency)])
+    wall = time.perf_counter() - started
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+            "requests_per_s": round(len(latencies) / wall, 2), "tokens_per_s": round(len(latencies) * tokens / wall, 1),
+            "p50_latency_ms": round(pct(latencies, 0.5) * 1e3, 1), "p99_latency_ms": round(pct(latencies, 0.99) * 1e3, 1),
+            "p50_ttft_ms": round(pct(ttfts, 0.5) * 1e3, 1), "p99_ttft_ms": round(pct(ttfts, 0.99) * 1e3, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=48, help="per concurrency level")
+    p.add_argument("--seconds", type=float, default=60, help="per concurrency level")
+    args = p.parse_args()
+    _, tok = stdlib_corpus()
+    model_dir = build_model(tok, args.hidden, args.layers)
+    base = baseline(model_dir, args.tokens, min(args.requests, 24))
+    in_process_p50 = engine_in_process(model_dir, args.tokens, 16)
+
+    import ray
+    from ray import serve
+
+    from llmray.serve.app import build_app
+
+    cpus = os.cpu_count() or 2
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"models": [{"path": model_dir, "name": "bench"}], "max_batch_size": 16,
+                         "batch_wait_ms": 5}, ray_actor_options={"num_cpus": cpus}), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(load(url, 1, args.tokens, 4, 30))  # warm-up
+    levels = [asyncio.run(load(url, c, args.tokens, args.requests, args.seconds)) for c in (1, 4, 16)]
+    serve.shutdown()
+    ray.shutdown()
+    for level in levels:
+        level["ratio_tokens_per_s_vs_baseline"] = round(level["tokens_per_s"] / base["tokens_per_s"], 2)
+    figures = {
+        "model": {"hidden": args.hidden, "layers": args.layers, "path": model_dir},
+        "device": f"cpu x{cpus}", "tokens_per_request": args.tokens,
+        "baseline_one_by_one_in_process": base, "served": levels,
+        "engine_in_process_p50_latency_ms": round(in_process_p50 * 1e3, 1),
+        "http_path_p50_overhead_ms": round(levels[0]["p50_latency_ms"] - in_process_p50 * 1e3, 1),
+    }
+    emit("serve", figures)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
