@@ -1,21 +1,24 @@
-"""Batched generation for one model: concurrent requests share each forward pass.
+"""Continuous batching for one model: concurrent requests share each forward pass.
 
-Requests that arrive within `batch_wait_s` of each other (up to `max_batch_size`) are prefilled together
-(left-padded) and decoded together with one KV cache. A row leaves the batch, and its slice of the cache is
-dropped, the step it finishes: EOS, a stop string, `max_tokens`, or its client going away. Requests arriving
-meanwhile wait for the next batch. Each request has its own sampling parameters and its own seeded generator,
-so a seeded request gives the same text however it was batched (up to float rounding in the padded batch).
+One compute thread owns the model and a running batch with one KV cache. Before every decode step it admits the
+requests that arrived meanwhile (up to `max_batch_size` rows): they are prefilled together, left-padded, and
+their cache is merged into the running one (the shorter side padded on the left, masked out), so a newcomer
+waits at most one step, not for the batch to finish. A row leaves the batch, and the cache, the step it
+finishes: EOS, a stop string, `max_tokens`, or its client going away. Each row has its own sampling parameters
+and seeded generator, so a seeded request gives the same text however it was batched (up to float rounding).
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 
@@ -44,10 +47,29 @@ class _Row:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     text: str = ""  # text already sent
+    decoded: str = ""  # text decoded so far (may run ahead of `text` while a stop string could be forming)
+    decoder: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
     generator: torch.Generator | None = None
 
     def emit(self, event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass
+class _Batch:
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, cache length]: 1 for real tokens, 0 for left padding
+    tokens: torch.Tensor | None  # each row's last sampled token, not yet fed to the model
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 class Engine:
@@ -55,13 +77,18 @@ class Engine:
                  device: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.backend = self.tokenizer.backend_tokenizer
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
-        self.pending: asyncio.Queue | None = None
+        self.incoming: queue.Queue[_Row] = queue.Queue()
+        self.last_admitted = 1
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._outbox: list[tuple[_Row, object]] = []
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "forward_passes": 0, "active": 0,
                       "largest_batch": 0}
 
@@ -79,12 +106,13 @@ class Engine:
 
     async def stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[str | Finished]:
         """Text deltas as they are generated, then a `Finished`. Closing the iterator early cancels the row."""
-        if self.pending is None:
-            self.pending = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._batcher())
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve_forever, name="llmray-engine", daemon=True)
+                self._thread.start()
         row = _Row(list(prompt_ids), sampling, asyncio.get_running_loop(), asyncio.Queue())
         self.stats["requests"] += 1
-        await self.pending.put(row)
+        self.incoming.put(row)
         done = False
         try:
             while not done:
@@ -97,34 +125,49 @@ class Engine:
             if not done:  # the caller went away (client disconnect, cancelled request): stop computing for it
                 row.cancelled.set()
 
-    async def _batcher(self) -> None:
+    # ---- the compute thread -------------------------------------------------------------------------------
+
+    def _admit(self, room: int, idle: bool) -> list[_Row]:
+        """New rows for the batch: blocks while idle; under load, may wait `batch_wait_s` for company."""
+        rows = []
+        if idle:
+            rows.append(self.incoming.get())
+            if self.last_admitted > 1:  # a burst is likely: let it gather (a lone client would only wait)
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(rows) < room and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        rows.append(self.incoming.get(timeout=left))
+                    except queue.Empty:
+                        break
+        while len(rows) < room:
+            try:
+                rows.append(self.incoming.get_nowait())
+            except queue.Empty:
+                break
+        live = [r for r in rows if not r.cancelled.is_set()]
+        self.stats["cancelled"] += len(rows) - len(live)
+        if rows:
+            self.last_admitted = len(live)
+        return live
+
+    def _serve_forever(self) -> None:
+        batch: _Batch | None = None
         while True:
-            batch = [await self.pending.get()]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.pending.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
-            gone = [r for r in batch if r.cancelled.is_set()]
-            self.stats["cancelled"] += len(gone)
-            batch = [r for r in batch if not r.cancelled.is_set()]
-            if batch:
-                try:
-                    await asyncio.to_thread(self._run, batch)
-                except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
-                    for r in batch:
-                        r.emit(e)
+            fresh: list[_Row] = []
+            try:
+                fresh = self._admit(self.max_batch_size - (len(batch.rows) if batch else 0), idle=batch is None)
+                with torch.no_grad():
+                    if fresh:
+                        batch = self._merge(batch, self._prefill(fresh))
+                    if batch is not None:
+                        batch = self._decode(batch)
+            except Exception as e:  # noqa: BLE001 - every waiting request must hear of it, and the engine lives on
+                for r in (batch.rows if batch else []) + fresh:
+                    r.emit(e)
+                batch = None
+            self.stats["active"] = len(batch.rows) if batch else 0
 
-    # ---- the compute side (a worker thread) ---------------------------------------------------------------
-
-    @torch.no_grad()
-    def _run(self, rows: list[_Row]) -> None:
-        self.stats["active"] = len(rows)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+    def _prefill(self, rows: list[_Row]) -> "_Batch | None":
         for r in rows:
             if r.sampling.seed is not None:
                 r.generator = torch.Generator(device=self.device).manual_seed(r.sampling.seed)
@@ -137,18 +180,48 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
         logits = self._forward(ids, mask, cache)
-        while rows:
-            tokens = self._sample(logits, rows)
-            keep = [i for i, (r, t) in enumerate(zip(rows, tokens)) if not self._advance(r, t)]
-            self.stats["active"] = len(keep)
-            if not keep:
-                break
-            if len(keep) < len(rows):  # finished rows leave the batch and the cache
-                cache.batch_select_indices(torch.tensor(keep, device=self.device))
-                rows, mask, tokens = [rows[i] for i in keep], mask[keep], tokens[keep]
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            logits = self._forward(tokens[:, None], mask, cache)
-        self.stats["active"] = 0
+        return self._step(_Batch(rows, cache, mask, None), logits)
+
+    def _decode(self, batch: "_Batch") -> "_Batch | None":
+        mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=self.device)], 1)
+        logits = self._forward(batch.tokens[:, None], mask, batch.cache)
+        return self._step(_Batch(batch.rows, batch.cache, mask, None), logits)
+
+    def _step(self, batch: "_Batch", logits: torch.Tensor) -> "_Batch | None":
+        """Sample each row's next token, hand it to its client, drop the rows that are done."""
+        tokens = self._sample(logits, batch.rows)
+        keep = [i for i, (r, t) in enumerate(zip(batch.rows, tokens)) if not self._advance(r, t)]
+        self._deliver()
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):  # finished rows leave the batch and the cache
+            batch.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            batch = _Batch([batch.rows[i] for i in keep], batch.cache, batch.mask[keep], None)
+            tokens = tokens[keep]
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch.rows))
+        return _Batch(batch.rows, batch.cache, batch.mask, tokens)
+
+    def _deliver(self) -> None:
+        """This step's events, handed to each event loop in one call rather than one wake-up per row."""
+        by_loop: dict = {}
+        for r, event in self._outbox:
+            by_loop.setdefault(r.loop, []).append((r.events, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(lambda items=items: [q.put_nowait(e) for q, e in items])
+
+    def _merge(self, running: "_Batch | None", fresh: "_Batch | None") -> "_Batch | None":
+        """One batch from two: caches and masks left-padded to the same length, then stacked."""
+        if running is None or fresh is None:
+            return running or fresh
+        width = max(running.mask.shape[1], fresh.mask.shape[1])
+        merged = DynamicCache()
+        for layer, (a, b) in enumerate(zip(running.cache.layers, fresh.cache.layers)):
+            keys = torch.cat([_left_pad(a.keys, width, 2), _left_pad(b.keys, width, 2)])
+            values = torch.cat([_left_pad(a.values, width, 2), _left_pad(b.values, width, 2)])
+            merged.update(keys, values, layer)
+        mask = torch.cat([_left_pad(running.mask, width, 1), _left_pad(fresh.mask, width, 1)])
+        return _Batch(running.rows + fresh.rows, merged, mask, torch.cat([running.tokens, fresh.tokens]))
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
@@ -156,8 +229,9 @@ class Engine:
                          use_cache=True)
         self.stats["forward_passes"] += 1
         return out.logits[:, -1, :].float()
-
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        if all(r.sampling.temperature == 0 for r in rows):
+            return logits.argmax(-1)  # all greedy: one op for the batch
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         for i, r in enumerate(rows):
             s = r.sampling
@@ -183,14 +257,16 @@ class Engine:
         if token == self.eos and not r.sampling.ignore_eos:
             return self._finish(r, "stop")
         r.generated.append(token)
-        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        piece = r.decoder.step(self.backend, token)  # incremental: None while a UTF-8 sequence is incomplete
+        if piece:
+            r.decoded += piece
+        text = r.decoded
         for stop in r.sampling.stop:
             at = text.find(stop)
             if at != -1:
                 self._send(r, text[:at])
                 return self._finish(r, "stop")
         if len(r.generated) >= r.sampling.max_tokens:
-            self._send(r, text)
             return self._finish(r, "length")
         # Hold back a partial UTF-8 sequence, and a tail that could still become a stop string.
         safe = len(text.rstrip("\ufffd"))
@@ -204,9 +280,11 @@ class Engine:
 
     def _send(self, r: _Row, text: str) -> None:
         if len(text) > len(r.text):
-            r.emit(text[len(r.text):])
+            self._outbox.append((r, text[len(r.text):]))
             r.text = text
 
     def _finish(self, r: _Row, reason: str) -> bool:
-        r.emit(Finished(reason, len(r.generated)))
+        if reason == "length" or not r.sampling.stop:  # a cut mid-character ends in U+FFFD, as a full decode would
+            self._send(r, self.tokenizer.decode(r.generated, skip_special_tokens=True))
+        self._outbox.append((r, Finished(reason, len(r.generated))))
         return True
