@@ -141,8 +141,14 @@ class OpenAIServer:
         try:
             while left:
                 ready = [await queue.get()]
-                if last is not None and (wait := every_s - (time.monotonic() - last)) > 0:
-                    await asyncio.sleep(wait)  # gather what comes until the next write is due
+                due = (last or 0.0) + every_s
+                ends = sum(isinstance(ev, Finished) for _, ev in ready)
+                while ends < left and (wait := due - time.monotonic()) > 0:  # gather until the write is due,
+                    try:  # or until every stream has finished: the last words never wait
+                        ready.append(await asyncio.wait_for(queue.get(), wait))
+                        ends += isinstance(ready[-1][1], Finished)
+                    except asyncio.TimeoutError:
+                        break
                 last = time.monotonic()
                 while not queue.empty():
                     ready.append(queue.get_nowait())
