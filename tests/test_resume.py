@@ -194,24 +194,6 @@ def test_export_loads_in_plain_transformers_with_the_engines_loss(small, referen
         torch.testing.assert_close(a.to(torch.bfloat16), b, msg=name)
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A real S3-compatible server (moto) on 127.0.0.1 with one bucket, reached through the standard AWS env."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3").create_bucket(Bucket="llmray")
-    yield "s3://llmray/runs"
-    server.stop()
-
-
 def test_object_store_run_resumes_and_exports(small, reference, s3, tmp_path):
     import boto3
 

@@ -230,3 +230,29 @@ def test_engine_admits_late_requests_into_the_running_batch_exactly(model_dir, r
     expected = [reference(p, 40) for p in prompts]
     assert texts == expected
     assert engine.stats["largest_batch"] == 3 and engine.stats["forward_passes"] < 3 * 40
+
+
+def test_model_folder_from_object_storage(model_dir, server, s3, reference):
+    """An `s3://` model folder (a moto server on 127.0.0.1): each replica downloads it; the replica's
+    credentials come through its runtime_env, as they would on a cluster without instance roles."""
+    import os
+
+    import pyarrow.fs as pafs
+    from ray import serve
+
+    from llmray.data import storage
+    from llmray.serve.app import build_app
+
+    uri = "s3://llmray/exports/tiny"
+    fs, path = storage.resolve(uri)
+    pafs.copy_files(str(model_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")}
+    serve.run(build_app({"models": [{"path": uri}]}, ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": env}}),
+              name="from-s3", route_prefix="/s3")
+    try:
+        r = httpx.post(f"{server}/s3/v1/completions",
+                       json={"model": "tiny", "prompt": "def main(", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference("def main(", 8)
+    finally:
+        serve.delete("from-s3")
