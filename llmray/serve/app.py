@@ -259,19 +259,19 @@ class OpenAIServer:
                                             "owned_by": "llmray", "context_length": e.context}
                                            for name, e in self.engines.items()]}
 
-    @app.post("/v1/completions")
-    async def completions(self, request: Request):
+    async def _answer(self, request: Request, shape, kind: str):
         if (denied := self._unauthorized(request)) is not None:
             return denied
-        body = await self._parse(request, CompletionRequest)
-        return body if isinstance(body, JSONResponse) else await self._generate(body, "completion")
+        body = await self._parse(request, shape)
+        return body if isinstance(body, JSONResponse) else await self._generate(body, kind)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._answer(request, CompletionRequest, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        if (denied := self._unauthorized(request)) is not None:
-            return denied
-        body = await self._parse(request, ChatCompletionRequest)
-        return body if isinstance(body, JSONResponse) else await self._generate(body, "chat")
+        return await self._answer(request, ChatCompletionRequest, "chat")
 
 
 def build_app(args: dict, **deployment_options) -> serve.Application:
