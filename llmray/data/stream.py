@@ -32,10 +32,8 @@ def build_dataset(spec: StreamSpec, epoch: int, start: StreamCursor | None = Non
     first = start.position if start is not None else 0
     items = [{"path": spec.shards[order[pos]], "position": pos, "epoch": epoch, "skip": 0}
              for pos in range(first, len(order))]
-    if start is not None and items:
+    if start is not None:  # a cursor always points into a shard: at the end of one, its offset is its count
         items[0]["skip"] = start.offset
-    if not items:  # resumed exactly at the end of the epoch
-        return ray.data.from_items([{"path": "", "position": 0, "epoch": epoch, "skip": 0}]).limit(0)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         TokenizePack,

@@ -265,7 +265,7 @@ class Engine:
             at = text.find(stop)
             if at != -1:
                 self._send(r, text[:at])
-                return self._finish(r, "stop")
+                return self._finish(r, "stop", flush=False)
         if len(r.generated) >= r.sampling.max_tokens:
             return self._finish(r, "length")
         # Hold back a partial UTF-8 sequence, and a tail that could still become a stop string.
@@ -283,8 +283,10 @@ class Engine:
             self._outbox.append((r, text[len(r.text):]))
             r.text = text
 
-    def _finish(self, r: _Row, reason: str) -> bool:
-        if reason == "length" or not r.sampling.stop:  # a cut mid-character ends in U+FFFD, as a full decode would
+    def _finish(self, r: _Row, reason: str, flush: bool = True) -> bool:
+        """End the row. `flush` sends any text held back (a possible stop-string start, a cut mid-character, which
+        ends in U+FFFD as a full decode would); a matched stop string has already sent the text before it."""
+        if flush:
             self._send(r, self.tokenizer.decode(r.generated, skip_special_tokens=True))
         self._outbox.append((r, Finished(reason, len(r.generated))))
         return True
