@@ -52,9 +52,28 @@ def _export(args) -> None:
     from llmray.export import export
 
     print(f"exporting {args.checkpoint} to {args.out} ({args.dtype}, Hugging Face format)")
-    info = export(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite)
+    info = export(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite, args.full_precision)
     print(f"wrote {info['parameters'] / 1e6:.2f}M parameters (step {info['step']}, {info['tokens']:,} tokens) to "
           f"{info['out']}: {', '.join(info['files'])}")
+    if "quant_report" in info:
+        from llmray.quant import report_text
+
+        print(report_text(info["quant_report"]))
+
+
+def _quantize(args) -> None:
+    from llmray.config import quant_config
+    from llmray.eval import HeldOut
+    from llmray.quant import quantize_folder, report_text
+
+    quant = quant_config({"method": "ptq", "scheme": args.scheme, "group_size": args.group_size,
+                          "skip": args.skip if args.skip is not None else ["lm_head"]})
+    held_out = None
+    if args.eval_data:
+        held_out = HeldOut(args.eval_data, args.eval_val_fraction, args.seq_len, args.seed)
+    print(f"quantizing {args.model} with {args.scheme} into {args.out}")
+    report = quantize_folder(args.model, args.out, quant, held_out, args.eval_samples, args.overwrite, args.device)
+    print(report_text(report))
 
 
 def _serve(args) -> None:
@@ -140,7 +159,37 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     ex.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this size")
     ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.add_argument("--full-precision", action="store_true",
+                    help="for a run with quant.method qat/ptq: write the unquantized weights instead")
     ex.set_defaults(func=_export)
+
+    from llmray.config import INT4_GROUP_SIZES, QUANT_SCHEMES
+
+    qz = sub.add_parser("quantize", help="post-training quantization (torchao) of an exported model folder",
+                        description="Quantize a Hugging Face folder with torchao into a folder that "
+                                    "from_pretrained and `llmray serve` load, and report held-out perplexity, "
+                                    "weights on disk and generation tokens/s before and after (also saved as "
+                                    "quant_report.json). Schemes: " +
+                                    "; ".join(f"{k}: {v}" for k, v in QUANT_SCHEMES.items()))
+    qz.add_argument("model", help="Hugging Face model folder, e.g. written by `llmray export`")
+    qz.add_argument("--scheme", required=True, help=f"one of {', '.join(QUANT_SCHEMES)}")
+    qz.add_argument("--out", required=True, help="output folder (written whole, or not at all)")
+    qz.add_argument("--group-size", type=int, default=32,
+                    help=f"int4 schemes: weights per scale, one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+    qz.add_argument("--skip", action="append", default=None,
+                    help="Linear layers to keep in full precision, by name, prefix or regex (repeatable; "
+                         "default lm_head; embeddings are never quantized)")
+    qz.add_argument("--eval-data", default=None,
+                    help="shard folder to measure perplexity on (default: the training run's held-out split, "
+                         "named in the folder's llmray_export.json)")
+    qz.add_argument("--eval-val-fraction", type=float, default=0.0,
+                    help="with --eval-data: use only this held-out fraction of its documents (0: all)")
+    qz.add_argument("--seq-len", type=int, default=256, help="with --eval-data: tokens per sample")
+    qz.add_argument("--seed", type=int, default=1234, help="with --eval-data: the run seed (sample order)")
+    qz.add_argument("--eval-samples", type=int, default=64, help="held-out samples to measure on")
+    qz.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    qz.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    qz.set_defaults(func=_quantize)
 
     sv = sub.add_parser("serve", help="serve exported models behind an OpenAI-compatible API (Ray Serve)",
                         description="Start Ray Serve on a local Ray (or the cluster in RAY_ADDRESS) with GET /v1/models, "

@@ -119,12 +119,66 @@ class ScalingConfig(_Strict):
     max_failures: int = Field(0, ge=-1)
 
 
+# Quantization schemes (llmray/quant.py maps each to torchao); which run on CPU is part of the name's contract.
+QUANT_SCHEMES = {
+    "int8-weight-only": "int8 per-channel weights, activations in full precision (CPU and GPU)",
+    "int8-dynamic": "int8 per-token activations quantized at run time + int8 per-channel weights (CPU and GPU)",
+    "int8-dynamic-int4": "int8 per-token activations + int4 grouped weights, torchao's CPU/edge int4 (CPU and GPU)",
+    "int4-weight-only": "int4 grouped weights, bf16 activations, tinygemm kernel (CUDA GPUs sm80+ only)",
+}
+GPU_ONLY_SCHEMES = ("int4-weight-only",)
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class ZeroPPConfig(_Strict):
+    """DeepSpeed ZeRO++ communication quantization (GPU clusters, ZeRO-3)."""
+
+    quantized_weights: bool = False  # zero_quantized_weights: int8 all-gather of weights
+    quantized_gradients: bool = False  # zero_quantized_gradients: int4 reduce-scatter of gradients
+    hpz_partition_size: int = Field(1, ge=1)  # zero_hpz_partition_size: secondary partition, usually GPUs per node
+
+    @property
+    def enabled(self) -> bool:
+        return self.quantized_weights or self.quantized_gradients or self.hpz_partition_size > 1
+
+
+class QuantConfig(_Strict):
+    method: Literal["none", "ptq", "qat"] = "none"  # ptq: quantize the export; qat: fake-quantize while training
+    scheme: str | None = None  # one of QUANT_SCHEMES; required unless method is none
+    group_size: int = 32  # int4 schemes: weights per scale
+    # Linear layers left in full precision, as transformers' `modules_to_not_convert` reads them: a name prefix up
+    # to a module boundary, a regex, or a suffix. Embeddings are never quantized (only nn.Linear layers are).
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"])
+    zeropp: ZeroPPConfig = Field(default_factory=ZeroPPConfig)
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, v):
+        if v is not None and v not in QUANT_SCHEMES:
+            raise ValueError(f"unknown scheme {v!r}; allowed: {', '.join(QUANT_SCHEMES)}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _known_group(cls, v):
+        if v not in INT4_GROUP_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+        return v
+
+    @model_validator(mode="after")
+    def _scheme_with_method(self) -> "QuantConfig":
+        if self.method != "none" and self.scheme is None:
+            raise ValueError(f"quant.method={self.method} needs quant.scheme (one of {', '.join(QUANT_SCHEMES)})")
+        return self
+
+
 class Recipe(_Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
@@ -142,7 +196,26 @@ class Recipe(_Strict):
             )
         if t.precision == "fp16" and not s.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+        self._quant_checks()
         return self
+
+    def _quant_checks(self) -> None:
+        q, s = self.quant, self.scaling
+        if q.method != "none" and q.scheme in GPU_ONLY_SCHEMES and not s.use_gpu:
+            raise ValueError(f"quant.scheme={q.scheme} needs scaling.use_gpu=true: {QUANT_SCHEMES[q.scheme]}; "
+                             "on CPU use int8-dynamic-int4 for int4 weights")
+        if q.method != "none" and not (self.data.val_shards or self.data.val_fraction > 0):
+            raise ValueError(f"quant.method={q.method} reports held-out perplexity before and after quantizing; "
+                             "set data.val_fraction > 0 or data.val_shards")
+        if q.zeropp.enabled:
+            if not s.use_gpu:
+                raise ValueError("quant.zeropp (DeepSpeed ZeRO++ quantized communication) runs on NCCL GPU clusters "
+                                 "only; set scaling.use_gpu=true or remove quant.zeropp")
+            if self.train.zero_stage != 3:
+                raise ValueError("quant.zeropp needs train.zero_stage=3 (ZeRO++ quantizes ZeRO-3's collectives)")
+            if q.zeropp.hpz_partition_size > 1 and s.num_workers % q.zeropp.hpz_partition_size:
+                raise ValueError(f"quant.zeropp.hpz_partition_size={q.zeropp.hpz_partition_size} does not divide "
+                                 f"scaling.num_workers={s.num_workers}")
 
     @property
     def grad_accum_steps(self) -> int:
@@ -194,6 +267,14 @@ def recipe_from_dict(raw: dict) -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(f"invalid recipe: {_describe(e)}") from None
+
+
+def quant_config(raw: dict) -> QuantConfig:
+    """Quantization settings outside a recipe (`llmray quantize`), validated the same way."""
+    try:
+        return QuantConfig.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"invalid quantization settings: {_describe(e)}") from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:

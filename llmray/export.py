@@ -5,7 +5,6 @@ model.safetensors (sharded when large), tokenizer files, generation_config.json.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from llmray.config import recipe_from_dict
 from llmray.data import storage
 from llmray.errors import LlmrayError
 from llmray.model import build_config
+from llmray.outdir import free_target, staged
 from llmray.train import checkpoint
 from llmray.train.safe_load import weights_only_loads
 
@@ -49,17 +49,29 @@ def consolidated_state_dict(directory: str, zero_stage: int) -> dict[str, torch.
         return get_fp32_state_dict_from_zero_checkpoint(directory, tag=checkpoint.TAG)
 
 
-def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2GB", overwrite: bool = False) -> dict:
-    """Write the Hugging Face folder `out` (whole, or not at all); returns what was written."""
+def held_out_info(recipe) -> dict:
+    """The run's validation split, so `llmray quantize` on this export measures on the same held-out text."""
+    d = recipe.data
+    if d.val_shards:
+        return {"shards": d.val_shards, "val_fraction": 0.0, "seq_len": d.seq_len, "seed": recipe.run.seed}
+    if d.val_fraction > 0:
+        return {"shards": d.shards, "val_fraction": d.val_fraction, "seq_len": d.seq_len, "seed": recipe.run.seed}
+    return {}
+
+
+def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2GB", overwrite: bool = False,
+           full_precision: bool = False) -> dict:
+    """Write the Hugging Face folder `out` (whole, or not at all); returns what was written. A run whose recipe
+    asks for quantization (quant.method qat or ptq) is exported quantized, with its report, unless
+    `full_precision`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    out_path = Path(out).expanduser().resolve()
-    if out_path.exists() and not overwrite:
-        raise ExportError(f"{out_path} already exists; choose another --out or pass --overwrite")
+    out_path = free_target(out, overwrite)
     state = checkpoint.verify(ckpt)
     recipe = recipe_from_dict(state["recipe"])
+    quantize = recipe.quant.method != "none" and not full_precision
     with local_copy(ckpt) as local:
         tok_dir = Path(local, checkpoint.TOKENIZER_DIR)
         if not tok_dir.is_dir():
@@ -67,25 +79,28 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         config = build_config(recipe.model, state["vocab_size"])
         weights = consolidated_state_dict(local, recipe.train.zero_stage)
+    # QAT's fake-quantized layers keep nn.Linear's parameters, so their weights load into the plain model as they
+    # are; quantizing that model with the same scheme is torchao's QAT "convert" step.
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(weights, strict=True)
     model.to(DTYPES[dtype]).eval()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    # Written beside the target and renamed into place: an interrupted export never looks like a finished one.
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
-    try:
+    info = {"checkpoint": ckpt, "step": state["step"], "tokens": state["tokens"], "dtype": dtype,
+            "parameters": sum(p.numel() for p in model.parameters()), "zero_stage": recipe.train.zero_stage,
+            "world_size": state.get("world_size"), "held_out": held_out_info(recipe)}
+    full = out_path.with_name(f".{out_path.name}.full-precision") if quantize else out_path
+    with staged(full) as partial:
         model.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(partial)
-        info = {"checkpoint": ckpt, "step": state["step"], "tokens": state["tokens"], "dtype": dtype,
-                "parameters": sum(p.numel() for p in model.parameters()), "zero_stage": recipe.train.zero_stage,
-                "world_size": state.get("world_size")}
         Path(partial, EXPORT_INFO).write_text(json.dumps(info, indent=1))
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(partial, out_path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return {**info, "out": str(out_path), "files": sorted(p.name for p in out_path.iterdir())}
+    result = {**info, "out": str(out_path)}
+    if quantize:
+        from llmray.quant import quantize_folder
+
+        try:
+            result["quant_report"] = quantize_folder(str(full), str(out_path), recipe.quant, overwrite=overwrite,
+                                                     method=recipe.quant.method)
+        finally:
+            shutil.rmtree(full, ignore_errors=True)
+    return {**result, "files": sorted(p.name for p in out_path.iterdir())}

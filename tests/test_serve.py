@@ -40,14 +40,29 @@ def model_dir(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, ray_cluster):
+def quantized_dir(model_dir, corpus):
+    """The same model after `llmray quantize --scheme int8-dynamic`: torchao int8 weights in the folder."""
+    from llmray.config import QuantConfig
+    from llmray.eval import HeldOut
+    from llmray.quant import quantize_folder
+
+    out = model_dir.parent / "tiny-int8"
+    quantize_folder(str(model_dir), str(out), QuantConfig(method="ptq", scheme="int8-dynamic"),
+                    HeldOut(corpus["shards"], seq_len=64), eval_samples=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, quantized_dir, ray_cluster):
     from ray import serve
 
     from llmray.serve.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"models": [{"path": str(model_dir), "name": "tiny"}, {"path": str(model_dir), "name": "tiny-b"}],
+    models = [{"path": str(model_dir), "name": "tiny"}, {"path": str(model_dir), "name": "tiny-b"},
+              {"path": str(quantized_dir), "name": "tiny-int8"}]
+    app = build_app({"models": models,
                      "api_key": KEY, "max_batch_size": 16, "batch_wait_ms": 20},
                     ray_actor_options={"num_cpus": 1})
     serve.run(app, name="llmray", route_prefix="/")
@@ -78,9 +93,22 @@ def reference(model_dir):
 
 
 def test_models_and_health(client, server):
-    assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-b"]
+    assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-b", "tiny-int8"]
     health = httpx.get(f"{server}/healthz").json()
-    assert health["status"] == "ok" and set(health["models"]) == {"tiny", "tiny-b"}
+    assert health["status"] == "ok" and set(health["models"]) == {"tiny", "tiny-b", "tiny-int8"}
+
+
+def test_quantized_model_is_served(client, quantized_dir, reference):
+    """An int8 folder from `llmray quantize` serves as it is, and answers what transformers generates from it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(quantized_dir).eval()
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    ids = reference.tokenizer("def main(", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=reference.tokenizer.eos_token_id)
+    expected = reference.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    r = client.completions.create(model="tiny-int8", prompt="def main(", max_tokens=16, temperature=0)
+    assert r.choices[0].text == expected and r.usage.completion_tokens == 16
 
 
 def test_completion_is_transformers_greedy_with_usage(client, reference):

@@ -108,6 +108,12 @@ def train(recipe: Recipe, batches: Iterator[dict], val_samples: np.ndarray | Non
         if universal:  # DeepSpeed must know at initialize() that its states come re-partitioned
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
     model = build_model(recipe.model, len(tokenizer))
+    if recipe.quant.method == "qat":  # before DeepSpeed wraps and partitions the parameters
+        from llmray.quant import prepare_qat
+
+        n_fake = prepare_qat(model, recipe.quant)
+        if verbose and rank == 0:
+            print(f"[llmray] QAT: {n_fake} Linear layers fake-quantized as {recipe.quant.scheme}", flush=True)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -32,6 +32,10 @@ def deepspeed_config(recipe: Recipe, precision: str) -> dict[str, Any]:
         zero.update(overlap_comm=s.use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
     if t.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=1e4)
+    zpp = recipe.quant.zeropp
+    if zpp.enabled:  # ZeRO++ (arXiv 2306.10209); the recipe check keeps it to ZeRO-3 on GPUs
+        zero.update(zero_quantized_weights=zpp.quantized_weights, zero_quantized_gradients=zpp.quantized_gradients,
+                    zero_hpz_partition_size=zpp.hpz_partition_size)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": s.use_gpu}
     if t.offload_params:

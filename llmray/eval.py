@@ -1,0 +1,106 @@
+"""Measuring a model folder without Ray: perplexity on held-out samples, generation speed, weights on disk.
+
+The held-out samples are the same a training run validates on: documents in the `val` hash bucket of the run's
+shards (or every document of separate validation shards), tokenized and packed by the training pipeline's own
+`TokenizePack`, called directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmray.data.corpus import list_shards
+from llmray.data.pack import StreamSpec, TokenizePack
+from llmray.errors import LlmrayError
+
+
+class EvalError(LlmrayError):
+    pass
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Where held-out text comes from: `shards` whole (val_fraction 0), or their `val_fraction` hash bucket."""
+
+    shards: str
+    val_fraction: float = 0.0
+    seq_len: int = 256
+    seed: int = 1234
+
+    def describe(self) -> str:
+        part = f"the {self.val_fraction:g} held-out fraction of" if self.val_fraction else "all of"
+        return f"{part} {self.shards}, {self.seq_len}-token samples"
+
+
+def held_out_samples(held_out: HeldOut, tokenizer_dir: str, max_samples: int) -> np.ndarray:
+    """Up to `max_samples` packed rows of `seq_len` tokens, the same on every call."""
+    shards = tuple(s.path for s in list_shards(held_out.shards))
+    split = "val" if held_out.val_fraction > 0 else "all"
+    spec = StreamSpec(shards=shards, tokenizer=tokenizer_dir, seq_len=held_out.seq_len, seed=held_out.seed,
+                      split=split, val_fraction=held_out.val_fraction)
+    pack, rows, have = TokenizePack(spec), [], 0
+    for position, path in enumerate(shards):
+        for chunk in pack({"path": [path], "position": [position], "epoch": [0]}):
+            rows.append(chunk["input_ids"])
+            have += len(chunk["input_ids"])
+            if have >= max_samples:
+                return np.concatenate(rows)[:max_samples]
+    if not rows:
+        raise EvalError(f"{held_out.describe()} holds fewer than {held_out.seq_len} tokens: nothing to measure on")
+    return np.concatenate(rows)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, samples: np.ndarray, batch_size: int = 8) -> dict:
+    """Token-weighted mean next-token loss over the samples, and its exponential."""
+    device, total, count = model_device(model), 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        ids = torch.from_numpy(samples[start:start + batch_size].astype(np.int64)).to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total += nll.item()
+        count += ids[:, 1:].numel()
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+@torch.inference_mode()
+def generation_speed(model: torch.nn.Module, samples: np.ndarray, prompt_tokens: int = 32, new_tokens: int = 64,
+                     prompts: int = 4) -> dict:
+    """Greedy decoding, one prompt at a time (the latency a single user sees), every answer `new_tokens` long:
+    generated tokens per second after one untimed warm-up."""
+    device = model_device(model)
+    heads = [torch.from_numpy(s[:prompt_tokens].astype(np.int64))[None].to(device) for s in samples[:prompts]]
+    pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id or 0
+
+    def run(ids):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+
+    run(heads[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for ids in heads:
+        run(ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": len(heads) * new_tokens / seconds, "prompts": len(heads), "new_tokens": new_tokens,
+            "threads": torch.get_num_threads()}
+
+
+def weights_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files (safetensors, or PyTorch .bin) in a model folder."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
