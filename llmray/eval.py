@@ -76,29 +76,38 @@ def perplexity(model: torch.nn.Module, samples: np.ndarray, batch_size: int = 8)
 
 
 @torch.inference_mode()
-def generation_speed(model: torch.nn.Module, samples: np.ndarray, prompt_tokens: int = 32, new_tokens: int = 64,
-                     prompts: int = 4) -> dict:
-    """Greedy decoding, one prompt at a time (the latency a single user sees), every answer `new_tokens` long:
-    generated tokens per second after one untimed warm-up."""
-    device = model_device(model)
-    heads = [torch.from_numpy(s[:prompt_tokens].astype(np.int64))[None].to(device) for s in samples[:prompts]]
-    pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id or 0
+def generation_speeds(models: list[torch.nn.Module], samples: np.ndarray, prompt_tokens: int = 32,
+                      new_tokens: int = 64, prompts: int = 4, rounds: int = 3) -> list[dict]:
+    """Greedy decoding, one prompt at a time (the latency a single user sees), every answer `new_tokens` long.
+    The models take turns, `rounds` times, after one untimed warm-up each, and each keeps its best round: on a
+    shared machine, turns and best-of keep load spikes from deciding the ratio."""
+    heads = [torch.from_numpy(s[:prompt_tokens].astype(np.int64))[None] for s in samples[:prompts]]
 
-    def run(ids):
+    def run(model, ids):
+        pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id or 0
+        ids = ids.to(model_device(model))
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
-    run(heads[0])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for ids in heads:
-        run(ids)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return {"tokens_per_s": len(heads) * new_tokens / seconds, "prompts": len(heads), "new_tokens": new_tokens,
-            "threads": torch.get_num_threads()}
+    def timed(model) -> float:
+        cuda = model_device(model).type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for ids in heads:
+            run(model, ids)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for model in models:
+        run(model, heads[0])
+    best = [float("inf")] * len(models)
+    for _ in range(rounds):
+        for i, model in enumerate(models):
+            best[i] = min(best[i], timed(model))
+    return [{"tokens_per_s": len(heads) * new_tokens / t, "prompts": len(heads), "new_tokens": new_tokens,
+             "rounds": rounds, "threads": torch.get_num_threads()} for t in best]
 
 
 def weights_bytes(folder: str | Path) -> int:

@@ -117,12 +117,6 @@ def _load(folder: str, device: torch.device, quant: QuantConfig | None = None):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
 
 
-def _measure(model, samples, folder) -> dict:
-    from llmray.eval import generation_speed, perplexity, weights_bytes
-
-    return {**perplexity(model, samples), **generation_speed(model, samples), "weights_bytes": weights_bytes(folder)}
-
-
 def held_out_of(folder: str):
     """The held-out set an exported folder names (the training run's validation split), if it names one."""
     from llmray.eval import HeldOut
@@ -140,7 +134,7 @@ def quantize_folder(src: str, out: str, quant: QuantConfig, held_out=None, eval_
     as `out/quant_report.json`."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmray.eval import held_out_samples
+    from llmray.eval import generation_speeds, held_out_samples, perplexity, weights_bytes
     from llmray.outdir import free_target, staged
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -154,7 +148,6 @@ def quantize_folder(src: str, out: str, quant: QuantConfig, held_out=None, eval_
     if held_out is None:
         raise QuantError(f"{src} names no held-out set to measure perplexity on; pass --eval-data SHARD_FOLDER")
     samples = held_out_samples(held_out, src, eval_samples)
-    before = _measure(_load(src, dev), samples, src)
     with staged(target) as partial:
         model = _load(src, dev, quant)
         model.save_pretrained(partial, safe_serialization=True)
@@ -162,7 +155,13 @@ def quantize_folder(src: str, out: str, quant: QuantConfig, held_out=None, eval_
         _carry_export_info(src, partial, {"method": method, "scheme": quant.scheme, "group_size": quant.group_size,
                                           "skip": quant.skip})
         del model
-        after = _measure(_load(str(partial), dev), samples, partial)  # what was written, loaded back as users will
+        # Measured: the source, and what was written, loaded back as users will load it.
+        models = [_load(src, dev), _load(str(partial), dev)]
+        before, after = ({**perplexity(m, samples), "weights_bytes": weights_bytes(folder)}
+                         for m, folder in zip(models, (src, partial)))
+        for figures, speed in zip((before, after), generation_speeds(models, samples)):
+            figures.update(speed)
+        del models
         report = {
             "method": method, "scheme": quant.scheme, "group_size": quant.group_size if "int4" in quant.scheme else None,
             "skip": quant.skip, "source": str(Path(src).resolve()), "out": str(target), "device": str(dev),

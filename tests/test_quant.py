@@ -89,33 +89,33 @@ def test_ptq_keeps_perplexity_and_shrinks_weights(runs, scheme):
     check_folder(out, report)
 
 
-def test_quantize_refuses_bad_input_and_writes_nothing(runs, tmp_path, capsys):
-    src = runs["plain_hf"]
+def test_quantize_refuses_bad_input_and_writes_nothing(runs, corpus, tmp_path, capsys):
+    bare = tmp_path / "bare"  # an export that names no held-out set
+    shutil.copytree(runs["plain_hf"], bare)
+    (bare / "llmray_export.json").unlink()
     out = tmp_path / "q"
 
-    def refused(*args) -> str:
+    def refused(src, *args) -> str:
         capsys.readouterr()
         assert main(["quantize", str(src), "--out", str(out), *args]) == 2
         return capsys.readouterr().err
 
-    err = refused("--scheme", "int3")
+    err = refused(bare, "--scheme", "int3")
     assert "scheme: unknown scheme 'int3'; allowed: int8-weight-only, int8-dynamic, int8-dynamic-int4, " \
            "int4-weight-only" in err
-    assert "int4-weight-only needs a CUDA GPU" in refused("--scheme", "int4-weight-only")
-    assert "group_size: must be one of 32, 64, 128, 256" in refused("--scheme", "int8-dynamic-int4", "--group-size", "48")
-    assert not out.exists()
-    bare = tmp_path / "bare"
-    shutil.copytree(src, bare)
-    (bare / "llmray_export.json").unlink()
-    src = bare
-    assert "names no held-out set" in refused("--scheme", "int8-dynamic")
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    assert "already exists" in refused("--scheme", "int8-dynamic", "--eval-data", str(runs["plain_hf"]))
-    assert (out / "keep.txt").read_text() == "mine"
-    src = runs["root"] / "ptq-int8-dynamic"
-    if src.exists():  # made by the PTQ test above
-        assert "already quantized" in refused("--scheme", "int8-dynamic", "--overwrite")
+    assert "int4-weight-only needs a CUDA GPU" in refused(bare, "--scheme", "int4-weight-only")
+    assert "group_size: must be one of 32, 64, 128, 256" in refused(bare, "--scheme", "int8-dynamic-int4",
+                                                                     "--group-size", "48")
+    assert "names no held-out set; pass --eval-data" in refused(bare, "--scheme", "int8-dynamic")
+    assert not out.exists() and not list(tmp_path.glob(".q*"))
+    assert main(["quantize", str(bare), "--scheme", "int8-weight-only", "--out", str(out), "--eval-data",
+                 corpus["shards"], "--seq-len", "64", "--eval-samples", "8"]) == 0
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["held_out"]["what"].startswith("all of") and report["held_out"]["samples"] == 8
+    written = sorted(p.name for p in out.iterdir())
+    assert "already exists" in refused(bare, "--scheme", "int8-dynamic")
+    assert sorted(p.name for p in out.iterdir()) == written  # nothing already written is lost
+    assert "already quantized" in refused(out, "--scheme", "int8-dynamic", "--overwrite")
 
 
 def test_quant_recipe_errors_name_the_key(corpus, tmp_path):

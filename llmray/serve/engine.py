@@ -79,7 +79,9 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.backend = self.tokenizer.backend_tokenizer
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        # On a GPU, load (and, for torchao folders, unpack) weights straight onto it: GPU int4 packings are made there.
+        placement = {"device_map": str(self.device)} if self.device.type == "cuda" else {}
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **placement).to(self.device).eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
