@@ -106,7 +106,7 @@ def test_quantize_refuses_bad_input_and_writes_nothing(runs, corpus, tmp_path, c
     assert "int4-weight-only needs a CUDA GPU" in refused(bare, "--scheme", "int4-weight-only")
     assert "group_size: must be one of 32, 64, 128, 256" in refused(bare, "--scheme", "int8-dynamic-int4",
                                                                      "--group-size", "48")
-    assert "names no held-out set; pass --eval-data" in refused(bare, "--scheme", "int8-dynamic")
+    assert "names no held-out set to measure perplexity on; pass --eval-data" in refused(bare, "--scheme", "int8-dynamic")
     assert not out.exists() and not list(tmp_path.glob(".q*"))
     assert main(["quantize", str(bare), "--scheme", "int8-weight-only", "--out", str(out), "--eval-data",
                  corpus["shards"], "--seq-len", "64", "--eval-samples", "8"]) == 0
