@@ -66,8 +66,10 @@ def _quantize(args) -> None:
     from llmray.eval import HeldOut
     from llmray.quant import quantize_folder, report_text
 
-    quant = quant_config({"method": "ptq", "scheme": args.scheme, "group_size": args.group_size,
-                          "skip": args.skip if args.skip is not None else ["lm_head"]})
+    settings = {"method": "ptq", "scheme": args.scheme, "group_size": args.group_size}
+    if args.skip is not None:  # else QuantConfig's default
+        settings["skip"] = args.skip
+    quant = quant_config(settings)
     held_out = None
     if args.eval_data:
         held_out = HeldOut(args.eval_data, args.eval_val_fraction, args.seq_len, args.seed)

@@ -50,13 +50,17 @@ def consolidated_state_dict(directory: str, zero_stage: int) -> dict[str, torch.
 
 
 def held_out_info(recipe) -> dict:
-    """The run's validation split, so `llmray quantize` on this export measures on the same held-out text."""
+    """The run's validation split as `eval.HeldOut` fields, so `llmray quantize` on this export measures on the
+    same held-out text."""
+    from dataclasses import asdict
+
+    from llmray.eval import HeldOut
+
     d = recipe.data
-    if d.val_shards:
-        return {"shards": d.val_shards, "val_fraction": 0.0, "seq_len": d.seq_len, "seed": recipe.run.seed}
-    if d.val_fraction > 0:
-        return {"shards": d.shards, "val_fraction": d.val_fraction, "seq_len": d.seq_len, "seed": recipe.run.seed}
-    return {}
+    if not (d.val_shards or d.val_fraction > 0):
+        return {}
+    shards, fraction = (d.val_shards, 0.0) if d.val_shards else (d.shards, d.val_fraction)
+    return asdict(HeldOut(shards, fraction, d.seq_len, recipe.run.seed))
 
 
 def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2GB", overwrite: bool = False,

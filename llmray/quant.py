@@ -21,8 +21,7 @@ class QuantError(LlmrayError):
 
 
 def check_scheme(scheme: str, on_gpu: bool) -> None:
-    if scheme not in QUANT_SCHEMES:
-        raise QuantError(f"unknown scheme {scheme!r}; allowed: {', '.join(QUANT_SCHEMES)}")
+    """The scheme's name was checked with the settings (QuantConfig); here, whether this machine can run it."""
     if scheme in GPU_ONLY_SCHEMES and not on_gpu:
         raise QuantError(f"scheme {scheme} needs a CUDA GPU ({QUANT_SCHEMES[scheme]}); on CPU use int8-dynamic-int4 "
                          "for int4 weights, or int8-weight-only / int8-dynamic")
