@@ -78,6 +78,27 @@ def _quantize(args) -> None:
     print(report_text(report))
 
 
+def _tune(args) -> None:
+    from llmray.sweep.spec import load_sweep
+
+    spec = load_sweep(args.sweep)
+    if args.dry_run:
+        from llmray.sweep.run import search_space
+
+        print(f"sweep {spec.name}: {spec.method}, metric {spec.metric.name} ({spec.metric.goal}), budget "
+              f"{spec.llmray.budget.amount} {spec.llmray.budget.unit} per trial")
+        if spec.method == "grid":
+            for i, point in enumerate(spec.grid()):
+                print(f"  trial {i}: {point}")
+        else:
+            print(f"  {spec.run_cap} trials from {search_space(spec)}")
+        return
+    from llmray.sweep.run import run_sweep
+
+    out = run_sweep(spec)
+    print(f"results: {out['csv']}, {out['json']}, plot {out['plot']}; {out['trials']} trials, {out['failed']} failed")
+
+
 def _serve(args) -> None:
     from ray import serve
 
@@ -192,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     qz.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     qz.set_defaults(func=_quantize)
+
+    tn = sub.add_parser("tune", help="a hyperparameter sweep (W&B sweep format) of whole training runs on Ray Tune",
+                        description="Run the sweep file's trials with Ray Tune, each a full Ray Train + DeepSpeed run, "
+                                    "logged to W&B as one sweep (offline without an API key). Rerunning a sweep "
+                                    "that was interrupted resumes it. Ends with a leaderboard, results.csv/.json, "
+                                    "sweep.png, and the best trial exported to <storage>/<name>/best.")
+    tn.add_argument("sweep", help="sweep YAML, e.g. tune/lr_bs_quant.yaml")
+    tn.add_argument("--dry-run", action="store_true", help="check the file and print the trials, run nothing")
+    tn.set_defaults(func=_tune)
 
     sv = sub.add_parser("serve", help="serve exported models behind an OpenAI-compatible API (Ray Serve)",
                         description="Start Ray Serve on a local Ray (or the cluster in RAY_ADDRESS) with GET /v1/models, "

@@ -234,20 +234,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw != "" else None
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {text!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+def set_value(raw: dict, path: list[str], value: Any) -> dict:
+    """raw[path[0]][path[1]]... = value, creating sections on the way."""
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
     return raw
 
 
-def _describe(err: ValidationError) -> str:
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        set_value(raw, path, value)
+    return raw
+
+
+def describe_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
@@ -266,7 +272,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"invalid recipe: {_describe(e)}") from None
+        raise RecipeError(f"invalid recipe: {describe_validation_error(e)}") from None
 
 
 def quant_config(raw: dict) -> QuantConfig:
@@ -274,19 +280,23 @@ def quant_config(raw: dict) -> QuantConfig:
     try:
         return QuantConfig.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"invalid quantization settings: {_describe(e)}") from None
+        raise RecipeError(f"invalid quantization settings: {describe_validation_error(e)}") from None
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """The recipe file's mapping, unvalidated (a sweep fills in its swept keys before validating)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+    return raw
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+    raw = read_recipe_file(path) if path is not None else {}
     return recipe_from_dict(apply_overrides(raw, list(overrides)))

@@ -186,14 +186,17 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     })
 
 
-def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False) -> Summary:
+def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, callbacks: list | None = None,
+        cpus_available: float | None = None) -> Summary:
+    """Train `recipe` on the Ray cluster. `callbacks`: Ray Train callbacks for the run (a sweep passes
+    TuneReportCallback); `cpus_available`: the CPUs this run may budget from (default: the whole cluster's)."""
     recipe = absolute_paths(recipe)
     shards, val_shards, vocab = check_inputs(recipe)
     if resume_from and not storage.is_uri(resume_from):
         resume_from = os.path.abspath(resume_from)
     resume_from = resume_point(recipe, vocab, resume_from, fresh)
     ensure_ray()
-    per_worker, per_actor = cpu_budget(recipe, ray.cluster_resources().get("CPU", 1))
+    per_worker, per_actor = cpu_budget(recipe, cpus_available or ray.cluster_resources().get("CPU", 1))
     d = recipe.data
     common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,
                   actors=d.tokenize_actors, cpus_per_actor=per_actor)
@@ -236,6 +239,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False) -> 
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=s.max_failures),
             worker_runtime_env={"env_vars": env},
+            callbacks=callbacks or None,
         ),
     )
     print(f"[llmray] training {recipe.run.name}: {s.num_workers} workers x {per_worker:g} CPU"

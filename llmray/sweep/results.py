@@ -1,0 +1,118 @@
+"""What a finished sweep leaves for people: a leaderboard (printed with rich), results.csv / results.json, a plot of the
+metric against each swept parameter, and the best trial exported as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from llmray.sweep.spec import SweepSpec
+
+SHOWN = ("val_ppl", "loss", "quant_ppl", "quant_size_ratio", "tokens_per_s", "step", "tokens")
+
+
+def trial_rows(spec: SweepSpec, result_grid) -> list[dict]:
+    """One row per trial: its swept values, status, last reported metrics, and where its run lives."""
+    rows = []
+    for result in result_grid:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        rows.append({
+            "trial": metrics.get("trial_id") or Path(result.path).name,
+            "status": "failed" if result.error else ("completed" if metrics.get("done") else "stopped early"),
+            **{k: config.get(k) for k in spec.parameters},
+            **{k: metrics.get(k) for k in SHOWN if k in metrics},
+            "checkpoint_dir": metrics.get("checkpoint_dir"),
+            "error": str(result.error).strip().splitlines()[-1][:300] if result.error else None,
+            "path": result.path,
+        })
+    return ranked(spec, rows)
+
+
+def ranked(spec: SweepSpec, rows: list[dict]) -> list[dict]:
+    """Completed and stopped trials by the metric (best first), failed ones last."""
+    sign = 1 if spec.metric.mode == "min" else -1
+    name = spec.metric.name
+
+    def key(r):
+        v = r.get(name)
+        ok = isinstance(v, (int, float)) and not math.isnan(v)
+        return (0 if ok else 1, sign * v if ok else 0)
+
+    return sorted(rows, key=key)
+
+
+def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    import csv
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    csv_path, json_path = out / "results.csv", out / "results.json"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps(rows, indent=1, default=str))
+    return csv_path, json_path
+
+
+def leaderboard(spec: SweepSpec, rows: list[dict]) -> str:
+    """The rich table as text (so it prints the same under `ray job submit` logs)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep {spec.name}: {spec.metric.name} ({spec.metric.goal})")
+    columns = ["#", "trial", "status", *spec.parameters, *[k for k in SHOWN if any(k in r for r in rows)]]
+    for c in columns:
+        table.add_column(c, justify="right" if c not in ("trial", "status") else "left")
+    for i, r in enumerate(rows, 1):
+        table.add_row(str(i), *[_fmt(r.get(c)) for c in columns[1:]])
+    console = Console(width=200, record=True)
+    with console.capture() as capture:
+        console.print(table)
+    return capture.get()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def plot(spec: SweepSpec, rows: list[dict], out: Path) -> Path | None:
+    """The metric against each swept parameter, one panel each (log x for positive numeric ranges)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = spec.metric.name
+    done = [r for r in rows if isinstance(r.get(name), (int, float))]
+    if not done:
+        return None
+    keys = list(spec.parameters)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    best = done[0]
+    for ax, key in zip(axes[0], keys):
+        values = [r[key] for r in done]
+        ys = [r[name] for r in done]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            ax.scatter(values, ys, c=["tab:red" if r is best else "tab:blue" for r in done])
+            if min(values) > 0 and max(values) / min(values) >= 10:
+                ax.set_xscale("log")
+        else:  # categorical: one column per value
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], ys,
+                       c=["tab:red" if r is best else "tab:blue" for r in done])
+            ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        ax.set_xlabel(key)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{spec.name}: {name} per trial (red: best)")
+    fig.tight_layout()
+    path = out / "sweep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,207 @@
+"""`llmray tune`: a sweep file → Ray Tune trials, each a whole Ray Train + DeepSpeed run → W&B runs of one sweep.
+
+    grid    → the grid's combinations as Tune's points to evaluate (capped at run_cap, in file order)
+    random  → Tune's random sampling of the search space, run_cap samples
+    bayes   → Optuna's TPE through Ray Tune (OptunaSearch), run_cap samples
+    hyperband (early_terminate) → ASHA on the budget's unit (steps or tokens)
+
+Each trial is the Train V2 pattern: a driver function that builds the TorchTrainer (llmray's `fit`) with
+`TuneReportCallback`, so rank 0's reports reach Tune, and Tune's `WandbLoggerCallback` logs them as the trial's W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from llmray.sweep.spec import SweepError, SweepSpec
+
+TRIALS_DIR = "trials"  # under the sweep folder: one Ray Train run folder per trial
+
+
+def search_space(spec: SweepSpec) -> dict[str, Any]:
+    """Each swept key as a Ray Tune domain (flat, dotted keys: what W&B shows as the run's config)."""
+    space = {}
+    for key, p in spec.parameters.items():
+        d = p.distribution
+        if d == "constant":
+            space[key] = p.value
+        elif d == "categorical":
+            space[key] = tune.choice(p.values)
+        elif d == "int_uniform":
+            space[key] = tune.randint(int(p.min), int(p.max) + 1)  # W&B's max is inclusive
+        elif d == "uniform":
+            space[key] = tune.uniform(p.min, p.max)
+        elif d == "q_uniform":
+            space[key] = tune.quniform(p.min, p.max, p.q or 1.0)
+        elif d == "log_uniform":  # W&B: bounds are natural-log exponents
+            space[key] = tune.loguniform(math.exp(p.min), math.exp(p.max))
+        elif d == "log_uniform_values":
+            space[key] = tune.loguniform(p.min, p.max)
+        elif d == "q_log_uniform":
+            space[key] = tune.qloguniform(math.exp(p.min), math.exp(p.max), p.q or 1.0)
+        elif d == "q_log_uniform_values":
+            space[key] = tune.qloguniform(p.min, p.max, p.q or 1.0)
+        elif d == "normal":
+            space[key] = tune.randn(p.mu, p.sigma)
+        elif d == "q_normal":
+            space[key] = tune.qrandn(p.mu, p.sigma, p.q or 1.0)
+        else:
+            raise SweepError(f"parameters.{key}: distribution {d} is not supported")
+    return space
+
+
+def tune_config(spec: SweepSpec) -> tune.TuneConfig:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    metric, mode = spec.metric.name, spec.metric.mode
+    if spec.method == "grid":
+        points = spec.grid()
+        search, samples = BasicVariantGenerator(points_to_evaluate=points), len(points)
+    elif spec.method == "random":
+        search, samples = BasicVariantGenerator(random_state=0), spec.run_cap
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+
+        search, samples = OptunaSearch(metric=metric, mode=mode, seed=0), spec.run_cap
+    scheduler = FIFOScheduler()
+    et = spec.early_terminate
+    if et is not None:
+        scheduler = ASHAScheduler(time_attr=spec.llmray.budget.unit, max_t=spec.llmray.budget.amount,
+                                  grace_period=et.grace_period, reduction_factor=et.eta, brackets=1,
+                                  stop_last_trials=et.strict)
+    return tune.TuneConfig(metric=metric, mode=mode, search_alg=search, scheduler=scheduler, num_samples=samples,
+                           max_concurrent_trials=spec.llmray.max_concurrent_trials, reuse_actors=False)
+
+
+def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: float | None) -> None:
+    """One trial: the recipe with this trial's values, trained by Ray Train, then (for a quantizing recipe) exported
+    quantized with its report. Runs as a Tune function trainable; its TorchTrainer reports through
+    TuneReportCallback, and the last report adds what only the end knows (quantized perplexity and size)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from llmray.export import export
+    from llmray.train.trainer import fit
+
+    spec = SweepSpec.model_validate(spec_json)
+    context = tune.get_context()
+    params = {k: config[k] for k in spec.parameters}
+    recipe = spec.trial_recipe(params, str(Path(sweep_dir, TRIALS_DIR)), context.get_trial_id())
+    summary = fit(recipe, callbacks=[TuneReportCallback()], cpus_available=cpus_per_trial)
+    final = {"step": summary.steps, "tokens": summary.tokens, "loss": summary.final_loss, "val_loss": summary.val_loss,
+             "val_ppl": summary.val_ppl, "tokens_per_s": summary.tokens_per_s, "checkpoint_dir": summary.checkpoint,
+             "done": True}
+    if recipe.quant.method != "none" and summary.checkpoint:
+        report = export(summary.checkpoint, str(Path(context.get_trial_dir(), "export")), overwrite=True)["quant_report"]
+        a = report["after"]
+        final.update(quant_ppl=a["ppl"], quant_loss=a["loss"], quant_weights_bytes=a["weights_bytes"],
+                     quant_size_ratio=report["size_ratio"], quant_tokens_per_s=a["tokens_per_s"],
+                     export_dir=report["out"])
+    tune.report({k: v for k, v in final.items() if v is not None})
+
+
+def wandb_callback(spec: SweepSpec, sweep_id: str | None):
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    kwargs: dict[str, Any] = {"job_type": "trial", "tags": [spec.name, spec.method]}
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        kwargs["mode"] = os.environ["WANDB_MODE"]  # the logging actors do not inherit the driver's environment
+    if spec.entity:
+        kwargs["entity"] = spec.entity
+    if sweep_id:
+        import wandb
+
+        kwargs["settings"] = wandb.Settings(sweep_id=sweep_id)  # the run shows on the sweep's dashboard
+    # Tune's bookkeeping stays out of the W&B run; the swept keys are its config.
+    return WandbLoggerCallback(project=spec.project, group=spec.name, log_config=False, upload_checkpoints=False,
+                               excludes=["checkpoint_dir", "export_dir", "done"], **kwargs)
+
+
+def trial_cpus(spec: SweepSpec) -> float:
+    """The CPUs one trial may budget its workers and tokenize actors from: the cluster's, shared by the trials
+    that run at once."""
+    return ray.cluster_resources().get("CPU", 1) / spec.llmray.max_concurrent_trials
+
+
+def wandb_mode() -> str:
+    """online when an API key is at hand; otherwise offline (set for this process and its trials), said once."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode in ("offline", "disabled", "dryrun"):
+        return "offline" if mode == "dryrun" else mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import wandb
+
+        if wandb.Api(timeout=5).api_key:
+            return "online"
+    except Exception:  # no netrc entry, no network: both mean offline
+        pass
+    os.environ["WANDB_MODE"] = "offline"
+    return "offline"
+
+
+def wandb_sweep(spec: SweepSpec) -> str | None:
+    """Online: create the W&B sweep the trials' runs join, so its dashboard (parallel coordinates, parameter
+    importance) shows them. Its controller is `local`: Ray Tune, not W&B, picks the trials."""
+    import wandb
+
+    config = {**spec.wandb_config(), "controller": {"type": "local"}}
+    return wandb.sweep(sweep=config, project=spec.project, entity=spec.entity)
+
+
+def run_sweep(spec: SweepSpec) -> dict:
+    """Run (or resume) the sweep; returns where its results went."""
+    from llmray.export import export
+    from llmray.sweep.results import leaderboard, plot, trial_rows, write_tables
+    from llmray.train.trainer import ensure_ray
+
+    ensure_ray()
+    root = Path(spec.llmray.storage_path).expanduser().resolve()
+    sweep_dir = root / spec.name
+    mode = wandb_mode()
+    sweep_id = wandb_sweep(spec) if mode == "online" else None
+    trainable = tune.with_resources(  # the driver function only waits on its TorchTrainer: a token CPU (Tune refuses an empty request)
+        tune.with_parameters(trial_main, spec_json=spec.model_dump(mode="json"), sweep_dir=str(sweep_dir),
+                             cpus_per_trial=trial_cpus(spec)),
+        {"cpu": 0.01})
+    run_config = tune.RunConfig(name=spec.name, storage_path=str(root), callbacks=[wandb_callback(spec, sweep_id)],
+                                failure_config=tune.FailureConfig(max_failures=0), verbose=1)
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        print(f"[llmray] resuming sweep {spec.name} from {sweep_dir}: finished trials are kept, unfinished ones "
+              "continue from their last checkpoint", flush=True)
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, param_space=search_space(spec))
+    else:
+        print(f"[llmray] sweep {spec.name}: {spec.method} over {', '.join(spec.parameters)}"
+              f"{', ASHA on ' + spec.llmray.budget.unit if spec.early_terminate else ''}; "
+              f"{spec.llmray.max_concurrent_trials} trial(s) at a time; W&B {mode} (project {spec.project}, "
+              f"group {spec.name})", flush=True)
+        tuner = tune.Tuner(trainable, param_space=search_space(spec), tune_config=tune_config(spec),
+                           run_config=run_config)
+    grid = tuner.fit()
+    rows = trial_rows(spec, grid)
+    csv_path, json_path = write_tables(rows, sweep_dir)
+    png = plot(spec, rows, sweep_dir)
+    print(leaderboard(spec, rows), flush=True)
+    out = {"sweep_dir": str(sweep_dir), "csv": str(csv_path), "json": str(json_path),
+           "plot": str(png) if png else None, "trials": len(rows),
+           "failed": sum(r["status"] == "failed" for r in rows), "wandb": mode, "wandb_sweep_id": sweep_id}
+    best = next((r for r in rows if r["status"] != "failed" and r.get("checkpoint_dir")), None)
+    if best is not None and spec.llmray.export_best:
+        info = export(best["checkpoint_dir"], str(sweep_dir / "best"), overwrite=True)
+        out.update(best_trial=best["trial"], best=str(sweep_dir / "best"), best_metric=best.get(spec.metric.name))
+        print(f"[llmray] best trial {best['trial']} ({spec.metric.name} {best.get(spec.metric.name):.4g}) exported "
+              f"to {info['out']}", flush=True)
+    if mode == "offline":
+        print(f"[llmray] W&B ran offline (no API key). To upload: wandb sync {sweep_dir}/*/wandb/offline-run-*",
+              flush=True)
+    Path(sweep_dir, "sweep.json").write_text(json.dumps(out, indent=1))
+    return out
