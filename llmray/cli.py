@@ -83,15 +83,15 @@ def _tune(args) -> None:
 
     spec = load_sweep(args.sweep)
     if args.dry_run:
-        from llmray.sweep.run import search_space
-
         print(f"sweep {spec.name}: {spec.method}, metric {spec.metric.name} ({spec.metric.goal}), budget "
               f"{spec.llmray.budget.amount} {spec.llmray.budget.unit} per trial")
         if spec.method == "grid":
             for i, point in enumerate(spec.grid()):
                 print(f"  trial {i}: {point}")
         else:
-            print(f"  {spec.run_cap} trials from {search_space(spec)}")
+            print(f"  {spec.run_cap} trials drawn from:")
+            for key, param in spec.parameters.items():
+                print(f"    {key}: {param.describe()}")
         return
     from llmray.sweep.run import run_sweep
 

@@ -64,6 +64,8 @@ def sweep_file(tmp_path, corpus, **changes) -> Path:
     ({"metric": {"name": "val_pplx"}}, "metric.name: 'val_pplx' is not reported by trials"),
     ({"llmray/overrides": ["quant.method=none"]}, "parameters sweep quant.* but the recipe's quant.method is none"),
     ({"llmray/budget": {"steps": 8, "tokens": 100}}, "llmray.budget: give exactly one of steps or tokens"),
+    ({"early_terminate": {"type": "hyperband", "min_iter": 2}},
+     "early_terminate: hyperband compares trials while they train, but quant_ppl is known only when a trial ends"),
 ])
 def test_bad_sweep_files_are_refused_naming_the_parameter(corpus, tmp_path, change, message):
     path = sweep_file(tmp_path, corpus, **change)
@@ -75,24 +77,29 @@ def test_bad_sweep_files_are_refused_naming_the_parameter(corpus, tmp_path, chan
 
 def test_methods_map_to_ray_tune(corpus, tmp_path):
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from llmray.sweep.run import search_space, tune_config
+    from llmray.sweep.run import concurrent_trials, search_space, tune_config
 
     grid = load_sweep(sweep_file(tmp_path, corpus, run_cap=1))
     assert grid.grid() == [{"train.lr": 1e-2, "quant.scheme": "int8-dynamic", "train.global_batch_size": 8}]
-    config = tune_config(grid)
+    config = tune_config(grid, concurrent=2)
     assert isinstance(config.search_alg, BasicVariantGenerator) and config.num_samples == 1
-    bayes = load_sweep(sweep_file(tmp_path, corpus, method="bayes", run_cap=5, **{
+    assert config.search_alg.max_concurrent == 2  # Tune would ignore max_concurrent_trials for this generator
+    bayes = load_sweep(sweep_file(tmp_path, corpus, method="bayes", run_cap=5, metric={"name": "val_ppl"}, **{
         "parameters/train.lr": {"distribution": "log_uniform", "min": -9.2, "max": -4.6},
         "early_terminate": {"type": "hyperband", "min_iter": 2000, "eta": 2}, "llmray/budget": {"tokens": 8192}}))
-    config = tune_config(bayes)
-    assert isinstance(config.search_alg, OptunaSearch) and config.num_samples == 5
+    config = tune_config(bayes, concurrent=3)
+    assert isinstance(config.search_alg, ConcurrencyLimiter) and config.search_alg.max_concurrent == 3
+    assert isinstance(config.search_alg.searcher, OptunaSearch) and config.num_samples == 5
     assert isinstance(config.scheduler, ASHAScheduler)
     assert config.scheduler._time_attr == "tokens" and config.scheduler._max_t == 8192
     lr = search_space(bayes)["train.lr"]
     assert lr.lower == pytest.approx(math.exp(-9.2)) and lr.upper == pytest.approx(math.exp(-4.6))  # W&B: exponents
+    # "auto": whole trials the cluster holds, a CPU per worker plus one for tokenizing (at least one)
+    assert concurrent_trials(bayes, {"CPU": 16}) == 5 and concurrent_trials(bayes, {"CPU": 2}) == 1
     trial = bayes.trial_recipe({"train.lr": 1e-3, "quant.scheme": "int8-dynamic", "train.global_batch_size": 8},
                                str(tmp_path), "t")
     assert trial.train.max_steps == 16 and trial.train.lr == 1e-3  # a token budget: 8192 / (8 x 64) steps
@@ -120,8 +127,9 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
 
     # 1. The sweep as a job would run it, in its own process on this cluster; killed after its first trial.
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    log = (tmp_path / "first-run.log").open("w")  # read it when this test fails
     proc = subprocess.Popen([sys.executable, "-m", "llmray.cli", "tune", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def first_done():
         return any('"done": true' in p.read_text() for p in sweep_dir.glob("*/result.json"))
@@ -150,7 +158,8 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
     assert out["best_trial"] == done[0]["trial"]
 
     # 3. W&B, offline, for real: one run per trial in the project, grouped under the sweep; swept values as config.
-    runs = [read_run(f) for f in sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb")]
+    runs = [read_run(f) for f in sweep_dir.glob("wandb/offline-run-*/run-*.wandb")]
+    runs = [r for r in runs if r["run"]]  # the run the SIGKILL cut off before W&B wrote anything
     by_trial = {}
     for run in runs:
         assert run["run"]["project"] == "llmray-tests" and run["run"]["group"] == "grid"
@@ -168,3 +177,14 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
     # 4. Run again: everything is finished, nothing reruns.
     again = run_sweep(spec)
     assert json.loads(Path(again["json"]).read_text()) == rows
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "tune").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_load(path, capsys):
+    from llmray.cli import main
+
+    spec = load_sweep(path)
+    assert spec.parameters and spec.llmray.budget.amount > 0
+    main(["tune", str(path), "--dry-run"])
+    printed = capsys.readouterr().out
+    assert all(key in printed for key in spec.parameters)

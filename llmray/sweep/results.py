@@ -17,7 +17,7 @@ def trial_rows(spec: SweepSpec, result_grid) -> list[dict]:
     rows = []
     for result in result_grid:
         metrics = result.metrics or {}
-        config = result.config or {}
+        config = result.config or _params(result.path)  # a restored sweep's failed trials come back without config
         rows.append({
             "trial": metrics.get("trial_id") or Path(result.path).name,
             "status": "failed" if result.error else ("completed" if metrics.get("done") else "stopped early"),
@@ -28,6 +28,11 @@ def trial_rows(spec: SweepSpec, result_grid) -> list[dict]:
             "path": result.path,
         })
     return ranked(spec, rows)
+
+
+def _params(trial_path: str) -> dict:
+    path = Path(trial_path, "params.json")
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def ranked(spec: SweepSpec, rows: list[dict]) -> list[dict]:

@@ -19,9 +19,11 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from llmray.sweep.spec import SweepError, SweepSpec
 
+DRIVER_CPU = 0.01  # what each trial's driver function holds; its TorchTrainer budgets from the rest
 TRIALS_DIR = "trials"  # under the sweep folder: one Ray Train run folder per trial
 
 
@@ -57,28 +59,38 @@ def search_space(spec: SweepSpec) -> dict[str, Any]:
     return space
 
 
-def tune_config(spec: SweepSpec) -> tune.TuneConfig:
+def tune_config(spec: SweepSpec, concurrent: int = 1) -> tune.TuneConfig:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     metric, mode = spec.metric.name, spec.metric.mode
     if spec.method == "grid":
         points = spec.grid()
-        search, samples = BasicVariantGenerator(points_to_evaluate=points), len(points)
+        search, samples = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent), len(points)
     elif spec.method == "random":
-        search, samples = BasicVariantGenerator(random_state=0), spec.run_cap
+        search, samples = BasicVariantGenerator(random_state=0, max_concurrent=concurrent), spec.run_cap
     else:
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search import ConcurrencyLimiter
 
-        search, samples = OptunaSearch(metric=metric, mode=mode, seed=0), spec.run_cap
+        search, samples = ConcurrencyLimiter(OptunaOnMetricReports(metric=metric, mode=mode, seed=0), concurrent), spec.run_cap
     scheduler = FIFOScheduler()
     et = spec.early_terminate
     if et is not None:
         scheduler = ASHAScheduler(time_attr=spec.llmray.budget.unit, max_t=spec.llmray.budget.amount,
                                   grace_period=et.grace_period, reduction_factor=et.eta, brackets=1,
                                   stop_last_trials=et.strict)
+    # The limit lives in the search algorithm: Tune ignores max_concurrent_trials for an explicit generator.
     return tune.TuneConfig(metric=metric, mode=mode, search_alg=search, scheduler=scheduler, num_samples=samples,
-                           max_concurrent_trials=spec.llmray.max_concurrent_trials, reuse_actors=False)
+                           reuse_actors=False)
+
+
+class OptunaOnMetricReports(OptunaSearch):
+    """Optuna's TPE through Ray Tune, shown only the reports that carry the metric: a quantized perplexity exists
+    only in a trial's last report, and OptunaSearch reads the metric from every report."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
 
 
 def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: float | None) -> None:
@@ -107,10 +119,12 @@ def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: fl
     tune.report({k: v for k, v in final.items() if v is not None})
 
 
-def wandb_callback(spec: SweepSpec, sweep_id: str | None):
+def wandb_callback(spec: SweepSpec, sweep_id: str | None, sweep_dir: Path):
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    kwargs: dict[str, Any] = {"job_type": "trial", "tags": [spec.name, spec.method]}
+    # W&B writes straight into the sweep folder: Tune's copy of a trial's folder is taken when the trial ends,
+    # before the logging actor has finished the run file, so that copy of the last trial's run was cut short.
+    kwargs: dict[str, Any] = {"job_type": "trial", "tags": [spec.name, spec.method], "dir": str(sweep_dir)}
     if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         kwargs["mode"] = os.environ["WANDB_MODE"]  # the logging actors do not inherit the driver's environment
     if spec.entity:
@@ -124,10 +138,16 @@ def wandb_callback(spec: SweepSpec, sweep_id: str | None):
                                excludes=["checkpoint_dir", "export_dir", "done"], **kwargs)
 
 
-def trial_cpus(spec: SweepSpec) -> float:
-    """The CPUs one trial may budget its workers and tokenize actors from: the cluster's, shared by the trials
-    that run at once."""
-    return ray.cluster_resources().get("CPU", 1) / spec.llmray.max_concurrent_trials
+def concurrent_trials(spec: SweepSpec, cluster: dict[str, float]) -> int:
+    """Trials at once: the sweep file's number, or ("auto") as many whole trials as the cluster holds — by GPUs
+    for a GPU recipe, else by CPUs at one per worker plus one for the trial's tokenize actors."""
+    if spec.llmray.max_concurrent_trials != "auto":
+        return spec.llmray.max_concurrent_trials
+    s = spec.first_recipe().scaling
+    if s.use_gpu:
+        return max(1, int(cluster.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+    per_worker = 1.0 if s.cpus_per_worker == "auto" else float(s.cpus_per_worker)
+    return max(1, int(cluster.get("CPU", 1) // (s.num_workers * per_worker + 1)))
 
 
 def wandb_mode() -> str:
@@ -163,17 +183,23 @@ def run_sweep(spec: SweepSpec) -> dict:
     from llmray.sweep.results import leaderboard, plot, trial_rows, write_tables
     from llmray.train.trainer import ensure_ray
 
+    # Training reports carry loss and (when evaluating) val_*; quant_* arrive with a trial's last report. Tune would
+    # otherwise stop the sweep at the first report without the metric (spec.check has already checked its name).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     ensure_ray()
     root = Path(spec.llmray.storage_path).expanduser().resolve()
     sweep_dir = root / spec.name
     mode = wandb_mode()
+    cluster = ray.cluster_resources()
+    concurrent = concurrent_trials(spec, cluster)
     sweep_id = wandb_sweep(spec) if mode == "online" else None
-    trainable = tune.with_resources(  # the driver function only waits on its TorchTrainer: a token CPU (Tune refuses an empty request)
+    # The trial's function only waits on its TorchTrainer: a token CPU (Tune refuses an empty request).
+    trainable = tune.with_resources(
         tune.with_parameters(trial_main, spec_json=spec.model_dump(mode="json"), sweep_dir=str(sweep_dir),
-                             cpus_per_trial=trial_cpus(spec)),
-        {"cpu": 0.01})
-    run_config = tune.RunConfig(name=spec.name, storage_path=str(root), callbacks=[wandb_callback(spec, sweep_id)],
-                                failure_config=tune.FailureConfig(max_failures=0), verbose=1)
+                             cpus_per_trial=cluster.get("CPU", 1) / concurrent - DRIVER_CPU),
+        {"cpu": DRIVER_CPU})
+    run_config = tune.RunConfig(name=spec.name, storage_path=str(root),
+                                callbacks=[wandb_callback(spec, sweep_id, sweep_dir)], failure_config=tune.FailureConfig(max_failures=0), verbose=1)
     if tune.Tuner.can_restore(str(sweep_dir)):
         print(f"[llmray] resuming sweep {spec.name} from {sweep_dir}: finished trials are kept, unfinished ones "
               "continue from their last checkpoint", flush=True)
@@ -182,9 +208,9 @@ def run_sweep(spec: SweepSpec) -> dict:
     else:
         print(f"[llmray] sweep {spec.name}: {spec.method} over {', '.join(spec.parameters)}"
               f"{', ASHA on ' + spec.llmray.budget.unit if spec.early_terminate else ''}; "
-              f"{spec.llmray.max_concurrent_trials} trial(s) at a time; W&B {mode} (project {spec.project}, "
+              f"{concurrent} trial(s) at a time; W&B {mode} (project {spec.project}, "
               f"group {spec.name})", flush=True)
-        tuner = tune.Tuner(trainable, param_space=search_space(spec), tune_config=tune_config(spec),
+        tuner = tune.Tuner(trainable, param_space=search_space(spec), tune_config=tune_config(spec, concurrent),
                            run_config=run_config)
     grid = tuner.fit()
     rows = trial_rows(spec, grid)
@@ -201,7 +227,7 @@ def run_sweep(spec: SweepSpec) -> dict:
         print(f"[llmray] best trial {best['trial']} ({spec.metric.name} {best.get(spec.metric.name):.4g}) exported "
               f"to {info['out']}", flush=True)
     if mode == "offline":
-        print(f"[llmray] W&B ran offline (no API key). To upload: wandb sync {sweep_dir}/*/wandb/offline-run-*",
+        print(f"[llmray] W&B ran offline (no API key). To upload: wandb sync {sweep_dir}/wandb/offline-run-*",
               flush=True)
     Path(sweep_dir, "sweep.json").write_text(json.dumps(out, indent=1))
     return out

@@ -12,7 +12,7 @@ import copy
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -40,9 +40,10 @@ WANDB_DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_u
 # The ones with a Ray Tune search-space twin (and so an Optuna one for bayes).
 SUPPORTED_DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
                            "log_uniform_values", "q_log_uniform", "q_log_uniform_values", "normal", "q_normal")
-# Metrics a trial reports to Tune (and W&B); quant_* only when the recipe quantizes.
-METRICS = ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu", "quant_ppl", "quant_loss", "quant_weights_bytes",
-           "quant_size_ratio", "quant_tokens_per_s")
+# Metrics a trial reports to Tune (and W&B) while it trains, and those only its end knows (when it quantizes).
+TRAINING_METRICS = ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu")
+FINAL_METRICS = ("quant_ppl", "quant_loss", "quant_weights_bytes", "quant_size_ratio", "quant_tokens_per_s")
+METRICS = TRAINING_METRICS + FINAL_METRICS
 # Sizes whose every drawn value must divide the batch arithmetic: only explicit values are accepted.
 DISCRETE_ONLY = ("train.global_batch_size", "train.micro_batch_size", "scaling.num_workers")
 
@@ -93,6 +94,16 @@ class Param(_Strict):
         if d in ("log_uniform_values", "q_log_uniform_values") and self.min <= 0:
             raise ValueError(f"distribution {d} needs min > 0")
         return self
+
+    def describe(self) -> str:
+        d = self.distribution
+        if d == "categorical":
+            return f"one of {self.values}"
+        if d == "constant":
+            return f"= {self.value}"
+        if d in ("normal", "q_normal"):
+            return f"{d}(mu={self.mu}, sigma={self.sigma})"
+        return f"{d} [{self.min}, {self.max}]" + (f" step {self.q}" if self.q else "")
 
     def candidates(self) -> list[Any]:
         """Values to validate the recipe with: every explicit value, or a range's two ends."""
@@ -164,7 +175,7 @@ class LlmrayBlock(_Strict):
     cpus_per_worker: float | Literal["auto"] | None = None
     gpus_per_worker: float | None = Field(None, gt=0)
     use_gpu: bool | None = None
-    max_concurrent_trials: int = Field(1, ge=1)
+    max_concurrent_trials: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # auto: as many trials as the cluster holds
     storage_path: str = "./sweeps"
     export_best: bool = True  # export the best trial's last checkpoint as a Hugging Face folder
 
@@ -195,6 +206,9 @@ class SweepSpec(_Strict):
             raise ValueError(f"run_cap: method {self.method} draws trials until run_cap; set it")
         if self.metric.name not in METRICS:
             raise ValueError(f"metric.name: {self.metric.name!r} is not reported by trials ({', '.join(METRICS)})")
+        if self.early_terminate is not None and self.metric.name in FINAL_METRICS:
+            raise ValueError(f"early_terminate: hyperband compares trials while they train, but {self.metric.name} "
+                             f"is known only when a trial ends; use one of {', '.join(TRAINING_METRICS)}")
         for key in DISCRETE_ONLY:
             p = self.parameters.get(key)
             if p is not None and p.distribution not in ("categorical", "constant"):
@@ -228,10 +242,16 @@ class SweepSpec(_Strict):
         recipe = recipe_from_dict(raw)
         b = self.llmray.budget
         steps = b.steps if b.steps is not None else max(1, math.ceil(b.tokens / recipe.tokens_per_step))
-        update = {"max_steps": steps, "checkpoint_every": 0}
+        # The recipe's checkpoints stay: a trial cut off by an interruption continues from its last one.
+        update = {"max_steps": steps}
         if self.metric.name.startswith("val_"):
             update["eval_every"] = recipe.train.log_every
         return recipe.model_copy(update={"train": recipe.train.model_copy(update=update)})
+
+    def first_recipe(self) -> Recipe:
+        """The recipe of the first combination (each range at its low end): what sizes a trial's resources."""
+        params = {k: p.candidates()[0] for k, p in self.parameters.items()}
+        return self.trial_recipe(params, "/tmp/llmray-sweep-check", "check")
 
     def check(self) -> None:
         """Every swept name is a recipe key, and every discrete combination (ranges at both ends) makes a valid

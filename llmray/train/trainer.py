@@ -112,14 +112,15 @@ def train_loop_per_worker(config: dict) -> None:
     val = ray.get(config["val"][0]) if config["val"] else None
 
     class RaySink:
-        """Checkpoints always go to Ray Train; plain metrics at most every REPORT_MIN_INTERVAL_S. Ray Train
-        keeps one pending result per worker and its controller collects it every couple of seconds, so a
-        second report inside that interval blocks the training step until then. Rank 0 decides, for all."""
+        """Checkpoints and evaluations always go to Ray Train (Tune's schedulers compare trials on them); plain
+        metrics at most every REPORT_MIN_INTERVAL_S. Ray Train keeps one pending result per worker and its
+        controller collects it every couple of seconds, so a second report inside that interval blocks the
+        training step until then. Rank 0 decides, for all."""
 
         last = 0.0
 
         def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
-            if checkpoint_dir is None:
+            if checkpoint_dir is None and "val_loss" not in metrics:  # every rank evaluates at the same steps
                 due = torch.tensor([time.monotonic() - self.last >= REPORT_MIN_INTERVAL_S], dtype=torch.int32,
                                    device="cuda" if dist.get_backend() == "nccl" else "cpu")
                 dist.broadcast(due, src=0)
