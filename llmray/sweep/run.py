@@ -199,7 +199,8 @@ def run_sweep(spec: SweepSpec) -> dict:
                              cpus_per_trial=cluster.get("CPU", 1) / concurrent - DRIVER_CPU),
         {"cpu": DRIVER_CPU})
     run_config = tune.RunConfig(name=spec.name, storage_path=str(root),
-                                callbacks=[wandb_callback(spec, sweep_id, sweep_dir)], failure_config=tune.FailureConfig(max_failures=0), verbose=1)
+                                callbacks=[wandb_callback(spec, sweep_id, sweep_dir)],
+                                failure_config=tune.FailureConfig(max_failures=0), verbose=1)
     if tune.Tuner.can_restore(str(sweep_dir)):
         print(f"[llmray] resuming sweep {spec.name} from {sweep_dir}: finished trials are kept, unfinished ones "
               "continue from their last checkpoint", flush=True)
