@@ -28,7 +28,7 @@ def sweep_file(tmp_path, corpus, **changes) -> Path:
         "metric": {"name": "quant_ppl", "goal": "minimize"},
         "parameters": {"train.lr": {"values": [1e-2, 3e-3]}, "quant.scheme": {"value": "int8-dynamic"},
                        "train.global_batch_size": {"values": [8]}},
-        "llmray": {"recipe": str(Path("jobs/pretrain_tiny.yaml").resolve()),
+        "llmray": {"recipe": str(Path(__file__).parents[1] / "jobs" / "pretrain_tiny.yaml"),
                    "overrides": [f"data.shards={corpus['shards']}", f"data.tokenizer={corpus['tokenizer']}", *SMALL],
                    "budget": {"steps": 8}, "workers": 2, "storage_path": str(tmp_path / "sweeps")},
     }
@@ -178,6 +178,31 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
     again = run_sweep(spec)
     assert json.loads(Path(again["json"]).read_text()) == rows
 
+
+@pytest.mark.timeout(600)
+def test_sweep_state_checkpoints_and_results_live_on_object_storage(corpus, ray_cluster, s3, tmp_path, capsys,
+                                                                      monkeypatch):
+    """storage_path on a real S3 server, as a cluster needs it: Tune's state, the trial's Train checkpoints and the
+    results land there, and a rerun finds the finished sweep there."""
+    import boto3
+
+    from llmray.sweep.run import run_sweep
+
+    monkeypatch.chdir(tmp_path)  # a remote sweep writes what people read under ./sweeps/<name> first
+    spec = load_sweep(sweep_file(tmp_path, corpus, name="s3grid", metric={"name": "val_ppl"}, run_cap=1, **{
+        "llmray/storage_path": "s3://llmray/sweeps", "llmray/budget": {"steps": 4}}))
+    out = run_sweep(spec)
+    rows = json.loads(Path(out["json"]).read_text())
+    assert [r["status"] for r in rows] == ["completed"] and rows[0]["val_ppl"] > 1
+    assert rows[0]["checkpoint_dir"].startswith("s3://llmray/sweeps/s3grid/trials/")
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="llmray", Prefix="sweeps/")["Contents"]}
+    assert "sweeps/s3grid/tuner.pkl" in keys and any(k.startswith("sweeps/s3grid/experiment_state") for k in keys)
+    assert {"sweeps/s3grid/results/results.json", "sweeps/s3grid/results/best/config.json"} <= keys
+    assert Path(tmp_path, "sweeps", "s3grid", "results.json").is_file()
+    capsys.readouterr()
+    again = run_sweep(spec)
+    assert "resuming sweep s3grid" in capsys.readouterr().out
+    assert json.loads(Path(again["json"]).read_text()) == rows
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "tune").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweep_files_load(path, capsys):

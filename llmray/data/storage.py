@@ -35,6 +35,11 @@ def _s3_with_env_credentials(fs: pafs.S3FileSystem) -> pafs.S3FileSystem:
                              region=fs.region, endpoint_override=endpoint)
 
 
+def credentials_env() -> dict[str, str]:
+    """The driver's S3 settings (keys, endpoint, region), for processes Ray started before they were set."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else str(Path(base, *parts))
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from llmray.data import storage
 from llmray.sweep.spec import SweepError, SweepSpec
 
 DRIVER_CPU = 0.01  # what each trial's driver function holds; its TorchTrainer budgets from the rest
@@ -93,7 +96,8 @@ class OptunaOnMetricReports(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: float | None) -> None:
+def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: float | None,
+               storage_env: dict[str, str]) -> None:
     """One trial: the recipe with this trial's values, trained by Ray Train, then (for a quantizing recipe) exported
     quantized with its report. Runs as a Tune function trainable; its TorchTrainer reports through
     TuneReportCallback, and the last report adds what only the end knows (quantized perplexity and size)."""
@@ -102,10 +106,11 @@ def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: fl
     from llmray.export import export
     from llmray.train.trainer import fit
 
+    os.environ.update(storage_env)  # the trial reaches the object store as the driver does
     spec = SweepSpec.model_validate(spec_json)
     context = tune.get_context()
     params = {k: config[k] for k in spec.parameters}
-    recipe = spec.trial_recipe(params, str(Path(sweep_dir, TRIALS_DIR)), context.get_trial_id())
+    recipe = spec.trial_recipe(params, storage.join(sweep_dir, TRIALS_DIR), context.get_trial_id())
     summary = fit(recipe, callbacks=[TuneReportCallback()], cpus_available=cpus_per_trial)
     final = {"step": summary.steps, "tokens": summary.tokens, "loss": summary.final_loss, "val_loss": summary.val_loss,
              "val_ppl": summary.val_ppl, "tokens_per_s": summary.tokens_per_s, "checkpoint_dir": summary.checkpoint,
@@ -119,12 +124,12 @@ def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: fl
     tune.report({k: v for k, v in final.items() if v is not None})
 
 
-def wandb_callback(spec: SweepSpec, sweep_id: str | None, sweep_dir: Path):
+def wandb_callback(spec: SweepSpec, sweep_id: str | None, wandb_dir: Path):
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    # W&B writes straight into the sweep folder: Tune's copy of a trial's folder is taken when the trial ends,
+    # W&B writes straight into the local results folder: Tune's copy of a trial's folder is taken when the trial ends,
     # before the logging actor has finished the run file, so that copy of the last trial's run was cut short.
-    kwargs: dict[str, Any] = {"job_type": "trial", "tags": [spec.name, spec.method], "dir": str(sweep_dir)}
+    kwargs: dict[str, Any] = {"job_type": "trial", "tags": [spec.name, spec.method], "dir": str(wandb_dir)}
     if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         kwargs["mode"] = os.environ["WANDB_MODE"]  # the logging actors do not inherit the driver's environment
     if spec.entity:
@@ -177,6 +182,18 @@ def wandb_sweep(spec: SweepSpec) -> str | None:
     return wandb.sweep(sweep=config, project=spec.project, entity=spec.entity)
 
 
+def places(spec: SweepSpec) -> tuple[str, str, Path]:
+    """(storage root, the sweep's folder there, the local folder for what people read). The storage may be an
+    object store (s3://, gs://): on a cluster it must be, so a trial's Train workers on several nodes checkpoint into
+    one place and a resumed sweep finds its trials. What people read (tables, plot, best export, offline W&B runs)
+    is written locally first, under ./sweeps/<name> for a remote store, and copied beside the sweep's state."""
+    if storage.is_uri(spec.llmray.storage_path):
+        root = spec.llmray.storage_path.rstrip("/")
+        return root, storage.join(root, spec.name), Path("sweeps", spec.name).resolve()
+    root = str(Path(spec.llmray.storage_path).expanduser().resolve())
+    return root, str(Path(root, spec.name)), Path(root, spec.name)
+
+
 def run_sweep(spec: SweepSpec) -> dict:
     """Run (or resume) the sweep; returns where its results went."""
     from llmray.export import export
@@ -187,25 +204,29 @@ def run_sweep(spec: SweepSpec) -> dict:
     # otherwise stop the sweep at the first report without the metric (spec.check has already checked its name).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     ensure_ray()
-    root = Path(spec.llmray.storage_path).expanduser().resolve()
-    sweep_dir = root / spec.name
+    root, sweep_dir, local = places(spec)
+    local.mkdir(parents=True, exist_ok=True)
+    fs, root_path = storage.resolve(root)
+    tune_fs = fs if storage.is_uri(root) else None
     mode = wandb_mode()
     cluster = ray.cluster_resources()
     concurrent = concurrent_trials(spec, cluster)
     sweep_id = wandb_sweep(spec) if mode == "online" else None
     # The trial's function only waits on its TorchTrainer: a token CPU (Tune refuses an empty request).
     trainable = tune.with_resources(
-        tune.with_parameters(trial_main, spec_json=spec.model_dump(mode="json"), sweep_dir=str(sweep_dir),
-                             cpus_per_trial=cluster.get("CPU", 1) / concurrent - DRIVER_CPU),
+        tune.with_parameters(trial_main, spec_json=spec.model_dump(mode="json"), sweep_dir=sweep_dir,
+                             cpus_per_trial=cluster.get("CPU", 1) / concurrent - DRIVER_CPU,
+                             storage_env=storage.credentials_env() if storage.is_uri(root) else {}),
         {"cpu": DRIVER_CPU})
-    run_config = tune.RunConfig(name=spec.name, storage_path=str(root),
-                                callbacks=[wandb_callback(spec, sweep_id, sweep_dir)],
+    run_config = tune.RunConfig(name=spec.name, storage_path=root_path, storage_filesystem=tune_fs,
+                                callbacks=[wandb_callback(spec, sweep_id, local)],
                                 failure_config=tune.FailureConfig(max_failures=0), verbose=1)
-    if tune.Tuner.can_restore(str(sweep_dir)):
+    state = posixpath.join(root_path, spec.name)
+    if tune.Tuner.can_restore(state, storage_filesystem=tune_fs):
         print(f"[llmray] resuming sweep {spec.name} from {sweep_dir}: finished trials are kept, unfinished ones "
               "continue from their last checkpoint", flush=True)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False, param_space=search_space(spec))
+        tuner = tune.Tuner.restore(state, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, param_space=search_space(spec), storage_filesystem=tune_fs)
     else:
         print(f"[llmray] sweep {spec.name}: {spec.method} over {', '.join(spec.parameters)}"
               f"{', ASHA on ' + spec.llmray.budget.unit if spec.early_terminate else ''}; "
@@ -215,20 +236,23 @@ def run_sweep(spec: SweepSpec) -> dict:
                            run_config=run_config)
     grid = tuner.fit()
     rows = trial_rows(spec, grid)
-    csv_path, json_path = write_tables(rows, sweep_dir)
-    png = plot(spec, rows, sweep_dir)
+    csv_path, json_path = write_tables(rows, local)
+    png = plot(spec, rows, local)
     print(leaderboard(spec, rows), flush=True)
-    out = {"sweep_dir": str(sweep_dir), "csv": str(csv_path), "json": str(json_path),
+    out = {"sweep_dir": sweep_dir, "results_dir": str(local), "csv": str(csv_path), "json": str(json_path),
            "plot": str(png) if png else None, "trials": len(rows),
            "failed": sum(r["status"] == "failed" for r in rows), "wandb": mode, "wandb_sweep_id": sweep_id}
     best = next((r for r in rows if r["status"] != "failed" and r.get("checkpoint_dir")), None)
     if best is not None and spec.llmray.export_best:
-        info = export(best["checkpoint_dir"], str(sweep_dir / "best"), overwrite=True)
-        out.update(best_trial=best["trial"], best=str(sweep_dir / "best"), best_metric=best.get(spec.metric.name))
+        info = export(best["checkpoint_dir"], str(local / "best"), overwrite=True)
+        out.update(best_trial=best["trial"], best=str(local / "best"), best_metric=best.get(spec.metric.name))
         print(f"[llmray] best trial {best['trial']} ({spec.metric.name} {best.get(spec.metric.name):.4g}) exported "
               f"to {info['out']}", flush=True)
     if mode == "offline":
-        print(f"[llmray] W&B ran offline (no API key). To upload: wandb sync {sweep_dir}/wandb/offline-run-*",
-              flush=True)
-    Path(sweep_dir, "sweep.json").write_text(json.dumps(out, indent=1))
+        print(f"[llmray] W&B ran offline (no API key). To upload: wandb sync {local}/wandb/offline-run-*", flush=True)
+    Path(local, "sweep.json").write_text(json.dumps(out, indent=1))
+    if storage.is_uri(root):  # what people read goes beside the sweep's state, too
+        pafs.copy_files(str(local), posixpath.join(state, "results"), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+        print(f"[llmray] results copied to {storage.join(sweep_dir, 'results')}", flush=True)
     return out
