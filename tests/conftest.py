@@ -32,7 +32,9 @@ def corpus(tmp_path_factory):
 def ray_cluster():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # The dashboard's State API is how Ray Train's PlacementGroupCleaner sees that a stopped trial's controller died
+    # and frees its workers' CPUs; without it, the trial after one ASHA stopped waits forever.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()
 

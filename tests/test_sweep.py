@@ -132,7 +132,7 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def first_done():
-        return any('"done": true' in p.read_text() for p in sweep_dir.glob("*/result.json"))
+        return any('"completed": true' in p.read_text() for p in sweep_dir.glob("*/result.json"))
 
     try:
         wait_for(first_done, 400, "the first trial to finish")
@@ -165,7 +165,7 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
         assert run["run"]["project"] == "llmray-tests" and run["run"]["group"] == "grid"
         by_trial.setdefault(run["run"]["id"], []).append(run)
     assert len(by_trial) == 3
-    completed = [r for r in runs if any(h.get("done") is not None for h in r["history"]) or "quant_ppl" in r["summary"]]
+    completed = [r for r in runs if "quant_ppl" in r["summary"]]
     assert len(completed) == 2
     for run in completed:
         assert {"train.lr", "model.num_kv_heads", "quant.scheme"} <= set(run["config"])
@@ -178,6 +178,22 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
     again = run_sweep(spec)
     assert json.loads(Path(again["json"]).read_text()) == rows
 
+
+@pytest.mark.timeout(600)
+def test_hyperband_stops_weak_trials_at_the_first_rung(corpus, ray_cluster, tmp_path):
+    """early_terminate hyperband → ASHA on steps: the good learning rate runs to the budget; the two that barely
+    move are stopped at the first rung (step 4 of 12), and the leaderboard says so."""
+    from llmray.sweep.run import run_sweep
+
+    spec = load_sweep(sweep_file(tmp_path, corpus, name="asha", metric={"name": "val_ppl"}, **{
+        "parameters/train.lr": {"values": [3e-3, 1e-5, 3e-6]}, "llmray/budget": {"steps": 12},
+        "early_terminate": {"type": "hyperband", "min_iter": 4, "eta": 3}, "llmray/export_best": False}))
+    rows = json.loads(Path(run_sweep(spec)["json"]).read_text())
+    by_lr = {r["train.lr"]: r for r in rows}
+    assert by_lr[3e-3]["status"] == "completed" and by_lr[3e-3]["step"] == 12
+    for lr in (1e-5, 3e-6):
+        assert by_lr[lr]["status"] == "stopped early" and by_lr[lr]["step"] < 12
+    assert rows[0]["train.lr"] == 3e-3
 
 @pytest.mark.timeout(600)
 def test_sweep_state_checkpoints_and_results_live_on_object_storage(corpus, ray_cluster, s3, tmp_path, capsys,

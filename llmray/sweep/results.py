@@ -20,7 +20,7 @@ def trial_rows(spec: SweepSpec, result_grid) -> list[dict]:
         config = result.config or _params(result.path)  # a restored sweep's failed trials come back without config
         rows.append({
             "trial": metrics.get("trial_id") or Path(result.path).name,
-            "status": "failed" if result.error else ("completed" if metrics.get("done") else "stopped early"),
+            "status": "failed" if result.error else ("completed" if metrics.get("completed") else "stopped early"),
             **{k: config.get(k) for k in spec.parameters},
             **{k: metrics.get(k) for k in SHOWN if k in metrics},
             "checkpoint_dir": metrics.get("checkpoint_dir"),

@@ -114,7 +114,7 @@ def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: fl
     summary = fit(recipe, callbacks=[TuneReportCallback()], cpus_available=cpus_per_trial)
     final = {"step": summary.steps, "tokens": summary.tokens, "loss": summary.final_loss, "val_loss": summary.val_loss,
              "val_ppl": summary.val_ppl, "tokens_per_s": summary.tokens_per_s, "checkpoint_dir": summary.checkpoint,
-             "done": True}
+             "completed": True}  # Tune's own "done" is also set on trials its scheduler stopped
     if recipe.quant.method != "none" and summary.checkpoint:
         report = export(summary.checkpoint, str(Path(context.get_trial_dir(), "export")), overwrite=True)["quant_report"]
         a = report["after"]
@@ -140,7 +140,7 @@ def wandb_callback(spec: SweepSpec, sweep_id: str | None, wandb_dir: Path):
         kwargs["settings"] = wandb.Settings(sweep_id=sweep_id)  # the run shows on the sweep's dashboard
     # Tune's bookkeeping stays out of the W&B run; the swept keys are its config.
     return WandbLoggerCallback(project=spec.project, group=spec.name, log_config=False, upload_checkpoints=False,
-                               excludes=["checkpoint_dir", "export_dir", "done"], **kwargs)
+                               excludes=["checkpoint_dir", "export_dir", "completed"], **kwargs)
 
 
 def concurrent_trials(spec: SweepSpec, cluster: dict[str, float]) -> int:
