@@ -180,45 +180,38 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
 
 
 @pytest.mark.timeout(600)
-def test_hyperband_stops_weak_trials_at_the_first_rung(corpus, ray_cluster, tmp_path):
-    """early_terminate hyperband → ASHA on steps: the good learning rate runs to the budget; the two that barely
-    move are stopped at the first rung (step 4 of 12), and the leaderboard says so."""
-    from llmray.sweep.run import run_sweep
-
-    spec = load_sweep(sweep_file(tmp_path, corpus, name="asha", metric={"name": "val_ppl"}, **{
-        "parameters/train.lr": {"values": [3e-3, 1e-5, 3e-6]}, "llmray/budget": {"steps": 12},
-        "early_terminate": {"type": "hyperband", "min_iter": 4, "eta": 3}, "llmray/export_best": False}))
-    rows = json.loads(Path(run_sweep(spec)["json"]).read_text())
-    by_lr = {r["train.lr"]: r for r in rows}
-    assert by_lr[3e-3]["status"] == "completed" and by_lr[3e-3]["step"] == 12
-    for lr in (1e-5, 3e-6):
-        assert by_lr[lr]["status"] == "stopped early" and by_lr[lr]["step"] < 12
-    assert rows[0]["train.lr"] == 3e-3
-
-@pytest.mark.timeout(600)
-def test_sweep_state_checkpoints_and_results_live_on_object_storage(corpus, ray_cluster, s3, tmp_path, capsys,
-                                                                      monkeypatch):
-    """storage_path on a real S3 server, as a cluster needs it: Tune's state, the trial's Train checkpoints and the
-    results land there, and a rerun finds the finished sweep there."""
+def test_hyperband_sweep_on_object_storage_stops_weak_trials(corpus, ray_cluster, s3, tmp_path, capsys, monkeypatch):
+    """early_terminate hyperband → ASHA on steps: the good learning rate runs to the budget; the two that barely move
+    are stopped at the first rung (step 4 of 12). storage_path is on a real S3 server, as a cluster needs it: Tune's
+    state, the trials' Train checkpoints and the results land there, and a rerun finds the finished sweep there."""
     import boto3
 
     from llmray.sweep.run import run_sweep
 
+    path = sweep_file(tmp_path, corpus, name="asha", metric={"name": "val_ppl"}, **{
+        "parameters/train.lr": {"values": [3e-3, 1e-5, 3e-6]}, "llmray/budget": {"steps": 12},
+        "early_terminate": {"type": "hyperband", "min_iter": 4, "eta": 3},
+        "llmray/storage_path": "s3://llmray/sweeps"})
     monkeypatch.chdir(tmp_path)  # a remote sweep writes what people read under ./sweeps/<name> first
-    spec = load_sweep(sweep_file(tmp_path, corpus, name="s3grid", metric={"name": "val_ppl"}, run_cap=1, **{
-        "llmray/storage_path": "s3://llmray/sweeps", "llmray/budget": {"steps": 4}}))
+    spec = load_sweep(path)
     out = run_sweep(spec)
     rows = json.loads(Path(out["json"]).read_text())
-    assert [r["status"] for r in rows] == ["completed"] and rows[0]["val_ppl"] > 1
-    assert rows[0]["checkpoint_dir"].startswith("s3://llmray/sweeps/s3grid/trials/")
+    by_lr = {r["train.lr"]: r for r in rows}
+    assert by_lr[3e-3]["status"] == "completed" and by_lr[3e-3]["step"] == 12
+    for lr in (1e-5, 3e-6):
+        assert by_lr[lr]["status"] == "stopped early" and by_lr[lr]["step"] < 12
+    assert rows[0]["train.lr"] == 3e-3 and out["best_trial"] == rows[0]["trial"]
+    assert rows[0]["checkpoint_dir"].startswith("s3://llmray/sweeps/asha/trials/")
+
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="llmray", Prefix="sweeps/")["Contents"]}
-    assert "sweeps/s3grid/tuner.pkl" in keys and any(k.startswith("sweeps/s3grid/experiment_state") for k in keys)
-    assert {"sweeps/s3grid/results/results.json", "sweeps/s3grid/results/best/config.json"} <= keys
-    assert Path(tmp_path, "sweeps", "s3grid", "results.json").is_file()
+    assert "sweeps/asha/tuner.pkl" in keys and any(k.startswith("sweeps/asha/experiment_state") for k in keys)
+    assert {"sweeps/asha/results/results.json", "sweeps/asha/results/best/config.json"} <= keys
+    assert Path(tmp_path, "sweeps", "asha", "results.json").is_file()
     capsys.readouterr()
     again = run_sweep(spec)
-    assert "resuming sweep s3grid" in capsys.readouterr().out
+    assert "resuming sweep asha" in capsys.readouterr().out
     assert json.loads(Path(again["json"]).read_text()) == rows
+
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "tune").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweep_files_load(path, capsys):

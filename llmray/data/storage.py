@@ -64,3 +64,9 @@ def download(uri: str, dest: str) -> str:
     fs, path = resolve(uri)
     pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
+
+
+def upload(local: str, uri: str) -> None:
+    """Copy the local folder `local` to `uri` (object storage, or a local path)."""
+    fs, path = resolve(uri)
+    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -18,7 +18,6 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -252,7 +251,6 @@ def run_sweep(spec: SweepSpec) -> dict:
         print(f"[llmray] W&B ran offline (no API key). To upload: wandb sync {local}/wandb/offline-run-*", flush=True)
     Path(local, "sweep.json").write_text(json.dumps(out, indent=1))
     if storage.is_uri(root):  # what people read goes beside the sweep's state, too
-        pafs.copy_files(str(local), posixpath.join(state, "results"), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
+        storage.upload(str(local), storage.join(sweep_dir, "results"))
         print(f"[llmray] results copied to {storage.join(sweep_dir, 'results')}", flush=True)
     return out
