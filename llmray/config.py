@@ -172,6 +172,16 @@ class QuantConfig(_Strict):
         return self
 
 
+class WandbConfig(_Strict):
+    """W&B logging of a training run by rank 0 (a sweep's trials are logged by Ray Tune instead)."""
+
+    project: str | None = None  # None: no W&B run
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with WANDB_API_KEY, else offline
+
+
 class Recipe(_Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -179,6 +189,7 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

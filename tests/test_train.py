@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from recipes import tiny
+from wandb_files import read_run
 
 from llmray.data.corpus import CorpusError
 from llmray.train.checkpoint import STATE_FILE, TAG, read_state
@@ -37,7 +38,8 @@ def test_pretrain_end_to_end(corpus, ray_cluster, tmp_path, capsys):
                "data.seq_len=64", "model.hidden_size=64", "model.num_layers=2", "train.micro_batch_size=4",
                "train.global_batch_size=16", "train.max_steps=6", "train.log_every=2", "train.eval_every=3",
                "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.zero_stage=3",
-               "data.val_fraction=0.2", "train.eval_batches=2", "train.sample_tokens=8"])
+               "data.val_fraction=0.2", "train.eval_batches=2", "train.sample_tokens=8",
+               "wandb.project=llmray-tests", "wandb.group=e2e-group"])
     assert rc == 0
     out = capsys.readouterr().out
     run = tmp_path / "e2e"
@@ -57,6 +59,18 @@ def test_pretrain_end_to_end(corpus, ray_cluster, tmp_path, capsys):
     assert [h["step"] for h in history] == [2, 4, 6]
     assert all(h["tokens_per_s"] > 0 and 0 <= h["data_wait_share"] < 1 for h in history)
     assert "val_loss" in history[-1]
+
+    # W&B (offline, for real): one run, logged by rank 0 only, with the recipe as config and every report's numbers.
+    files = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    logged = read_run(files[0])
+    assert logged["run"]["project"] == "llmray-tests" and logged["run"]["group"] == "e2e-group"
+    assert logged["run"]["name"] == "e2e" and logged["exit"] == 0
+    assert logged["config"]["train"]["max_steps"] == 6 and logged["config"]["train"]["zero_stage"] == 3
+    steps = [h for h in logged["history"] if "loss" in h]
+    assert [h["_step"] for h in steps] == [2, 4, 6]
+    assert [h["loss"] for h in steps] == pytest.approx([h["loss"] for h in history])
+    assert steps[-1]["val_ppl"] == pytest.approx(summary["val_ppl"]) and steps[-1]["tokens_per_s"] > 0
 
 
 def test_bad_shards_fail_before_workers_start(corpus, tmp_path):

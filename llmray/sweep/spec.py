@@ -237,7 +237,8 @@ class SweepSpec(_Strict):
         """The base recipe with this trial's values, its budget, and evaluation at every report when the metric
         needs it (Tune's schedulers compare trials on what each report carries)."""
         raw = copy.deepcopy(base) if base is not None else self.base_raw()
-        for key, value in {**params, "run.storage_path": storage_path, "run.name": name}.items():
+        # Ray Tune's W&B callback logs each trial; the recipe's own W&B run would be a second one.
+        for key, value in {**params, "run.storage_path": storage_path, "run.name": name, "wandb.project": None}.items():
             set_value(raw, key.split("."), value)
         recipe = recipe_from_dict(raw)
         b = self.llmray.budget

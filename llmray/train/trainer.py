@@ -24,6 +24,7 @@ from llmray.data.tokenizer import load_tokenizer
 from llmray.model import build_config
 from llmray.train import checkpoint
 from llmray.train.plot import plot_loss
+from llmray.train.wandb_log import WandbSink, wandb_env
 
 REPORT_MIN_INTERVAL_S = 2.5  # Ray Train's controller polls workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
 
@@ -144,7 +145,9 @@ def train_loop_per_worker(config: dict) -> None:
         dist.broadcast_object_list(session, src=0)
         open_session(config["coordinator"], world, recipe.train.micro_batch_size, start, session[0])
         stream = RankStream(config["coordinator"], session[0], rank, recipe.data.prefetch_batches)
-        loop.train(recipe, stream, val, RaySink(), resume_dir=tmp if resume is not None else None)
+        sink = WandbSink(RaySink(), recipe, rank)
+        loop.train(recipe, stream, val, sink, resume_dir=tmp if resume is not None else None)
+        sink.finish()
 
 
 def resume_point(recipe: Recipe, vocab: int, resume_from: str | None, fresh: bool) -> str | None:
@@ -225,6 +228,8 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     env = {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    if recipe.wandb.project:
+        env.update(wandb_env())
     run_fs, run_root = storage.resolve(recipe.run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
