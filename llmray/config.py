@@ -294,18 +294,23 @@ def quant_config(raw: dict) -> QuantConfig:
         raise RecipeError(f"invalid quantization settings: {describe_validation_error(e)}") from None
 
 
-def read_recipe_file(path: str | Path) -> dict:
-    """The recipe file's mapping, unvalidated (a sweep fills in its swept keys before validating)."""
+def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = RecipeError) -> dict:
+    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping raises `error` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
+        raise error(f"{what} {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
+        raise error(f"{what} {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+        raise error(f"{what} {path} must hold a mapping at the top level")
     return raw
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """The recipe file's mapping, unvalidated (a sweep fills in its swept keys before validating)."""
+    return read_yaml_mapping(path, "recipe file")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:

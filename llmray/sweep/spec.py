@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmray.config import (
@@ -23,6 +22,7 @@ from llmray.config import (
     apply_overrides,
     describe_validation_error,
     read_recipe_file,
+    read_yaml_mapping,
     recipe_from_dict,
     set_value,
 )
@@ -308,12 +308,7 @@ def _check_key(key: str) -> None:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {path} is not valid YAML: {e}") from None
+    raw = read_yaml_mapping(path, "sweep file", SweepError)
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
