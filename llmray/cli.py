@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run the sweep file's trials with Ray Tune, each a full Ray Train + DeepSpeed run, "
                                     "logged to W&B as one sweep (offline without an API key). Rerunning a sweep "
                                     "that was interrupted resumes it. Ends with a leaderboard, results.csv/.json, "
-                                    "sweep.png, and the best trial exported to <storage>/<name>/best.")
+                                    "sweep.png, and the best trial exported to best/ (under <storage>/<name>, or ./sweeps/<name> "
+                                    "and <storage>/<name>/results for an object store).")
     tn.add_argument("sweep", help="sweep YAML, e.g. tune/lr_bs_quant.yaml")
     tn.add_argument("--dry-run", action="store_true", help="check the file and print the trials, run nothing")
     tn.set_defaults(func=_tune)

@@ -44,6 +44,7 @@ SUPPORTED_DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", 
 TRAINING_METRICS = ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu")
 FINAL_METRICS = ("quant_ppl", "quant_loss", "quant_weights_bytes", "quant_size_ratio", "quant_tokens_per_s")
 METRICS = TRAINING_METRICS + FINAL_METRICS
+CHECK_STORAGE = "/tmp/llmray-sweep-check"  # a placeholder run folder for recipes built only to be validated
 # Sizes whose every drawn value must divide the batch arithmetic: only explicit values are accepted.
 DISCRETE_ONLY = ("train.global_batch_size", "train.micro_batch_size", "scaling.num_workers")
 
@@ -252,7 +253,7 @@ class SweepSpec(_Strict):
     def first_recipe(self) -> Recipe:
         """The recipe of the first combination (each range at its low end): what sizes a trial's resources."""
         params = {k: p.candidates()[0] for k, p in self.parameters.items()}
-        return self.trial_recipe(params, "/tmp/llmray-sweep-check", "check")
+        return self.trial_recipe(params, CHECK_STORAGE, "check")
 
     def check(self) -> None:
         """Every swept name is a recipe key, and every discrete combination (ranges at both ends) makes a valid
@@ -271,7 +272,7 @@ class SweepSpec(_Strict):
                 break
             params = dict(zip(keys, values))
             try:
-                recipe = self.trial_recipe(params, "/tmp/llmray-sweep-check", "check", base=base)
+                recipe = self.trial_recipe(params, CHECK_STORAGE, "check", base=base)
             except RecipeError as e:
                 shown = ", ".join(f"{k}={v}" for k, v in params.items())
                 raise SweepError(f"parameters {shown}: {e}") from None
