@@ -144,7 +144,7 @@ def recovery(shards: str, tok: str) -> dict:
         thread.start()
         summary = fit(recipe)
         ray.shutdown()
-        resume = read_state(summary.checkpoint)["resumes"][0]
+        resume = read_state(summary.checkpoint).resumes[0]
     return {"resumed_from_step": resume["step"], "kill_to_checkpoint_loaded_s": round(resume["loaded_at"] - killed_at[0], 2),
             "kill_to_first_step_s": round(resume["first_step_at"] - killed_at[0], 2)}
 

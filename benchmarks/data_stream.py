@@ -26,15 +26,17 @@ def baseline(shards: list[str], tokenizer: str) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
-def ray_stream(shards: list[str], tokenizer: str, cpus: int, actors: int, epochs: int) -> tuple[int, float]:
+def ray_stream(shard_dir: str, shards: list[str], tokenizer: str, cpus: int, actors: int, epochs: int) -> tuple[int, float]:
     """Tokens a Train worker receives over `epochs` epochs, and the seconds from start to the last batch."""
-    from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, open_session
+    from llmray.data.pack import StreamSpec
+    from llmray.data.split import Documents
+    from llmray.data.stream import RankStream, StreamCoordinator
 
-    spec = StreamSpec(shards=tuple(shards), tokenizer=tokenizer, seq_len=512, seed=0, split="all",
+    spec = StreamSpec(Documents(shard_dir), tuple(shards), tokenizer=tokenizer, seq_len=512, seed=0, batch_docs=512,
                       max_epochs=epochs, actors=actors, cpus_per_actor=cpus / actors)
     start = time.perf_counter()
     coord = StreamCoordinator.remote(spec)
-    tokens = sum(b["input_ids"].size for b in RankStream(coord, open_session(coord, 1, 64), 0, prefetch=8))
+    tokens = sum(b["input_ids"].size for b in RankStream(coord, "bench", 0, 1, 64, prefetch=8))
     return tokens, time.perf_counter() - start
 
 
@@ -53,8 +55,8 @@ def main() -> None:
     base_tokens, base_s = baseline(shards, tok)
     base_tps = base_tokens / base_s
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    one_tokens, one_s = ray_stream(shards, tok, args.cpus, args.actors, epochs=1)
-    many_tokens, many_s = ray_stream(shards, tok, args.cpus, args.actors, epochs=args.epochs)
+    one_tokens, one_s = ray_stream(shard_dir, shards, tok, args.cpus, args.actors, epochs=1)
+    many_tokens, many_s = ray_stream(shard_dir, shards, tok, args.cpus, args.actors, epochs=args.epochs)
     ray.shutdown()
     # The marginal rate (extra tokens / extra seconds) leaves out the one-off start of Ray Data and the actors,
     # but keeps what every further epoch costs (a new Dataset, its actor pool, the first shard's latency).

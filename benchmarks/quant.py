@@ -70,9 +70,10 @@ def main() -> None:
     p.add_argument("--skip-large", action="store_true", help="skip part 3 (the random-init 91M model)")
     args = p.parse_args()
 
-    from llmray.config import GPU_ONLY_SCHEMES, QUANT_SCHEMES, QuantConfig, load_recipe
+    from llmray.config import QuantConfig, load_recipe
     from llmray.export import export
-    from llmray.quant import quantize_folder, report_text
+    from llmray.quant import GPU_ONLY_SCHEMES, SCHEMES
+    from llmray.quantize import quantize_folder, report_text
     from llmray.train.trainer import fit
 
     shards, tok = stdlib_corpus()
@@ -93,7 +94,7 @@ def main() -> None:
     full = str(root / "base-hf")
     export(base.checkpoint, full)
     on_gpu = torch.cuda.is_available()
-    schemes = [s for s in QUANT_SCHEMES if on_gpu or s not in GPU_ONLY_SCHEMES]
+    schemes = [s for s in SCHEMES if on_gpu or s not in GPU_ONLY_SCHEMES]
 
     def ptq_all(folder: str, tag: str, **kwargs) -> list[dict]:
         out = []
@@ -122,7 +123,7 @@ def main() -> None:
 
     large_rows, large_params = [], None
     if not args.skip_large:
-        from llmray.eval import HeldOut
+        from llmray.data.split import HeldOut
 
         large = random_llama(str(root / "large-hf"), tok, hidden=768, layers=12, heads=12, intermediate=2048)
         large_params = large

@@ -67,7 +67,7 @@ def engine_in_process(model_dir: str, tokens: int, count: int) -> float:
     """p50 seconds of one request through llmray's engine with no HTTP and no Serve in between."""
     from llmray.serve.engine import Engine, Sampling
 
-    engine = Engine(model_dir, max_batch_size=16, batch_wait_s=0.005)  # as served below
+    engine = Engine(model_dir, max_batch_size=16, batch_wait_s=0.005, device=None)  # as served below
 
     async def one(prompt: str) -> float:
         t0 = time.perf_counter()

@@ -37,16 +37,15 @@ def bare_worker(recipe_overrides: list[str], out: str) -> None:
     import torch.distributed as dist
 
     from llmray.config import load_recipe
-    from llmray.data.corpus import list_shards
     from llmray.data.pack import StreamSpec, TokenizePack
+    from llmray.data.split import Documents
     from llmray.train import loop
 
     recipe = load_recipe(RECIPE, recipe_overrides)
     deepspeed.init_distributed(dist_backend="nccl" if recipe.scaling.use_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     d, m = recipe.data, recipe.train.micro_batch_size
-    spec = StreamSpec(shards=tuple(s.path for s in list_shards(d.shards)), tokenizer=d.tokenizer, seq_len=d.seq_len,
-                      seed=recipe.run.seed, split="all")
+    spec = StreamSpec.of(Documents(d.shards), d.tokenizer, d.seq_len, recipe.run.seed, d.tokenize_batch_docs)
     packer = TokenizePack(spec)
     need = recipe.train.max_steps * recipe.train.global_batch_size
     rows = []
@@ -60,6 +59,16 @@ def bare_worker(recipe_overrides: list[str], out: str) -> None:
     batches = iter({"input_ids": data[j * per_micro + rank * m: j * per_micro + (rank + 1) * m]}
                    for j in range(len(data) // per_micro))
 
+    class InMemoryStream:  # the loop's Stream: batches, and a position it never resumes from here
+        def __next__(self):
+            return next(batches)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
     class ListSink:
         reports: list = []
 
@@ -68,7 +77,7 @@ def bare_worker(recipe_overrides: list[str], out: str) -> None:
 
     dist.barrier()
     sink = ListSink()
-    loop.train(recipe, batches, None, sink, verbose=rank == 0)
+    loop.train(recipe, InMemoryStream(), None, sink, verbose=rank == 0)
     if rank == 0:
         Path(out).write_text(json.dumps([{k: v for k, v in r.items() if isinstance(v, (int, float))}
                                          for r in sink.reports]))
@@ -101,7 +110,7 @@ def main() -> None:
 
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
         summary = fit(load_recipe(RECIPE, [*overrides, f"run.storage_path={tmp}/runs", "run.name=overhead"]))
-        ray_tps, wait = steady_tokens_per_s(read_state(summary.checkpoint)["history"])
+        ray_tps, wait = steady_tokens_per_s(read_state(summary.checkpoint).history)
         ray.shutdown()
     emit("train_overhead", {
         "steps": args.steps, "workers": 2, "overrides": BENCH + args.overrides,

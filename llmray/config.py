@@ -6,30 +6,41 @@ A wrong key or value fails here, naming the key, before Ray or any worker starts
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmray import storage
 from llmray.errors import LlmrayError
+from llmray.quant import GPU_ONLY_SCHEMES, INT4_GROUP_SIZES, SCHEMES
 
 
 class RecipeError(LlmrayError):
     """A recipe that cannot run; the message names the key."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str = "pretrain"
     storage_path: str = "./runs"  # local folder or s3:// gs:// URI
     seed: int = 1234
 
+    @property
+    def folder(self) -> str:
+        """The run's folder (absolute when local): its checkpoints, loss.png and summary.json."""
+        root = self.storage_path
+        if not storage.is_uri(root):
+            root = os.path.abspath(os.path.expanduser(root))
+        return storage.join(root, self.name)
 
-class DataConfig(_Strict):
+
+class DataConfig(Strict):
     shards: str  # folder or URI holding the Parquet shards written by `llmray data shard`
     val_shards: str | None = None  # held-out shard folder; if unset, a fraction of documents is held out
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
@@ -41,7 +52,7 @@ class DataConfig(_Strict):
     max_epochs: int | None = Field(None, ge=1)  # None: cycle the corpus until max_steps
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     pretrained: str | None = None  # local HF folder for continued pretraining; else built from scratch
     arch: str = "llama"  # any transformers model_type
     hidden_size: int = Field(64, gt=0)
@@ -59,7 +70,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     max_steps: int = Field(100, gt=0)
     micro_batch_size: int = Field(8, gt=0)
     global_batch_size: int = Field(16, gt=0)
@@ -110,7 +121,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class ScalingConfig(_Strict):
+class ScalingConfig(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float | Literal["auto"] = "auto"
@@ -119,18 +130,7 @@ class ScalingConfig(_Strict):
     max_failures: int = Field(0, ge=-1)
 
 
-# Quantization schemes (llmray/quant.py maps each to torchao); which run on CPU is part of the name's contract.
-QUANT_SCHEMES = {
-    "int8-weight-only": "int8 per-channel weights, activations in full precision (CPU and GPU)",
-    "int8-dynamic": "int8 per-token activations quantized at run time + int8 per-channel weights (CPU and GPU)",
-    "int8-dynamic-int4": "int8 per-token activations + int4 grouped weights, torchao's CPU/edge int4 (CPU and GPU)",
-    "int4-weight-only": "int4 grouped weights, bf16 activations, tinygemm kernel (CUDA GPUs sm80+ only)",
-}
-GPU_ONLY_SCHEMES = ("int4-weight-only",)
-INT4_GROUP_SIZES = (32, 64, 128, 256)
-
-
-class ZeroPPConfig(_Strict):
+class ZeroPPConfig(Strict):
     """DeepSpeed ZeRO++ communication quantization (GPU clusters, ZeRO-3)."""
 
     quantized_weights: bool = False  # zero_quantized_weights: int8 all-gather of weights
@@ -142,9 +142,9 @@ class ZeroPPConfig(_Strict):
         return self.quantized_weights or self.quantized_gradients or self.hpz_partition_size > 1
 
 
-class QuantConfig(_Strict):
+class QuantConfig(Strict):
     method: Literal["none", "ptq", "qat"] = "none"  # ptq: quantize the export; qat: fake-quantize while training
-    scheme: str | None = None  # one of QUANT_SCHEMES; required unless method is none
+    scheme: str | None = None  # one of SCHEMES; required unless method is none
     group_size: int = 32  # int4 schemes: weights per scale
     # Linear layers left in full precision, as transformers' `modules_to_not_convert` reads them: a name prefix up
     # to a module boundary, a regex, or a suffix. Embeddings are never quantized (only nn.Linear layers are).
@@ -154,8 +154,8 @@ class QuantConfig(_Strict):
     @field_validator("scheme")
     @classmethod
     def _known_scheme(cls, v):
-        if v is not None and v not in QUANT_SCHEMES:
-            raise ValueError(f"unknown scheme {v!r}; allowed: {', '.join(QUANT_SCHEMES)}")
+        if v is not None and v not in SCHEMES:
+            raise ValueError(f"unknown scheme {v!r}; allowed: {', '.join(SCHEMES)}")
         return v
 
     @field_validator("group_size")
@@ -168,11 +168,11 @@ class QuantConfig(_Strict):
     @model_validator(mode="after")
     def _scheme_with_method(self) -> "QuantConfig":
         if self.method != "none" and self.scheme is None:
-            raise ValueError(f"quant.method={self.method} needs quant.scheme (one of {', '.join(QUANT_SCHEMES)})")
+            raise ValueError(f"quant.method={self.method} needs quant.scheme (one of {', '.join(SCHEMES)})")
         return self
 
 
-class WandbConfig(_Strict):
+class WandbConfig(Strict):
     """W&B logging of a training run by rank 0 (a sweep's trials are logged by Ray Tune instead)."""
 
     project: str | None = None  # None: no W&B run
@@ -182,7 +182,7 @@ class WandbConfig(_Strict):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with WANDB_API_KEY, else offline
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -213,7 +213,7 @@ class Recipe(_Strict):
     def _quant_checks(self) -> None:
         q, s = self.quant, self.scaling
         if q.method != "none" and q.scheme in GPU_ONLY_SCHEMES and not s.use_gpu:
-            raise ValueError(f"quant.scheme={q.scheme} needs scaling.use_gpu=true: {QUANT_SCHEMES[q.scheme]}; "
+            raise ValueError(f"quant.scheme={q.scheme} needs scaling.use_gpu=true: {SCHEMES[q.scheme]}; "
                              "on CPU use int8-dynamic-int4 for int4 weights")
         if q.method != "none" and not (self.data.val_shards or self.data.val_fraction > 0):
             raise ValueError(f"quant.method={q.method} reports held-out perplexity before and after quantizing; "
@@ -235,6 +235,12 @@ class Recipe(_Strict):
     @property
     def tokens_per_step(self) -> int:
         return self.train.global_batch_size * self.data.seq_len
+
+
+def default(section: str, key: str) -> Any:
+    """A recipe key's declared default (`default("data", "seq_len")`), for the CLI and other entry points."""
+    field = Recipe.model_fields[section].annotation.model_fields[key]
+    return field.get_default(call_default_factory=True)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

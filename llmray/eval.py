@@ -1,22 +1,21 @@
 """Measuring a model folder without Ray: perplexity on held-out samples, generation speed, weights on disk.
 
-The held-out samples are the same a training run validates on: documents in the `val` hash bucket of the run's
-shards (or every document of separate validation shards), tokenized and packed by the training pipeline's own
-`TokenizePack`, called directly.
+The held-out samples are the same a training run validates on (`data.split` says which documents, and
+`pack.first_samples` packs them in the stream's order, without Ray).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmray.data.corpus import list_shards
-from llmray.data.pack import StreamSpec, TokenizePack
+from llmray.config import default
+from llmray.data.pack import StreamSpec, first_samples
+from llmray.data.split import HeldOut
 from llmray.errors import LlmrayError
 
 
@@ -24,36 +23,15 @@ class EvalError(LlmrayError):
     pass
 
 
-@dataclass(frozen=True)
-class HeldOut:
-    """Where held-out text comes from: `shards` whole (val_fraction 0), or their `val_fraction` hash bucket."""
-
-    shards: str
-    val_fraction: float = 0.0
-    seq_len: int = 256
-    seed: int = 1234
-
-    def describe(self) -> str:
-        part = f"the {self.val_fraction:g} held-out fraction of" if self.val_fraction else "all of"
-        return f"{part} {self.shards}, {self.seq_len}-token samples"
-
-
 def held_out_samples(held_out: HeldOut, tokenizer_dir: str, max_samples: int) -> np.ndarray:
-    """Up to `max_samples` packed rows of `seq_len` tokens, the same on every call."""
-    shards = tuple(s.path for s in list_shards(held_out.shards))
-    split = "val" if held_out.val_fraction > 0 else "all"
-    spec = StreamSpec(shards=shards, tokenizer=tokenizer_dir, seq_len=held_out.seq_len, seed=held_out.seed,
-                      split=split, val_fraction=held_out.val_fraction)
-    pack, rows, have = TokenizePack(spec), [], 0
-    for position, path in enumerate(shards):
-        for chunk in pack({"path": [path], "position": [position], "epoch": [0]}):
-            rows.append(chunk["input_ids"])
-            have += len(chunk["input_ids"])
-            if have >= max_samples:
-                return np.concatenate(rows)[:max_samples]
-    if not rows:
+    """Up to `max_samples` packed rows of `seq_len` tokens: the first validation samples of the run that
+    `held_out` describes, the same ones it validated on."""
+    spec = StreamSpec.of(held_out.documents, tokenizer_dir, held_out.seq_len, held_out.seed,
+                         batch_docs=default("data", "tokenize_batch_docs"))
+    samples = first_samples(spec, max_samples)
+    if not len(samples):
         raise EvalError(f"{held_out.describe()} holds fewer than {held_out.seq_len} tokens: nothing to measure on")
-    return np.concatenate(rows)
+    return samples
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

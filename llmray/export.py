@@ -1,27 +1,27 @@
 """`llmray export`: a training checkpoint (ZeRO shards of any stage, local or in object storage) into a plain
 Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads without llmray: config.json,
-model.safetensors (sharded when large), tokenizer files, generation_config.json."""
+model.safetensors (sharded when large), tokenizer files, generation_config.json, and its lineage. The folder may
+be local or in object storage (s3://, gs://); either way it is written whole or not at all."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from llmray import lineage, storage
 from llmray.config import recipe_from_dict
-from llmray.data import storage
+from llmray.data.split import held_out
 from llmray.errors import LlmrayError
 from llmray.model import build_config
 from llmray.outdir import free_target, staged
+from llmray.quantize import quantize_folder
 from llmray.train import checkpoint
 from llmray.train.safe_load import weights_only_loads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXPORT_INFO = "llmray_export.json"
 
 
 class ExportError(LlmrayError):
@@ -49,20 +49,6 @@ def consolidated_state_dict(directory: str, zero_stage: int) -> dict[str, torch.
         return get_fp32_state_dict_from_zero_checkpoint(directory, tag=checkpoint.TAG)
 
 
-def held_out_info(recipe) -> dict:
-    """The run's validation split as `eval.HeldOut` fields, so `llmray quantize` on this export measures on the
-    same held-out text."""
-    from dataclasses import asdict
-
-    from llmray.eval import HeldOut
-
-    d = recipe.data
-    if not (d.val_shards or d.val_fraction > 0):
-        return {}
-    shards, fraction = (d.val_shards, 0.0) if d.val_shards else (d.shards, d.val_fraction)
-    return asdict(HeldOut(shards, fraction, d.seq_len, recipe.run.seed))
-
-
 def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2GB", overwrite: bool = False,
            full_precision: bool = False) -> dict:
     """Write the Hugging Face folder `out` (whole, or not at all); returns what was written. A run whose recipe
@@ -72,7 +58,7 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    out_path = free_target(out, overwrite)
+    target = free_target(out, overwrite)
     state = checkpoint.verify(ckpt)
     recipe = recipe_from_dict(state["recipe"])
     quantize = recipe.quant.method != "none" and not full_precision
@@ -90,21 +76,22 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
     model.to(DTYPES[dtype]).eval()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    info = {"checkpoint": ckpt, "step": state["step"], "tokens": state["tokens"], "dtype": dtype,
-            "parameters": sum(p.numel() for p in model.parameters()), "zero_stage": recipe.train.zero_stage,
-            "world_size": state.get("world_size"), "held_out": held_out_info(recipe)}
-    full = out_path.with_name(f".{out_path.name}.full-precision") if quantize else out_path
-    with staged(full) as partial:
-        model.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(partial)
-        Path(partial, EXPORT_INFO).write_text(json.dumps(info, indent=1))
-    result = {**info, "out": str(out_path)}
-    if quantize:
-        from llmray.quant import quantize_folder
+    info = lineage.record_export(
+        held_out(recipe), checkpoint=ckpt, step=state["step"], tokens=state["tokens"], dtype=dtype,
+        parameters=sum(p.numel() for p in model.parameters()), zero_stage=recipe.train.zero_stage,
+        world_size=state.get("world_size"))
 
-        try:
-            result["quant_report"] = quantize_folder(str(full), str(out_path), recipe.quant, overwrite=overwrite,
-                                                     method=recipe.quant.method)
-        finally:
-            shutil.rmtree(full, ignore_errors=True)
-    return {**result, "files": sorted(p.name for p in out_path.iterdir())}
+    def write(folder: Path) -> list[str]:
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(folder)
+        lineage.write(folder, info)
+        return sorted(p.name for p in folder.iterdir())
+
+    if not quantize:
+        with staged(target) as partial:
+            files = write(partial)
+        return {**info, "out": target, "files": files}
+    with tempfile.TemporaryDirectory(prefix="llmray-full-precision-") as full:
+        write(Path(full))
+        report = quantize_folder(full, target, recipe.quant, overwrite=overwrite, method=recipe.quant.method)
+    return {**info, "out": target, "files": report["files"], "quant_report": report}

@@ -1,5 +1,6 @@
 """The model: any `transformers` causal-LM config built from scratch (Llama-style by default), or a local HF
-folder for continued pretraining; and the FLOPs arithmetic that MFU is reported from."""
+folder for continued pretraining; loading a folder for inference; and the FLOPs arithmetic that MFU is reported
+from."""
 
 from __future__ import annotations
 
@@ -47,6 +48,21 @@ def build_model(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.fl
                              f"fewer than the tokenizer's {vocab_size} tokens")
         return model
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+
+
+def inference_device(device: str | None = None) -> torch.device:
+    """The device a model is measured or served on: as asked, else the GPU when there is one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_for_inference(folder: str, device: torch.device, quantization_config=None) -> torch.nn.Module:
+    """A Hugging Face folder loaded for generation: bf16 on a GPU (tinygemm int4 takes bf16 activations), fp32 on
+    CPU. On a GPU the weights load (and quantize) straight onto it: GPU packings must be made there."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    if device.type == "cuda":
+        kwargs["device_map"] = str(device)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
 
 
 def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:

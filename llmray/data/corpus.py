@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmray.data import storage
+from llmray import storage
 from llmray.data.shard import MANIFEST
 from llmray.errors import LlmrayError
 

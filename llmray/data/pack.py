@@ -7,33 +7,38 @@ profiler can call it directly.
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from llmray.data import storage
+from llmray import storage
+from llmray.data.corpus import list_shards
+from llmray.data.split import Documents
 
-VAL_BUCKETS = 10_000
 CHUNK_SAMPLES = 512  # packed samples per yielded block: the unit of Ray Data transfer and of shuffling
 
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything that fixes the stream's content and order."""
+    """Everything that fixes the stream's content and order, and the resources that make it."""
 
-    shards: tuple[str, ...]
+    documents: Documents
+    shards: tuple[str, ...]  # the shard files of documents.location, in listing order
     tokenizer: str
     seq_len: int
     seed: int
-    split: str = "train"  # "train": documents outside the held-out fraction; "val": inside it; "all": every one
-    val_fraction: float = 0.0
-    batch_docs: int = 512
+    batch_docs: int
     actors: int = 1
     cpus_per_actor: float = 1.0
     max_epochs: int | None = None
+
+    @classmethod
+    def of(cls, documents: Documents, tokenizer: str, seq_len: int, seed: int, batch_docs: int, **resources
+           ) -> "StreamSpec":
+        shards = tuple(s.path for s in list_shards(documents.location))
+        return cls(documents, shards, tokenizer, seq_len, seed, batch_docs, **resources)
 
     def shard_order(self, epoch: int) -> list[int]:
         """Shard visiting order for an epoch: a seeded permutation, identical on every run."""
@@ -54,10 +59,6 @@ class StreamCursor:
         return cls(int(epoch), int(position), int(offset) + 1)
 
 
-def is_val_doc(doc_id: str, fraction: float) -> bool:
-    return zlib.crc32(doc_id.encode()) % VAL_BUCKETS < fraction * VAL_BUCKETS
-
-
 class TokenizePack:
     """Ray Data actor: one shard in, its documents tokenized and packed into `seq_len` blocks out."""
 
@@ -75,14 +76,14 @@ class TokenizePack:
     def _texts(self, path: str) -> Iterator[list[str]]:
         fs, p = storage.resolve(path)
         pf = pq.ParquetFile(fs.open_input_file(p))
-        columns = ["text", "doc_id"] if "doc_id" in pf.schema_arrow.names and self.spec.split != "all" else ["text"]
+        docs = self.spec.documents
+        columns = ["text", "doc_id"] if "doc_id" in pf.schema_arrow.names and docs.part != "all" else ["text"]
         row = 0
         for batch in pf.iter_batches(columns=columns, batch_size=self.spec.batch_docs):
             texts = batch.column(0).to_pylist()
-            if self.spec.split != "all":
+            if docs.part != "all":
                 ids = batch.column(1).to_pylist() if len(columns) == 2 else [f"{path}#{row + i}" for i in range(len(texts))]
-                want_val = self.spec.split == "val"
-                texts = [t for t, d in zip(texts, ids) if is_val_doc(d, self.spec.val_fraction) == want_val]
+                texts = [t for t, d in zip(texts, ids) if docs.wants(d)]
             row += batch.num_rows
             yield [t for t in texts if t]
 
@@ -128,3 +129,16 @@ class TokenizePack:
             "sample": (first + order).astype(np.int64)[keep],  # packed sample's index within its shard: its id
             "offset": np.arange(first, first + n, dtype=np.int64)[keep],  # its place in the shard's output order
         }
+
+
+def first_samples(spec: StreamSpec, n: int) -> np.ndarray:
+    """The first `n` packed samples of epoch 0 (fewer if the documents hold fewer), exactly as the stream orders
+    them, made here without Ray: the fixed validation set of a run, and what `llmray quantize` measures on."""
+    pack, rows, have = TokenizePack(spec), [], 0
+    for position, shard in enumerate(spec.shard_order(0)):
+        for chunk in pack({"path": [spec.shards[shard]], "position": [position], "epoch": [0]}):
+            rows.append(chunk["input_ids"])
+            have += len(chunk["input_ids"])
+            if have >= n:
+                return np.concatenate(rows)[:n]
+    return np.concatenate(rows) if rows else np.zeros((0, spec.seq_len), dtype=np.int32)

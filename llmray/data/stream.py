@@ -5,7 +5,8 @@
                                                       packed into seq_len blocks; shuffled within chunks, seeded
            ─► StreamCoordinator (one actor)          cuts the ordered stream into global micro-batches and
                                                       hands rank r rows [r*m, (r+1)*m) of each
-           ─► RankStream on each worker              prefetching iterator of torch tensors
+           ─► RankStream on each worker              prefetching iterator of micro-batches; its
+                                                      state_dict() is the position a checkpoint stores
 
 Why not `streaming_split`: it hands blocks to whichever worker asks first, so which sample lands on which
 rank, and in what order, changes from run to run (ray #58658). Here the global order is a function of the
@@ -14,14 +15,14 @@ seed alone: the same global batch reaches 1 worker or 8, and a run can later res
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections import deque
+from dataclasses import asdict
 from typing import Iterator
 
 import numpy as np
 import ray
 
+from llmray import logs
 from llmray.data.pack import StreamCursor, StreamSpec, TokenizePack
 
 
@@ -44,7 +45,6 @@ def build_dataset(spec: StreamSpec, epoch: int, start: StreamCursor | None = Non
         num_cpus=spec.cpus_per_actor,
     )
     ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False  # training prints its own progress; Ray Data's bars flood the log
     return ds
 
 
@@ -60,21 +60,9 @@ def iter_epochs(spec: StreamSpec, start: StreamCursor | None = None) -> Iterator
             produced += len(batch["input_ids"])
             yield batch
         if produced == 0 and not resumed:
-            raise ValueError(f"the {spec.split} split of the corpus holds fewer than seq_len={spec.seq_len} tokens")
+            raise ValueError(f"the {spec.documents.part} documents of {spec.documents.location} hold fewer than "
+                             f"seq_len={spec.seq_len} tokens")
         epoch += 1
-
-
-def take_samples(spec: StreamSpec, n: int) -> np.ndarray:
-    """The first `n` packed samples of epoch 0 (fewer if the split is smaller): a fixed evaluation set."""
-    out, have = [], 0
-    for batch in build_dataset(spec, 0).iter_batches(batch_size=None, batch_format="numpy"):
-        out.append(batch["input_ids"])
-        have += len(batch["input_ids"])
-        if have >= n:
-            break
-    if not out:
-        return np.zeros((0, spec.seq_len), dtype=np.int32)
-    return np.concatenate(out)[:n]
 
 
 @ray.remote(num_cpus=0)
@@ -88,6 +76,7 @@ class StreamCoordinator:
     """
 
     def __init__(self, spec: StreamSpec):
+        logs.quiet_here()
         self.spec = spec
         self.session: str | None = None
 
@@ -139,31 +128,39 @@ class StreamCoordinator:
         return self.queues[rank].popleft()
 
 
-def open_session(coordinator, world_size: int, rows_per_rank: int, start: StreamCursor | None = None,
-                 session: str | None = None) -> str:
-    """Start (or restart) the coordinator's stream at `start` for a group of `world_size` ranks."""
-    session = session or uuid.uuid4().hex
-    ray.get(coordinator.open.remote(session, start, world_size, rows_per_rank))
-    return session
-
-
 class RankStream:
-    """A worker's view of the stream: an iterator of micro-batches, prefetched, with the wait time counted."""
+    """A worker's view of the stream: an iterator of its micro-batches, prefetched, and the stream's position.
 
-    def __init__(self, coordinator, session: str, rank: int, prefetch: int = 4):
-        self.coord, self.session, self.rank, self.prefetch = coordinator, session, rank, prefetch
-        self.wait_seconds = 0.0
-        self.inflight: deque = deque()
+    Stateful in torchtitan's sense: `state_dict()` is the position after the last micro-batch this rank took
+    (the same on every rank after a step), what a checkpoint stores; `load_state_dict()` before the first batch
+    starts the stream there. The first `next()` opens this worker group's session on the coordinator.
+    """
+
+    def __init__(self, coordinator, session: str, rank: int, world_size: int, rows_per_rank: int, prefetch: int):
+        self.coord, self.session, self.rank = coordinator, session, rank
+        self.world_size, self.rows_per_rank, self.prefetch = world_size, rows_per_rank, prefetch
+        self.position: StreamCursor | None = None  # None: the beginning
+        self.inflight: deque | None = None  # None: the session is not open yet
+
+    def state_dict(self) -> dict:
+        return asdict(self.position) if self.position is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.inflight is not None:
+            raise RuntimeError("a stream's position can only be set before its first batch")
+        self.position = StreamCursor(**state) if state else None
 
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
+        if self.inflight is None:
+            ray.get(self.coord.open.remote(self.session, self.position, self.world_size, self.rows_per_rank))
+            self.inflight = deque()
         while len(self.inflight) < self.prefetch:
             self.inflight.append(self.coord.next.remote(self.session, self.rank))
-        t0 = time.perf_counter()
         batch = ray.get(self.inflight.popleft())
-        self.wait_seconds += time.perf_counter() - t0
         if batch is None:
             raise StopIteration
+        self.position = batch.pop("cursor")
         return batch

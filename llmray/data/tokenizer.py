@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from llmray.data import storage
+from llmray import storage
 from llmray.data.corpus import list_shards
 from llmray.errors import LlmrayError
 
@@ -25,6 +25,9 @@ def iter_texts(location: str, batch_docs: int = 1024) -> Iterator[list[str]]:
         fs, path = storage.resolve(shard.path)
         for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(columns=["text"], batch_size=batch_docs):
             yield batch.column(0).to_pylist()
+
+
+DEFAULT_VOCAB_SIZE = 8000  # `llmray tokenizer train` without --vocab-size
 
 
 def train_tokenizer(shards: str, vocab_size: int, out: str, max_docs: int | None = None) -> PreTrainedTokenizerFast:

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from llmray.data import storage
+from llmray import storage
 from llmray.errors import LlmrayError
 from llmray.serve.engine import Engine, Finished, Sampling
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, error
@@ -76,8 +76,8 @@ app = FastAPI(title="llmray", description="OpenAI-compatible completions and cha
 @serve.deployment(name="OpenAIServer", max_ongoing_requests=64)
 @serve.ingress(app)
 class OpenAIServer:
-    def __init__(self, args: dict):
-        self.args = ServeArgs.model_validate(args)
+    def __init__(self, args: ServeArgs):  # validated once, by build_app
+        self.args = args
         self.api_key = self.args.api_key or os.environ.get("LLMRAY_API_KEY")
         self.engines = {m.id: Engine(_local(m.path), self.args.max_batch_size, self.args.batch_wait_ms / 1000,
                                      self.args.device) for m in self.args.models}
@@ -274,11 +274,11 @@ class OpenAIServer:
         return await self._answer(request, ChatCompletionRequest, "chat")
 
 
-def build_app(args: dict, **deployment_options) -> serve.Application:
+def build_app(args: dict | ServeArgs, **deployment_options) -> serve.Application:
     """`import_path: llmray.serve.app:build_app` in a Serve config; `args` as in `ServeArgs`. Keyword options
     (num_replicas, ray_actor_options, autoscaling_config, ...) go to the deployment, as `deployments:` would."""
     try:
-        parsed = ServeArgs.model_validate(args)
+        parsed = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     except ValidationError as e:
         raise ServeConfigError(f"serve args: {e}") from None
     if parsed.engine == "vllm":
@@ -286,7 +286,7 @@ def build_app(args: dict, **deployment_options) -> serve.Application:
     local = [m.model_copy(update={"path": m.path if storage.is_uri(m.path) else os.path.abspath(m.path)})
              for m in parsed.models]  # replicas do not start in the caller's folder
     deployment = OpenAIServer.options(**deployment_options) if deployment_options else OpenAIServer
-    return deployment.bind(parsed.model_copy(update={"models": local}).model_dump())
+    return deployment.bind(parsed.model_copy(update={"models": local}))
 
 
 def _vllm_app(args: ServeArgs) -> serve.Application:

@@ -19,7 +19,9 @@ from typing import AsyncIterator
 
 import torch
 from tokenizers.decoders import DecodeStream
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, DynamicCache
+
+from llmray.model import inference_device, load_for_inference
 
 
 @dataclass
@@ -73,15 +75,11 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class Engine:
-    def __init__(self, model_dir: str, max_batch_size: int = 16, batch_wait_s: float = 0.01,
-                 device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_s: float, device: str | None):
+        self.device = inference_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.backend = self.tokenizer.backend_tokenizer
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        # On a GPU, load (and, for torchao folders, unpack) weights straight onto it: GPU int4 packings are made there.
-        placement = {"device_map": str(self.device)} if self.device.type == "cuda" else {}
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **placement).to(self.device).eval()
+        self.model = load_for_inference(model_dir, self.device)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos

@@ -7,9 +7,10 @@ import json
 import math
 from pathlib import Path
 
+from llmray import metric_names as M
 from llmray.sweep.spec import SweepSpec
 
-SHOWN = ("val_ppl", "loss", "quant_ppl", "quant_size_ratio", "tokens_per_s", "step", "tokens")
+SHOWN = (M.VAL_PPL, M.LOSS, M.QUANT_PPL, M.QUANT_SIZE_RATIO, M.TOKENS_PER_S, M.STEP, M.TOKENS)
 
 
 def trial_rows(spec: SweepSpec, result_grid) -> list[dict]:

@@ -22,7 +22,9 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from llmray.data import storage
+from llmray import metric_names as M
+from llmray import storage
+from llmray.cluster import ensure_ray
 from llmray.sweep.spec import SweepError, SweepSpec
 
 DRIVER_CPU = 0.01  # what each trial's driver function holds; its TorchTrainer budgets from the rest
@@ -111,15 +113,15 @@ def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: fl
     params = {k: config[k] for k in spec.parameters}
     recipe = spec.trial_recipe(params, storage.join(sweep_dir, TRIALS_DIR), context.get_trial_id())
     summary = fit(recipe, callbacks=[TuneReportCallback()], cpus_available=cpus_per_trial)
-    final = {"step": summary.steps, "tokens": summary.tokens, "loss": summary.final_loss, "val_loss": summary.val_loss,
-             "val_ppl": summary.val_ppl, "tokens_per_s": summary.tokens_per_s, "checkpoint_dir": summary.checkpoint,
+    final = {M.STEP: summary.steps, M.TOKENS: summary.tokens, M.LOSS: summary.final_loss, M.VAL_LOSS: summary.val_loss,
+             M.VAL_PPL: summary.val_ppl, M.TOKENS_PER_S: summary.tokens_per_s, "checkpoint_dir": summary.checkpoint,
              "completed": True}  # Tune's own "done" is also set on trials its scheduler stopped
     if recipe.quant.method != "none" and summary.checkpoint:
         report = export(summary.checkpoint, str(Path(context.get_trial_dir(), "export")), overwrite=True)["quant_report"]
         a = report["after"]
-        final.update(quant_ppl=a["ppl"], quant_loss=a["loss"], quant_weights_bytes=a["weights_bytes"],
-                     quant_size_ratio=report["size_ratio"], quant_tokens_per_s=a["tokens_per_s"],
-                     export_dir=report["out"])
+        final.update({M.QUANT_PPL: a["ppl"], M.QUANT_LOSS: a["loss"], M.QUANT_WEIGHTS_BYTES: a["weights_bytes"],
+                      M.QUANT_SIZE_RATIO: report["size_ratio"], M.QUANT_TOKENS_PER_S: a["tokens_per_s"],
+                      "export_dir": report["out"]})
     tune.report({k: v for k, v in final.items() if v is not None})
 
 
@@ -197,7 +199,6 @@ def run_sweep(spec: SweepSpec) -> dict:
     """Run (or resume) the sweep; returns where its results went."""
     from llmray.export import export
     from llmray.sweep.results import leaderboard, plot, trial_rows, write_tables
-    from llmray.train.trainer import ensure_ray
 
     # Training reports carry loss and (when evaluating) val_*; quant_* arrive with a trial's last report. Tune would
     # otherwise stop the sweep at the first report without the metric (spec.check has already checked its name).

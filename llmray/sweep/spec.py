@@ -14,11 +14,13 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from llmray import metric_names as M
 from llmray.config import (
     Recipe,
     RecipeError,
+    Strict,
     apply_overrides,
     describe_validation_error,
     read_recipe_file,
@@ -41,19 +43,13 @@ WANDB_DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_u
 SUPPORTED_DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
                            "log_uniform_values", "q_log_uniform", "q_log_uniform_values", "normal", "q_normal")
 # Metrics a trial reports to Tune (and W&B) while it trains, and those only its end knows (when it quantizes).
-TRAINING_METRICS = ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu")
-FINAL_METRICS = ("quant_ppl", "quant_loss", "quant_weights_bytes", "quant_size_ratio", "quant_tokens_per_s")
-METRICS = TRAINING_METRICS + FINAL_METRICS
+METRICS = M.WHILE_TRAINING + M.AT_THE_END
 CHECK_STORAGE = "/tmp/llmray-sweep-check"  # a placeholder run folder for recipes built only to be validated
 # Sizes whose every drawn value must divide the batch arithmetic: only explicit values are accepted.
 DISCRETE_ONLY = ("train.global_batch_size", "train.micro_batch_size", "scaling.num_workers")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Param(_Strict):
+class Param(Strict):
     value: Any = None
     values: list[Any] | None = None
     probabilities: list[float] | None = None
@@ -121,8 +117,8 @@ class Param(_Strict):
         return [self.min, self.max]
 
 
-class Metric(_Strict):
-    name: str = "val_ppl"
+class Metric(Strict):
+    name: str = M.VAL_PPL
     goal: Literal["minimize", "maximize"] = "minimize"
 
     @property
@@ -130,7 +126,7 @@ class Metric(_Strict):
         return "min" if self.goal == "minimize" else "max"
 
 
-class EarlyTerminate(_Strict):
+class EarlyTerminate(Strict):
     type: Literal["hyperband"]
     min_iter: int | None = Field(None, gt=0)  # in the budget's unit (steps or tokens)
     max_iter: int | None = Field(None, gt=0)
@@ -149,7 +145,7 @@ class EarlyTerminate(_Strict):
         return self.min_iter if self.min_iter is not None else max(1, int(self.max_iter / self.eta ** self.s))
 
 
-class Budget(_Strict):
+class Budget(Strict):
     steps: int | None = Field(None, gt=0)
     tokens: int | None = Field(None, gt=0)
 
@@ -168,7 +164,7 @@ class Budget(_Strict):
         return self.steps if self.steps is not None else self.tokens
 
 
-class LlmrayBlock(_Strict):
+class LlmrayBlock(Strict):
     recipe: str  # the base recipe every trial starts from
     overrides: list[str] = Field(default_factory=list)  # key=value on top of it, before the swept keys
     budget: Budget
@@ -181,7 +177,7 @@ class LlmrayBlock(_Strict):
     export_best: bool = True  # export the best trial's last checkpoint as a Hugging Face folder
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Strict):
     # W&B's keys
     name: str
     project: str = "llmray"
@@ -207,9 +203,9 @@ class SweepSpec(_Strict):
             raise ValueError(f"run_cap: method {self.method} draws trials until run_cap; set it")
         if self.metric.name not in METRICS:
             raise ValueError(f"metric.name: {self.metric.name!r} is not reported by trials ({', '.join(METRICS)})")
-        if self.early_terminate is not None and self.metric.name in FINAL_METRICS:
+        if self.early_terminate is not None and self.metric.name in M.AT_THE_END:
             raise ValueError(f"early_terminate: hyperband compares trials while they train, but {self.metric.name} "
-                             f"is known only when a trial ends; use one of {', '.join(TRAINING_METRICS)}")
+                             f"is known only when a trial ends; use one of {', '.join(M.WHILE_TRAINING)}")
         for key in DISCRETE_ONLY:
             p = self.parameters.get(key)
             if p is not None and p.distribution not in ("categorical", "constant"):

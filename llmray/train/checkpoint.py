@@ -4,16 +4,16 @@ A checkpoint folder holds:
   state/                 DeepSpeed's engine states, each rank writing its own ZeRO shards (universal-ready)
   rng/rank-R.json        each rank's Python, NumPy and torch RNG states
   tokenizer/             the tokenizer, so the checkpoint alone can be exported or served
-  llmray_state.json      rank 0: step, tokens, metric history, stream cursor, world size, recipe
+  llmray_state.json      rank 0: the run's TrainState (step, tokens, history, stream position, world size, recipe)
   done/rank-R.json       written last by each rank: the files it wrote and their sizes
 
 A checkpoint counts as complete only when every rank's `done` marker is there and every file it lists has its
 size; anything less (a crash mid-upload, a truncated copy) is reported as incomplete and never resumed from.
+This module owns the folder's layout; what to resume and how is `resume.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -24,20 +24,15 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from llmray.data import storage
+from llmray import storage
 from llmray.errors import LlmrayError
-from llmray.train.safe_load import weights_only_loads
+from llmray.train.state import TrainState
 
 TAG = "state"  # DeepSpeed sub-folder; fixed so a checkpoint's layout never depends on the step
 STATE_FILE = "llmray_state.json"
 DONE_DIR = "done"
 RNG_DIR = "rng"
 TOKENIZER_DIR = "tokenizer"
-UNIVERSAL_DIR = "universal"
-
-# What must match for a checkpoint to be resumed: the model's shape and the stream's content and order.
-RESUME_KEYS = ("model", "data.seq_len", "data.shards", "data.val_shards", "data.val_fraction", "run.seed",
-               "train.zero_stage")
 
 
 class CheckpointError(LlmrayError):
@@ -46,7 +41,7 @@ class CheckpointError(LlmrayError):
 
 # ---- writing ---------------------------------------------------------------------------------------------
 
-def save(engine, directory: str, state: dict, rank: int, tokenizer=None) -> None:
+def save(directory: str, rank: int, engine, state: TrainState, tokenizer=None) -> None:
     """Every rank calls this with its own (empty) folder; Ray Train merges the folders into one checkpoint."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -61,7 +56,7 @@ def save(engine, directory: str, state: dict, rank: int, tokenizer=None) -> None
     if rank == 0:
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
-        _write_json(Path(directory, STATE_FILE), state)
+        _write_json(Path(directory, STATE_FILE), state.to_json())
     files = {str(p.relative_to(directory)): p.stat().st_size for p in Path(directory).rglob("*") if p.is_file()}
     _write_json(Path(directory, DONE_DIR, f"rank-{rank}.json"), {"files": files})
 
@@ -108,14 +103,14 @@ def _read_json(fs: pafs.FileSystem, path: str, what: str, ckpt: str) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} is truncated: {what} is not valid JSON") from None
 
 
-def verify(uri: str) -> dict:
+def verify(uri: str) -> TrainState:
     """The checkpoint's state, after checking that every rank finished writing it (local path or URI)."""
     fs, root = storage.resolve(uri)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise CheckpointError(f"checkpoint {uri} does not exist")
-    state = _read_json(fs, storage.join(root, STATE_FILE), STATE_FILE, uri)
+    state = read_state(uri)
     infos = {i.path: i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))}
-    for rank in range(state.get("world_size", 1)):
+    for rank in range(state.world_size):
         done = _read_json(fs, storage.join(root, DONE_DIR, f"rank-{rank}.json"), f"rank {rank}'s completion marker",
                           uri)
         for rel, size in done["files"].items():
@@ -127,9 +122,10 @@ def verify(uri: str) -> dict:
     return state
 
 
-def read_state(uri: str) -> dict:
+def read_state(uri: str) -> TrainState:
+    """The checkpoint's state, unverified (the run's history, for a summary or a plot)."""
     fs, root = storage.resolve(uri)
-    return _read_json(fs, storage.join(root, STATE_FILE), STATE_FILE, uri)
+    return TrainState.from_json(_read_json(fs, storage.join(root, STATE_FILE), STATE_FILE, uri))
 
 
 def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
@@ -143,57 +139,10 @@ def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
             continue
         uri = storage.join(run_uri, info.base_name)
         try:
-            found.append((verify(uri)["step"], uri))
+            found.append((verify(uri).step, uri))
         except CheckpointError as e:
             print(f"[llmray] skipping {e}", flush=True)
     return sorted(found)
-
-
-def _get(d: dict, dotted: str):
-    for key in dotted.split("."):
-        d = d.get(key) if isinstance(d, dict) else None
-    return d
-
-
-def check_compatible(state: dict, recipe: dict, vocab_size: int, uri: str) -> None:
-    """Refuse to resume a checkpoint whose model shape or data stream differs from the recipe's."""
-    saved = state["recipe"]
-    diffs = [f"{k}: checkpoint {_get(saved, k)!r}, recipe {_get(recipe, k)!r}" for k in RESUME_KEYS
-             if _get(saved, k) != _get(recipe, k)]
-    if state.get("vocab_size") not in (None, vocab_size):
-        diffs.append(f"tokenizer vocabulary: checkpoint {state['vocab_size']}, recipe {vocab_size}")
-    if diffs:
-        raise CheckpointError(f"checkpoint {uri} cannot be resumed with this recipe; it differs in "
-                              + "; ".join(diffs))
-
-
-# ---- loading into an engine -------------------------------------------------------------------------------
-
-def needs_universal(state: dict, world_size: int, zero_stage: int) -> bool:
-    """ZeRO 1-3 shards are cut for the world size that wrote them; another world size loads them re-partitioned."""
-    return zero_stage > 0 and state.get("world_size", world_size) != world_size
-
-
-def to_universal(directory: str) -> str:
-    """Convert the DeepSpeed states under `directory` into DeepSpeed's universal (world-size free) layout."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    out = os.path.join(directory, UNIVERSAL_DIR)
-    args = argparse.Namespace(input_folder=os.path.join(directory, TAG), output_folder=os.path.join(out, TAG),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
-    with weights_only_loads():
-        ds_to_universal(args)
-    Path(out, "latest").write_text(TAG)
-    return out
-
-
-def load(engine, directory: str, universal: bool) -> None:
-    source = to_universal(directory) if universal else directory
-    with weights_only_loads():
-        load_path, _ = engine.load_checkpoint(source, tag=TAG)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no states to load in checkpoint {directory}")
 
 
 def scratch_dir() -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from llmray import metric_names as M
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -15,7 +17,7 @@ def format_duration(seconds: float) -> str:
 
 @dataclass
 class Window:
-    """Steps since the last report: wall time, tokens, and time spent waiting for the data stream."""
+    """Steps since the last report: wall time, tokens, training loss, and time spent waiting for the data stream."""
 
     tokens_per_step: int
     world_size: int
@@ -24,39 +26,49 @@ class Window:
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
     data_wait: float = 0.0
+    loss_sum: object = 0.0  # a device tensor once steps are added: summed without a host sync per step
+
+    def add_step(self, loss) -> None:
+        self.steps += 1
+        self.loss_sum = self.loss_sum + loss
+
+    @property
+    def loss(self) -> float:
+        """Mean step loss over the window (NaN when it holds no step)."""
+        return float(self.loss_sum) / self.steps if self.steps else float("nan")
 
     def close(self, now: float | None = None) -> dict:
         now = time.perf_counter() if now is None else now
         elapsed = max(now - self.start, 1e-9)
         tokens_per_s = self.steps * self.tokens_per_step / elapsed
         out = {
-            "step_time_s": elapsed / max(self.steps, 1),
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_worker": tokens_per_s / self.world_size,
-            "data_wait_share": self.data_wait / elapsed,
+            M.STEP_TIME_S: elapsed / max(self.steps, 1),
+            M.TOKENS_PER_S: tokens_per_s,
+            M.TOKENS_PER_S_PER_WORKER: tokens_per_s / self.world_size,
+            M.DATA_WAIT_SHARE: self.data_wait / elapsed,
         }
         if self.peak_flops_per_worker:
-            out["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops_per_worker * self.world_size)
-        self.start, self.steps, self.data_wait = now, 0, 0.0
+            out[M.MFU] = self.flops_per_token * tokens_per_s / (self.peak_flops_per_worker * self.world_size)
+        self.start, self.steps, self.data_wait, self.loss_sum = now, 0, 0.0, 0.0
         return out
 
 
 def progress_line(m: dict, max_steps: int, started: float, first_step: int) -> str:
-    done = m["step"] - first_step
+    done = m[M.STEP] - first_step
     elapsed = time.perf_counter() - started
-    eta = elapsed / max(done, 1) * (max_steps - m["step"])
+    eta = elapsed / max(done, 1) * (max_steps - m[M.STEP])
     parts = [
-        f"step {m['step']}/{max_steps}",
-        f"loss {m['loss']:.4f}",
-        f"lr {m['lr']:.2e}",
-        f"{m['tokens_per_s']:,.0f} tok/s",
-        f"data wait {100 * m['data_wait_share']:.1f}%",
+        f"step {m[M.STEP]}/{max_steps}",
+        f"loss {m[M.LOSS]:.4f}",
+        f"lr {m[M.LR]:.2e}",
+        f"{m[M.TOKENS_PER_S]:,.0f} tok/s",
+        f"data wait {100 * m[M.DATA_WAIT_SHARE]:.1f}%",
     ]
-    if m.get("grad_norm") is not None:
-        parts.insert(3, f"gnorm {m['grad_norm']:.2f}")
-    if "mfu" in m:
-        parts.append(f"MFU {100 * m['mfu']:.1f}%")
-    if "val_loss" in m:
-        parts.append(f"val {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f})")
+    if m.get(M.GRAD_NORM) is not None:
+        parts.insert(3, f"gnorm {m[M.GRAD_NORM]:.2f}")
+    if M.MFU in m:
+        parts.append(f"MFU {100 * m[M.MFU]:.1f}%")
+    if M.VAL_LOSS in m:
+        parts.append(f"val {m[M.VAL_LOSS]:.4f} (ppl {m[M.VAL_PPL]:.1f})")
     parts.append(f"ETA {format_duration(eta)}")
     return "[llmray] " + " | ".join(parts)

@@ -1,32 +1,35 @@
-"""The driver: check the inputs, budget CPUs, start the token stream, launch Ray Train, summarise the run."""
+"""The driver: check the inputs, decide where the run starts, budget CPUs, start the token stream, launch Ray
+Train (each worker runs `worker.train_loop_per_worker`), summarise the run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import posixpath
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from llmray.config import Recipe, RecipeError, recipe_from_dict
-from llmray.data import storage
-from llmray.data.corpus import list_shards
-from llmray.data.pack import StreamCursor
-from llmray.data.stream import RankStream, StreamCoordinator, StreamSpec, open_session, take_samples
+from llmray import logs, storage
+from llmray import metric_names as M
+from llmray.cluster import ensure_ray
+from llmray.config import Recipe, RecipeError
+from llmray.data.pack import StreamSpec, first_samples
+from llmray.data.split import train_and_held_out
+from llmray.data.stream import StreamCoordinator
 from llmray.data.tokenizer import load_tokenizer
 from llmray.model import build_config
-from llmray.train import checkpoint
+from llmray.train import checkpoint, resume
 from llmray.train.plot import plot_loss
-from llmray.train.wandb_log import WandbSink, wandb_env
-
-REPORT_MIN_INTERVAL_S = 2.5  # Ray Train's controller polls workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
+from llmray.train.wandb_log import wandb_env
+from llmray.train.worker import train_loop_per_worker
 
 
 @dataclass
@@ -61,16 +64,20 @@ class Summary:
         return "\n".join(lines)
 
 
-def check_inputs(recipe: Recipe) -> tuple[list[str], list[str] | None, int]:
-    """Everything that can be checked before a worker starts: shards, tokenizer, model shape."""
-    shards = [s.path for s in list_shards(recipe.data.shards)]
-    val_shards = [s.path for s in list_shards(recipe.data.val_shards)] if recipe.data.val_shards else None
-    vocab = len(load_tokenizer(recipe.data.tokenizer))
+def check_inputs(recipe: Recipe) -> tuple[StreamSpec, StreamSpec | None, int]:
+    """Everything that can be checked before a worker starts: shards, tokenizer, model shape. Returns the training
+    stream's spec (CPUs not yet budgeted), the validation samples' spec (None: no held-out set) and the vocabulary."""
+    d = recipe.data
+    train_docs, val_docs = train_and_held_out(d)
+    common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs)
+    train_spec = StreamSpec.of(train_docs, max_epochs=d.max_epochs, actors=d.tokenize_actors, **common)
+    val_spec = StreamSpec.of(val_docs, **common) if val_docs is not None else None
+    vocab = len(load_tokenizer(d.tokenizer))
     config = build_config(recipe.model, vocab)
     positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and recipe.data.seq_len > positions:
-        raise RecipeError(f"data.seq_len={recipe.data.seq_len} is larger than the model's {positions} positions")
-    return shards, val_shards, vocab
+    if positions is not None and d.seq_len > positions:
+        raise RecipeError(f"data.seq_len={d.seq_len} is larger than the model's {positions} positions")
+    return train_spec, val_spec, vocab
 
 
 def cpu_budget(recipe: Recipe, cluster_cpus: float) -> tuple[float, float]:
@@ -88,93 +95,6 @@ def cpu_budget(recipe: Recipe, cluster_cpus: float) -> tuple[float, float]:
             f"scaling asks for {s.num_workers} workers x {per_worker} CPUs + {data} data CPUs, "
             f"but the cluster has {cluster_cpus:g} CPUs")
     return per_worker, data / recipe.data.tokenize_actors
-
-
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one."""
-    if not ray.is_initialized():
-        if not os.environ.get("RAY_ADDRESS"):
-            # a fresh local cluster needs no token; Ray 2.60 otherwise turns token auth on and its CLI refuses us
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(log_to_driver=True)
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """What Ray Train runs on each worker: find the checkpoint to resume (this run's latest after a failure or
-    a rerun, else `--resume-from`), start the stream at its cursor, train."""
-    import torch
-    import torch.distributed as dist
-
-    from llmray.train import loop
-
-    recipe = recipe_from_dict(config["recipe"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    val = ray.get(config["val"][0]) if config["val"] else None
-
-    class RaySink:
-        """Checkpoints and evaluations always go to Ray Train (Tune's schedulers compare trials on them); plain
-        metrics at most every REPORT_MIN_INTERVAL_S. Ray Train keeps one pending result per worker and its
-        controller collects it every couple of seconds, so a second report inside that interval blocks the
-        training step until then. Rank 0 decides, for all."""
-
-        last = 0.0
-
-        def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
-            if checkpoint_dir is None and "val_loss" not in metrics:  # every rank evaluates at the same steps
-                due = torch.tensor([time.monotonic() - self.last >= REPORT_MIN_INTERVAL_S], dtype=torch.int32,
-                                   device="cuda" if dist.get_backend() == "nccl" else "cpu")
-                dist.broadcast(due, src=0)
-                if not due.item():
-                    return
-            self.last = time.monotonic()
-            ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            ray.train.report(metrics, checkpoint=ckpt)
-
-    resume = ray.train.get_checkpoint()
-    if resume is None:
-        resume = config.get("resume_from")  # a ray.train.Checkpoint carrying the driver's filesystem
-    with tempfile.TemporaryDirectory(prefix="llmray-resume-") as tmp:
-        start = None
-        if resume is not None:
-            resume.to_directory(tmp)
-            cursor = checkpoint.read_state(tmp).get("cursor")  # the loop verifies the whole checkpoint
-            start = StreamCursor(**cursor) if cursor else None
-        # One stream session per worker group: a restarted group gets a new one, and the stream restarts at its cursor.
-        session = [uuid.uuid4().hex if rank == 0 else None]
-        dist.broadcast_object_list(session, src=0)
-        open_session(config["coordinator"], world, recipe.train.micro_batch_size, start, session[0])
-        stream = RankStream(config["coordinator"], session[0], rank, recipe.data.prefetch_batches)
-        sink = WandbSink(RaySink(), recipe, rank)
-        loop.train(recipe, stream, val, sink, resume_dir=tmp if resume is not None else None)
-        sink.finish()
-
-
-def resume_point(recipe: Recipe, vocab: int, resume_from: str | None, fresh: bool) -> str | None:
-    """Decide, before any worker starts, where the run begins; returns the checkpoint given by `--resume-from`.
-
-    A run whose folder already holds checkpoints continues from the latest (Ray Train restores it on its own);
-    `fresh` refuses such a run rather than overwrite it.
-    """
-    run = run_uri(recipe)
-    existing = checkpoint.list_checkpoints(run)
-    wanted = recipe.model_dump(mode="json")
-    if existing and (fresh or resume_from):
-        step, latest = existing[-1]
-        raise checkpoint.CheckpointError(
-            f"run {recipe.run.name!r} already has {len(existing)} checkpoint(s) in {run} (latest: step {step}); "
-            f"{'--fresh' if fresh else '--resume-from'} never overwrites a run: choose another run.name, or remove "
-            "that folder, or drop the flag to continue it")
-    if resume_from:
-        state = checkpoint.verify(resume_from)
-        checkpoint.check_compatible(state, wanted, vocab, resume_from)
-        print(f"[llmray] starting {recipe.run.name} from {resume_from} (step {state['step']})", flush=True)
-        return resume_from
-    if existing:
-        step, latest = existing[-1]
-        checkpoint.check_compatible(checkpoint.read_state(latest), wanted, vocab, latest)
-        print(f"[llmray] continuing run {recipe.run.name} from its checkpoint at step {step} ({latest})", flush=True)
-    return None
 
 
 def absolute_paths(recipe: Recipe) -> Recipe:
@@ -195,39 +115,30 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     """Train `recipe` on the Ray cluster. `callbacks`: Ray Train callbacks for the run (a sweep passes
     TuneReportCallback); `cpus_available`: the CPUs this run may budget from (default: the whole cluster's)."""
     recipe = absolute_paths(recipe)
-    shards, val_shards, vocab = check_inputs(recipe)
+    train_spec, val_spec, vocab = check_inputs(recipe)
     if resume_from and not storage.is_uri(resume_from):
         resume_from = os.path.abspath(resume_from)
-    resume_from = resume_point(recipe, vocab, resume_from, fresh)
+    resume_from = resume.plan(recipe, vocab, resume_from, fresh)
     ensure_ray()
+    logs.quiet_here()
     per_worker, per_actor = cpu_budget(recipe, cpus_available or ray.cluster_resources().get("CPU", 1))
-    d = recipe.data
-    common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,
-                  actors=d.tokenize_actors, cpus_per_actor=per_actor)
-    if val_shards:
-        train_spec = StreamSpec(shards=tuple(shards), split="all", max_epochs=d.max_epochs, **common)
-        val_spec = StreamSpec(shards=tuple(val_shards), split="all", **common)
-    else:
-        train_spec = StreamSpec(shards=tuple(shards), split="train", val_fraction=d.val_fraction,
-                                max_epochs=d.max_epochs, **common)
-        val_spec = StreamSpec(shards=tuple(shards), split="val", val_fraction=d.val_fraction, **common)
+    train_spec = dataclasses.replace(train_spec, cpus_per_actor=per_actor)
 
-    t, s = recipe.train, recipe.scaling
+    d, t, s = recipe.data, recipe.train, recipe.scaling
     val_ref = None
-    if t.eval_every or d.val_shards or d.val_fraction > 0:
-        n_val = t.eval_batches * t.micro_batch_size * s.num_workers
-        val = take_samples(val_spec, n_val) if (d.val_shards or d.val_fraction > 0) else None
-        if val is not None and len(val) < s.num_workers:
+    if val_spec is not None:
+        val = first_samples(val_spec, t.eval_batches * t.micro_batch_size * s.num_workers)
+        if len(val) < s.num_workers:
             print(f"[llmray] warning: the validation split holds {len(val)} samples of {d.seq_len} tokens; "
                   "no validation will run (raise data.val_fraction or set data.val_shards)")
-            val = None
-        val_ref = [ray.put(val)] if val is not None else None
+        else:
+            val_ref = [ray.put(val)]
     coordinator = StreamCoordinator.remote(train_spec)
 
     resources = {"CPU": per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    env = {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    env = {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false", **logs.worker_env()}
     if recipe.wandb.project:
         env.update(wandb_env())
     run_fs, run_root = storage.resolve(recipe.run.storage_path)
@@ -246,11 +157,12 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
             failure_config=FailureConfig(max_failures=s.max_failures),
             worker_runtime_env={"env_vars": env},
             callbacks=callbacks or None,
+            logging_config=LoggingConfig(log_level=logging.getLevelName(logs.ray_log_level())),
         ),
     )
     print(f"[llmray] training {recipe.run.name}: {s.num_workers} workers x {per_worker:g} CPU"
           f"{' + ' + format(s.gpus_per_worker, 'g') + ' GPU' if s.use_gpu else ''}, ZeRO-{t.zero_stage}, "
-          f"{len(shards)} shards, tokenize actors {d.tokenize_actors} x {per_actor:g} CPU", flush=True)
+          f"{len(train_spec.shards)} shards, tokenize actors {d.tokenize_actors} x {per_actor:g} CPU", flush=True)
     started = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - started
@@ -263,25 +175,17 @@ def _as_ray_checkpoint(uri: str) -> ray.train.Checkpoint:
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def _storage_path(path: str) -> str:
-    return path if storage.is_uri(path) else os.path.abspath(os.path.expanduser(path))
-
-
-def run_uri(recipe: Recipe) -> str:
-    return storage.join(_storage_path(recipe.run.storage_path), recipe.run.name)
-
-
 def summarize(recipe: Recipe, result, wall: float) -> Summary:
     """Write loss.png and summary.json into the run folder (local or object store)."""
     metrics = result.metrics or {}
     history: list[dict] = []
     n_params = 0
-    run = run_uri(recipe)
+    run = recipe.run.folder
     ckpt_path = None
     if result.checkpoint is not None:
         ckpt_path = storage.join(run, posixpath.basename(result.checkpoint.path.rstrip("/")))
         state = checkpoint.read_state(ckpt_path)
-        history, n_params = state["history"], state.get("n_params", 0)
+        history, n_params = state.history, state.n_params
     run_fs, run_dir = storage.resolve(run)
     plot_path = None
     if history:
@@ -293,10 +197,10 @@ def summarize(recipe: Recipe, result, wall: float) -> Summary:
             with open(local, "rb") as src, run_fs.open_output_stream(storage.join(run_dir, "loss.png")) as dst:
                 dst.write(src.read())
     summary = Summary(
-        run_dir=run, checkpoint=ckpt_path, steps=metrics.get("step", 0), tokens=metrics.get("tokens", 0),
-        n_params=n_params, wall_s=wall, final_loss=metrics.get("loss"), val_loss=metrics.get("val_loss"),
-        val_ppl=metrics.get("val_ppl"), tokens_per_s=metrics.get("tokens_per_s"), plot=plot_path,
-        sample=metrics.get("sample"),
+        run_dir=run, checkpoint=ckpt_path, steps=metrics.get(M.STEP, 0), tokens=metrics.get(M.TOKENS, 0),
+        n_params=n_params, wall_s=wall, final_loss=metrics.get(M.LOSS), val_loss=metrics.get(M.VAL_LOSS),
+        val_ppl=metrics.get(M.VAL_PPL), tokens_per_s=metrics.get(M.TOKENS_PER_S), plot=plot_path,
+        sample=metrics.get(M.SAMPLE),
     )
     with run_fs.open_output_stream(storage.join(run_dir, "summary.json")) as f:
         f.write(json.dumps(asdict(summary), indent=1).encode())

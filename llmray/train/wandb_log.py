@@ -9,8 +9,8 @@ import os
 import re
 import tempfile
 
+from llmray import storage
 from llmray.config import Recipe
-from llmray.data import storage
 
 
 def wandb_env() -> dict[str, str]:

@@ -1,4 +1,8 @@
-"""One way to reach files, local or in object storage (s3://, gs://), through pyarrow's filesystems."""
+"""One way to reach files, local or in object storage (s3://, gs://), through pyarrow's filesystems.
+
+A folder published to object storage carries the marker object UPLOADING while it is being written: a reader
+(`download`) refuses a folder that still has it, so an interrupted upload never passes for a finished one.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,14 @@ import posixpath
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from llmray.errors import LlmrayError
+
+UPLOADING = ".llmray-uploading"
+
+
+class StorageError(LlmrayError):
+    pass
 
 
 def is_uri(path: str) -> bool:
@@ -60,8 +72,12 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
 
 
 def download(uri: str, dest: str) -> str:
-    """Copy a folder from object storage to the local folder `dest`; returns `dest`."""
+    """Copy a folder from object storage to the local folder `dest`; returns `dest`. Refuses a folder whose
+    upload has not finished."""
     fs, path = resolve(uri)
+    if exists(fs, join(path, UPLOADING)):
+        raise StorageError(f"{uri} is incomplete: its upload has not finished (it still holds {UPLOADING})")
+    os.makedirs(dest, exist_ok=True)
     pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
 
@@ -70,3 +86,22 @@ def upload(local: str, uri: str) -> None:
     """Copy the local folder `local` to `uri` (object storage, or a local path)."""
     fs, path = resolve(uri)
     pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def publish(local: str, uri: str) -> None:
+    """Replace the folder at `uri` with the local folder `local`, marked incomplete until every file is there:
+    the marker goes first, then the old files go, the new ones are copied, and the marker is removed last."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    marker = join(path, UPLOADING)
+    with fs.open_output_stream(marker) as f:
+        f.write(b"an upload is in progress; this folder is incomplete until this file is gone\n")
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.path.rstrip("/") == marker:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
+    upload(local, uri)
+    fs.delete_file(marker)

@@ -1,0 +1,70 @@
+"""Which documents a run trains on and which it holds out, decided in one place.
+
+A recipe holds out either separate shards (`data.val_shards`, every document of them) or a fraction of its own
+documents (`data.val_fraction`): those whose doc_id hashes into the first buckets. The same function answers for
+the training stream, the validation samples, an export's lineage and `llmray quantize`'s measurement.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Literal
+
+from llmray.config import DataConfig, Recipe, default
+
+VAL_BUCKETS = 10_000
+
+
+def is_val_doc(doc_id: str, fraction: float) -> bool:
+    return zlib.crc32(doc_id.encode()) % VAL_BUCKETS < fraction * VAL_BUCKETS
+
+
+@dataclass(frozen=True)
+class Documents:
+    """The documents of the shards at `location`: all of them, or those outside ("train") or inside ("val") the
+    held-out `val_fraction`."""
+
+    location: str
+    part: Literal["all", "train", "val"] = "all"
+    val_fraction: float = 0.0
+
+    def wants(self, doc_id: str) -> bool:
+        return self.part == "all" or is_val_doc(doc_id, self.val_fraction) == (self.part == "val")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out text as a measurement needs it: where from (`shards` whole when val_fraction is 0, else their
+    `val_fraction` bucket), cut into `seq_len`-token samples in the run's `seed` order. Stored in an export's
+    llmray_export.json so a later measurement uses the run's own validation samples."""
+
+    shards: str
+    val_fraction: float = 0.0
+    seq_len: int = default("data", "seq_len")
+    seed: int = default("run", "seed")
+
+    @property
+    def documents(self) -> Documents:
+        return Documents(self.shards, "val" if self.val_fraction > 0 else "all", self.val_fraction)
+
+    def describe(self) -> str:
+        part = f"the {self.val_fraction:g} held-out fraction of" if self.val_fraction else "all of"
+        return f"{part} {self.shards}, {self.seq_len}-token samples"
+
+
+def train_and_held_out(data: DataConfig) -> tuple[Documents, Documents | None]:
+    """The documents a recipe trains on, and those it validates on (None: no held-out set)."""
+    if data.val_shards:
+        return Documents(data.shards), Documents(data.val_shards)
+    if data.val_fraction > 0:
+        return (Documents(data.shards, "train", data.val_fraction),
+                Documents(data.shards, "val", data.val_fraction))
+    return Documents(data.shards), None
+
+
+def held_out(recipe: Recipe) -> HeldOut | None:
+    _, val = train_and_held_out(recipe.data)
+    if val is None:
+        return None
+    return HeldOut(val.location, val.val_fraction if val.part == "val" else 0.0, recipe.data.seq_len, recipe.run.seed)

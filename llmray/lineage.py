@@ -1,0 +1,38 @@
+"""Where an exported folder came from: `llmray_export.json` beside its weights (the checkpoint, step, tokens,
+dtype, the run's held-out set and, once quantized, the scheme). Written by `llmray export`, carried forward by
+`llmray quantize`, read when a folder is measured."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from llmray.data.split import HeldOut
+
+EXPORT_INFO = "llmray_export.json"
+
+
+def read(folder: str | Path) -> dict:
+    path = Path(folder, EXPORT_INFO)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write(folder: str | Path, info: dict) -> None:
+    Path(folder, EXPORT_INFO).write_text(json.dumps(info, indent=1))
+
+
+def record_export(held_out: HeldOut | None, **facts) -> dict:
+    """The lineage of a fresh export: `facts` (checkpoint, step, ...) and the run's held-out set."""
+    return {**facts, "held_out": asdict(held_out) if held_out is not None else {}}
+
+
+def carry(src: str | Path, dest: str | Path, quant: dict) -> None:
+    """A quantized copy's lineage: the source's, plus how it was quantized."""
+    write(dest, {**read(src), "quant": quant})
+
+
+def held_out(folder: str | Path) -> HeldOut | None:
+    """The held-out set an exported folder names (its training run's validation split), if it names one."""
+    held = read(folder).get("held_out")
+    return HeldOut(**held) if held else None

@@ -1,0 +1,26 @@
+"""Every metric a run reports, named once: the training loop writes them; the summary, W&B, Tune and the
+sweep's leaderboard read them."""
+
+STEP = "step"
+TOKENS = "tokens"
+LOSS = "loss"  # mean training loss over the steps since the last report
+LR = "lr"
+GRAD_NORM = "grad_norm"
+VAL_LOSS = "val_loss"
+VAL_PPL = "val_ppl"
+TOKENS_PER_S = "tokens_per_s"
+TOKENS_PER_S_PER_WORKER = "tokens_per_s_per_worker"
+STEP_TIME_S = "step_time_s"
+DATA_WAIT_SHARE = "data_wait_share"
+MFU = "mfu"
+SAMPLE = "sample"  # a generated text, at the end of a run
+
+# What only the end of a quantized run knows: the quantized export measured on the run's held-out samples.
+QUANT_PPL = "quant_ppl"
+QUANT_LOSS = "quant_loss"
+QUANT_WEIGHTS_BYTES = "quant_weights_bytes"
+QUANT_SIZE_RATIO = "quant_size_ratio"
+QUANT_TOKENS_PER_S = "quant_tokens_per_s"
+
+WHILE_TRAINING = (LOSS, VAL_LOSS, VAL_PPL, TOKENS_PER_S, MFU)
+AT_THE_END = (QUANT_PPL, QUANT_LOSS, QUANT_WEIGHTS_BYTES, QUANT_SIZE_RATIO, QUANT_TOKENS_PER_S)

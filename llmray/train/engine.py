@@ -1,0 +1,56 @@
+"""The DeepSpeed engine a recipe asks for: the model (QAT-prepared, checkpointed activations when asked), its
+DeepSpeed config and LR schedule, and the facts MFU is computed from."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+
+from llmray import logs
+from llmray.config import Recipe
+from llmray.model import build_model, count_params, flops_per_token
+from llmray.quant import prepare_qat
+from llmray.train.schedule import make_scheduler
+from llmray.train.zero import deepspeed_config, resolve_precision
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    n_params: int
+    flops_per_token: float
+
+
+def device_for(use_gpu: bool) -> torch.device:
+    if use_gpu:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universal: bool, announce: bool):
+    """(DeepSpeed engine, ModelFacts). `universal`: the engine will load a checkpoint re-partitioned for this
+    world size (DeepSpeed must know at initialize)."""
+    t = recipe.train
+    precision = resolve_precision(recipe, device.type == "cuda" and torch.cuda.is_bf16_supported())
+    ds_config = deepspeed_config(recipe, precision)
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    model = build_model(recipe.model, vocab_size)
+    if recipe.quant.method == "qat":  # before DeepSpeed wraps and partitions the parameters
+        n_fake = prepare_qat(model, recipe.quant)
+        if announce:
+            print(f"[llmray] QAT: {n_fake} Linear layers fake-quantized as {recipe.quant.scheme}", flush=True)
+    if t.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    facts = ModelFacts(count_params(model),
+                       flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len))
+    with logs.hush_stdout():  # DeepSpeed prints the ops it builds and the kernels it lacks
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+            lr_scheduler=None if "scheduler" in ds_config else make_scheduler(t))
+    return engine, facts
