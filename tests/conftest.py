@@ -1,8 +1,14 @@
 """Shared fixtures: a real local Ray cluster (one per session), a small corpus of the interpreter's own
-sources, and a BPE tokenizer trained on it. Nothing is downloaded."""
+sources and a BPE tokenizer trained on it, a tiny random Llama saved as `llmray export` would, and a moto S3
+server. Nothing is downloaded. Helpers that are not fixtures are in helpers.py.
+
+The suite is split by cost: tests/unit starts no Ray (seconds), tests/e2e starts real Ray (Train, DeepSpeed, Serve,
+Tune) and every test there is marked `ray`. Collection refuses a test that would start the shared cluster without
+the marker, and tests/unit/conftest.py fails a unit test that starts Ray itself."""
 
 import os
 import sysconfig
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on for new local clusters
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -10,8 +16,30 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
+from helpers import moto_s3  # noqa: E402
 
 STDLIB = sysconfig.get_paths()["stdlib"]
+TESTS = Path(__file__).resolve().parent
+RAY_FIXTURES = {"ray_cluster"}
+CONTEXT = 256  # model_dir's positions
+
+
+def pytest_collection_modifyitems(config, items):
+    """Whether a test may start Ray is its marker's to say, and its folder's: `ray` tests live in tests/e2e,
+    unmarked ones in tests/unit."""
+    wrong = []
+    for item in items:
+        marked = item.get_closest_marker("ray") is not None
+        path = Path(item.path).resolve()
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and not marked:
+            wrong.append(f"{item.nodeid}: uses the ray_cluster fixture but is not marked `ray`")
+        elif TESTS / "e2e" in path.parents and not marked:
+            wrong.append(f"{item.nodeid}: is in tests/e2e but not marked `ray` (pytestmark = pytest.mark.ray)")
+        elif TESTS / "unit" in path.parents and marked:
+            wrong.append(f"{item.nodeid}: is marked `ray` but in tests/unit, which starts no Ray; move it to tests/e2e")
+    if wrong:
+        raise pytest.UsageError("tests that start Ray must be marked `ray` and live in tests/e2e:\n  "
+                                + "\n  ".join(wrong))
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +57,24 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model_dir(corpus, tmp_path_factory):
+    """A random-init tiny Llama with the corpus tokenizer, saved as `llmray export` would (initializer_range
+    raised so greedy choices are not near-ties)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("served") / "tiny"
+    tok = AutoTokenizer.from_pretrained(corpus["tokenizer"])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=CONTEXT, initializer_range=0.3,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
@@ -42,16 +88,7 @@ def ray_cluster():
 @pytest.fixture
 def s3(monkeypatch):
     """A real S3-compatible server (moto) on 127.0.0.1 with one bucket, reached through the standard AWS env."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3").create_bucket(Bucket="llmray")
-    yield "s3://llmray/runs"
-    server.stop()
+    with moto_s3("llmray") as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        yield "s3://llmray/runs"

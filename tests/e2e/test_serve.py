@@ -2,41 +2,17 @@
 what is on the wire). Expected texts come from plain `transformers` greedy generation on the same model."""
 
 import asyncio
-import importlib.util
 import json
-import socket
 import time
 
 import httpx
 import openai
 import pytest
+from helpers import free_port, greedy_reference
+
+pytestmark = pytest.mark.ray
 
 KEY = "sk-llmray-test"
-CONTEXT = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(corpus, tmp_path_factory):
-    """A random-init tiny Llama with the corpus tokenizer, saved as `llmray export` would (initializer_range
-    raised so greedy choices are not near-ties)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("served") / "tiny"
-    tok = AutoTokenizer.from_pretrained(corpus["tokenizer"])
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128, max_position_embeddings=CONTEXT, initializer_range=0.3,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +54,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(model_dir):
     """Greedy continuation by plain transformers, the same tokenization as the server's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-
-    def greedy(prompt: str, n: int) -> str:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-    greedy.tokenizer = tok
-    return greedy
+    return greedy_reference(model_dir)
 
 
 def test_models_and_health(client, server):
@@ -203,61 +168,6 @@ def test_disconnected_stream_stops_generating(server):
     after = health()
     assert after["cancelled"] == before["cancelled"] + 1 and after["active"] == 0
     assert after["generated_tokens"] - before["generated_tokens"] < 250
-
-
-def test_serve_config_file_is_valid_for_serve_and_for_the_app():
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
-    from llmray.serve.app import ServeArgs
-
-    config = ServeDeploySchema.model_validate(yaml.safe_load(open("serve/config.yaml")))
-    app = config.applications[0]
-    assert app.import_path == "llmray.serve.app:build_app"
-    args = ServeArgs.model_validate(app.args)
-    assert args.models[0].id == "tiny" and args.engine == "transformers"
-    assert app.deployments[0].name == "OpenAIServer" and app.deployments[0].autoscaling_config["max_replicas"] == 4
-
-
-def test_bad_app_args_and_missing_vllm_are_refused_clearly(model_dir):
-    from llmray.serve.app import ServeConfigError, build_app
-
-    with pytest.raises(ServeConfigError, match="max_batch_sise"):
-        build_app({"models": [{"path": str(model_dir)}], "max_batch_sise": 4})
-    if importlib.util.find_spec("vllm") is not None:
-        return  # vLLM is here: the refusal cannot happen
-    with pytest.raises(ServeConfigError, match="engine: vllm needs the vllm package"):
-        build_app({"models": [{"path": str(model_dir)}], "engine": "vllm"})
-
-
-def test_engine_admits_late_requests_into_the_running_batch_exactly(model_dir, reference):
-    """Continuous batching: requests joining mid-generation (other prompt lengths, so caches of other lengths
-    are merged) still get exactly transformers' greedy text, and share forward passes with the running one."""
-    from llmray.serve.engine import Engine, Finished, Sampling
-
-    engine = Engine(str(model_dir), max_batch_size=8, batch_wait_s=0)
-    prompts = ["def long_running_function(a, b, c):", "x", "import os, sys\nfrom pathlib import"]
-
-    async def collect(prompt: str, started: asyncio.Event | None = None) -> str:
-        text = ""
-        async for ev in engine.stream(engine.encode(prompt), Sampling(40, 0.0)):
-            if not isinstance(ev, Finished):
-                text += ev
-                if started is not None and len(text) > 10:
-                    started.set()
-        return text
-
-    async def run():
-        first_running = asyncio.Event()
-        first = asyncio.create_task(collect(prompts[0], first_running))
-        await first_running.wait()
-        late = await asyncio.gather(*[collect(p) for p in prompts[1:]])
-        return [await first, *late]
-
-    texts = asyncio.run(run())
-    expected = [reference(p, 40) for p in prompts]
-    assert texts == expected
-    assert engine.stats["largest_batch"] == 3 and engine.stats["forward_passes"] < 3 * 40
 
 
 def test_model_folder_from_object_storage(model_dir, server, s3, reference):

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,16 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, free_port, moto_s3, s3_client
 
-REPO = Path(__file__).resolve().parents[1]
 BUCKET = "llmray-cluster"
-pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def node_ports() -> list[str]:
@@ -123,19 +116,8 @@ class TwoNodeCluster:
 @pytest.fixture(scope="module")
 def s3_store():
     """moto's S3 API on 127.0.0.1, for this module's jobs (which reach it through their runtime_env)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield env, client
-    server.stop()
+    with moto_s3(BUCKET) as env:
+        yield env, s3_client(env)
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from recipes import tiny
-from wandb_files import read_run
+from helpers import losses, read_run, tiny
 
-from llmray.data.corpus import CorpusError
 from llmray.train.checkpoint import STATE_FILE, TAG, read_state
 from llmray.train.trainer import fit
 
-
-def losses(summary):
-    state = read_state(summary.checkpoint)
-    return np.array([h["loss"] for h in state["history"]])
+pytestmark = pytest.mark.ray
 
 
 def test_zero_stages_and_world_sizes_agree(corpus, ray_cluster, tmp_path):
@@ -71,13 +66,3 @@ def test_pretrain_end_to_end(corpus, ray_cluster, tmp_path, capsys):
     assert [h["_step"] for h in steps] == [2, 4, 6]
     assert [h["loss"] for h in steps] == pytest.approx([h["loss"] for h in history])
     assert steps[-1]["val_ppl"] == pytest.approx(summary["val_ppl"]) and steps[-1]["tokens_per_s"] > 0
-
-
-def test_bad_shards_fail_before_workers_start(corpus, tmp_path):
-    with pytest.raises(CorpusError, match="shard folder .*nope does not exist"):
-        fit(tiny(corpus, tmp_path, f"data.shards={tmp_path / 'nope'}"))
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "shard-00000.parquet").write_bytes(b"PAR1 definitely not parquet")
-    with pytest.raises(CorpusError, match=f"shard {bad / 'shard-00000.parquet'} is corrupt"):
-        fit(tiny(corpus, tmp_path, f"data.shards={bad}"))

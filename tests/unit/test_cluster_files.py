@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 from packaging.requirements import Requirement
 
 from llmray.config import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = sorted(REPO.glob("cluster*.yaml"))
 K8S_FILES = sorted((REPO / "k8s").glob("*.yaml"))
 RECIPES = sorted(p for p in (REPO / "jobs").glob("*.yaml") if p.name != "runtime_env.yaml")

@@ -23,6 +23,8 @@ from llmray.data.shard import shard_corpus
 from llmray.train.checkpoint import CheckpointError, list_checkpoints, read_state
 from llmray.train.trainer import fit
 
+pytestmark = pytest.mark.ray
+
 STEPS = 24
 SHARDS = 3
 

@@ -1,0 +1,190 @@
+"""What the tests share besides fixtures (those are in conftest.py): the repo's root, the tiny recipe, a moto S3
+server, free ports, waiting, reading a run's losses, a sweep file to vary, greedy reference generation, and reading
+W&B's offline run files back. Imported as `from helpers import ...` (pyproject puts tests/ on sys.path).
+
+Heavy imports (torch, transformers, boto3, moto, wandb) stay inside the functions that need them, so a unit test
+pays only for what it uses."""
+
+import json
+import socket
+import struct
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- recipes ---------------------------------------------------------------------------------------------------------
+
+def tiny(corpus, tmp_path, *overrides):
+    """jobs/pretrain_tiny.yaml on the test corpus, shrunk to seconds."""
+    from llmray.config import load_recipe
+
+    return load_recipe("jobs/pretrain_tiny.yaml", [
+        f"data.shards={corpus['shards']}", f"data.tokenizer={corpus['tokenizer']}", f"run.storage_path={tmp_path}",
+        "data.seq_len=64", "model.hidden_size=64", "model.num_layers=2", "train.micro_batch_size=4",
+        "train.global_batch_size=8", "train.warmup_steps=2", "train.eval_every=0", "train.sample_prompt=null",
+        *overrides])
+
+
+def losses(summary):
+    """The training losses a finished run reported, from its final checkpoint's state."""
+    import numpy as np
+
+    from llmray.train.checkpoint import read_state
+
+    return np.array([h["loss"] for h in read_state(summary.checkpoint)["history"]])
+
+
+SWEEP_SMALL = ["data.seq_len=64", "model.hidden_size=64", "model.num_layers=2", "train.micro_batch_size=4",
+               "train.warmup_steps=2", "train.log_every=2", "train.eval_batches=2", "train.sample_prompt=null",
+               "data.val_fraction=0.2", "quant.method=ptq"]
+
+
+def sweep_file(tmp_path, corpus, **changes) -> Path:
+    """A W&B-format grid sweep over the tiny recipe, written to tmp_path/sweep.yaml. `changes` maps "a/b" paths
+    into the file to new values (None removes the key)."""
+    raw = {
+        "name": "grid", "project": "llmray-tests", "method": "grid",
+        "metric": {"name": "quant_ppl", "goal": "minimize"},
+        "parameters": {"train.lr": {"values": [1e-2, 3e-3]}, "quant.scheme": {"value": "int8-dynamic"},
+                       "train.global_batch_size": {"values": [8]}},
+        "llmray": {"recipe": str(REPO / "jobs" / "pretrain_tiny.yaml"),
+                   "overrides": [f"data.shards={corpus['shards']}", f"data.tokenizer={corpus['tokenizer']}",
+                                 *SWEEP_SMALL],
+                   "budget": {"steps": 8}, "workers": 2, "storage_path": str(tmp_path / "sweeps")},
+    }
+    for key, value in changes.items():
+        node = raw
+        *path, last = key.split("/")
+        for part in path:
+            node = node[part]
+        if value is None:
+            node.pop(last)
+        else:
+            node[last] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# ---- processes, ports, servers --------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def moto_s3(bucket: str):
+    """A real S3-compatible server (moto) on 127.0.0.1 holding one empty bucket. Yields the standard AWS
+    environment variables that reach it; sets none of them."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        s3_client(env).create_bucket(Bucket=bucket)
+        yield env
+    finally:
+        server.stop()
+
+
+def s3_client(env: dict):
+    """A boto3 S3 client for the server `env` (from moto_s3) names, whatever this process's environment says."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+
+# ---- models -----------------------------------------------------------------------------------------------------------
+
+def greedy_reference(model_dir):
+    """greedy(prompt, n): the greedy continuation plain transformers generates from `model_dir`, with the same
+    tokenization as the server's; greedy.tokenizer is that tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def greedy(prompt: str, n: int) -> str:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    greedy.tokenizer = tok
+    return greedy
+
+
+# ---- W&B offline run files --------------------------------------------------------------------------------------------
+# `.wandb` is LevelDB's log format (32 KiB blocks of checksummed chunks, after a 7-byte ":W&B" header) holding protobuf
+# `Record`s, the stream `wandb sync` uploads.
+
+_BLOCK, _HEADER = 32768, 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _wandb_payloads(data: bytes):
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, pending = _HEADER, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if kind == 0:  # zero fill to the end of the block
+            pos += left
+            continue
+        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+
+
+def read_run(path: str | Path) -> dict:
+    """A W&B offline run file read back: {"run": {project, group, name, id}, "config": {...},
+    "history": [{...}, ...], "summary": {...}, "exit": code}."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out: dict = {"run": {}, "config": {}, "history": [], "summary": {}, "exit": None}
+    for payload in _wandb_payloads(Path(path).read_bytes()):
+        rec = pb.Record()
+        rec.ParseFromString(payload)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = {"project": rec.run.project, "group": rec.run.run_group, "name": rec.run.display_name,
+                          "id": rec.run.run_id, "job_type": rec.run.job_type}
+            out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "summary":
+            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
+        elif kind == "exit":
+            out["exit"] = rec.exit.exit_code
+    return out

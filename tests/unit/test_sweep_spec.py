@@ -1,0 +1,79 @@
+"""Sweep files checked before Ray starts: W&B-format sweep files refused naming the parameter, each method mapped to
+its Ray Tune search algorithm and scheduler, and the shipped sweep files load and dry-run."""
+
+import math
+
+import pytest
+from helpers import REPO, sweep_file
+
+from llmray.sweep.spec import SweepError, load_sweep
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"parameters/train.lrr": {"values": [1e-3]}}, "parameters.train.lrr: 'lrr' is not a key of train"),
+    ({"parameters/model.widht": {"values": [64]}}, "parameters.model.widht: 'widht' is not a key of model"),
+    ({"parameters/train.lr": {"distribution": "gaussian", "mu": 0, "sigma": 1}},
+     "distribution 'gaussian' is not one W&B defines (constant, categorical, int_uniform"),
+    ({"parameters/train.global_batch_size": {"values": [8, 12]}},
+     "parameters train.lr=0.01, quant.scheme=int8-dynamic, train.global_batch_size=12: invalid recipe: "
+     "train.global_batch_size=12 is not a multiple of train.micro_batch_size * scaling.num_workers = 4 * 2 = 8"),
+    ({"method": "random", "run_cap": 2,
+      "parameters/train.global_batch_size": {"distribution": "int_uniform", "min": 8, "max": 64}},
+     "parameters.train.global_batch_size: use `values`"),
+    ({"parameters/train.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}},
+     "parameters.train.lr: grid search needs `values`"),
+    ({"method": "random"}, "run_cap: method random draws trials until run_cap"),
+    ({"earl_terminate": {"type": "hyperband"}}, "earl_terminate: unknown key"),
+    ({"metric": {"name": "val_pplx"}}, "metric.name: 'val_pplx' is not reported by trials"),
+    ({"llmray/overrides": ["quant.method=none"]}, "parameters sweep quant.* but the recipe's quant.method is none"),
+    ({"llmray/budget": {"steps": 8, "tokens": 100}}, "llmray.budget: give exactly one of steps or tokens"),
+    ({"early_terminate": {"type": "hyperband", "min_iter": 2}},
+     "early_terminate: hyperband compares trials while they train, but quant_ppl is known only when a trial ends"),
+])
+def test_bad_sweep_files_are_refused_naming_the_parameter(corpus, tmp_path, change, message):
+    path = sweep_file(tmp_path, corpus, **change)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert message in str(err.value)
+    assert not (tmp_path / "sweeps").exists()  # nothing started
+
+
+def test_methods_map_to_ray_tune(corpus, tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from llmray.sweep.run import concurrent_trials, search_space, tune_config
+
+    grid = load_sweep(sweep_file(tmp_path, corpus, run_cap=1))
+    assert grid.grid() == [{"train.lr": 1e-2, "quant.scheme": "int8-dynamic", "train.global_batch_size": 8}]
+    config = tune_config(grid, concurrent=2)
+    assert isinstance(config.search_alg, BasicVariantGenerator) and config.num_samples == 1
+    assert config.search_alg.max_concurrent == 2  # Tune would ignore max_concurrent_trials for this generator
+    bayes = load_sweep(sweep_file(tmp_path, corpus, method="bayes", run_cap=5, metric={"name": "val_ppl"}, **{
+        "parameters/train.lr": {"distribution": "log_uniform", "min": -9.2, "max": -4.6},
+        "early_terminate": {"type": "hyperband", "min_iter": 2000, "eta": 2}, "llmray/budget": {"tokens": 8192}}))
+    config = tune_config(bayes, concurrent=3)
+    assert isinstance(config.search_alg, ConcurrencyLimiter) and config.search_alg.max_concurrent == 3
+    assert isinstance(config.search_alg.searcher, OptunaSearch) and config.num_samples == 5
+    assert isinstance(config.scheduler, ASHAScheduler)
+    assert config.scheduler._time_attr == "tokens" and config.scheduler._max_t == 8192
+    lr = search_space(bayes)["train.lr"]
+    assert lr.lower == pytest.approx(math.exp(-9.2)) and lr.upper == pytest.approx(math.exp(-4.6))  # W&B: exponents
+    # "auto": whole trials the cluster holds, a CPU per worker plus one for tokenizing (at least one)
+    assert concurrent_trials(bayes, {"CPU": 16}) == 5 and concurrent_trials(bayes, {"CPU": 2}) == 1
+    trial = bayes.trial_recipe({"train.lr": 1e-3, "quant.scheme": "int8-dynamic", "train.global_batch_size": 8},
+                               str(tmp_path), "t")
+    assert trial.train.max_steps == 16 and trial.train.lr == 1e-3  # a token budget: 8192 / (8 x 64) steps
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tune").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_load(path, capsys):
+    from llmray.cli import main
+
+    spec = load_sweep(path)
+    assert spec.parameters and spec.llmray.budget.amount > 0
+    main(["tune", str(path), "--dry-run"])
+    printed = capsys.readouterr().out
+    assert all(key in printed for key in spec.parameters)
