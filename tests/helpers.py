@@ -9,6 +9,7 @@ import json
 import socket
 import struct
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def losses(summary):
 
     from llmray.train.checkpoint import read_state
 
-    return np.array([h["loss"] for h in read_state(summary.checkpoint)["history"]])
+    return np.array([h["loss"] for h in read_state(summary.checkpoint).history])
 
 
 SWEEP_SMALL = ["data.seq_len=64", "model.hidden_size=64", "model.num_layers=2", "train.micro_batch_size=4",
@@ -102,6 +103,8 @@ def moto_s3(bucket: str):
                "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
         s3_client(env).create_bucket(Bucket=bucket)
         yield env
+        # moto keeps its buckets in memory for the whole process, across servers: the next test starts empty.
+        urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))
     finally:
         server.stop()
 

@@ -4,6 +4,7 @@ with plain transformers, holds integer weights on disk, and carries a report who
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from helpers import losses, tiny
 from safetensors import safe_open
 
 from llmray.cli import main
-from llmray.eval import HeldOut, held_out_samples, perplexity
+from llmray.data.split import HeldOut
+from llmray.eval import held_out_samples, perplexity
 from llmray.train.trainer import fit
 
 pytestmark = pytest.mark.ray
@@ -110,3 +112,17 @@ def test_quantize_refuses_bad_input_and_writes_nothing(runs, corpus, tmp_path, c
     assert "already exists" in refused(bare, "--scheme", "int8-dynamic")
     assert sorted(p.name for p in out.iterdir()) == written  # nothing already written is lost
     assert "already quantized" in refused(out, "--scheme", "int8-dynamic", "--overwrite")
+
+
+def test_ptq_into_object_storage(runs, s3, tmp_path):
+    """`llmray quantize ... --out s3://...`: the quantized folder lands in the bucket whole, with its report."""
+    from llmray import storage
+
+    out = f"{s3}/quantized"
+    assert main(["quantize", str(runs["plain_hf"]), "--scheme", "int8-weight-only", "--out", out,
+                 "--eval-samples", "8"]) == 0
+    assert main(["quantize", str(runs["plain_hf"]), "--scheme", "int8-weight-only", "--out", out]) == 2  # taken
+    local = Path(storage.download(out, str(tmp_path / "from-s3")))
+    report = json.loads((local / "quant_report.json").read_text())
+    assert report["out"] == out and not (local / storage.UPLOADING).exists()
+    assert stored_dtypes(local)["model.layers.0.mlp.up_proj._weight_qdata"] == "I8"

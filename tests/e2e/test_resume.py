@@ -57,13 +57,13 @@ def recipe(small, storage, name, *overrides):
 
 
 def resumes(state):
-    return [{k: r[k] for k in ("step", "world_size", "from_world_size")} for r in state["resumes"]]
+    return [{k: r[k] for k in ("step", "world_size", "from_world_size")} for r in state.resumes]
 
 
 def trace(summary_or_ckpt):
     path = summary_or_ckpt if isinstance(summary_or_ckpt, str) else summary_or_ckpt.checkpoint
     state = read_state(path)
-    steps = state["trace"]
+    steps = state.trace
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
     return state, np.array([s["loss"] for s in steps]), [s["samples"] for s in steps]
 
@@ -88,7 +88,7 @@ def reference(small, ray_cluster, tmp_path_factory):
     storage = tmp_path_factory.mktemp("ref")
     summary = fit(recipe(small, storage, "ref"))
     state, losses, samples = trace(summary)
-    assert len(losses) == STEPS and not state["resumes"]
+    assert len(losses) == STEPS and not state.resumes
     assert_exactly_once(samples)
     return {"summary": summary, "losses": losses, "samples": samples, "storage": storage}
 
@@ -114,8 +114,8 @@ def test_killed_worker_recovers_with_no_sample_lost_or_repeated(small, reference
     killer.join()
     assert killed, "no training worker was found to kill"
     state, losses, samples = trace(summary)
-    assert summary.steps == STEPS and len(state["resumes"]) == 1
-    assert state["resumes"][0]["step"] in (6, 12, 18)  # restarted from a checkpoint, not from scratch
+    assert summary.steps == STEPS and len(state.resumes) == 1
+    assert state.resumes[0]["step"] in (6, 12, 18)  # restarted from a checkpoint, not from scratch
     np.testing.assert_allclose(losses, reference["losses"], rtol=0, atol=1e-6)
     assert samples == reference["samples"]
     assert_exactly_once(samples)
@@ -167,7 +167,8 @@ def test_export_loads_in_plain_transformers_with_the_engines_loss(small, referen
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmray.cli import main
-    from llmray.data.stream import StreamSpec, take_samples
+    from llmray.data.pack import StreamSpec, first_samples
+    from llmray.data.split import Documents
 
     ckpt = reference["summary"].checkpoint
     out = tmp_path / "hf"
@@ -178,14 +179,12 @@ def test_export_loads_in_plain_transformers_with_the_engines_loss(small, referen
     tok = AutoTokenizer.from_pretrained(out)
     assert model.generation_config.eos_token_id == tok.eos_token_id
     # The run's last evaluation (2 ranks, a micro-batch of 4 held-out samples each) recomputed from the export.
-    shards = tuple(s.path for s in list_shards(small["shards"]))
     seed = recipe(small, tmp_path, "x").run.seed
-    val = take_samples(StreamSpec(shards=shards, tokenizer=small["tokenizer"], seq_len=64, seed=seed, split="val",
-                                  val_fraction=0.2), 8)
+    val = first_samples(StreamSpec.of(Documents(small["shards"], "val", 0.2), small["tokenizer"], 64, seed, 512), 8)
     with torch.no_grad():
         ids = torch.from_numpy(val).long()
         exported = np.mean([model(input_ids=ids[i:i + 4], labels=ids[i:i + 4]).loss.item() for i in (0, 4)])
-    engine = read_state(ckpt)["history"][-1]["val_loss"]
+    engine = read_state(ckpt).history[-1]["val_loss"]
     assert abs(exported - engine) < 1e-5
     sharded = tmp_path / "sharded"  # large models: model-0000k-of-n.safetensors and an index
     assert main(["export", ckpt, "--out", str(sharded), "--max-shard-size", "200KB", "--dtype", "bfloat16"]) == 0
@@ -216,6 +215,17 @@ def test_object_store_run_resumes_and_exports(small, reference, s3, tmp_path):
     info = export(second.checkpoint, str(tmp_path / "hf"))
     assert info["step"] == STEPS
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").num_parameters() == info["parameters"]
+
+    # `llmray export --out s3://...`: written into the bucket whole, an existing target refused without --overwrite.
+    from llmray import storage
+    from llmray.cli import main
+
+    out = f"{s3}/exports/s3run"
+    assert main(["export", second.checkpoint, "--out", out]) == 0
+    assert main(["export", second.checkpoint, "--out", out]) == 2
+    got = storage.download(out, str(tmp_path / "from-s3"))
+    assert not os.path.exists(os.path.join(got, storage.UPLOADING))
+    assert AutoModelForCausalLM.from_pretrained(got).num_parameters() == info["parameters"]
 
 
 class Exploit:

@@ -19,8 +19,8 @@ KEY = "sk-llmray-test"
 def quantized_dir(model_dir, corpus):
     """The same model after `llmray quantize --scheme int8-dynamic`: torchao int8 weights in the folder."""
     from llmray.config import QuantConfig
-    from llmray.eval import HeldOut
-    from llmray.quant import quantize_folder
+    from llmray.data.split import HeldOut
+    from llmray.quantize import quantize_folder
 
     out = model_dir.parent / "tiny-int8"
     quantize_folder(str(model_dir), str(out), QuantConfig(method="ptq", scheme="int8-dynamic"),
@@ -178,7 +178,7 @@ def test_model_folder_from_object_storage(model_dir, server, s3, reference):
     import pyarrow.fs as pafs
     from ray import serve
 
-    from llmray.data import storage
+    from llmray import storage
     from llmray.serve.app import build_app
 
     uri = "s3://llmray/exports/tiny"

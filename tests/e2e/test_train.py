@@ -1,6 +1,7 @@
 """Real Ray Train + real DeepSpeed (CPU, gloo) on a tiny Llama."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,11 @@ def test_pretrain_end_to_end(corpus, ray_cluster, tmp_path, capsys):
     ckpts = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # keep-last-2 of the checkpoints at steps 2, 4, 6
     final = Path(summary["checkpoint"])
-    assert final in ckpts and read_state(final)["step"] == 6
+    assert final in ckpts and read_state(final).step == 6
     assert (final / STATE_FILE).is_file() and (final / "latest").read_text() == TAG
     shards = sorted(p.name for p in (final / TAG).iterdir())
     assert any("zero_pp_rank_0" in s for s in shards) and any("zero_pp_rank_1" in s for s in shards)
-    history = read_state(final)["history"]
+    history = read_state(final).history
     assert [h["step"] for h in history] == [2, 4, 6]
     assert all(h["tokens_per_s"] > 0 and 0 <= h["data_wait_share"] < 1 for h in history)
     assert "val_loss" in history[-1]
@@ -66,3 +67,27 @@ def test_pretrain_end_to_end(corpus, ray_cluster, tmp_path, capsys):
     assert [h["_step"] for h in steps] == [2, 4, 6]
     assert [h["loss"] for h in steps] == pytest.approx([h["loss"] for h in history])
     assert steps[-1]["val_ppl"] == pytest.approx(summary["val_ppl"]) and steps[-1]["tokens_per_s"] > 0
+
+
+def test_a_runs_log_is_its_progress_lines_once_each(corpus, ray_cluster, tmp_path):
+    """`llmray train` as a user runs it (joined to this session's cluster): each progress line once, the summary,
+    and none of the frameworks' per-report, per-dataset or per-kernel chatter."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    out = subprocess.run(
+        [sys.executable, "-m", "llmray.cli", "train", "jobs/pretrain_tiny.yaml", f"data.shards={corpus['shards']}",
+         f"data.tokenizer={corpus['tokenizer']}", f"run.storage_path={tmp_path}", "data.seq_len=64",
+         "model.hidden_size=64", "model.num_layers=2", "train.micro_batch_size=4", "train.global_batch_size=8",
+         "train.max_steps=4", "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=2",
+         "data.val_fraction=0.2", "train.sample_prompt=null"],
+        capture_output=True, text=True, timeout=300, env=env)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    for step in (2, 4):
+        assert sum(f"[llmray] step {step}/4 |" in line for line in log.splitlines()) == 1, log[-3000:]
+    assert "trained    4 steps" in out.stdout
+    for noise in ("Reporting training result", "Progress bars disabled", "Starting execution of Dataset",
+                  "is not writable", "Detected no triton", "built successfully", "Setting up process group"):
+        assert noise not in log, noise

@@ -89,3 +89,24 @@ def test_cli_rejects_typo_in_one_line_without_starting_ray():
 def test_every_command_has_help(cmd):
     out = subprocess.run([sys.executable, "-m", "llmray.cli", *cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage: llmray" in out.stdout
+
+
+def test_cli_help_shows_the_defaults_the_library_uses(capsys):
+    """Option defaults are read from the typed recipe and from the signatures the commands call, not restated."""
+    from llmray.cli import main
+    from llmray.config import default
+    from llmray.quantize import quantize_folder
+    from llmray.serve.app import ServeArgs
+
+    def help_of(*cmd) -> str:
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    quantize = help_of("quantize")
+    assert f"--seq-len SEQ_LEN with --eval-data: tokens per sample (default: {default('data', 'seq_len')})" in quantize
+    assert f"(default: {default('run', 'seed')})" in quantize and f"(default: {default('quant', 'group_size')})" in quantize
+    import inspect
+    assert f"(default: {inspect.signature(quantize_folder).parameters['eval_samples'].default})" in quantize
+    serve = help_of("serve")
+    assert f"one forward pass (default: {ServeArgs.model_fields['max_batch_size'].default})" in serve

@@ -44,7 +44,7 @@ def test_engine_admits_late_requests_into_the_running_batch_exactly(model_dir, r
     are merged) still get exactly transformers' greedy text, and share forward passes with the running one."""
     from llmray.serve.engine import Engine, Finished, Sampling
 
-    engine = Engine(str(model_dir), max_batch_size=8, batch_wait_s=0)
+    engine = Engine(str(model_dir), max_batch_size=8, batch_wait_s=0, device=None)
     prompts = ["def long_running_function(a, b, c):", "x", "import os, sys\nfrom pathlib import"]
 
     async def collect(prompt: str, started: asyncio.Event | None = None) -> str:
