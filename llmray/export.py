@@ -60,14 +60,14 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     target = free_target(out, overwrite)
     state = checkpoint.verify(ckpt)
-    recipe = recipe_from_dict(state["recipe"])
+    recipe = recipe_from_dict(state.recipe)
     quantize = recipe.quant.method != "none" and not full_precision
     with local_copy(ckpt) as local:
         tok_dir = Path(local, checkpoint.TOKENIZER_DIR)
         if not tok_dir.is_dir():
             raise ExportError(f"checkpoint {ckpt} holds no tokenizer/ folder (written by an older llmray?)")
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-        config = build_config(recipe.model, state["vocab_size"])
+        config = build_config(recipe.model, state.vocab_size)
         weights = consolidated_state_dict(local, recipe.train.zero_stage)
     # QAT's fake-quantized layers keep nn.Linear's parameters, so their weights load into the plain model as they
     # are; quantizing that model with the same scheme is torchao's QAT "convert" step.
@@ -77,9 +77,9 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     info = lineage.record_export(
-        held_out(recipe), checkpoint=ckpt, step=state["step"], tokens=state["tokens"], dtype=dtype,
+        held_out(recipe), checkpoint=ckpt, step=state.step, tokens=state.tokens, dtype=dtype,
         parameters=sum(p.numel() for p in model.parameters()), zero_stage=recipe.train.zero_stage,
-        world_size=state.get("world_size"))
+        world_size=state.world_size)
 
     def write(folder: Path) -> list[str]:
         model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
