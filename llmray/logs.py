@@ -38,9 +38,10 @@ def ray_log_level() -> int:
 
 def drop_import_noise() -> None:
     """torchao is imported by transformers whenever a model is built, in every training worker. On CPU it warns once
-    per CUDA-only kernel library it cannot load, and torch warns about how torchao registers an enum: expected, not
-    news."""
+    per CUDA-only kernel library it cannot load and that triton is missing, and torch warns about how torchao
+    registers an enum: expected, not news. (A filter holds for its own logger only, so each is named.)"""
     logging.getLogger("torchao").addFilter(DropMessages("Failed to load"))
+    logging.getLogger("torchao.kernel.intmm").addFilter(DropMessages("Detected no triton"))  # CPU has no triton
     logging.getLogger("torch.utils._pytree").addFilter(DropMessages("register_constant() on Enum subclasses"))
 
 
