@@ -37,7 +37,7 @@ def bare_worker(recipe_overrides: list[str], out: str) -> None:
     import torch.distributed as dist
 
     from llmray.config import load_recipe
-    from llmray.data.pack import StreamSpec, TokenizePack
+    from llmray.data.pack import Packer, StreamSpec
     from llmray.data.split import Documents
     from llmray.train import loop
 
@@ -45,13 +45,13 @@ def bare_worker(recipe_overrides: list[str], out: str) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if recipe.scaling.use_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     d, m = recipe.data, recipe.train.micro_batch_size
-    spec = StreamSpec.of(Documents(d.shards), d.tokenizer, d.seq_len, recipe.run.seed, d.tokenize_batch_docs)
-    packer = TokenizePack(spec)
+    spec = StreamSpec.of([("corpus", 1.0, Documents(d.shards))], d.tokenizer, d.seq_len, recipe.run.seed,
+                         d.tokenize_batch_docs)
+    packer = Packer(spec)
     need = recipe.train.max_steps * recipe.train.global_batch_size
     rows = []
-    for pos, i in enumerate(spec.shard_order(0)):
-        for chunk in packer({"path": [spec.shards[i]], "position": [pos], "epoch": [0]}):
-            rows.append(chunk["input_ids"])
+    for block in range(spec.sources[0].n_blocks):  # the stream's first epoch, in its order
+        rows.append(packer.block(0, 0, block)["input_ids"])
         if sum(len(r) for r in rows) >= need:
             break
     data = np.concatenate(rows)[:need]

@@ -40,16 +40,56 @@ class RunConfig(Strict):
         return storage.join(root, self.name)
 
 
+SINGLE_SOURCE = "corpus"  # the source's name when a recipe gives data.shards
+
+
+class SourceConfig(Strict):
+    """One part of a blend: its own shards and its share of every stretch of global batches."""
+
+    name: str = Field(min_length=1)
+    shards: str  # folder or URI holding Parquet shards written by `llmray data shard`
+    weight: float = 1.0  # relative; the sources' weights are normalised to sum to 1
+
+    @model_validator(mode="after")
+    def _positive(self) -> "SourceConfig":
+        if not self.weight > 0:
+            raise ValueError(f"source {self.name!r}: weight must be > 0 (got {self.weight})")
+        return self
+
+
 class DataConfig(Strict):
-    shards: str  # folder or URI holding the Parquet shards written by `llmray data shard`
-    val_shards: str | None = None  # held-out shard folder; if unset, a fraction of documents is held out
+    shards: str | None = None  # folder or URI holding the Parquet shards written by `llmray data shard` (one source)
+    sources: list[SourceConfig] | None = None  # a weighted blend of several shard folders, instead of `shards`
+    val_shards: str | None = None  # held-out shard folder (one source); if unset, a fraction of documents is held out
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     tokenizer: str  # a folder written by `llmray tokenizer train`, or any local HF tokenizer folder
     seq_len: int = Field(256, gt=1)
     tokenize_actors: int = Field(1, ge=1)  # actor pool size; each loads the tokenizer once
     tokenize_batch_docs: int = Field(512, ge=1)
     prefetch_batches: int = Field(4, ge=1)
-    max_epochs: int | None = Field(None, ge=1)  # None: cycle the corpus until max_steps
+    max_epochs: int | None = Field(None, ge=1)  # None: cycle the corpus until max_steps; else no source starts
+    # another epoch after this many (with a blend, the stream ends when the first source would)
+
+    @model_validator(mode="after")
+    def _one_corpus(self) -> "DataConfig":
+        if (self.shards is None) == (self.sources is None):
+            raise ValueError("set either data.shards (one corpus) or data.sources (a weighted blend), not both"
+                             if self.shards else "data.shards or data.sources is required")
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("data.sources is empty")
+            names = [s.name for s in self.sources]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"source {twice[0]!r} is named twice in data.sources")
+            if self.val_shards:
+                raise ValueError("data.val_shards holds out one corpus; with data.sources use data.val_fraction")
+        return self
+
+    @property
+    def blend(self) -> list[SourceConfig]:
+        """The sources, a single `shards` folder being one source of weight 1."""
+        return self.sources if self.sources is not None else [SourceConfig(name=SINGLE_SOURCE, shards=self.shards)]
 
 
 class ModelConfig(Strict):

@@ -26,7 +26,7 @@ class EvalError(LlmrayError):
 def held_out_samples(held_out: HeldOut, tokenizer_dir: str, max_samples: int) -> np.ndarray:
     """Up to `max_samples` packed rows of `seq_len` tokens: the first validation samples of the run that
     `held_out` describes, the same ones it validated on."""
-    spec = StreamSpec.of(held_out.documents, tokenizer_dir, held_out.seq_len, held_out.seed,
+    spec = StreamSpec.of([("held-out", 1.0, held_out.documents)], tokenizer_dir, held_out.seq_len, held_out.seed,
                          batch_docs=default("data", "tokenize_batch_docs"))
     samples = first_samples(spec, max_samples)
     if not len(samples):

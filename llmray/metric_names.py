@@ -22,5 +22,12 @@ QUANT_WEIGHTS_BYTES = "quant_weights_bytes"
 QUANT_SIZE_RATIO = "quant_size_ratio"
 QUANT_TOKENS_PER_S = "quant_tokens_per_s"
 
+
+
+def per_source(metric: str, source: str) -> str:
+    """A metric of one source of a blend, e.g. val_loss/code."""
+    return f"{metric}/{source}"
+
+
 WHILE_TRAINING = (LOSS, VAL_LOSS, VAL_PPL, TOKENS_PER_S, MFU)
 AT_THE_END = (QUANT_PPL, QUANT_LOSS, QUANT_WEIGHTS_BYTES, QUANT_SIZE_RATIO, QUANT_TOKENS_PER_S)

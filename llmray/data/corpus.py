@@ -21,6 +21,7 @@ class CorpusError(LlmrayError):
 class Shard:
     path: str  # full path or URI, readable by storage.resolve
     rows: int
+    row_groups: tuple[tuple[int, int], ...] = ()  # (rows, uncompressed bytes) of each Parquet row group
 
 
 def list_shards(location: str, text_column: str = "text") -> list[Shard]:
@@ -50,7 +51,8 @@ def list_shards(location: str, text_column: str = "text") -> list[Shard]:
             raise CorpusError(f"shard {uri} is corrupt or not Parquet ({e})") from None
         if text_column not in names:
             raise CorpusError(f"shard {uri} has no {text_column!r} column (columns: {names})")
-        shards.append(Shard(uri, meta.num_rows))
+        groups = tuple((meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups))
+        shards.append(Shard(uri, meta.num_rows, groups))
     if sum(s.rows for s in shards) == 0:
         raise CorpusError(f"empty corpus: the shards in {location} hold no documents")
     return shards

@@ -1,144 +1,139 @@
-"""Tokenize and pack one shard: documents in, EOS after each, fixed `seq_len` rows out, shuffled within chunks.
+"""Tokenize and pack: a block's pieces in, its shuffled `seq_len` rows out (`plan.py` says which pieces).
 
-Plain Python with no Ray in it: Ray Data runs it as an actor pool (`stream.py`), and a bare benchmark or a
-profiler can call it directly.
+Each piece is packed on its own: its documents tokenized, EOS after each, cut into `seq_len` rows (what is left
+under one row at its end is dropped). A row's id is (epoch, piece, k): its piece's global id and its place in that
+piece's packing, so a sample can be traced and counted across epochs, world sizes and resumes.
+
+Plain Python with no Ray in it: Ray Data runs `BlockPack` as an actor pool (`stream.py`); `first_samples` and a
+profiler call it directly.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from llmray import storage
-from llmray.data.corpus import list_shards
+from llmray.data.plan import Source, block_pieces, block_row_order, plan_sources
 from llmray.data.split import Documents
-
-CHUNK_SAMPLES = 512  # packed samples per yielded block: the unit of Ray Data transfer and of shuffling
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     """Everything that fixes the stream's content and order, and the resources that make it."""
 
-    documents: Documents
-    shards: tuple[str, ...]  # the shard files of documents.location, in listing order
+    sources: tuple[Source, ...]
     tokenizer: str
     seq_len: int
     seed: int
     batch_docs: int
     actors: int = 1
     cpus_per_actor: float = 1.0
-    max_epochs: int | None = None
+    max_epochs: int | None = None  # each source stops before starting epoch max_epochs; None: endless
 
     @classmethod
-    def of(cls, documents: Documents, tokenizer: str, seq_len: int, seed: int, batch_docs: int, **resources
-           ) -> "StreamSpec":
-        shards = tuple(s.path for s in list_shards(documents.location))
-        return cls(documents, shards, tokenizer, seq_len, seed, batch_docs, **resources)
+    def of(cls, parts: list[tuple[str, float, Documents]], tokenizer: str, seq_len: int, seed: int, batch_docs: int,
+           **resources) -> "StreamSpec":
+        """The spec of a blend of (name, weight, documents) parts, planned from their shards' metadata."""
+        return cls(plan_sources(parts, seq_len), tokenizer, seq_len, seed, batch_docs, **resources)
 
-    def shard_order(self, epoch: int) -> list[int]:
-        """Shard visiting order for an epoch: a seeded permutation, identical on every run."""
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
-
-
-@dataclass(frozen=True)
-class StreamCursor:
-    """Where the stream stands: the next sample is output number `offset` of the shard at `position` in
-    epoch `epoch`'s shard order. Independent of world size, so a run can resume on more or fewer workers."""
-
-    epoch: int = 0
-    position: int = 0
-    offset: int = 0
-
-    @classmethod
-    def after(cls, epoch: int, position: int, offset: int) -> "StreamCursor":
-        return cls(int(epoch), int(position), int(offset) + 1)
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self.sources]
 
 
-class TokenizePack:
-    """Ray Data actor: one shard in, its documents tokenized and packed into `seq_len` blocks out."""
+class Packer:
+    """Loads the tokenizer once; packs pieces and blocks of the spec's sources."""
 
-    def __init__(self, spec: StreamSpec):
+    def __init__(self, spec: StreamSpec, threads: int | None = None):
         from llmray.data.tokenizer import load_tokenizer
 
         # The tokenizer's thread pool gets the CPUs this actor was budgeted, no more (it would steal from training).
         os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        os.environ["RAYON_NUM_THREADS"] = str(max(1, int(spec.cpus_per_actor)))
+        os.environ["RAYON_NUM_THREADS"] = str(threads or max(1, int(spec.cpus_per_actor)))
         self.spec = spec
         hf = load_tokenizer(spec.tokenizer)
         self.backend = hf.backend_tokenizer
         self.eos = np.array([hf.eos_token_id], dtype=np.int32)
+        self.files: dict[str, pq.ParquetFile] = {}
 
-    def _texts(self, path: str) -> Iterator[list[str]]:
-        fs, p = storage.resolve(path)
-        pf = pq.ParquetFile(fs.open_input_file(p))
-        docs = self.spec.documents
+    def _file(self, path: str) -> pq.ParquetFile:
+        if path not in self.files:
+            if len(self.files) > 64:
+                self.files.clear()
+            fs, p = storage.resolve(path)
+            self.files[path] = pq.ParquetFile(fs.open_input_file(p))
+        return self.files[path]
+
+    def _texts(self, source: Source, piece: np.ndarray) -> list[str]:
+        shard, start, stop = (int(x) for x in piece)
+        path = source.shards[shard]
+        pf = self._file(path)
+        docs = source.documents
         columns = ["text", "doc_id"] if "doc_id" in pf.schema_arrow.names and docs.part != "all" else ["text"]
-        row = 0
-        for batch in pf.iter_batches(columns=columns, batch_size=self.spec.batch_docs):
-            texts = batch.column(0).to_pylist()
-            if docs.part != "all":
-                ids = batch.column(1).to_pylist() if len(columns) == 2 else [f"{path}#{row + i}" for i in range(len(texts))]
-                texts = [t for t, d in zip(texts, ids) if docs.wants(d)]
-            row += batch.num_rows
-            yield [t for t in texts if t]
+        groups, first, row = [], None, 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row + n > start and row < stop:
+                groups.append(g)
+                first = row if first is None else first
+            row += n
+        table = pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+        texts = table.column("text").to_pylist()
+        if docs.part != "all":
+            ids = table.column("doc_id").to_pylist() if "doc_id" in columns else \
+                [f"{path}#{start + i}" for i in range(len(texts))]
+            texts = [t for t, d in zip(texts, ids) if docs.wants(d)]
+        return [t for t in texts if t]
 
-    def __call__(self, item: dict) -> Iterator[dict]:
-        path, position, epoch = item["path"][0], int(item["position"][0]), int(item["epoch"][0])
-        skip = int(item["skip"][0]) if "skip" in item else 0  # resuming inside this shard
-        seq_len = self.spec.seq_len
-        pending: list[np.ndarray] = []
-        pending_len = 0
-        emitted = chunk = 0
-        for texts in self._texts(path):
-            if not texts:
-                continue
-            for enc in self.backend.encode_batch_fast(texts, add_special_tokens=False):
-                pending.append(np.asarray(enc.ids, dtype=np.int32))
-                pending.append(self.eos)
-                pending_len += len(enc.ids) + 1
-            if pending_len < seq_len * CHUNK_SAMPLES:
-                continue
-            flat = np.concatenate(pending)
-            n = len(flat) // seq_len
-            pending, pending_len = [flat[n * seq_len:]], len(flat) - n * seq_len
-            for start in range(0, n, CHUNK_SAMPLES):
-                block = flat[start * seq_len: min(n, start + CHUNK_SAMPLES) * seq_len].reshape(-1, seq_len)
-                if emitted + len(block) > skip:
-                    yield self._chunk(block, position, epoch, emitted, chunk, skip)
-                emitted += len(block)
-                chunk += 1
-        if pending_len >= seq_len:  # the shard's tail; what is left under seq_len is dropped
-            flat = np.concatenate(pending)
-            n = len(flat) // seq_len
-            if emitted + n > skip:
-                yield self._chunk(flat[: n * seq_len].reshape(n, seq_len), position, epoch, emitted, chunk, skip)
+    def piece(self, source: Source, piece: np.ndarray) -> np.ndarray:
+        """The piece's documents tokenized, EOS after each, packed into (n, seq_len) int32 rows."""
+        texts, seq_len, flat = self._texts(source, piece), self.spec.seq_len, []
+        for i in range(0, len(texts), self.spec.batch_docs):
+            for enc in self.backend.encode_batch_fast(texts[i:i + self.spec.batch_docs], add_special_tokens=False):
+                flat.append(np.asarray(enc.ids, dtype=np.int32))
+                flat.append(self.eos)
+        ids = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32)
+        n = len(ids) // seq_len
+        return ids[:n * seq_len].reshape(n, seq_len)
 
-    def _chunk(self, block: np.ndarray, position: int, epoch: int, first: int, chunk: int, skip: int) -> dict:
-        order = np.random.default_rng([self.spec.seed, epoch, position, chunk]).permutation(len(block))
-        keep = slice(max(0, skip - first), None)  # outputs before the resume point were trained on already
-        n = len(block)
-        return {
-            "input_ids": block[order][keep],
-            "epoch": np.full(n, epoch, dtype=np.int32)[keep],
-            "position": np.full(n, position, dtype=np.int32)[keep],  # index of the shard in this epoch's order
-            "sample": (first + order).astype(np.int64)[keep],  # packed sample's index within its shard: its id
-            "offset": np.arange(first, first + n, dtype=np.int64)[keep],  # its place in the shard's output order
-        }
+    def piece_rows(self, index: int, epoch: int, piece: int) -> dict[str, np.ndarray]:
+        """Piece `piece` of source `index` packed, with each row's ids, in packing order."""
+        source = self.spec.sources[index]
+        packed = self.piece(source, source.pieces[piece])
+        n = len(packed)
+        return {"input_ids": packed, "source": np.full(n, index, dtype=np.int32),
+                "epoch": np.full(n, epoch, dtype=np.int32),
+                "piece": np.full(n, source.first_piece + piece, dtype=np.int64),
+                "sample": np.arange(n, dtype=np.int64)}
+
+    def block(self, index: int, epoch: int, block: int) -> dict[str, np.ndarray]:
+        """Block `block` of epoch `epoch` of source `index`: its pieces' rows, in block order, shuffled together.
+        The stream makes the same rows in the same order, a piece per Ray Data task (`stream.py`)."""
+        parts = [self.piece_rows(index, epoch, int(p))
+                 for p in block_pieces(self.spec.sources[index], index, self.spec.seed, epoch, block)]
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return {k: v[block_row_order(self.spec.seed, index, epoch, block, len(v))] for k, v in rows.items()}
 
 
-def first_samples(spec: StreamSpec, n: int) -> np.ndarray:
-    """The first `n` packed samples of epoch 0 (fewer if the documents hold fewer), exactly as the stream orders
-    them, made here without Ray: the fixed validation set of a run, and what `llmray quantize` measures on."""
-    pack, rows, have = TokenizePack(spec), [], 0
-    for position, shard in enumerate(spec.shard_order(0)):
-        for chunk in pack({"path": [spec.shards[shard]], "position": [position], "epoch": [0]}):
-            rows.append(chunk["input_ids"])
-            have += len(chunk["input_ids"])
-            if have >= n:
-                return np.concatenate(rows)[:n]
-    return np.concatenate(rows) if rows else np.zeros((0, spec.seq_len), dtype=np.int32)
+class PiecePack(Packer):
+    """Ray Data actor: one (source, epoch, piece) item in, that piece's packed rows out, one output block per item."""
+
+    def __call__(self, item: dict) -> dict[str, np.ndarray]:
+        return self.piece_rows(int(item["source"][0]), int(item["epoch"][0]), int(item["piece"][0]))
+
+
+def first_samples(spec: StreamSpec, n: int, index: int = 0) -> np.ndarray:
+    """The first `n` rows of source `index`'s epoch 0 (fewer if it holds fewer), exactly as the stream orders them,
+    made here without Ray: a run's fixed validation set, and what `llmray quantize` measures on."""
+    packer, rows, have = Packer(spec, threads=os.cpu_count()), [], 0
+    for block in range(spec.sources[index].n_blocks):
+        out = packer.block(index, 0, block)["input_ids"]
+        rows.append(out)
+        have += len(out)
+        if have >= n:
+            break
+    return np.concatenate(rows)[:n] if rows else np.zeros((0, spec.seq_len), dtype=np.int32)

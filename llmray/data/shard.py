@@ -21,7 +21,7 @@ from llmray.errors import LlmrayError
 SCHEMA = pa.schema([("text", pa.string()), ("doc_id", pa.string()), ("source", pa.string())])
 MANIFEST = "_manifest.json"
 DEFAULT_INCLUDE = ("*.txt", "*.md", "*.jsonl", "*.parquet")
-ROW_GROUP_BYTES = 8 << 20
+ROW_GROUP_BYTES = 256 << 10  # the stream reads pieces of ~32-512 KB of text: a row group is what it reads for one
 
 
 class ShardError(LlmrayError):

@@ -53,18 +53,35 @@ class HeldOut:
         return f"{part} {self.shards}, {self.seq_len}-token samples"
 
 
-def train_and_held_out(data: DataConfig) -> tuple[Documents, Documents | None]:
-    """The documents a recipe trains on, and those it validates on (None: no held-out set)."""
-    if data.val_shards:
-        return Documents(data.shards), Documents(data.val_shards)
-    if data.val_fraction > 0:
-        return (Documents(data.shards, "train", data.val_fraction),
-                Documents(data.shards, "val", data.val_fraction))
-    return Documents(data.shards), None
+@dataclass(frozen=True)
+class SourceSplit:
+    """One source of a recipe's blend: its weight, the documents it trains on and those it validates on."""
+
+    name: str
+    weight: float
+    train: Documents
+    held_out: Documents | None  # None: no held-out set
+
+
+def split_sources(data: DataConfig) -> list[SourceSplit]:
+    """Each source's training and held-out documents (a recipe with data.shards is one source)."""
+    out = []
+    for source in data.blend:
+        if data.val_shards:
+            train, val = Documents(source.shards), Documents(data.val_shards)
+        elif data.val_fraction > 0:
+            train = Documents(source.shards, "train", data.val_fraction)
+            val = Documents(source.shards, "val", data.val_fraction)
+        else:
+            train, val = Documents(source.shards), None
+        out.append(SourceSplit(source.name, source.weight, train, val))
+    return out
 
 
 def held_out(recipe: Recipe) -> HeldOut | None:
-    _, val = train_and_held_out(recipe.data)
+    """The held-out set an export records for later measurement: its first source's (the whole corpus when the
+    recipe has one)."""
+    val = split_sources(recipe.data)[0].held_out
     if val is None:
         return None
     return HeldOut(val.location, val.val_fraction if val.part == "val" else 0.0, recipe.data.seq_len, recipe.run.seed)

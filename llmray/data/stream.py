@@ -1,43 +1,99 @@
-"""The token stream: Ray Data tokenizes and packs shards on the fly; each Train worker gets its slice, in order.
+"""The token stream: Ray Data tokenizes and packs blocks of the whole corpus; each Train worker fetches its rows.
 
-    shards ─► from_items (one row per shard, order seeded per epoch)
-           ─► map_batches(TokenizePack, actor pool)   tokenizer loaded once per actor; EOS between documents;
-                                                      packed into seq_len blocks; shuffled within chunks, seeded
-           ─► StreamCoordinator (one actor)          cuts the ordered stream into global micro-batches and
-                                                      hands rank r rows [r*m, (r+1)*m) of each
-           ─► RankStream on each worker              prefetching iterator of micro-batches; its
-                                                      state_dict() is the position a checkpoint stores
+    plan (plan.py)     every source's pieces, per epoch a seeded permutation cut into blocks; the blend's schedule
+      ─► one Ray Dataset for the run: a (source, epoch, piece) item per piece, block after block
+         ─► map_batches(PiecePack, actor pool): each piece packed by whichever actor is free
+         its output stays in Ray's object store; no per-epoch rebuild, no sample passes through an actor
+      ─► StreamCoordinator (one actor, metadata only): once a block's pieces are packed, shuffles the block's rows
+         by their counts alone, cuts the blended row sequence into global micro-batches and tells rank r which
+         rows of which stored pieces are its rows [r*m, (r+1)*m) of each
+      ─► RankStream on each worker: fetches those blocks straight from the object store, gathers its rows;
+         its state_dict() is the position a checkpoint stores
 
-Why not `streaming_split`: it hands blocks to whichever worker asks first, so which sample lands on which
-rank, and in what order, changes from run to run (ray #58658). Here the global order is a function of the
-seed alone: the same global batch reaches 1 worker or 8, and a run can later resume at an exact position.
+Why not `streaming_split`: it hands blocks to whichever worker asks first, so which sample lands on which rank, and
+in what order, changes from run to run (ray #58658). Here the global order is a function of the seed alone: the
+same global batch reaches 1 worker or 8, and a run resumes at an exact position on any world size, re-tokenizing
+at most one block per source.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import asdict
+import math
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import ray
 
 from llmray import logs
-from llmray.data.pack import StreamCursor, StreamSpec, TokenizePack
+from llmray.data.pack import PiecePack, StreamSpec
+from llmray.data.plan import BLOCK_PIECES, PIECE_SAMPLES, Blend, block_pieces, block_row_order
+
+BATCH_COLUMNS = ("input_ids", "source", "epoch", "piece", "sample")
 
 
-def build_dataset(spec: StreamSpec, epoch: int, start: StreamCursor | None = None) -> "ray.data.Dataset":
-    """One epoch of the packed stream, as a Ray Dataset whose output order is fixed. With `start` (in this
-    epoch), shards before it are not read and the first `start.offset` samples of its shard are dropped."""
-    order = spec.shard_order(epoch)
-    first = start.position if start is not None else 0
-    items = [{"path": spec.shards[order[pos]], "position": pos, "epoch": epoch, "skip": 0}
-             for pos in range(first, len(order))]
-    if start is not None:  # a cursor always points into a shard: at the end of one, its offset is its count
-        items[0]["skip"] = start.offset
+@dataclass
+class SourceCursor:
+    """Where one source stands: the next row is row `offset` of block `block` of its epoch `epoch`."""
+
+    epoch: int = 0
+    block: int = 0
+    offset: int = 0
+
+
+def position_state(cursors: list[SourceCursor], counts: list[int]) -> dict:
+    """The stream's position as a checkpoint stores it (independent of the world size)."""
+    return {"sources": [vars(c).copy() for c in cursors], "counts": [int(c) for c in counts]}
+
+
+def read_position(state: dict | None, n_sources: int) -> tuple[list[SourceCursor], list[int]]:
+    if not state:
+        return [SourceCursor() for _ in range(n_sources)], [0] * n_sources
+    if "sources" not in state or len(state["sources"]) != n_sources:
+        raise ValueError(f"stream position {state} does not fit a stream of {n_sources} sources")
+    return [SourceCursor(**c) for c in state["sources"]], list(state["counts"])
+
+
+def next_block(spec: StreamSpec, index: int, epoch: int, block: int) -> tuple[int, int] | None:
+    """The block after (epoch, block) of source `index`; None when the source may not start another epoch."""
+    if block + 1 < spec.sources[index].n_blocks:
+        return epoch, block + 1
+    if spec.max_epochs is not None and epoch + 1 >= spec.max_epochs:
+        return None
+    return epoch + 1, 0
+
+
+def work_items(spec: StreamSpec, starts: list[tuple[int, int] | None], horizon_rows: int | None) -> list[dict]:
+    """(source, epoch, block, piece) items, a block's pieces together, from each source's start, blocks ordered by
+    when the blend will need them (a block holds about BLOCK_PIECES * PIECE_SAMPLES rows; a source of weight w
+    uses one every 1/w of that), up to the horizon (with room to spare) or the sources' last epoch."""
+    rows_per_block = BLOCK_PIECES * PIECE_SAMPLES
+    keyed = []
+    for index, (source, start) in enumerate(zip(spec.sources, starts)):
+        if start is None:  # this source has ended
+            continue
+        wanted = None if horizon_rows is None else 2 * math.ceil(horizon_rows * source.weight / rows_per_block) + 2
+        at, k = start, 0
+        while at is not None and (wanted is None or k < wanted):
+            keyed.append((k / source.weight, index, at))
+            at, k = next_block(spec, index, *at), k + 1
+            if wanted is None and k >= 4 * source.n_blocks:  # endless and no horizon: a few epochs at a time
+                break
+    keyed.sort(key=lambda x: (x[0], x[1]))
+    items = []
+    for _, i, (e, b) in keyed:
+        pieces = block_pieces(spec.sources[i], i, spec.seed, e, b)
+        items += [{"source": i, "epoch": e, "block": b, "piece": int(p), "pieces": len(pieces)} for p in pieces]
+    return items
+
+
+def build_dataset(spec: StreamSpec, items: list[dict]) -> "ray.data.Dataset":
+    """The pieces of `items`, tokenized and packed by an actor pool, in item order."""
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        TokenizePack,
+        PiecePack,
         fn_constructor_kwargs={"spec": spec},
         batch_size=1,
         batch_format="numpy",
@@ -48,119 +104,222 @@ def build_dataset(spec: StreamSpec, epoch: int, start: StreamCursor | None = Non
     return ds
 
 
-def iter_epochs(spec: StreamSpec, start: StreamCursor | None = None) -> Iterator[dict]:
-    """Packed-sample blocks from `start` (default: the beginning) over as many epochs as the spec allows
-    (endless when max_epochs is None)."""
-    epoch = start.epoch if start is not None else 0
-    while spec.max_epochs is None or epoch < spec.max_epochs:
-        resumed = start is not None and epoch == start.epoch
-        produced = 0
-        ds = build_dataset(spec, epoch, start if resumed else None)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            produced += len(batch["input_ids"])
-            yield batch
-        if produced == 0 and not resumed:
-            raise ValueError(f"the {spec.documents.part} documents of {spec.documents.location} hold fewer than "
-                             f"seq_len={spec.seq_len} tokens")
-        epoch += 1
+class Block:
+    """A block whose pieces are packed (in the object store): its rows in the block's seeded order, by reference."""
+
+    def __init__(self, seed: int, index: int, epoch: int, block: int, parts: list[tuple]):
+        self.epoch, self.block = epoch, block
+        self.refs = [ref for ref, _ in parts]
+        self.starts = np.cumsum([0] + [rows for _, rows in parts])
+        self.rows = int(self.starts[-1])
+        self.order = block_row_order(seed, index, epoch, block, self.rows)  # as pack.Packer.block orders them
+
+    def row(self, j: int) -> tuple:
+        """(ref of the piece holding the block's row j, row within that piece)."""
+        k = int(self.order[j])
+        piece = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return self.refs[piece], k - int(self.starts[piece])
 
 
 @ray.remote(num_cpus=0)
 class StreamCoordinator:
-    """Cuts the ordered stream into global micro-batches of `world_size * rows_per_rank` rows.
+    """Cuts the blended row sequence into global micro-batches of `world_size * rows_per_rank` rows and tells each
+    rank where its rows are; the rows themselves stay in the object store until the rank fetches them.
 
-    Rank r receives rows [r*m, (r+1)*m) of each, so a step's global batch is the same set of samples for
-    any world size. Each micro-batch carries the cursor just past it, the stream position a checkpoint stores.
-    A worker group opens a session with the cursor it resumes from (all its ranks pass the same session id);
-    a new session (a restarted or resized group) drops everything read ahead and restarts the stream there.
+    A worker group opens a session with the position it resumes from (all its ranks pass the same session id); a
+    new session (a restarted or resized group) drops what was read ahead and restarts the pipeline there.
     """
 
-    def __init__(self, spec: StreamSpec):
+    def __init__(self, spec: StreamSpec, horizon_rows: int | None = None):
         logs.quiet_here()
-        self.spec = spec
+        self.spec, self.horizon = spec, horizon_rows
         self.session: str | None = None
+        self.pipeline: Iterator | None = None
+        self.busy_s = self.waiting_s = 0.0  # time in next(), and the part of it spent waiting for the pipeline
+        self.rows_routed = 0
 
-    def open(self, session: str, start: StreamCursor | None, world_size: int, rows_per_rank: int) -> None:
+    def open(self, session: str, position: dict | None, world_size: int, rows_per_rank: int) -> None:
         if session == self.session:
             return
-        if self.session is not None:
-            self.blocks.close()  # stops the abandoned Ray Data execution
+        n = len(self.spec.sources)
         self.session, self.world, self.rows = session, world_size, rows_per_rank
-        self.blocks = iter_epochs(self.spec, start)
+        self.cursors, counts = read_position(position, n)
+        self.blend = Blend(self.spec.weights, counts)
+        self.ready: list[deque] = [deque() for _ in range(n)]  # per source: Block assembled from packed pieces
+        self.assembling: list[list] = [[] for _ in range(n)]  # per source: (ref, rows) of its next block's pieces
+        self.current: list[tuple | None] = [None] * n  # per source: the block rows are being taken from
         self.queues: list[deque] = [deque() for _ in range(world_size)]
-        self.buffer: dict | None = None
         self.done = False
+        self._start_pipeline([(c.epoch, c.block) for c in self.cursors])
 
-    def _take(self, need: int) -> dict | None:
-        parts, have = ([self.buffer], len(self.buffer["input_ids"])) if self.buffer else ([], 0)
-        while have < need and not self.done:
+    def _start_pipeline(self, starts: list[tuple[int, int] | None]) -> None:
+        self.items = deque(work_items(self.spec, starts, self.horizon))
+        self.last_item = {}
+        for item in self.items:
+            self.last_item[item["source"]] = (item["epoch"], item["block"])
+        self.pipeline = None  # dropping the iterator stops an abandoned execution
+        self.pipeline = build_dataset(self.spec, list(self.items)).iter_internal_ref_bundles() if self.items else None
+
+    def _pull(self) -> bool:
+        started = time.perf_counter()
+        try:
+            return self._pull_block()
+        finally:
+            self.waiting_s += time.perf_counter() - started
+
+    def _pull_block(self) -> bool:
+        """One more produced block into its source's queue; False when the pipeline has no more."""
+        while True:
             try:
-                block = next(self.blocks)
+                bundle = next(self.pipeline) if self.pipeline is not None else None
             except StopIteration:
-                self.done = True
-                break
-            parts.append(block)
-            have += len(block["input_ids"])
-        if have < need:  # end of the last epoch: a partial global batch would desync ranks
-            self.buffer = None
-            return None
-        merged = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        self.buffer = {k: v[need:] for k, v in merged.items()} if have > need else None
-        return {k: v[:need] for k, v in merged.items()}
+                bundle = None
+            if bundle is None:
+                continuing = [next_block(self.spec, i, *self.last_item[i]) if i in self.last_item else None
+                              for i in range(len(self.spec.sources))]
+                if self.pipeline is None or not any(c is not None for c in continuing):
+                    return False
+                self._start_pipeline(continuing)  # past the horizon: the next stretch, from where it ended
+                continue
+            for entry in bundle.blocks:  # one output block per item, in item order
+                item = self.items.popleft()
+                i, parts = item["source"], self.assembling[item["source"]]
+                parts.append((entry.ref, entry.metadata.num_rows))
+                if len(parts) == item["pieces"]:  # the block is whole: its rows can be ordered
+                    self.ready[i].append(Block(self.spec.seed, i, item["epoch"], item["block"], parts))
+                    self.assembling[i] = []
+            return True
+
+    def _row_of(self, index: int) -> tuple | None:
+        """(ref, row) of source `index`'s next row, advancing its cursor; None when the source has ended."""
+        cursor = self.cursors[index]
+        while True:
+            cur = self.current[index]
+            here = cur is not None and (cur.epoch, cur.block) == (cursor.epoch, cursor.block)
+            if here and cursor.offset < cur.rows:
+                cursor.offset += 1
+                return cur.row(cursor.offset - 1)
+            if here:  # this block is used up
+                following = next_block(self.spec, index, cursor.epoch, cursor.block)
+                if following is None:
+                    return None
+                cursor.epoch, cursor.block, cursor.offset = *following, 0
+            while not self.ready[index]:
+                if not self._pull():
+                    return None
+            self.current[index] = got = self.ready[index].popleft()
+            if (got.epoch, got.block) != (cursor.epoch, cursor.block):
+                raise RuntimeError(f"stream out of order: source {index} expected block {(cursor.epoch, cursor.block)},"
+                                   f" got {(got.epoch, got.block)}")
 
     def _fill(self) -> None:
-        head = self._take(self.world * self.rows)
-        if head is None:
+        if self.done:
             for q in self.queues:
                 q.append(None)
             return
-        cursor = StreamCursor.after(head["epoch"][-1], head["position"][-1], head["offset"][-1])
+        rows = []
+        for _ in range(self.world * self.rows):
+            found = self._row_of(self.blend.next())
+            if found is None:  # a source ended (max_epochs): a partial global batch would desync ranks
+                self.done = True
+                for q in self.queues:
+                    q.append(None)
+                return
+            rows.append(found)
+        self.rows_routed += len(rows)
+        position = position_state(self.cursors, self.blend.counts)
         for r, q in enumerate(self.queues):
-            part = {k: v[r * self.rows:(r + 1) * self.rows] for k, v in head.items()}
-            part["cursor"] = cursor
-            q.append(part)
+            refs: OrderedDict = OrderedDict()  # the pieces this rank's rows are in, each once
+            which, where = [], []
+            for ref, row in rows[r * self.rows:(r + 1) * self.rows]:
+                which.append(refs.setdefault(ref.hex(), (len(refs), ref))[0])
+                where.append(row)
+            q.append({"refs": [ref for _, ref in refs.values()], "which": np.array(which), "rows": np.array(where),
+                      "position": position})
 
-    def next(self, session: str, rank: int) -> dict | None:
+    def next(self, session: str, rank: int, count: int) -> list[dict | None]:
+        """Rank `rank`'s next `count` micro-batches (where their rows are); None marks the end of the stream."""
         if session != self.session:
             raise RuntimeError(f"stream session {session} was replaced by {self.session}")
-        if not self.queues[rank]:
-            self._fill()
-        return self.queues[rank].popleft()
+        started = time.perf_counter()
+        out = []
+        while len(out) < count:
+            if not self.queues[rank]:
+                self._fill()
+            item = self.queues[rank].popleft()
+            out.append(item)
+            if item is None:
+                break
+        self.busy_s += time.perf_counter() - started
+        return out
+
+    def stats(self) -> dict:
+        """For benchmarks: rows routed, and seconds spent routing them (waiting for the pipeline excluded)."""
+        return {"rows": self.rows_routed, "route_s": self.busy_s - self.waiting_s, "waiting_s": self.waiting_s}
 
 
 class RankStream:
     """A worker's view of the stream: an iterator of its micro-batches, prefetched, and the stream's position.
 
-    Stateful in torchtitan's sense: `state_dict()` is the position after the last micro-batch this rank took
-    (the same on every rank after a step), what a checkpoint stores; `load_state_dict()` before the first batch
-    starts the stream there. The first `next()` opens this worker group's session on the coordinator.
+    Stateful in torchtitan's sense: `state_dict()` is the position after the last micro-batch this rank took (the
+    same on every rank after a step), what a checkpoint stores; `load_state_dict()` before the first batch starts
+    the stream there. The first `next()` opens this worker group's session on the coordinator.
     """
 
     def __init__(self, coordinator, session: str, rank: int, world_size: int, rows_per_rank: int, prefetch: int):
         self.coord, self.session, self.rank = coordinator, session, rank
         self.world_size, self.rows_per_rank, self.prefetch = world_size, rows_per_rank, prefetch
-        self.position: StreamCursor | None = None  # None: the beginning
-        self.inflight: deque | None = None  # None: the session is not open yet
+        self.position: dict = {}  # {}: the beginning
+        self.pending: deque | None = None  # None: the session is not open yet
+        self.request = None
+        self.blocks: OrderedDict = OrderedDict()  # fetched blocks, most recent last
 
     def state_dict(self) -> dict:
-        return asdict(self.position) if self.position is not None else {}
+        return self.position
 
     def load_state_dict(self, state: dict) -> None:
-        if self.inflight is not None:
+        if self.pending is not None:
             raise RuntimeError("a stream's position can only be set before its first batch")
-        self.position = StreamCursor(**state) if state else None
+        self.position = state or {}
 
     def __iter__(self) -> Iterator[dict]:
         return self
 
+    def _block(self, ref) -> dict[str, np.ndarray]:
+        key = ref.hex()
+        if key not in self.blocks:
+            from ray.data.block import BlockAccessor
+
+            table = ray.get(ref)
+            self.blocks[key] = {c: np.asarray(BlockAccessor.for_block(table).to_numpy(c)) for c in BATCH_COLUMNS}
+            while len(self.blocks) > 4 * BLOCK_PIECES:  # a block's pieces, and the next block's
+                self.blocks.popitem(last=False)
+        return self.blocks[key]
+
     def __next__(self) -> dict:
-        if self.inflight is None:
+        if self.pending is None:
             ray.get(self.coord.open.remote(self.session, self.position, self.world_size, self.rows_per_rank))
-            self.inflight = deque()
-        while len(self.inflight) < self.prefetch:
-            self.inflight.append(self.coord.next.remote(self.session, self.rank))
-        batch = ray.get(self.inflight.popleft())
-        if batch is None:
+            self.pending = deque()
+        if not self.pending:
+            reply = self.request if self.request is not None else self.coord.next.remote(
+                self.session, self.rank, self.prefetch)
+            self.pending.extend(ray.get(reply))
+            self.request = None
+        if self.request is None and self.pending[-1] is not None:  # ask for the next ones while these train
+            self.request = self.coord.next.remote(self.session, self.rank, self.prefetch)
+        item = self.pending.popleft()
+        if item is None:
+            self.pending.appendleft(None)
             raise StopIteration
-        self.position = batch.pop("cursor")
+        pieces = [self._block(ref) for ref in item["refs"]]
+        which, rows = item["which"], item["rows"]
+        batch = {}
+        for c in BATCH_COLUMNS:
+            first = pieces[0][c]
+            out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+            for p, piece in enumerate(pieces):  # each piece's rows in one gather
+                mine = which == p
+                out[mine] = piece[c][rows[mine]]
+            batch[c] = out
+        self.position = item["position"]
         return batch

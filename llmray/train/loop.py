@@ -42,7 +42,10 @@ class Stream(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def train(recipe: Recipe, stream: Stream, val_samples: np.ndarray | None, sink: Sink, resume_dir: str | None = None,
+Validation = list[tuple[str, float, np.ndarray]]  # per source: name, blend weight, fixed held-out samples
+
+
+def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: Sink, resume_dir: str | None = None,
           verbose: bool = True) -> dict:
     """Train until `train.max_steps` (or the stream ends); returns the last metrics reported.
 
@@ -91,9 +94,8 @@ def train(recipe: Recipe, stream: Stream, val_samples: np.ndarray | None, sink: 
         gnorm = engine.get_global_grad_norm()
         metrics.update({M.STEP: state.step, M.TOKENS: state.tokens, M.LOSS: loss, M.LR: engine.get_lr()[0],
                         M.GRAD_NORM: float(gnorm) if gnorm is not None else None})
-        if (final or (t.eval_every and state.step % t.eval_every == 0)) and val_samples is not None \
-                and len(val_samples) >= world:
-            metrics.update(evaluate(engine, val_samples, t.micro_batch_size, device))
+        if (final or (t.eval_every and state.step % t.eval_every == 0)) and validation:
+            metrics.update(evaluate(engine, validation, t.micro_batch_size, device))
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if talk:
             print(progress_line(metrics, t.max_steps, started, first_step), flush=True)
@@ -156,21 +158,31 @@ def mean_across_ranks(values: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(engine, samples: np.ndarray, micro_batch: int, device: torch.device) -> dict:
-    """Mean loss and perplexity over this rank's equal slice of the fixed validation samples."""
+def evaluate(engine, validation: Validation, micro_batch: int, device: torch.device) -> dict:
+    """Mean loss and perplexity on each source's fixed validation samples (each rank an equal slice), and overall:
+    the sources' losses averaged with their blend weights. A single source reports only the overall figures."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    per_rank = len(samples) // world  # equal counts: ZeRO-3 forwards are collectives
-    mine = samples[rank * per_rank:(rank + 1) * per_rank]
     engine.eval()
-    total = 0.0
-    batches = 0
-    for start in range(0, per_rank, micro_batch):
-        ids = torch.tensor(mine[start:start + micro_batch], dtype=torch.long, device=device)  # a copy: Ray's is read-only
-        total += engine(input_ids=ids, labels=ids).loss.float().item()
-        batches += 1
+    means = []
+    for _, _, samples in validation:
+        per_rank = len(samples) // world  # equal counts: ZeRO-3 forwards are collectives
+        mine = samples[rank * per_rank:(rank + 1) * per_rank]
+        total, batches = 0.0, 0
+        for start in range(0, per_rank, micro_batch):
+            ids = torch.tensor(mine[start:start + micro_batch], dtype=torch.long, device=device)  # Ray's is read-only
+            total += engine(input_ids=ids, labels=ids).loss.float().item()
+            batches += 1
+        means.append(total / max(batches, 1))
     engine.train()
-    (mean,) = mean_across_ranks([total / max(batches, 1)])
-    return {M.VAL_LOSS: mean, M.VAL_PPL: math.exp(min(mean, 50.0))}
+    means = mean_across_ranks(means)
+    weights = np.array([w for _, w, _ in validation])
+    overall = float(np.dot(weights / weights.sum(), means))
+    out = {M.VAL_LOSS: overall, M.VAL_PPL: math.exp(min(overall, 50.0))}
+    if len(validation) > 1:
+        for (name, _, _), mean in zip(validation, means):
+            out[M.per_source(M.VAL_LOSS, name)] = mean
+            out[M.per_source(M.VAL_PPL, name)] = math.exp(min(mean, 50.0))
+    return out
 
 
 def generate_sample(engine, tokenizer, prompt: str, n_tokens: int, seed: int, zero3: bool, device) -> str:
@@ -185,8 +197,8 @@ def generate_sample(engine, tokenizer, prompt: str, n_tokens: int, seed: int, ze
 
 
 def gather_ids(batch: dict) -> list[list[int]]:
-    """Every rank's (epoch, shard position, sample) ids of this micro-batch, in rank order."""
-    mine = np.stack([batch["epoch"], batch["position"], batch["sample"]], axis=1).tolist()
+    """Every rank's (epoch, piece, sample) ids of this micro-batch, in rank order."""
+    mine = np.stack([batch["epoch"], batch["piece"], batch["sample"]], axis=1).tolist()
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     return [row for part in out for row in part]

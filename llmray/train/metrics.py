@@ -53,6 +53,12 @@ class Window:
         return out
 
 
+def per_source_val(m: dict) -> dict[str, float]:
+    """{source: validation loss} from a report of a blend (empty for one source)."""
+    prefix = M.per_source(M.VAL_LOSS, "")
+    return {k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)}
+
+
 def progress_line(m: dict, max_steps: int, started: float, first_step: int) -> str:
     done = m[M.STEP] - first_step
     elapsed = time.perf_counter() - started
@@ -70,5 +76,8 @@ def progress_line(m: dict, max_steps: int, started: float, first_step: int) -> s
         parts.append(f"MFU {100 * m[M.MFU]:.1f}%")
     if M.VAL_LOSS in m:
         parts.append(f"val {m[M.VAL_LOSS]:.4f} (ppl {m[M.VAL_PPL]:.1f})")
+        per_source = per_source_val(m)
+        if per_source:
+            parts.append("val " + ", ".join(f"{name} {loss:.3f}" for name, loss in per_source.items()))
     parts.append(f"ETA {format_duration(eta)}")
     return "[llmray] " + " | ".join(parts)

@@ -23,8 +23,8 @@ from llmray.train.safe_load import weights_only_loads
 from llmray.train.state import TrainState
 
 # What must match for a checkpoint to be resumed: the model's shape and the stream's content and order.
-RESUME_KEYS = ("model", "data.seq_len", "data.shards", "data.val_shards", "data.val_fraction", "run.seed",
-               "train.zero_stage")
+RESUME_KEYS = ("model", "data.seq_len", "data.shards", "data.sources", "data.val_shards", "data.val_fraction",
+               "run.seed", "train.zero_stage")
 UNIVERSAL_DIR = "universal"
 
 
@@ -36,6 +36,11 @@ def _get(d: dict, dotted: str):
 
 def check_compatible(state: TrainState, recipe: dict, vocab_size: int, uri: str) -> None:
     """Refuse to resume a checkpoint whose model shape or data stream differs from the recipe's."""
+    if state.stream and "sources" not in state.stream:
+        raise CheckpointError(
+            f"checkpoint {uri} was written by an llmray whose stream read shards one after another; its stream "
+            "position does not apply to the mixing stream, so it cannot be resumed. It can still be exported "
+            "(llmray export), and a new run can start from the export (model.pretrained)")
     diffs = [f"{k}: checkpoint {_get(state.recipe, k)!r}, recipe {_get(recipe, k)!r}" for k in RESUME_KEYS
              if _get(state.recipe, k) != _get(recipe, k)]
     if state.vocab_size not in (None, vocab_size):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import posixpath
 import tempfile
@@ -22,11 +23,12 @@ from llmray import metric_names as M
 from llmray.cluster import ensure_ray
 from llmray.config import Recipe, RecipeError
 from llmray.data.pack import StreamSpec, first_samples
-from llmray.data.split import train_and_held_out
+from llmray.data.split import split_sources
 from llmray.data.stream import StreamCoordinator
 from llmray.data.tokenizer import load_tokenizer
 from llmray.model import build_config
 from llmray.train import checkpoint, resume
+from llmray.train.metrics import per_source_val
 from llmray.train.plot import plot_loss
 from llmray.train.wandb_log import wandb_env
 from llmray.train.worker import train_loop_per_worker
@@ -46,6 +48,7 @@ class Summary:
     tokens_per_s: float | None
     plot: str | None
     sample: str | None
+    val_loss_per_source: dict[str, float] | None = None  # a blend's sources, each on its own held-out samples
 
     def text(self) -> str:
         lines = [
@@ -56,6 +59,8 @@ class Summary:
         if self.final_loss is not None:
             val = f"   validation {self.val_loss:.4f} (perplexity {self.val_ppl:.1f})" if self.val_loss is not None else ""
             lines.append(f"loss       {self.final_loss:.4f}{val}")
+        for name, loss in (self.val_loss_per_source or {}).items():
+            lines.append(f"  {name:<9}validation {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):.1f})")
         if self.tokens_per_s:
             lines.append(f"throughput {self.tokens_per_s:,.0f} tokens/s (last window)")
         lines += [f"checkpoint {self.checkpoint}", f"loss plot  {self.plot}"]
@@ -64,20 +69,31 @@ class Summary:
         return "\n".join(lines)
 
 
-def check_inputs(recipe: Recipe) -> tuple[StreamSpec, StreamSpec | None, int]:
-    """Everything that can be checked before a worker starts: shards, tokenizer, model shape. Returns the training
-    stream's spec (CPUs not yet budgeted), the validation samples' spec (None: no held-out set) and the vocabulary."""
+def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, StreamSpec]], int]:
+    """Everything that can be checked before a worker starts: sources, shards, tokenizer, model shape. Returns the
+    training stream's spec (CPUs not yet budgeted), each source's (name, weight, validation samples' spec) when it
+    holds documents out, and the vocabulary."""
     d = recipe.data
-    train_docs, val_docs = train_and_held_out(d)
+    splits = split_sources(d)
     common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs)
-    train_spec = StreamSpec.of(train_docs, max_epochs=d.max_epochs, actors=d.tokenize_actors, **common)
-    val_spec = StreamSpec.of(val_docs, **common) if val_docs is not None else None
+    train_spec = StreamSpec.of([(s.name, s.weight, s.train) for s in splits], max_epochs=d.max_epochs,
+                               actors=d.tokenize_actors, **common)
+    val_specs = [(s.name, source.weight, StreamSpec.of([(s.name, 1.0, s.held_out)], **common))
+                 for s, source in zip(splits, train_spec.sources) if s.held_out is not None]
     vocab = len(load_tokenizer(d.tokenizer))
     config = build_config(recipe.model, vocab)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and d.seq_len > positions:
         raise RecipeError(f"data.seq_len={d.seq_len} is larger than the model's {positions} positions")
-    return train_spec, val_spec, vocab
+    return train_spec, val_specs, vocab
+
+
+def describe_sources(spec: StreamSpec) -> str:
+    """`3 shards (48 pieces)`, or for a blend `web 0.70: 3 shards (48 pieces), code 0.30: ...`."""
+    parts = [f"{len(s.shards)} shards ({len(s.pieces)} pieces)" for s in spec.sources]
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(f"{s.name} {s.weight:.2f}: {p}" for s, p in zip(spec.sources, parts))
 
 
 def cpu_budget(recipe: Recipe, cluster_cpus: float) -> tuple[float, float]:
@@ -115,7 +131,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     """Train `recipe` on the Ray cluster. `callbacks`: Ray Train callbacks for the run (a sweep passes
     TuneReportCallback); `cpus_available`: the CPUs this run may budget from (default: the whole cluster's)."""
     recipe = absolute_paths(recipe)
-    train_spec, val_spec, vocab = check_inputs(recipe)
+    train_spec, val_specs, vocab = check_inputs(recipe)
     if resume_from and not storage.is_uri(resume_from):
         resume_from = os.path.abspath(resume_from)
     resume_from = resume.plan(recipe, vocab, resume_from, fresh)
@@ -125,15 +141,15 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     train_spec = dataclasses.replace(train_spec, cpus_per_actor=per_actor)
 
     d, t, s = recipe.data, recipe.train, recipe.scaling
-    val_ref = None
-    if val_spec is not None:
-        val = first_samples(val_spec, t.eval_batches * t.micro_batch_size * s.num_workers)
+    validation = []  # (source, weight, samples in the object store)
+    for name, weight, spec in val_specs:
+        val = first_samples(spec, t.eval_batches * t.micro_batch_size * s.num_workers)
         if len(val) < s.num_workers:
-            print(f"[llmray] warning: the validation split holds {len(val)} samples of {d.seq_len} tokens; "
-                  "no validation will run (raise data.val_fraction or set data.val_shards)")
+            print(f"[llmray] warning: the validation split of {name} holds {len(val)} samples of {d.seq_len} "
+                  "tokens; it will not be validated on (raise data.val_fraction or set data.val_shards)")
         else:
-            val_ref = [ray.put(val)]
-    coordinator = StreamCoordinator.remote(train_spec)
+            validation.append((name, weight, ray.put(val)))
+    coordinator = StreamCoordinator.remote(train_spec, horizon_rows=t.max_steps * t.global_batch_size)
 
     resources = {"CPU": per_worker}
     if s.use_gpu:
@@ -144,7 +160,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     run_fs, run_root = storage.resolve(recipe.run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": val_ref,
+        train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": validation,
                            "resume_from": _as_ray_checkpoint(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -162,7 +178,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     )
     print(f"[llmray] training {recipe.run.name}: {s.num_workers} workers x {per_worker:g} CPU"
           f"{' + ' + format(s.gpus_per_worker, 'g') + ' GPU' if s.use_gpu else ''}, ZeRO-{t.zero_stage}, "
-          f"{len(train_spec.shards)} shards, tokenize actors {d.tokenize_actors} x {per_actor:g} CPU", flush=True)
+          f"{describe_sources(train_spec)}, tokenize actors {d.tokenize_actors} x {per_actor:g} CPU", flush=True)
     started = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - started
@@ -200,7 +216,7 @@ def summarize(recipe: Recipe, result, wall: float) -> Summary:
         run_dir=run, checkpoint=ckpt_path, steps=metrics.get(M.STEP, 0), tokens=metrics.get(M.TOKENS, 0),
         n_params=n_params, wall_s=wall, final_loss=metrics.get(M.LOSS), val_loss=metrics.get(M.VAL_LOSS),
         val_ppl=metrics.get(M.VAL_PPL), tokens_per_s=metrics.get(M.TOKENS_PER_S), plot=plot_path,
-        sample=metrics.get(M.SAMPLE),
+        sample=metrics.get(M.SAMPLE), val_loss_per_source=per_source_val(metrics) or None,
     )
     with run_fs.open_output_stream(storage.join(run_dir, "summary.json")) as f:
         f.write(json.dumps(asdict(summary), indent=1).encode())

@@ -56,7 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
     recipe = recipe_from_dict(config["recipe"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    val = ray.get(config["val"][0]) if config["val"] else None
+    val = [(name, weight, ray.get(ref)) for name, weight, ref in config["val"]] or None
     # One stream session per worker group: a restarted or resized group gets a new one, and the coordinator
     # restarts the stream at the position the group resumes from.
     session = [uuid.uuid4().hex if rank == 0 else None]

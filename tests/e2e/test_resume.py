@@ -180,7 +180,8 @@ def test_export_loads_in_plain_transformers_with_the_engines_loss(small, referen
     assert model.generation_config.eos_token_id == tok.eos_token_id
     # The run's last evaluation (2 ranks, a micro-batch of 4 held-out samples each) recomputed from the export.
     seed = recipe(small, tmp_path, "x").run.seed
-    val = first_samples(StreamSpec.of(Documents(small["shards"], "val", 0.2), small["tokenizer"], 64, seed, 512), 8)
+    val = first_samples(StreamSpec.of([("corpus", 1.0, Documents(small["shards"], "val", 0.2))], small["tokenizer"], 64,
+                                      seed, 512), 8)
     with torch.no_grad():
         ids = torch.from_numpy(val).long()
         exported = np.mean([model(input_ids=ids[i:i + 4], labels=ids[i:i + 4]).loss.item() for i in (0, 4)])

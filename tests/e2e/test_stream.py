@@ -1,5 +1,6 @@
-"""The ordered token stream on a real Ray cluster: exact tokenization packed with EOS, global batches independent of
-the world size, a validation split held out by document, seeded shuffles, exact resumption at a cursor."""
+"""The mixing token stream on a real Ray cluster: exact tokenization packed with EOS, every stretch of global batches
+drawn from across the corpus, global batches independent of the world size, a validation split held out by
+document, seeded shuffles, exact resumption at a position, and weighted blends of sources."""
 
 import uuid
 
@@ -19,20 +20,22 @@ SEQ = 32
 
 
 def spec_for(corpus, split="all", val_fraction=0.0, seed=7, max_epochs=1):
-    return StreamSpec.of(Documents(corpus["shards"], split, val_fraction), corpus["tokenizer"], SEQ, seed,
-                         batch_docs=512, max_epochs=max_epochs)
+    return StreamSpec.of([("corpus", 1.0, Documents(corpus["shards"], split, val_fraction))], corpus["tokenizer"],
+                         SEQ, seed, batch_docs=512, max_epochs=max_epochs)
 
 
-def reference_samples(spec):
-    """Per shard: its documents tokenized one by one, EOS after each, cut into seq_len rows."""
+def reference_rows(spec):
+    """Per piece: its documents tokenized one by one, EOS after each, cut into seq_len rows."""
     tok = load_tokenizer(spec.tokenizer)
-    out = []
-    for path in spec.shards:
-        ids = []
-        for text in pq.read_table(path, columns=["text"]).column(0).to_pylist():
-            ids += tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
-        n = len(ids) // SEQ
-        out.append(np.array(ids[: n * SEQ]).reshape(n, SEQ))
+    out = {}
+    for source in spec.sources:
+        tables = {path: pq.read_table(path, columns=["text"]).column(0).to_pylist() for path in source.shards}
+        for p, (shard, start, stop) in enumerate(source.pieces):
+            ids = []
+            for text in tables[source.shards[shard]][start:stop]:
+                ids += tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+            n = len(ids) // SEQ
+            out[source.first_piece + p] = (int(shard), np.array(ids[: n * SEQ]).reshape(n, SEQ))
     return out
 
 
@@ -51,22 +54,25 @@ def drain(spec, world, rows, start=None, coord=None):
     return steps
 
 
-def test_stream_is_exact_tokenization_packed_with_eos(corpus, ray_cluster):
+def test_stream_is_exact_tokenization_packed_with_eos_and_mixes_the_whole_corpus(corpus, ray_cluster):
     spec = spec_for(corpus)
-    ref = reference_samples(spec)
-    order = spec.shard_order(0)
-    steps = drain(spec, world=1, rows=4)
+    ref = reference_rows(spec)
+    steps = drain(spec, world=1, rows=16)
     rows = {k: np.concatenate([s[k] for s in steps]) for k in steps[0] if k != "cursor"}
-    total = sum(len(r) for r in ref)
-    assert len(rows["input_ids"]) == total - total % 4  # only the last partial global batch is held back
+    total = sum(len(r) for _, r in ref.values())
+    assert len(rows["input_ids"]) == total - total % 16  # only the last partial global batch is held back
     seen = set()
-    for ids, pos, sample in zip(rows["input_ids"], rows["position"], rows["sample"]):
-        np.testing.assert_array_equal(ids, ref[order[pos]][sample])
-        seen.add((int(pos), int(sample)))
+    for ids, piece, sample in zip(rows["input_ids"], rows["piece"], rows["sample"]):
+        np.testing.assert_array_equal(ids, ref[piece][1][sample])
+        seen.add((int(piece), int(sample)))
     assert len(seen) == len(rows["input_ids"])  # nothing repeated
     eos = load_tokenizer(spec.tokenizer).eos_token_id
-    assert (rows["input_ids"] == eos).sum() >= len(spec.shards)  # documents are separated by EOS
-    assert list(rows["position"][:3]) == [0, 0, 0]  # shards are consumed in the seeded order
+    assert (rows["input_ids"] == eos).sum() > 0  # documents inside a piece are separated by EOS (as in the reference)
+    # Every global batch draws from several shards, not from one shard after another.
+    n_shards = len(spec.sources[0].shards)
+    assert n_shards >= 3
+    for step in steps:
+        assert len({ref[p][0] for p in step["piece"]}) >= 2, "a global batch came from a single shard"
 
 
 def test_global_batches_do_not_depend_on_world_size(corpus, ray_cluster):
@@ -102,9 +108,9 @@ def test_shuffle_depends_on_seed(corpus, ray_cluster):
     assert not np.array_equal(a, b)
 
 
-def test_stream_resumes_exactly_at_a_cursor_for_any_world_size(corpus, ray_cluster):
-    """Restarting at the cursor a micro-batch carries yields exactly the rest of the stream: the remainder of
-    a shard, the later shards, the next epoch, on the same or a different number of ranks."""
+def test_stream_resumes_exactly_at_a_position_for_any_world_size(corpus, ray_cluster):
+    """Restarting at the position a micro-batch leaves yields exactly the rest of the stream: the remainder of
+    a block, the later blocks, the next epoch, on the same or a different number of ranks."""
     spec = spec_for(corpus, max_epochs=2)
     full = drain(spec, world=1, rows=8)
     ids = np.concatenate([s["input_ids"] for s in full])
@@ -112,7 +118,39 @@ def test_stream_resumes_exactly_at_a_cursor_for_any_world_size(corpus, ray_clust
     boundary = max(k for k, s in enumerate(full) if s["epoch"][0] == 0)  # the batch that ends epoch 0
     for k in (0, 5, boundary):
         cursor = full[k]["cursor"]
-        assert set(cursor) == {"epoch", "position", "offset"}  # a position independent of the world size
+        assert set(cursor) == {"sources", "counts"}  # a position independent of the world size
         rest = drain(spec, world=2, rows=4, start=cursor, coord=coord)
         got = np.concatenate([s["input_ids"] for s in rest])
         np.testing.assert_array_equal(got, ids[(k + 1) * 8:])
+
+
+def test_a_blend_keeps_each_source_at_its_weight_and_cycles_a_small_source(corpus, ray_cluster, tmp_path):
+    """Two sources, 0.7 and 0.3: every window of 100 global batches holds each within 2 points of its weight; the
+    small source runs out first and starts its next epoch while the large one is still in its first."""
+    shards = list_shards(corpus["shards"])
+    small = tmp_path / "small"
+    small.mkdir()
+    table = pq.read_table(shards[0].path)
+    keep, size = [], 0
+    for i, text in enumerate(table.column("text").to_pylist()):  # ~15 KB of documents: a few hundred rows
+        if size < 15_000 and len(text) < 8_000:
+            keep.append(i)
+            size += len(text)
+    pq.write_table(table.take(keep), small / "shard-00000.parquet")
+    spec = StreamSpec.of([("big", 0.7, Documents(corpus["shards"])), ("small", 0.3, Documents(str(small)))],
+                         corpus["tokenizer"], SEQ, 7, batch_docs=512)
+    batches, rows = 220, 8
+    coord = StreamCoordinator.remote(spec)
+    stream = RankStream(coord, uuid.uuid4().hex, 0, 1, rows, prefetch=16)
+    steps = [next(stream) for _ in range(batches)]
+    source = np.array([s["source"] for s in steps])  # (batches, rows)
+    for start in range(0, batches - 100 + 1, 10):
+        share = (source[start:start + 100] == 1).mean()
+        assert abs(share - 0.3) <= 0.02, (start, share)
+    epochs = np.array([s["epoch"] for s in steps])
+    assert epochs[source == 1].max() >= 1  # the small source started its next epoch...
+    assert epochs[source == 0].max() == 0  # ...while the big one is still in its first
+    small_ids = [(e, p, s) for step in steps for e, p, s, src in zip(step["epoch"], step["piece"], step["sample"],
+                                                                       step["source"]) if src == 1]
+    first_epoch = [x for x in small_ids if x[0] == 0]
+    assert len(first_epoch) == len(set(first_epoch))  # within an epoch, no sample twice

@@ -91,3 +91,30 @@ def test_a_runs_log_is_its_progress_lines_once_each(corpus, ray_cluster, tmp_pat
     for noise in ("Reporting training result", "Progress bars disabled", "Starting execution of Dataset",
                   "is not writable", "Detected no triton", "built successfully", "Setting up process group"):
         assert noise not in log, noise
+
+
+def test_a_blend_trains_and_reports_each_sources_validation(corpus, ray_cluster, tmp_path):
+    """Two weighted sources: the run reports val_loss/<source> for each, beside the weight-averaged val_loss, in its
+    reports (what W&B and Tune receive) and its summary."""
+    import pyarrow.parquet as pq
+
+    from llmray.config import recipe_from_dict
+    from llmray.data.corpus import list_shards
+
+    parts = {}
+    for name, shard in zip(("lib", "mail"), list_shards(corpus["shards"])[:2]):
+        (tmp_path / name).mkdir()
+        pq.write_table(pq.read_table(shard.path), tmp_path / name / "shard-00000.parquet")
+        parts[name] = str(tmp_path / name)
+    raw = tiny(corpus, tmp_path, "run.name=blend", "train.max_steps=4", "train.log_every=2", "train.eval_every=2",
+               "data.val_fraction=0.2", "train.checkpoint_every=0").model_dump(mode="json")
+    raw["data"].pop("shards")
+    raw["data"]["sources"] = [{"name": "lib", "shards": parts["lib"], "weight": 3},
+                              {"name": "mail", "shards": parts["mail"], "weight": 1}]
+    summary = fit(recipe_from_dict(raw))
+    per_source = summary.val_loss_per_source
+    assert set(per_source) == {"lib", "mail"}
+    assert summary.val_loss == pytest.approx(0.75 * per_source["lib"] + 0.25 * per_source["mail"])
+    history = read_state(summary.checkpoint).history
+    assert {"val_loss/lib", "val_ppl/lib", "val_loss/mail", "val_ppl/mail"} <= set(history[-1])
+    assert "lib " in summary.text() and "mail " in summary.text()

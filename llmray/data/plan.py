@@ -1,0 +1,112 @@
+"""The order of the stream, as a function of the seed alone: pieces, blocks, epochs and the blend of sources.
+
+    source ─► pieces   runs of consecutive documents of one shard, ~PIECE_SAMPLES samples of text each, read from
+                       Parquet metadata (no text is read to plan)
+           ─► epoch e  a seeded permutation of all the source's pieces, cut into blocks of BLOCK_PIECES pieces
+           ─► block    its pieces tokenized and packed (each piece on its own), then its rows shuffled, seeded
+    sources ─► blend   global row n comes from the source whose weight is furthest ahead of its share so far
+                       (a deterministic low-discrepancy schedule): any window of rows holds each source within a
+                       row or two of its weight
+
+Why this shape: every global batch is drawn from BLOCK_PIECES places spread over the whole corpus (not from one
+shard), no pre-tokenization pass or sample index is needed (the stream still tokenizes on the fly), and a resume
+re-tokenizes one block per source, not a shard. See docs/training.md for the alternatives weighed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmray.data.corpus import CorpusError, Shard, list_shards
+from llmray.data.split import Documents
+
+PIECE_SAMPLES = 64  # samples of text a piece aims for: its packing drops under one sample at its end (~1%)
+BYTES_PER_TOKEN = 4  # to size pieces from bytes before anything is tokenized; a rough guess is enough
+BLOCK_PIECES = 128  # pieces shuffled together: the places in the corpus one stretch of global batches draws from
+
+
+def plan_pieces(shards: list[Shard], seq_len: int) -> np.ndarray:
+    """(n, 3) int64 rows of (shard index, first row, end row): each shard's documents cut into runs of about
+    PIECE_SAMPLES samples of text. Row groups are split by row count when larger than a piece; a piece never spans
+    two shards or two row groups, so reading one reads one row group."""
+    target = PIECE_SAMPLES * seq_len * BYTES_PER_TOKEN
+    pieces = []
+    for index, shard in enumerate(shards):
+        groups = shard.row_groups or ((shard.rows, 0),)
+        row = 0
+        pending_start, pending_bytes = 0, 0
+        for rows, size in groups:
+            cuts = max(1, round(size / target)) if size else 1
+            if cuts == 1 and pending_bytes + size < target:  # a small row group joins its neighbours
+                pending_bytes += size
+                row += rows
+                continue
+            if pending_bytes:
+                pieces.append((index, pending_start, row))
+            edges = np.linspace(row, row + rows, min(cuts, rows) + 1).round().astype(int)
+            pieces += [(index, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+            row += rows
+            pending_start, pending_bytes = row, 0
+        if row > pending_start:
+            pieces.append((index, pending_start, row))
+    return np.array(pieces, dtype=np.int64).reshape(-1, 3)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One part of the blend, planned: its documents, shards, weight and pieces."""
+
+    name: str
+    weight: float  # normalised: the sources' weights sum to 1
+    documents: Documents
+    shards: tuple[str, ...]
+    pieces: np.ndarray = field(repr=False)  # from plan_pieces
+    first_piece: int = 0  # the global id of its first piece: piece ids are unique across sources
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(len(self.pieces) / BLOCK_PIECES)
+
+
+def block_pieces(source: Source, index: int, seed: int, epoch: int, block: int) -> np.ndarray:
+    """The piece indices (into source.pieces) of block `block` of epoch `epoch`; `index`: the source's place in
+    the blend, so two sources with the same shards still draw different orders."""
+    order = np.random.default_rng([seed, index, epoch]).permutation(len(source.pieces))
+    return order[block * BLOCK_PIECES:(block + 1) * BLOCK_PIECES]
+
+
+def block_row_order(seed: int, index: int, epoch: int, block: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, index, epoch, block, 1]).permutation(n)
+
+
+class Blend:
+    """Which source each global row comes from: the one whose weighted share is furthest ahead of what it has
+    given so far (ties to the first). `counts` is the whole state, so a resumed stream continues the schedule."""
+
+    def __init__(self, weights: list[float], counts: list[int] | None = None):
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.counts = np.array(counts if counts is not None else [0] * len(weights), dtype=np.int64)
+
+    def next(self) -> int:
+        n = self.counts.sum() + 1
+        s = int(np.argmax(self.weights * n - self.counts))
+        self.counts[s] += 1
+        return s
+
+
+def plan_sources(parts: list[tuple[str, float, Documents]], seq_len: int) -> tuple[Source, ...]:
+    """(name, weight, documents) of each source into planned Sources, weights normalised to sum to 1."""
+    total = sum(w for _, w, _ in parts)
+    out, first = [], 0
+    for name, weight, documents in parts:
+        try:
+            shards = list_shards(documents.location)
+        except CorpusError as e:
+            raise CorpusError(f"source {name!r}: {e}" if len(parts) > 1 else str(e)) from None
+        pieces = plan_pieces(shards, seq_len)
+        out.append(Source(name, weight / total, documents, tuple(s.path for s in shards), pieces, first))
+        first += len(pieces)
+    return tuple(out)

@@ -1,0 +1,61 @@
+"""The stream's plan without Ray: pieces from Parquet metadata, the blend's schedule, and the recipe errors that a
+blend of sources can hold, each reported in one line naming the source before Ray starts."""
+
+import numpy as np
+import pytest
+
+from llmray.config import RecipeError, recipe_from_dict
+from llmray.data.corpus import CorpusError, Shard
+from llmray.data.plan import PIECE_SAMPLES, Blend, plan_pieces
+from llmray.train.checkpoint import CheckpointError
+from llmray.train.resume import check_compatible
+from llmray.train.state import TrainState
+
+
+def test_pieces_cover_every_document_once_and_never_span_shards():
+    target = PIECE_SAMPLES * 64 * 4
+    shards = [Shard("a", 100, ((60, 10 * target), (40, target // 4))), Shard("b", 7, ((7, target // 10),))]
+    pieces = plan_pieces(shards, seq_len=64)
+    for index, shard in enumerate(shards):
+        mine = pieces[pieces[:, 0] == index]
+        assert mine[0, 1] == 0 and mine[-1, 2] == shard.rows and (mine[1:, 1] == mine[:-1, 2]).all()
+    assert ((pieces[:, 1] < 60) == (pieces[:, 2] <= 60))[pieces[:, 0] == 0].all()  # the big row group is cut alone
+    assert len(pieces[pieces[:, 0] == 0]) == 11 and len(pieces[pieces[:, 0] == 1]) == 1
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.2, 0.1], [0.5, 0.5], [0.97, 0.03]])
+def test_blend_holds_every_window_within_a_row_of_its_weights(weights):
+    blend = Blend(weights)
+    picks = np.array([blend.next() for _ in range(5000)])
+    for size in (50, 1000):
+        for start in range(0, len(picks) - size, 97):
+            counts = np.bincount(picks[start:start + size], minlength=len(weights))
+            assert np.abs(counts - np.array(weights) * size).max() <= 2
+    resumed = Blend(weights, list(np.bincount(picks[:1234], minlength=len(weights))))
+    assert [resumed.next() for _ in range(100)] == picks[1234:1334].tolist()  # the counts are its whole state
+
+
+@pytest.mark.parametrize("sources, message", [
+    ([{"name": "web", "shards": "w", "weight": 0}], "source 'web': weight must be > 0"),
+    ([{"name": "web", "shards": "w", "weight": -1}], "source 'web': weight must be > 0"),
+    ([{"name": "web", "shards": "w"}, {"name": "web", "shards": "x"}], "source 'web' is named twice"),
+])
+def test_bad_sources_are_named_in_one_line(sources, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict({"data": {"sources": sources, "tokenizer": "t"}})
+
+
+def test_a_source_without_shards_is_named_before_ray_starts(corpus, tmp_path):
+    from llmray.train.trainer import check_inputs
+
+    (tmp_path / "empty").mkdir()
+    recipe = recipe_from_dict({"data": {"tokenizer": corpus["tokenizer"], "sources": [
+        {"name": "code", "shards": corpus["shards"]}, {"name": "books", "shards": str(tmp_path / "empty")}]}})
+    with pytest.raises(CorpusError, match="source 'books': no .parquet shards in"):
+        check_inputs(recipe)
+
+
+def test_a_checkpoint_from_the_shard_by_shard_stream_is_refused_on_resume():
+    old = TrainState.from_json({"step": 6, "cursor": {"epoch": 0, "position": 1, "offset": 3}, "recipe": {}})
+    with pytest.raises(CheckpointError, match="cannot be resumed. It can still be exported"):
+        check_compatible(old, {}, 1000, "ckpt")
