@@ -130,13 +130,21 @@ class StreamCoordinator:
     new session (a restarted or resized group) drops what was read ahead and restarts the pipeline there.
     """
 
-    def __init__(self, spec: StreamSpec, horizon_rows: int | None = None):
+    def __init__(self, spec: StreamSpec, horizon_rows: int | None = None, expected_start: dict | None = None):
+        """`expected_start`: the position the first worker group will most likely open (a run's resume point, or
+        {} for its beginning): the pipeline starts there at once, so tokenizing overlaps the workers' start-up."""
         logs.quiet_here()
         self.spec, self.horizon = spec, horizon_rows
         self.session: str | None = None
         self.pipeline: Iterator | None = None
         self.busy_s = self.waiting_s = 0.0  # time in next(), and the part of it spent waiting for the pipeline
         self.rows_routed = 0
+        self.early: tuple | None = None  # (start, items, last_item, pipeline) begun before any session
+        if expected_start is not None:
+            cursors, _ = read_position(expected_start, len(spec.sources))
+            starts = [(c.epoch, c.block) for c in cursors]
+            self._start_pipeline(starts)
+            self.early = (starts, self.items, self.last_item, self.pipeline)
 
     def open(self, session: str, position: dict | None, world_size: int, rows_per_rank: int) -> None:
         if session == self.session:
@@ -150,7 +158,12 @@ class StreamCoordinator:
         self.current: list[tuple | None] = [None] * n  # per source: the block rows are being taken from
         self.queues: list[deque] = [deque() for _ in range(world_size)]
         self.done = False
-        self._start_pipeline([(c.epoch, c.block) for c in self.cursors])
+        starts = [(c.epoch, c.block) for c in self.cursors]
+        early, self.early = self.early, None  # used once: a later session restarts from its own position
+        if early is not None and early[0] == starts:
+            _, self.items, self.last_item, self.pipeline = early
+        else:
+            self._start_pipeline(starts)
 
     def _start_pipeline(self, starts: list[tuple[int, int] | None]) -> None:
         self.items = deque(work_items(self.spec, starts, self.horizon))

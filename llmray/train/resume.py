@@ -50,8 +50,9 @@ def check_compatible(state: TrainState, recipe: dict, vocab_size: int, uri: str)
                               + "; ".join(diffs))
 
 
-def plan(recipe: Recipe, vocab: int, resume_from: str | None, fresh: bool) -> str | None:
-    """Decide, before any worker starts, where the run begins; returns the checkpoint given by `--resume-from`.
+def plan(recipe: Recipe, vocab: int, resume_from: str | None, fresh: bool) -> tuple[str | None, dict]:
+    """Decide, before any worker starts, where the run begins; returns the checkpoint given by `--resume-from`, and
+    the stream position the run will start at (the stream begins tokenizing there while the workers start).
 
     A run whose folder already holds checkpoints continues from the latest (Ray Train restores it on its own);
     `fresh` refuses such a run rather than overwrite it.
@@ -68,12 +69,14 @@ def plan(recipe: Recipe, vocab: int, resume_from: str | None, fresh: bool) -> st
         state = checkpoint.verify(resume_from)
         check_compatible(state, wanted, vocab, resume_from)
         print(f"[llmray] starting {recipe.run.name} from {resume_from} (step {state.step})", flush=True)
-        return resume_from
+        return resume_from, state.stream
     if existing:
         step, latest = existing[-1]
-        check_compatible(checkpoint.read_state(latest), wanted, vocab, latest)
+        state = checkpoint.read_state(latest)
+        check_compatible(state, wanted, vocab, latest)
         print(f"[llmray] continuing run {recipe.run.name} from its checkpoint at step {step} ({latest})", flush=True)
-    return None
+        return None, state.stream
+    return None, {}
 
 
 def needs_universal(state: TrainState, world_size: int, zero_stage: int) -> bool:

@@ -134,7 +134,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     train_spec, val_specs, vocab = check_inputs(recipe)
     if resume_from and not storage.is_uri(resume_from):
         resume_from = os.path.abspath(resume_from)
-    resume_from = resume.plan(recipe, vocab, resume_from, fresh)
+    resume_from, start = resume.plan(recipe, vocab, resume_from, fresh)
     ensure_ray()
     logs.quiet_here()
     per_worker, per_actor = cpu_budget(recipe, cpus_available or ray.cluster_resources().get("CPU", 1))
@@ -149,7 +149,8 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
                   "tokens; it will not be validated on (raise data.val_fraction or set data.val_shards)")
         else:
             validation.append((name, weight, ray.put(val)))
-    coordinator = StreamCoordinator.remote(train_spec, horizon_rows=t.max_steps * t.global_batch_size)
+    coordinator = StreamCoordinator.remote(train_spec, horizon_rows=t.max_steps * t.global_batch_size,
+                                           expected_start=start)  # tokenizing begins while the workers start
 
     resources = {"CPU": per_worker}
     if s.use_gpu:
