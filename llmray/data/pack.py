@@ -1,11 +1,12 @@
-"""Tokenize and pack: a block's pieces in, its shuffled `seq_len` rows out (`plan.py` says which pieces).
+"""Tokenize and pack: a piece's documents in, its `seq_len` rows out; a block is its pieces' rows shuffled together
+(`plan.py` says which pieces).
 
 Each piece is packed on its own: its documents tokenized, EOS after each, cut into `seq_len` rows (what is left
 under one row at its end is dropped). A row's id is (epoch, piece, k): its piece's global id and its place in that
 piece's packing, so a sample can be traced and counted across epochs, world sizes and resumes.
 
-Plain Python with no Ray in it: Ray Data runs `BlockPack` as an actor pool (`stream.py`); `first_samples` and a
-profiler call it directly.
+Plain Python with no Ray in it: Ray Data runs `PiecePack` as an actor pool (`stream.py`); `first_samples` and a
+profiler call `Packer` directly.
 """
 
 from __future__ import annotations
@@ -48,12 +49,9 @@ class StreamSpec:
 class Packer:
     """Loads the tokenizer once; packs pieces and blocks of the spec's sources."""
 
-    def __init__(self, spec: StreamSpec, threads: int | None = None):
+    def __init__(self, spec: StreamSpec):
         from llmray.data.tokenizer import load_tokenizer
 
-        # The tokenizer's thread pool gets the CPUs this actor was budgeted, no more (it would steal from training).
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        os.environ["RAYON_NUM_THREADS"] = str(threads or max(1, int(spec.cpus_per_actor)))
         self.spec = spec
         hf = load_tokenizer(spec.tokenizer)
         self.backend = hf.backend_tokenizer
@@ -122,6 +120,13 @@ class Packer:
 class PiecePack(Packer):
     """Ray Data actor: one (source, epoch, piece) item in, that piece's packed rows out, one output block per item."""
 
+    def __init__(self, spec: StreamSpec):
+        # The tokenizer's thread pool gets the CPUs this actor was budgeted, no more (it would steal from training);
+        # set in the actor's own process, before the tokenizer starts its pool.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, int(spec.cpus_per_actor)))
+        super().__init__(spec)
+
     def __call__(self, item: dict) -> dict[str, np.ndarray]:
         return self.piece_rows(int(item["source"][0]), int(item["epoch"][0]), int(item["piece"][0]))
 
@@ -129,7 +134,7 @@ class PiecePack(Packer):
 def first_samples(spec: StreamSpec, n: int, index: int = 0) -> np.ndarray:
     """The first `n` rows of source `index`'s epoch 0 (fewer if it holds fewer), exactly as the stream orders them,
     made here without Ray: a run's fixed validation set, and what `llmray quantize` measures on."""
-    packer, rows, have = Packer(spec, threads=os.cpu_count()), [], 0
+    packer, rows, have = Packer(spec), [], 0
     for block in range(spec.sources[index].n_blocks):
         out = packer.block(index, 0, block)["input_ids"]
         rows.append(out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -30,8 +31,8 @@ BLOCK_PIECES = 128  # pieces shuffled together: the places in the corpus one str
 
 def plan_pieces(shards: list[Shard], seq_len: int) -> np.ndarray:
     """(n, 3) int64 rows of (shard index, first row, end row): each shard's documents cut into runs of about
-    PIECE_SAMPLES samples of text. Row groups are split by row count when larger than a piece; a piece never spans
-    two shards or two row groups, so reading one reads one row group."""
+    PIECE_SAMPLES samples of text. A piece never spans two shards; consecutive small row groups are joined into
+    one, and a row group larger than a piece is cut by row count (a piece then reads its whole row group)."""
     target = PIECE_SAMPLES * seq_len * BYTES_PER_TOKEN
     pieces = []
     for index, shard in enumerate(shards):
@@ -74,8 +75,16 @@ class Source:
 def block_pieces(source: Source, index: int, seed: int, epoch: int, block: int) -> np.ndarray:
     """The piece indices (into source.pieces) of block `block` of epoch `epoch`; `index`: the source's place in
     the blend, so two sources with the same shards still draw different orders."""
-    order = np.random.default_rng([seed, index, epoch]).permutation(len(source.pieces))
-    return order[block * BLOCK_PIECES:(block + 1) * BLOCK_PIECES]
+    return epoch_order(len(source.pieces), seed, index, epoch)[block * BLOCK_PIECES:(block + 1) * BLOCK_PIECES]
+
+
+@lru_cache(maxsize=8)
+def epoch_order(n_pieces: int, seed: int, index: int, epoch: int) -> np.ndarray:
+    """The permutation of a source's pieces for one epoch. Cached: a planner walking an epoch's blocks would
+    otherwise draw it once per block, n_blocks times the cost of one permutation of all pieces."""
+    order = np.random.default_rng([seed, index, epoch]).permutation(n_pieces)
+    order.flags.writeable = False  # shared by every caller
+    return order
 
 
 def block_row_order(seed: int, index: int, epoch: int, block: int, n: int) -> np.ndarray:

@@ -155,7 +155,7 @@ class StreamCoordinator:
         self.blend = Blend(self.spec.weights, counts)
         self.ready: list[deque] = [deque() for _ in range(n)]  # per source: Block assembled from packed pieces
         self.assembling: list[list] = [[] for _ in range(n)]  # per source: (ref, rows) of its next block's pieces
-        self.current: list[tuple | None] = [None] * n  # per source: the block rows are being taken from
+        self.current: list[Block | None] = [None] * n  # per source: the block rows are being taken from
         self.queues: list[deque] = [deque() for _ in range(world_size)]
         self.done = False
         starts = [(c.epoch, c.block) for c in self.cursors]
@@ -285,7 +285,7 @@ class RankStream:
         self.position: dict = {}  # {}: the beginning
         self.pending: deque | None = None  # None: the session is not open yet
         self.request = None
-        self.blocks: OrderedDict = OrderedDict()  # fetched blocks, most recent last
+        self.pieces: OrderedDict = OrderedDict()  # fetched packed pieces, most recent last
 
     def state_dict(self) -> dict:
         return self.position
@@ -298,16 +298,18 @@ class RankStream:
     def __iter__(self) -> Iterator[dict]:
         return self
 
-    def _block(self, ref) -> dict[str, np.ndarray]:
-        key = ref.hex()
-        if key not in self.blocks:
-            from ray.data.block import BlockAccessor
+    def _fetch(self, refs: list) -> list[dict[str, np.ndarray]]:
+        """The packed pieces behind `refs`: those not cached fetched in one call to the object store."""
+        from ray.data.block import BlockAccessor
 
-            table = ray.get(ref)
-            self.blocks[key] = {c: np.asarray(BlockAccessor.for_block(table).to_numpy(c)) for c in BATCH_COLUMNS}
-            while len(self.blocks) > 4 * BLOCK_PIECES:  # a block's pieces, and the next block's
-                self.blocks.popitem(last=False)
-        return self.blocks[key]
+        missing = [ref for ref in refs if ref.hex() not in self.pieces]
+        for ref, table in zip(missing, ray.get(missing)):
+            self.pieces[ref.hex()] = {c: np.asarray(BlockAccessor.for_block(table).to_numpy(c)) for c in BATCH_COLUMNS}
+        for ref in refs:
+            self.pieces.move_to_end(ref.hex())
+        while len(self.pieces) > 4 * BLOCK_PIECES:  # the pieces of the last few blocks
+            self.pieces.popitem(last=False)
+        return [self.pieces[ref.hex()] for ref in refs]
 
     def __next__(self) -> dict:
         if self.pending is None:
@@ -324,7 +326,7 @@ class RankStream:
         if item is None:
             self.pending.appendleft(None)
             raise StopIteration
-        pieces = [self._block(ref) for ref in item["refs"]]
+        pieces = self._fetch(item["refs"])
         which, rows = item["which"], item["rows"]
         batch = {}
         for c in BATCH_COLUMNS:

@@ -78,8 +78,15 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs)
     train_spec = StreamSpec.of([(s.name, s.weight, s.train) for s in splits], max_epochs=d.max_epochs,
                                actors=d.tokenize_actors, **common)
-    val_specs = [(s.name, source.weight, StreamSpec.of([(s.name, 1.0, s.held_out)], **common))
-                 for s, source in zip(splits, train_spec.sources) if s.held_out is not None]
+    val_specs = []
+    for s, source in zip(splits, train_spec.sources):
+        if s.held_out is None:
+            continue
+        if s.held_out.location == s.train.location:  # the same shards and pieces, the other documents: not re-listed
+            held = dataclasses.replace(source, weight=1.0, documents=s.held_out, first_piece=0)
+            val_specs.append((s.name, source.weight, StreamSpec((held,), **common)))
+        else:
+            val_specs.append((s.name, source.weight, StreamSpec.of([(s.name, 1.0, s.held_out)], **common)))
     vocab = len(load_tokenizer(d.tokenizer))
     config = build_config(recipe.model, vocab)
     positions = getattr(config, "max_position_embeddings", None)
