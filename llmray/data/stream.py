@@ -156,6 +156,8 @@ class StreamCoordinator:
         self.ready: list[deque] = [deque() for _ in range(n)]  # per source: Block assembled from packed pieces
         self.assembling: list[list] = [[] for _ in range(n)]  # per source: (ref, rows) of its next block's pieces
         self.current: list[Block | None] = [None] * n  # per source: the block rows are being taken from
+        # per source: rows its current epoch has yielded so far (None: the group joined it midway, not counted)
+        self.epoch_rows: list[int | None] = [0 if (c.block, c.offset) == (0, 0) else None for c in self.cursors]
         self.queues: list[deque] = [deque() for _ in range(world_size)]
         self.done = False
         starts = [(c.epoch, c.block) for c in self.cursors]
@@ -213,14 +215,22 @@ class StreamCoordinator:
                 cursor.offset += 1
                 return cur.row(cursor.offset - 1)
             if here:  # this block is used up
+                source = self.spec.sources[index]
+                if cursor.block + 1 == source.n_blocks and self.epoch_rows[index] == 0:  # it would cycle forever
+                    raise ValueError(f"source {source.name!r}: its documents ({source.documents.part} of "
+                                     f"{source.documents.location}) yield no {self.spec.seq_len}-token sample")
                 following = next_block(self.spec, index, cursor.epoch, cursor.block)
                 if following is None:
                     return None
+                if following[0] != cursor.epoch:
+                    self.epoch_rows[index] = 0
                 cursor.epoch, cursor.block, cursor.offset = *following, 0
             while not self.ready[index]:
                 if not self._pull():
                     return None
             self.current[index] = got = self.ready[index].popleft()
+            if self.epoch_rows[index] is not None:
+                self.epoch_rows[index] += got.rows
             if (got.epoch, got.block) != (cursor.epoch, cursor.block):
                 raise RuntimeError(f"stream out of order: source {index} expected block {(cursor.epoch, cursor.block)},"
                                    f" got {(got.epoch, got.block)}")

@@ -154,3 +154,11 @@ def test_a_blend_keeps_each_source_at_its_weight_and_cycles_a_small_source(corpu
                                                                        step["source"]) if src == 1]
     first_epoch = [x for x in small_ids if x[0] == 0]
     assert len(first_epoch) == len(set(first_epoch))  # within an epoch, no sample twice
+
+
+def test_a_source_too_short_for_one_sample_is_an_error_not_an_endless_stream(corpus, ray_cluster):
+    spec = StreamSpec.of([("corpus", 1.0, Documents(corpus["shards"]))], corpus["tokenizer"], 1_000_000, 7,
+                         batch_docs=512)  # no piece holds a million tokens; with no max_epochs it would cycle forever
+    stream = RankStream(StreamCoordinator.remote(spec), uuid.uuid4().hex, 0, 1, 4, prefetch=4)
+    with pytest.raises(Exception, match="yield no 1000000-token sample"):
+        next(stream)
