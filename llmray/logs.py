@@ -51,6 +51,11 @@ def worker_env() -> dict[str, str]:
     return {VERBOSE_ENV: "1" if verbose() else "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "1" if verbose() else "0"}
 
 
+# One instance: a logger adds a filter it already holds only once, so repeated calls (a sweep runs many fits in
+# one process) do not stack copies.
+NO_PROGRESS_BAR_NOTICE = DropMessages("Progress bars disabled")
+
+
 def quiet_here() -> None:
     """In this process (a driver, a Train worker, the stream's actor): Ray Data's per-execution INFO lines, its
     "progress bars disabled" warning, Ray Train's per-report dumps and torch's deprecation notices that DeepSpeed
@@ -64,9 +69,9 @@ def quiet_here() -> None:
     ctx.enable_progress_bars = False  # training prints its own progress; Ray Data's bars flood the log
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data").addFilter(DropMessages("Progress bars disabled"))
+    logging.getLogger("ray.data").addFilter(NO_PROGRESS_BAR_NOTICE)
     for handler in logging.getLogger("ray.data").handlers:
-        handler.addFilter(DropMessages("Progress bars disabled"))
+        handler.addFilter(NO_PROGRESS_BAR_NOTICE)
     # Ray Train's worker context logs each report ("Reporting training result ...") under its file's name.
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
