@@ -12,14 +12,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 CACHE = Path(os.environ.get("LLMRAY_BENCH_DIR", "/tmp/llmray-bench"))
 
 
-def stdlib_corpus(vocab_size: int = 4000) -> tuple[str, str]:
-    """(shard folder, tokenizer folder) built from the interpreter's standard library sources, cached."""
+def stdlib_corpus(vocab_size: int = 4000, copies: int = 1) -> tuple[str, str]:
+    """(shard folder, tokenizer folder) built from the interpreter's standard library sources, cached. `copies`:
+    each source file that many times, for a corpus large enough to amortise a pipeline's start-up."""
     from llmray.data.shard import shard_corpus
     from llmray.data.tokenizer import train_tokenizer
 
-    shards, tok = CACHE / "shards", CACHE / "tok"
+    shards, tok = CACHE / ("shards" if copies == 1 else f"shards_x{copies}"), CACHE / "tok"
     if not (shards / "_manifest.json").exists():
-        shard_corpus([sysconfig.get_paths()["stdlib"]], str(shards), shard_size="4MB", include=("*.py",),
+        shard_corpus([sysconfig.get_paths()["stdlib"]] * copies, str(shards), shard_size="4MB", include=("*.py",),
                      overwrite=True, exclude=("*/site-packages/*", "*/test/*"))
     if not (tok / "tokenizer.json").exists():
         train_tokenizer(str(shards), vocab_size, str(tok), max_docs=3000)

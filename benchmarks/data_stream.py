@@ -3,11 +3,14 @@
 1. Tokens/s a Train worker receives over one epoch, start-up included (Ray Data tokenize+pack, the coordinator,
    the rank's fetches), against the same tokenizer's `encode_batch` over the same texts in one process with the
    same CPUs (texts already in memory: the stream also reads Parquet), and the marginal rate over more epochs.
+   Start-up (Ray Data's executor and actor pool, and the first block: a block must be whole before its rows can
+   be shuffled) is a fixed cost, so the ratio is also taken over one epoch of a corpus `--large-copies` times
+   larger (each source file repeated).
 2. The stream feeding 8 and 64 simulated ranks (consumers that only take batches): the samples/s delivered on
    this machine, and the samples/s the coordinator could route (rows / seconds it spends routing, the wait for
    tokenization left out), against what 64 H100s training a 1B model consume (~200k tokens/s each).
 
-    python benchmarks/data_stream.py [--cpus 2]
+    python benchmarks/data_stream.py [--cpus 2] [--large-copies 4]
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--large-copies", type=int, default=4)
     args = p.parse_args()
     import ray
 
@@ -109,10 +113,14 @@ def main() -> None:
     shards = [s.path for s in list_shards(shard_dir)]
     base_tokens, base_s = baseline(shards, tok, args.cpus)
     base_tps = base_tokens / base_s
+    large_dir, _ = stdlib_corpus(copies=args.large_copies)
+    large_base_tokens, large_base_s = baseline([s.path for s in list_shards(large_dir)], tok, args.cpus)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     one_tokens, one_s = one_rank(spec_of(shard_dir, tok, args.cpus, args.actors, 1))
     many_tokens, many_s = one_rank(spec_of(shard_dir, tok, args.cpus, args.actors, args.epochs))
     marginal = (many_tokens - one_tokens) / (many_s - one_s)
+    large_tokens, large_s = one_rank(spec_of(large_dir, tok, args.cpus, args.actors, 1))
+    large_ratio = (large_tokens / large_s) / (large_base_tokens / large_base_s)
     ranks = [many_ranks(spec_of(shard_dir, tok, args.cpus, args.actors, None), world, steps=40 if world == 8 else 6)
              for world in (8, 64)]
     ray.shutdown()
@@ -123,6 +131,9 @@ def main() -> None:
         "ray_stream_marginal_tokens_per_s": round(marginal), "epochs_for_marginal": args.epochs,
         "ratio_one_epoch_incl_startup": round(one_tokens / one_s / base_tps, 3),
         "ratio_marginal": round(marginal / base_tps, 3),
+        "large_corpus": {"copies": args.large_copies, "tokens": large_tokens, "one_epoch_s": round(large_s, 2),
+                         "baseline_encode_batch_tokens_per_s": round(large_base_tokens / large_base_s),
+                         "ratio_one_epoch_incl_startup": round(large_ratio, 3)},
         "simulated_ranks": ranks,
     })
 

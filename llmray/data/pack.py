@@ -5,8 +5,8 @@ Each piece is packed on its own: its documents tokenized, EOS after each, cut in
 under one row at its end is dropped). A row's id is (epoch, piece, k): its piece's global id and its place in that
 piece's packing, so a sample can be traced and counted across epochs, world sizes and resumes.
 
-Plain Python with no Ray in it: Ray Data runs `PiecePack` as an actor pool (`stream.py`); `first_samples` and a
-profiler call `Packer` directly.
+Plain Python with no Ray in it: Ray Data runs `PackTask` as an actor pool (`stream.py`), a run of a block's pieces
+per task; `first_samples` and a profiler call `Packer` directly.
 """
 
 from __future__ import annotations
@@ -50,12 +50,11 @@ class Packer:
     """Loads the tokenizer once; packs pieces and blocks of the spec's sources."""
 
     def __init__(self, spec: StreamSpec):
-        from llmray.data.tokenizer import load_tokenizer
+        from llmray.data.tokenizer import load_fast
 
         self.spec = spec
-        hf = load_tokenizer(spec.tokenizer)
-        self.backend = hf.backend_tokenizer
-        self.eos = np.array([hf.eos_token_id], dtype=np.int32)
+        self.backend, eos = load_fast(spec.tokenizer)
+        self.eos = np.array([eos], dtype=np.int32)
         self.files: dict[str, pq.ParquetFile] = {}
 
     def _file(self, path: str) -> pq.ParquetFile:
@@ -108,17 +107,25 @@ class Packer:
                 "piece": np.full(n, source.first_piece + piece, dtype=np.int64),
                 "sample": np.arange(n, dtype=np.int64)}
 
+    def run_rows(self, index: int, epoch: int, block: int, first: int = 0, count: int | None = None) \
+            -> dict[str, np.ndarray]:
+        """The rows of `count` pieces (all: None) of a block from its `first`, each piece packed on its own,
+        concatenated in block order (not shuffled)."""
+        pieces = block_pieces(self.spec.sources[index], index, self.spec.seed, epoch, block)
+        parts = [self.piece_rows(index, epoch, int(p))
+                 for p in pieces[first:None if count is None else first + count]]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
     def block(self, index: int, epoch: int, block: int) -> dict[str, np.ndarray]:
         """Block `block` of epoch `epoch` of source `index`: its pieces' rows, in block order, shuffled together.
-        The stream makes the same rows in the same order, a piece per Ray Data task (`stream.py`)."""
-        parts = [self.piece_rows(index, epoch, int(p))
-                 for p in block_pieces(self.spec.sources[index], index, self.spec.seed, epoch, block)]
-        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        The stream makes the same rows in the same order, from runs of pieces packed by Ray Data (`stream.py`)."""
+        rows = self.run_rows(index, epoch, block)
         return {k: v[block_row_order(self.spec.seed, index, epoch, block, len(v))] for k, v in rows.items()}
 
 
-class PiecePack(Packer):
-    """Ray Data actor: one (source, epoch, piece) item in, that piece's packed rows out, one output block per item."""
+class PackTask(Packer):
+    """Ray Data actor: one (source, epoch, block, first, count) item in, that run of the block's pieces packed out,
+    one output block per item."""
 
     def __init__(self, spec: StreamSpec):
         # The tokenizer's thread pool gets the CPUs this actor was budgeted, no more (it would steal from training);
@@ -128,7 +135,7 @@ class PiecePack(Packer):
         super().__init__(spec)
 
     def __call__(self, item: dict) -> dict[str, np.ndarray]:
-        return self.piece_rows(int(item["source"][0]), int(item["epoch"][0]), int(item["piece"][0]))
+        return self.run_rows(*(int(item[k][0]) for k in ("source", "epoch", "block", "first", "count")))
 
 
 def first_samples(spec: StreamSpec, n: int, index: int = 0) -> np.ndarray:

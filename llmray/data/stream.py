@@ -1,8 +1,8 @@
 """The token stream: Ray Data tokenizes and packs blocks of the whole corpus; each Train worker fetches its rows.
 
     plan (plan.py)     every source's pieces, per epoch a seeded permutation cut into blocks; the blend's schedule
-      ─► one Ray Dataset for the run: a (source, epoch, piece) item per piece, block after block
-         ─► map_batches(PiecePack, actor pool): each piece packed by whichever actor is free
+      ─► one Ray Dataset for the run: a (source, epoch, block, run of pieces) item per task, block after block
+         ─► map_batches(PackTask, actor pool): each run packed by whichever actor is free
          its output stays in Ray's object store; no per-epoch rebuild, no sample passes through an actor
       ─► StreamCoordinator (one actor, metadata only): once a block's pieces are packed, shuffles the block's rows
          by their counts alone, cuts the blended row sequence into global micro-batches and tells rank r which
@@ -28,10 +28,11 @@ import numpy as np
 import ray
 
 from llmray import logs
-from llmray.data.pack import PiecePack, StreamSpec
-from llmray.data.plan import BLOCK_PIECES, PIECE_SAMPLES, Blend, block_pieces, block_row_order
+from llmray.data.pack import PackTask, StreamSpec
+from llmray.data.plan import BLOCK_PIECES, PIECE_SAMPLES, Blend, block_pieces, block_row_order, block_tasks
 
 BATCH_COLUMNS = ("input_ids", "source", "epoch", "piece", "sample")
+RANK_CACHE_ROWS = 4 * BLOCK_PIECES * PIECE_SAMPLES  # packed rows a rank keeps fetched: about its last few blocks
 
 
 @dataclass
@@ -66,7 +67,7 @@ def next_block(spec: StreamSpec, index: int, epoch: int, block: int) -> tuple[in
 
 
 def work_items(spec: StreamSpec, starts: list[tuple[int, int] | None], horizon_rows: int | None) -> list[dict]:
-    """(source, epoch, block, piece) items, a block's pieces together, from each source's start, blocks ordered by
+    """(source, epoch, block, run of pieces) items, a block's runs together, from each source's start, blocks ordered by
     when the blend will need them (a block holds about BLOCK_PIECES * PIECE_SAMPLES rows; a source of weight w
     uses one every 1/w of that), up to the horizon (with room to spare) or the sources' last epoch."""
     rows_per_block = BLOCK_PIECES * PIECE_SAMPLES
@@ -84,16 +85,17 @@ def work_items(spec: StreamSpec, starts: list[tuple[int, int] | None], horizon_r
     keyed.sort(key=lambda x: (x[0], x[1]))
     items = []
     for _, i, (e, b) in keyed:
-        pieces = block_pieces(spec.sources[i], i, spec.seed, e, b)
-        items += [{"source": i, "epoch": e, "block": b, "piece": int(p), "pieces": len(pieces)} for p in pieces]
+        tasks = block_tasks(len(block_pieces(spec.sources[i], i, spec.seed, e, b)))
+        items += [{"source": i, "epoch": e, "block": b, "first": first, "count": count, "tasks": len(tasks)}
+                  for first, count in tasks]
     return items
 
 
 def build_dataset(spec: StreamSpec, items: list[dict]) -> "ray.data.Dataset":
-    """The pieces of `items`, tokenized and packed by an actor pool, in item order."""
+    """The runs of pieces of `items`, tokenized and packed by an actor pool, in item order."""
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        PiecePack,
+        PackTask,
         fn_constructor_kwargs={"spec": spec},
         batch_size=1,
         batch_format="numpy",
@@ -105,7 +107,8 @@ def build_dataset(spec: StreamSpec, items: list[dict]) -> "ray.data.Dataset":
 
 
 class Block:
-    """A block whose pieces are packed (in the object store): its rows in the block's seeded order, by reference."""
+    """A block whose runs of pieces are packed (in the object store): its rows in the block's seeded order, by
+    reference. `parts`: (ref, rows) of each run, in block order."""
 
     def __init__(self, seed: int, index: int, epoch: int, block: int, parts: list[tuple]):
         self.epoch, self.block = epoch, block
@@ -115,10 +118,10 @@ class Block:
         self.order = block_row_order(seed, index, epoch, block, self.rows)  # as pack.Packer.block orders them
 
     def row(self, j: int) -> tuple:
-        """(ref of the piece holding the block's row j, row within that piece)."""
+        """(ref of the run holding the block's row j, row within that run)."""
         k = int(self.order[j])
-        piece = int(np.searchsorted(self.starts, k, side="right")) - 1
-        return self.refs[piece], k - int(self.starts[piece])
+        run = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return self.refs[run], k - int(self.starts[run])
 
 
 @ray.remote(num_cpus=0)
@@ -153,8 +156,8 @@ class StreamCoordinator:
         self.session, self.world, self.rows = session, world_size, rows_per_rank
         self.cursors, counts = read_position(position, n)
         self.blend = Blend(self.spec.weights, counts)
-        self.ready: list[deque] = [deque() for _ in range(n)]  # per source: Block assembled from packed pieces
-        self.assembling: list[list] = [[] for _ in range(n)]  # per source: (ref, rows) of its next block's pieces
+        self.ready: list[deque] = [deque() for _ in range(n)]  # per source: Blocks whose runs are all packed
+        self.assembling: list[list] = [[] for _ in range(n)]  # per source: (ref, rows) of its next block's runs
         self.current: list[Block | None] = [None] * n  # per source: the block rows are being taken from
         # per source: rows its current epoch has yielded so far (None: the group joined it midway, not counted)
         self.epoch_rows: list[int | None] = [0 if (c.block, c.offset) == (0, 0) else None for c in self.cursors]
@@ -200,7 +203,7 @@ class StreamCoordinator:
                 item = self.items.popleft()
                 i, parts = item["source"], self.assembling[item["source"]]
                 parts.append((entry.ref, entry.metadata.num_rows))
-                if len(parts) == item["pieces"]:  # the block is whole: its rows can be ordered
+                if len(parts) == item["tasks"]:  # the block is whole: its rows can be ordered
                     self.ready[i].append(Block(self.spec.seed, i, item["epoch"], item["block"], parts))
                     self.assembling[i] = []
             return True
@@ -252,7 +255,7 @@ class StreamCoordinator:
         self.rows_routed += len(rows)
         position = position_state(self.cursors, self.blend.counts)
         for r, q in enumerate(self.queues):
-            refs: OrderedDict = OrderedDict()  # the pieces this rank's rows are in, each once
+            refs: OrderedDict = OrderedDict()  # the runs this rank's rows are in, each once
             which, where = [], []
             for ref, row in rows[r * self.rows:(r + 1) * self.rows]:
                 which.append(refs.setdefault(ref.hex(), (len(refs), ref))[0])
@@ -295,7 +298,8 @@ class RankStream:
         self.position: dict = {}  # {}: the beginning
         self.pending: deque | None = None  # None: the session is not open yet
         self.request = None
-        self.pieces: OrderedDict = OrderedDict()  # fetched packed pieces, most recent last
+        self.runs: OrderedDict = OrderedDict()  # fetched packed runs of pieces, most recent last
+        self.cached_rows = 0
 
     def state_dict(self) -> dict:
         return self.position
@@ -309,17 +313,19 @@ class RankStream:
         return self
 
     def _fetch(self, refs: list) -> list[dict[str, np.ndarray]]:
-        """The packed pieces behind `refs`: those not cached fetched in one call to the object store."""
+        """The packed runs behind `refs`: those not cached fetched in one call to the object store."""
         from ray.data.block import BlockAccessor
 
-        missing = [ref for ref in refs if ref.hex() not in self.pieces]
+        missing = [ref for ref in refs if ref.hex() not in self.runs]
         for ref, table in zip(missing, ray.get(missing)):
-            self.pieces[ref.hex()] = {c: np.asarray(BlockAccessor.for_block(table).to_numpy(c)) for c in BATCH_COLUMNS}
+            self.runs[ref.hex()] = {c: np.asarray(BlockAccessor.for_block(table).to_numpy(c)) for c in BATCH_COLUMNS}
+            self.cached_rows += len(self.runs[ref.hex()]["sample"])
         for ref in refs:
-            self.pieces.move_to_end(ref.hex())
-        while len(self.pieces) > 4 * BLOCK_PIECES:  # the pieces of the last few blocks
-            self.pieces.popitem(last=False)
-        return [self.pieces[ref.hex()] for ref in refs]
+            self.runs.move_to_end(ref.hex())
+        while self.cached_rows > RANK_CACHE_ROWS and len(self.runs) > len(refs):  # oldest first, never these
+            _, dropped = self.runs.popitem(last=False)
+            self.cached_rows -= len(dropped["sample"])
+        return [self.runs[ref.hex()] for ref in refs]
 
     def __next__(self) -> dict:
         if self.pending is None:
@@ -336,15 +342,15 @@ class RankStream:
         if item is None:
             self.pending.appendleft(None)
             raise StopIteration
-        pieces = self._fetch(item["refs"])
+        runs = self._fetch(item["refs"])
         which, rows = item["which"], item["rows"]
         batch = {}
         for c in BATCH_COLUMNS:
-            first = pieces[0][c]
+            first = runs[0][c]
             out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
-            for p, piece in enumerate(pieces):  # each piece's rows in one gather
+            for p, run in enumerate(runs):  # each run's rows in one gather
                 mine = which == p
-                out[mine] = piece[c][rows[mine]]
+                out[mine] = run[c][rows[mine]]
             batch[c] = out
         self.position = item["position"]
         return batch

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from llmray import storage
 from llmray.data.corpus import list_shards
@@ -30,7 +30,7 @@ def iter_texts(location: str, batch_docs: int = 1024) -> Iterator[list[str]]:
 DEFAULT_VOCAB_SIZE = 8000  # `llmray tokenizer train` without --vocab-size
 
 
-def train_tokenizer(shards: str, vocab_size: int, out: str, max_docs: int | None = None) -> PreTrainedTokenizerFast:
+def train_tokenizer(shards: str, vocab_size: int, out: str, max_docs: int | None = None):
     """Byte-level BPE (GPT-2 style, no unknown tokens) with `<|endoftext|>` as BOS/EOS, saved for AutoTokenizer."""
     if vocab_size < 300:
         raise TokenizerError(f"--vocab-size must be at least 300 (256 bytes + specials), got {vocab_size}")
@@ -50,6 +50,8 @@ def train_tokenizer(shards: str, vocab_size: int, out: str, max_docs: int | None
                 yield t
 
     tok.train_from_iterator(texts(), trainer=trainer)
+    from transformers import PreTrainedTokenizerFast
+
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[0],
                                  pad_token=SPECIAL_TOKENS[1])
     hf.save_pretrained(out)
@@ -60,6 +62,8 @@ def load_tokenizer(name_or_path: str):
     """A local folder (or a name already in the HF cache); the error names the path when it is not there."""
     if not Path(name_or_path).exists() and ("/" in name_or_path and name_or_path.startswith((".", "/", "~"))):
         raise TokenizerError(f"tokenizer {name_or_path} does not exist")
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -67,3 +71,27 @@ def load_tokenizer(name_or_path: str):
     if tok.eos_token_id is None:
         raise TokenizerError(f"tokenizer {name_or_path} has no EOS token; documents could not be separated")
     return tok
+
+
+# Tokenizer classes whose folder's tokenizer.json is the whole tokenizer (what `train_tokenizer` writes); others
+# (e.g. sentencepiece-based ones that transformers rebuilds on load) go through transformers.
+PLAIN_FAST_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def load_fast(name_or_path: str) -> tuple[Tokenizer, int]:
+    """(the Rust tokenizer, its EOS id), for the stream's tokenize actors. Read straight from tokenizer.json when
+    that is the whole tokenizer: importing transformers (and torch) costs each actor ~2 s of start-up."""
+    folder = Path(name_or_path)
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        eos = config.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if config.get("tokenizer_class") in PLAIN_FAST_CLASSES and eos:
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            eos_id = tok.token_to_id(eos)
+            if eos_id is not None:
+                return tok, eos_id
+    except (OSError, ValueError):
+        pass
+    hf = load_tokenizer(name_or_path)
+    return hf.backend_tokenizer, hf.eos_token_id

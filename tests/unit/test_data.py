@@ -117,3 +117,22 @@ def test_tokenizer_trains_and_round_trips(tmp_path, mixed_inputs):
     assert tok.eos_token == "<|endoftext|>" and len(tok) <= 400
     with pytest.raises(TokenizerError, match="tokenizer ./no/such/tok does not exist"):
         load_tokenizer("./no/such/tok")
+
+
+def test_stream_tokenizer_loads_without_transformers_and_encodes_the_same(tmp_path, mixed_inputs):
+    """The tokenize actors read tokenizer.json directly (no transformers import: ~2 s of start-up per actor) and
+    must encode exactly as the transformers tokenizer of the same folder does."""
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    shard_corpus([str(mixed_inputs)], str(shards))
+    train_tokenizer(str(shards), 400, str(tmp_path / "tok"))
+    probe = ("import sys; from llmray.data.tokenizer import load_fast; "
+             f"tok, eos = load_fast({str(tmp_path / 'tok')!r}); "
+             "print(eos, tok.encode('parquet row 7 — café', add_special_tokens=False).ids, 'transformers' in sys.modules)")
+    hf = load_tokenizer(str(tmp_path / "tok"))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "False", "loading the stream's tokenizer imported transformers"
+    assert int(out[0]) == hf.eos_token_id
+    assert " ".join(out[1:-1]) == str(hf.encode("parquet row 7 — café", add_special_tokens=False))
