@@ -58,11 +58,17 @@ class SourceConfig(Strict):
 
 
 class DataConfig(Strict):
-    shards: str | None = None  # folder or URI holding the Parquet shards written by `llmray data shard` (one source)
+    # folder or URI holding the Parquet shards written by `llmray data shard` (one source); with data.conversations,
+    # where their shards are written (default: the run folder's conversations/)
+    shards: str | None = None
     sources: list[SourceConfig] | None = None  # a weighted blend of several shard folders, instead of `shards`
     val_shards: str | None = None  # held-out shard folder (one source); if unset, a fraction of documents is held out
+    # chat/instruction JSONL files or folders (fine-tuning), local or URI: one path or a list
+    conversations: str | list[str] | None = None
+    format: Literal["auto", "messages", "alpaca", "sharegpt"] = "auto"  # of data.conversations; auto: per file
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
-    tokenizer: str  # a folder written by `llmray tokenizer train`, or any local HF tokenizer folder
+    # a folder written by `llmray tokenizer train`, or any local HF tokenizer folder; default: model.pretrained's
+    tokenizer: str | None = None
     seq_len: int = Field(256, gt=1)
     tokenize_actors: int = Field(1, ge=1)  # actor pool size; each loads the tokenizer once
     tokenize_batch_docs: int = Field(512, ge=1)
@@ -72,6 +78,13 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _one_corpus(self) -> "DataConfig":
+        if self.conversations is not None:
+            if self.sources is not None or self.val_shards:
+                raise ValueError("data.conversations is one corpus: it does not go with data.sources or "
+                                 "data.val_shards (use data.val_fraction)")
+            if not self.conversations:
+                raise ValueError("data.conversations is empty")
+            return self
         if (self.shards is None) == (self.sources is None):
             raise ValueError("set either data.shards (one corpus) or data.sources (a weighted blend), not both"
                              if self.shards else "data.shards or data.sources is required")
@@ -212,6 +225,22 @@ class QuantConfig(Strict):
         return self
 
 
+class LoraConfig(Strict):
+    """peft LoRA adapters: only these are trained; the base model stays frozen."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module name suffixes, or every Linear
+
+
+class FinetuneConfig(Strict):
+    """Supervised fine-tuning of `model.pretrained`: every weight (full) or LoRA adapters on a frozen base."""
+
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
 class WandbConfig(Strict):
     """W&B logging of a training run by rank 0 (a sweep's trials are logged by Ray Tune instead)."""
 
@@ -229,11 +258,18 @@ class Recipe(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
+    finetune: FinetuneConfig | None = None  # absent: pretraining (or continued pretraining) of every weight
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
         t, s = self.train, self.scaling
+        if self.data.tokenizer is None:
+            if self.model.pretrained is None:
+                raise ValueError("data.tokenizer: required key is missing (it defaults to model.pretrained's "
+                                 "tokenizer only when a model.pretrained folder is given)")
+            self.data.tokenizer = self.model.pretrained
+        self._finetune_checks()
         per_step = t.micro_batch_size * s.num_workers
         if t.global_batch_size % per_step:
             raise ValueError(
@@ -249,6 +285,20 @@ class Recipe(Strict):
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
         self._quant_checks()
         return self
+
+    def _finetune_checks(self) -> None:
+        f = self.finetune
+        if f is None:
+            return
+        if self.model.pretrained is None:
+            raise ValueError("finetune needs model.pretrained: the Hugging Face folder to fine-tune")
+        if f.method == "qlora":
+            raise ValueError("finetune.method=qlora (a 4-bit frozen base) is not available yet in llmray: "
+                             "bitsandbytes needs a CUDA GPU and torchao's 4-bit weights do not train under "
+                             "DeepSpeed on CPU; use finetune.method=lora")
+        if f.method == "lora" and self.quant.method == "qat":
+            raise ValueError("quant.method=qat trains every Linear layer; with finetune.method=lora use "
+                             "quant.method=ptq (quantize the merged export)")
 
     def _quant_checks(self) -> None:
         q, s = self.quant, self.scaling

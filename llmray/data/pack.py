@@ -11,6 +11,7 @@ per task; `first_samples` and a profiler call `Packer` directly.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,10 @@ import pyarrow.parquet as pq
 from llmray import storage
 from llmray.data.plan import Source, block_pieces, block_row_order, plan_sources
 from llmray.data.split import Documents
+from llmray.data.template import IGNORE
+
+MODEL_INPUTS = ("input_ids", "labels", "position_ids")  # the columns of a row the model takes (labels and position
+# ids only for conversations); a row also carries its id: source, epoch, piece, sample
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class StreamSpec:
     actors: int = 1
     cpus_per_actor: float = 1.0
     max_epochs: int | None = None  # each source stops before starting epoch max_epochs; None: endless
+    chat: bool = False  # documents are conversations (JSON messages): rows carry labels and position ids
 
     @classmethod
     def of(cls, parts: list[tuple[str, float, Documents]], tokenizer: str, seq_len: int, seed: int, batch_docs: int,
@@ -55,6 +61,10 @@ class Packer:
         self.spec = spec
         self.backend, eos = load_fast(spec.tokenizer)
         self.eos = np.array([eos], dtype=np.int32)
+        if spec.chat:  # chat templates need the transformers tokenizer
+            from llmray.data.tokenizer import load_tokenizer
+
+            self.hf = load_tokenizer(spec.tokenizer)
         self.files: dict[str, pq.ParquetFile] = {}
 
     def _file(self, path: str) -> pq.ParquetFile:
@@ -86,23 +96,27 @@ class Packer:
             texts = [t for t, d in zip(texts, ids) if docs.wants(d)]
         return [t for t in texts if t]
 
-    def piece(self, source: Source, piece: np.ndarray) -> np.ndarray:
-        """The piece's documents tokenized, EOS after each, packed into (n, seq_len) int32 rows."""
-        texts, seq_len, flat = self._texts(source, piece), self.spec.seq_len, []
+    def piece(self, source: Source, piece: np.ndarray) -> dict[str, np.ndarray]:
+        """The piece's documents tokenized and packed into (n, seq_len) int32 rows: {"input_ids"}, or for
+        conversations also "labels" and "position_ids" (`chat_rows`)."""
+        texts = self._texts(source, piece)
+        if self.spec.chat:
+            return chat_rows(self.hf, [json.loads(t) for t in texts], self.spec.seq_len)
+        seq_len, flat = self.spec.seq_len, []
         for i in range(0, len(texts), self.spec.batch_docs):
             for enc in self.backend.encode_batch_fast(texts[i:i + self.spec.batch_docs], add_special_tokens=False):
                 flat.append(np.asarray(enc.ids, dtype=np.int32))
                 flat.append(self.eos)
         ids = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32)
         n = len(ids) // seq_len
-        return ids[:n * seq_len].reshape(n, seq_len)
+        return {"input_ids": ids[:n * seq_len].reshape(n, seq_len)}
 
     def piece_rows(self, index: int, epoch: int, piece: int) -> dict[str, np.ndarray]:
         """Piece `piece` of source `index` packed, with each row's ids, in packing order."""
         source = self.spec.sources[index]
         packed = self.piece(source, source.pieces[piece])
-        n = len(packed)
-        return {"input_ids": packed, "source": np.full(n, index, dtype=np.int32),
+        n = len(packed["input_ids"])
+        return {**packed, "source": np.full(n, index, dtype=np.int32),
                 "epoch": np.full(n, epoch, dtype=np.int32),
                 "piece": np.full(n, source.first_piece + piece, dtype=np.int64),
                 "sample": np.arange(n, dtype=np.int64)}
@@ -138,14 +152,66 @@ class PackTask(Packer):
         return self.run_rows(*(int(item[k][0]) for k in ("source", "epoch", "block", "first", "count")))
 
 
-def first_samples(spec: StreamSpec, n: int, index: int = 0) -> np.ndarray:
-    """The first `n` rows of source `index`'s epoch 0 (fewer if it holds fewer), exactly as the stream orders them,
-    made here without Ray: a run's fixed validation set, and what `llmray quantize` measures on."""
-    packer, rows, have = Packer(spec), [], 0
+def first_rows(spec: StreamSpec, n: int, index: int = 0) -> dict[str, np.ndarray]:
+    """The model inputs (input_ids, and labels and position_ids for conversations) of the first `n` rows of source
+    `index`'s epoch 0 (fewer if it holds fewer), exactly as the stream orders them, made here without Ray: a run's
+    fixed validation set."""
+    packer, parts, have = Packer(spec), [], 0
     for block in range(spec.sources[index].n_blocks):
-        out = packer.block(index, 0, block)["input_ids"]
-        rows.append(out)
-        have += len(out)
+        rows = packer.block(index, 0, block)
+        parts.append({k: rows[k] for k in MODEL_INPUTS if k in rows})
+        have += len(rows["input_ids"])
         if have >= n:
             break
-    return np.concatenate(rows)[:n] if rows else np.zeros((0, spec.seq_len), dtype=np.int32)
+    if not parts:
+        return {"input_ids": np.zeros((0, spec.seq_len), dtype=np.int32)}
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+
+
+def first_samples(spec: StreamSpec, n: int, index: int = 0) -> np.ndarray:
+    """The token ids of `first_rows`: what `llmray quantize` measures perplexity on."""
+    return first_rows(spec, n, index)["input_ids"]
+
+
+def chat_rows(tokenizer, conversations: list[list[dict]], seq_len: int) -> dict[str, np.ndarray]:
+    """Conversations packed whole into (n, seq_len) rows, in order: a conversation that does not fit in what is
+    left of a row starts the next one (the rest is padding), one longer than a row is cut to it. Labels are the
+    token where the assistant wrote it and IGNORE elsewhere (the prompt, padding, each conversation's first token);
+    position ids restart at 0 for each conversation and for the padding, which is how transformers keeps packed
+    conversations from attending to each other (`find_packed_sequence_indices`). A conversation left with no
+    assistant token after the cut is dropped."""
+    from llmray.data.template import encode_chat
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows: dict[str, list] = {k: [] for k in MODEL_INPUTS}
+    row: dict[str, list] = {k: [] for k in MODEL_INPUTS}
+
+    def close_row() -> None:
+        used = sum(len(part) for part in row["input_ids"])
+        if not used:
+            return
+        left = seq_len - used
+        if left:
+            row["input_ids"].append(np.full(left, pad, dtype=np.int32))
+            row["labels"].append(np.full(left, IGNORE, dtype=np.int32))
+            row["position_ids"].append(np.arange(left, dtype=np.int32))
+        for k in MODEL_INPUTS:
+            rows[k].append(np.concatenate(row[k]))
+            row[k] = []
+
+    for messages in conversations:
+        ids, mask = encode_chat(tokenizer, messages)
+        ids, mask = ids[:seq_len], mask[:seq_len]
+        labels = np.where(mask, ids, IGNORE).astype(np.int32)
+        labels[0] = IGNORE  # would be predicted from the previous conversation's last token
+        if (labels == IGNORE).all():
+            continue
+        if sum(len(part) for part in row["input_ids"]) + len(ids) > seq_len:
+            close_row()
+        row["input_ids"].append(ids)
+        row["labels"].append(labels)
+        row["position_ids"].append(np.arange(len(ids), dtype=np.int32))
+    close_row()
+    if not rows["input_ids"]:
+        return {k: np.zeros((0, seq_len), dtype=np.int32) for k in MODEL_INPUTS}
+    return {k: np.stack(v) for k, v in rows.items()}

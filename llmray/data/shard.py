@@ -102,7 +102,7 @@ def _documents(fs, info, source: str, text_field: str, report: ShardReport) -> I
         yield source, text
 
 
-class _ShardWriter:
+class ShardWriter:
     """Writes rows into `shard-NNNNN.parquet` files of about `target_bytes` each, atomically."""
 
     def __init__(self, fs, out: str, target_bytes: int, report: ShardReport):
@@ -193,7 +193,7 @@ def shard_corpus(
     out_fs.create_dir(out_path, recursive=True)
 
     report = ShardReport()
-    writer = _ShardWriter(out_fs, out_path, target, report)
+    writer = ShardWriter(out_fs, out_path, target, report)
     try:
         for fs, info, source in files:
             report.files_read += 1
@@ -209,8 +209,13 @@ def shard_corpus(
         raise
     if report.documents == 0:
         raise ShardError(f"empty corpus: no non-empty documents in {', '.join(inputs)}")
+    write_manifest(out_fs, out_path, report)
+    return report
+
+
+def write_manifest(fs, out_path: str, report: ShardReport) -> None:
+    """Written last: a folder without it is not a finished shard folder (`list_shards` refuses it)."""
     manifest = {"shards": report.shards, "documents": report.documents, "bytes": report.bytes_written,
                 "schema": SCHEMA.names}
-    with out_fs.open_output_stream(storage.join(out_path, MANIFEST)) as f:
+    with fs.open_output_stream(storage.join(out_path, MANIFEST)) as f:
         f.write(json.dumps(manifest, indent=1).encode())
-    return report

@@ -31,7 +31,6 @@ from llmray import logs
 from llmray.data.pack import PackTask, StreamSpec
 from llmray.data.plan import BLOCK_PIECES, PIECE_SAMPLES, Blend, block_pieces, block_row_order, block_tasks
 
-BATCH_COLUMNS = ("input_ids", "source", "epoch", "piece", "sample")
 RANK_CACHE_ROWS = 4 * BLOCK_PIECES * PIECE_SAMPLES  # packed rows a rank keeps fetched: about its last few blocks
 
 
@@ -318,7 +317,8 @@ class RankStream:
 
         missing = [ref for ref in refs if ref.hex() not in self.runs]
         for ref, table in zip(missing, ray.get(missing)):
-            self.runs[ref.hex()] = {c: np.asarray(BlockAccessor.for_block(table).to_numpy(c)) for c in BATCH_COLUMNS}
+            columns = BlockAccessor.for_block(table).to_numpy()
+            self.runs[ref.hex()] = {c: np.asarray(v) for c, v in columns.items()}
             self.cached_rows += len(self.runs[ref.hex()]["sample"])
         for ref in refs:
             self.runs.move_to_end(ref.hex())
@@ -345,7 +345,7 @@ class RankStream:
         runs = self._fetch(item["refs"])
         which, rows = item["which"], item["rows"]
         batch = {}
-        for c in BATCH_COLUMNS:
+        for c in runs[0]:
             first = runs[0][c]
             out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
             for p, run in enumerate(runs):  # each run's rows in one gather

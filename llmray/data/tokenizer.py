@@ -11,9 +11,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmray import storage
 from llmray.data.corpus import list_shards
+from llmray.data.template import CHAT_TOKENS, CHATML
 from llmray.errors import LlmrayError
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", *CHAT_TOKENS]
 
 
 class TokenizerError(LlmrayError):
@@ -31,7 +32,8 @@ DEFAULT_VOCAB_SIZE = 8000  # `llmray tokenizer train` without --vocab-size
 
 
 def train_tokenizer(shards: str, vocab_size: int, out: str, max_docs: int | None = None):
-    """Byte-level BPE (GPT-2 style, no unknown tokens) with `<|endoftext|>` as BOS/EOS, saved for AutoTokenizer."""
+    """Byte-level BPE (GPT-2 style, no unknown tokens) with `<|endoftext|>` as BOS/EOS and the ChatML turn markers
+    as special tokens, saved for AutoTokenizer with CHATML as its chat template."""
     if vocab_size < 300:
         raise TokenizerError(f"--vocab-size must be at least 300 (256 bytes + specials), got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -54,6 +56,7 @@ def train_tokenizer(shards: str, vocab_size: int, out: str, max_docs: int | None
 
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[0],
                                  pad_token=SPECIAL_TOKENS[1])
+    hf.chat_template = CHATML
     hf.save_pretrained(out)
     return hf
 

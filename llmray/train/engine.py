@@ -10,6 +10,7 @@ import deepspeed
 import torch
 
 from llmray import logs
+from llmray.adapters import trainable, with_lora
 from llmray.config import Recipe
 from llmray.model import build_model, count_params, flops_per_token
 from llmray.quant import prepare_qat
@@ -40,6 +41,12 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     model = build_model(recipe.model, vocab_size)
+    if recipe.finetune is not None and recipe.finetune.method == "lora":
+        model = with_lora(model, recipe.finetune.lora)
+        if announce:
+            n_train, n_all = trainable(model)
+            print(f"[llmray] LoRA r={recipe.finetune.lora.r}: {n_train:,} of {n_all:,} parameters train "
+                  f"({100 * n_train / n_all:.2f}%)", flush=True)
     if recipe.quant.method == "qat":  # before DeepSpeed wraps and partitions the parameters
         n_fake = prepare_qat(model, recipe.quant)
         if announce:
@@ -47,6 +54,8 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        if recipe.finetune is not None and recipe.finetune.method == "lora":
+            model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into checkpoints
     facts = ModelFacts(count_params(model),
                        flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len))
     with logs.hush_stdout():  # DeepSpeed prints the ops it builds and the kernels it lacks

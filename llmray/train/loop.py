@@ -20,6 +20,7 @@ from llmray.config import Recipe
 from llmray.data.tokenizer import load_tokenizer
 from llmray.model import peak_flops
 from llmray.train import checkpoint
+from llmray.train.batch import model_inputs
 from llmray.train.engine import build_engine, device_for
 from llmray.train.metrics import Window, progress_line
 from llmray.train.resume import Restore
@@ -42,7 +43,7 @@ class Stream(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-Validation = list[tuple[str, float, np.ndarray]]  # per source: name, blend weight, fixed held-out samples
+Validation = list[tuple[str, float, dict]]  # per source: name, blend weight, fixed held-out rows (pack.first_rows)
 
 
 def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: Sink, resume_dir: str | None = None,
@@ -122,8 +123,7 @@ def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState
         window.data_wait += time.perf_counter() - t0
         if batch is None:
             return False
-        ids = torch.from_numpy(np.array(batch["input_ids"], dtype=np.int64)).to(device, non_blocking=True)
-        loss = engine(input_ids=ids, labels=ids).loss
+        loss = engine(**model_inputs(batch, device)).loss
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         step_loss += loss.detach().float()
@@ -164,13 +164,13 @@ def evaluate(engine, validation: Validation, micro_batch: int, device: torch.dev
     world, rank = dist.get_world_size(), dist.get_rank()
     engine.eval()
     means = []
-    for _, _, samples in validation:
-        per_rank = len(samples) // world  # equal counts: ZeRO-3 forwards are collectives
-        mine = samples[rank * per_rank:(rank + 1) * per_rank]
+    for _, _, rows in validation:
+        per_rank = len(rows["input_ids"]) // world  # equal counts: ZeRO-3 forwards are collectives
+        first = rank * per_rank
         total, batches = 0.0, 0
-        for start in range(0, per_rank, micro_batch):
-            ids = torch.tensor(mine[start:start + micro_batch], dtype=torch.long, device=device)  # Ray's is read-only
-            total += engine(input_ids=ids, labels=ids).loss.float().item()
+        for start in range(first, first + per_rank, micro_batch):
+            batch = model_inputs(rows, device, slice(start, min(start + micro_batch, first + per_rank)))
+            total += engine(**batch).loss.float().item()
             batches += 1
         means.append(total / max(batches, 1))
     engine.train()

@@ -22,7 +22,8 @@ from llmray import logs, storage
 from llmray import metric_names as M
 from llmray.cluster import ensure_ray
 from llmray.config import Recipe, RecipeError
-from llmray.data.pack import StreamSpec, first_samples
+from llmray.data.chat import shard_conversations
+from llmray.data.pack import StreamSpec, first_rows
 from llmray.data.split import split_sources
 from llmray.data.stream import StreamCoordinator
 from llmray.data.tokenizer import load_tokenizer
@@ -75,7 +76,8 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     holds documents out, and the vocabulary."""
     d = recipe.data
     splits = split_sources(d)
-    common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs)
+    common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,
+                  chat=d.conversations is not None)
     train_spec = StreamSpec.of([(s.name, s.weight, s.train) for s in splits], max_epochs=d.max_epochs,
                                actors=d.tokenize_actors, **common)
     val_specs = []
@@ -126,18 +128,31 @@ def absolute_paths(recipe: Recipe) -> Recipe:
         return p if p is None or storage.is_uri(p) or not os.path.exists(p) else os.path.abspath(p)
 
     d, m = recipe.data, recipe.model
+    conversations = [fix(p) for p in d.conversations] if isinstance(d.conversations, list) else fix(d.conversations)
     return recipe.model_copy(update={
         "data": d.model_copy(update={"shards": fix(d.shards), "val_shards": fix(d.val_shards),
-                                     "tokenizer": fix(d.tokenizer)}),
+                                     "tokenizer": fix(d.tokenizer), "conversations": conversations}),
         "model": m.model_copy(update={"pretrained": fix(m.pretrained)}),
     })
+
+
+def with_conversation_shards(recipe: Recipe) -> Recipe:
+    """A recipe with data.conversations reads them from shards written into data.shards (default: the run
+    folder's conversations/), made here once and reused while the input files are unchanged."""
+    d = recipe.data
+    if d.conversations is None:
+        return recipe
+    out = d.shards or storage.join(recipe.run.folder, "conversations")
+    _, line = shard_conversations(d.conversations, out, d.format)
+    print(f"[llmray] {line}", flush=True)
+    return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})})
 
 
 def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, callbacks: list | None = None,
         cpus_available: float | None = None) -> Summary:
     """Train `recipe` on the Ray cluster. `callbacks`: Ray Train callbacks for the run (a sweep passes
     TuneReportCallback); `cpus_available`: the CPUs this run may budget from (default: the whole cluster's)."""
-    recipe = absolute_paths(recipe)
+    recipe = with_conversation_shards(absolute_paths(recipe))
     train_spec, val_specs, vocab = check_inputs(recipe)
     if resume_from and not storage.is_uri(resume_from):
         resume_from = os.path.abspath(resume_from)
@@ -150,9 +165,9 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     d, t, s = recipe.data, recipe.train, recipe.scaling
     validation = []  # (source, weight, samples in the object store)
     for name, weight, spec in val_specs:
-        val = first_samples(spec, t.eval_batches * t.micro_batch_size * s.num_workers)
-        if len(val) < s.num_workers:
-            print(f"[llmray] warning: the validation split of {name} holds {len(val)} samples of {d.seq_len} "
+        val = first_rows(spec, t.eval_batches * t.micro_batch_size * s.num_workers)
+        if len(val["input_ids"]) < s.num_workers:
+            print(f"[llmray] warning: the validation split of {name} holds {len(val['input_ids'])} samples of {d.seq_len} "
                   "tokens; it will not be validated on (raise data.val_fraction or set data.val_shards)")
         else:
             validation.append((name, weight, ray.put(val)))

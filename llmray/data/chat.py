@@ -1,0 +1,175 @@
+"""Conversations for fine-tuning: OpenAI `messages`, Alpaca and ShareGPT JSONL in, one form out (a list of
+{role, content} with roles system/user/assistant), written as Parquet shards the stream reads like any corpus (a
+conversation per row, as JSON in the `text` column; its doc_id `file:line` decides whether it is held out).
+
+Every line is checked while the shards are written; a bad one stops the conversion with one line naming the file,
+the line and the field. The shards are written into a folder of the run (`data.shards`), never next to the inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+from llmray import storage
+from llmray.data.corpus import CorpusError, list_shards
+from llmray.data.shard import ShardReport, ShardWriter, write_manifest
+from llmray.errors import LlmrayError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant"}
+SHARD_BYTES = 16 << 20
+INPUTS_RECORD = "_conversations.json"  # which input files (and sizes) and format the shards were made from
+FILE_SUFFIXES = (".jsonl", ".json")
+
+
+class ChatDataError(LlmrayError):
+    """A conversation file or line that cannot be read; the message names the file, line and field."""
+
+
+def detect_format(obj: dict) -> str | None:
+    if "messages" in obj:
+        return "messages"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "instruction" in obj:
+        return "alpaca"
+    return None
+
+
+def _text(value, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"field {field!r} must be a string (got {type(value).__name__})")
+    return value
+
+
+def _turns(obj: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    turns = obj.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"field {key!r} must be a non-empty list")
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise ValueError(f"field {where!r} must be an object")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise ValueError(f"field '{where}.{role_key}': {role!r} is not one of {', '.join(roles)}")
+        out.append({"role": roles[role], "content": _text(turn.get(text_key), f"{where}.{text_key}")})
+    return out
+
+
+def normalize(obj, fmt: str) -> list[dict]:
+    """The conversation of one JSON object in format `fmt`; ValueError naming the field when it is malformed."""
+    if not isinstance(obj, dict):
+        raise ValueError("a line must hold a JSON object")
+    if fmt == "messages":
+        messages = _turns(obj, "messages", "role", "content", {r: r for r in ROLES})
+    elif fmt == "sharegpt":
+        messages = _turns(obj, "conversations", "from", "value", SHAREGPT_ROLES)
+    elif fmt == "alpaca":
+        prompt = _text(obj.get("instruction"), "instruction")
+        extra = _text(obj.get("input", ""), "input")
+        messages = [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra else prompt},
+                    {"role": "assistant", "content": _text(obj.get("output"), "output")}]
+        if obj.get("system"):
+            messages.insert(0, {"role": "system", "content": _text(obj["system"], "system")})
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant message: nothing to learn from")
+    return messages
+
+
+def conversation_files(paths: list[str]) -> list[tuple[str, int]]:
+    """(path, size) of each input file: a file as given, a folder's *.jsonl / *.json files, in name order."""
+    out = []
+    for path in paths:
+        fs, p = storage.resolve(path)
+        info = fs.get_file_info(p)
+        if info.type.name == "File":
+            out.append((path, info.size))
+            continue
+        if info.type.name != "Directory":
+            raise ChatDataError(f"data.conversations: {path} does not exist")
+        found = sorted((f for f in storage.list_files(fs, p) if f.base_name.endswith(FILE_SUFFIXES)),
+                       key=lambda f: f.path)
+        if not found:
+            raise ChatDataError(f"data.conversations: {path} holds no {' or '.join(FILE_SUFFIXES)} files")
+        base = path.rstrip("/")
+        out += [(storage.join(base, f.path[len(p.rstrip('/')) + 1:]), f.size) for f in found]
+    return out
+
+
+def read_conversations(path: str, fmt: str = "auto") -> Iterator[tuple[str, list[dict]]]:
+    """(doc_id `path:line`, messages) of each non-empty line of one JSONL file."""
+    fs, p = storage.resolve(path)
+    with fs.open_input_stream(p) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ChatDataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    file_format = None if fmt == "auto" else fmt
+    seen = False
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        seen = True
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ChatDataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if file_format is None:  # the first line decides the file's format
+            file_format = detect_format(obj) if isinstance(obj, dict) else None
+            if file_format is None:
+                raise ChatDataError(f"{path}:{lineno}: not a known conversation format: expected a 'messages' "
+                                    "list (OpenAI), a 'conversations' list (ShareGPT) or 'instruction' "
+                                    "(Alpaca); set data.format to say which")
+        try:
+            yield f"{path}:{lineno}", normalize(obj, file_format)
+        except ValueError as e:
+            raise ChatDataError(f"{path}:{lineno}: {e} ({file_format} format)") from None
+    if not seen:
+        raise ChatDataError(f"{path}: empty file: no conversations")
+
+
+def shard_conversations(inputs: str | list[str], out: str, fmt: str = "auto") -> tuple[ShardReport | None, str]:
+    """Write the conversations of `inputs` as shards into `out`, unless `out` already holds the shards of the same
+    input files (same sizes) and format. Returns (the report, or None when reused; a line saying what happened)."""
+    paths = [inputs] if isinstance(inputs, str) else list(inputs)
+    files = conversation_files(paths)
+    record = {"inputs": [list(f) for f in files], "format": fmt}
+    fs, out_path = storage.resolve(out)
+    record_path = storage.join(out_path, INPUTS_RECORD)
+    if storage.exists(fs, record_path):
+        with fs.open_input_stream(record_path) as f:
+            same = json.loads(f.read()) == record
+        try:
+            if same:
+                shards = list_shards(out)
+                return None, f"conversations: {len(shards)} shards in {out}, made earlier from the same files"
+        except CorpusError:
+            pass  # an interrupted conversion: made again below
+    if storage.exists(fs, out_path):
+        for f in storage.list_files(fs, out_path):
+            fs.delete_file(f.path)
+    fs.create_dir(out_path, recursive=True)
+    report = ShardReport()
+    writer = ShardWriter(fs, out_path, SHARD_BYTES, report)
+    try:
+        for path, _ in files:
+            report.files_read += 1
+            for doc_id, messages in read_conversations(path, fmt):
+                writer.add(json.dumps(messages, ensure_ascii=False), doc_id, path)
+                report.documents += 1
+        writer.close_shard()
+    except BaseException:
+        writer.abort()
+        raise
+    write_manifest(fs, out_path, report)
+    with fs.open_output_stream(record_path) as f:
+        f.write(json.dumps(record).encode())
+    return report, (f"conversations: {report.documents} from {len(files)} files into {len(report.shards)} "
+                    f"shards in {out}")

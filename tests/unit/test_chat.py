@@ -1,0 +1,191 @@
+"""Fine-tuning data: conversation formats, the chat template's assistant mask, and packing without
+cross-contamination (each conversation's loss in a packed row equals its loss alone)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmray.data.chat import ChatDataError, read_conversations, shard_conversations
+from llmray.data.corpus import list_shards
+from llmray.data.pack import chat_rows
+from llmray.data.template import CHATML, IGNORE, encode_chat, render, stop_token_ids
+from llmray.train.batch import model_inputs
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "Four."},
+     {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "Six, of course."}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from llmray.data.shard import shard_corpus
+    from llmray.data.tokenizer import load_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("chat")
+    (root / "text").mkdir()
+    for i in range(20):
+        (root / "text" / f"{i}.txt").write_text(
+            f"Question {i}: what is the capital of France? Answer: Paris. Two plus two is four, colour blue.\n" * 5)
+    shard_corpus([str(root / "text")], str(root / "shards"))
+    train_tokenizer(str(root / "shards"), 400, str(root / "tok"))
+    return load_tokenizer(str(root / "tok"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def write_jsonl(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return str(path)
+
+
+def test_three_formats_read_as_the_same_messages(tmp_path):
+    messages = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n\nthere"},
+        {"role": "assistant", "content": "Hello."}]}])
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"system": "Be brief.", "instruction": "Hi", "input": "there",
+                                                 "output": "Hello."}])
+    sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi\n\nthere"},
+        {"from": "gpt", "value": "Hello."}]}])
+    read = [list(read_conversations(p))[0][1] for p in (messages, alpaca, sharegpt)]
+    assert read[0] == read[1] == read[2]
+    assert [m["role"] for m in read[0]] == ["system", "user", "assistant"]
+    assert list(read_conversations(messages))[0][0] == f"{messages}:1"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "m.jsonl:2: not valid JSON"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}', "m.jsonl:2: field 'messages[0].role': 'bot' is not one of"),
+    ('{"messages": [{"role": "user", "content": 3}]}', "m.jsonl:2: field 'messages[0].content' must be a string"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}', "m.jsonl:2: no assistant message"),
+])
+def test_a_bad_line_is_named_by_file_line_and_field(tmp_path, line, message):
+    good = json.dumps({"messages": CONVERSATIONS[2]})
+    (tmp_path / "m.jsonl").write_text(good + "\n" + line + "\n")
+    with pytest.raises(ChatDataError, match=message.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
+        list(read_conversations(str(tmp_path / "m.jsonl")))
+
+
+def test_unknown_format_and_empty_file_are_refused(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(ChatDataError, match="x.jsonl:1: not a known conversation format"):
+        list(read_conversations(str(tmp_path / "x.jsonl")))
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(ChatDataError, match="e.jsonl: empty file"):
+        list(read_conversations(str(tmp_path / "e.jsonl")))
+
+
+def test_conversations_become_shards_once_and_again_when_the_inputs_change(tmp_path):
+    src = tmp_path / "data"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    write_jsonl(src / "b.jsonl", [{"instruction": "Say hi", "output": "Hi."}])
+    report, _ = shard_conversations(str(src), str(tmp_path / "out"))
+    assert report.documents == 4 and sum(s.rows for s in list_shards(str(tmp_path / "out"))) == 4
+    again, line = shard_conversations(str(src), str(tmp_path / "out"))
+    assert again is None and "made earlier" in line
+    write_jsonl(src / "b.jsonl", [{"instruction": "Say hi", "output": "Hi."}, {"instruction": "Bye", "output": "Bye."}])
+    report, _ = shard_conversations(str(src), str(tmp_path / "out"))
+    assert report.documents == 5
+    (src / "b.jsonl").write_text('{"instruction": "Say hi"}\n')
+    with pytest.raises(ChatDataError, match="b.jsonl:1: field 'output' must be a string"):
+        shard_conversations(str(src), str(tmp_path / "out"))
+
+
+def test_our_tokenizers_carry_the_chat_template_and_turn_tokens(tokenizer):
+    assert tokenizer.chat_template == CHATML
+    ids = tokenizer.encode("<|im_start|>user<|im_end|>", add_special_tokens=False)
+    marks = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert [ids[0], ids[-1]] == marks and marks[0] not in ids[1:-1], "the turn markers are single special tokens"
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tokenizer)
+
+
+def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer):
+    ids, mask = encode_chat(tokenizer, CONVERSATIONS[1])
+    trained = tokenizer.decode(ids[mask])
+    assert trained == "Four.<|im_end|>\nSix, of course.<|im_end|>\n"
+    assert tokenizer.decode(ids) == render(tokenizer, CONVERSATIONS[1])
+
+
+def per_token_loss(model, input_ids, labels, position_ids=None) -> torch.Tensor:
+    """Through the training loop's own `model_inputs`, as a micro-batch of one row."""
+    batch = {"input_ids": np.asarray(input_ids)[None], "labels": np.asarray(labels)[None]}
+    if position_ids is not None:
+        batch["position_ids"] = np.asarray(position_ids)[None]
+    inputs = model_inputs(batch, torch.device("cpu"))
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[0]
+    target = torch.as_tensor(labels, dtype=torch.long)
+    return torch.nn.functional.cross_entropy(logits[:-1], target[1:], ignore_index=IGNORE, reduction="none")
+
+
+@torch.no_grad()
+def test_each_conversation_in_a_packed_row_has_its_loss_alone(tokenizer, tiny_model):
+    rows = chat_rows(tokenizer, CONVERSATIONS, seq_len=256)
+    assert len(rows["input_ids"]) == 1, "all three conversations fit one row"
+    ids, labels, pos = rows["input_ids"][0], rows["labels"][0], rows["position_ids"][0]
+    packed = per_token_loss(tiny_model, ids, labels, pos)
+    starts = [i for i in range(len(pos)) if pos[i] == 0]
+    for k, messages in enumerate(CONVERSATIONS):
+        alone_ids, mask = encode_chat(tokenizer, messages)
+        alone_labels = np.where(mask, alone_ids, IGNORE)
+        alone_labels[0] = IGNORE
+        alone = per_token_loss(tiny_model, alone_ids, alone_labels)
+        a = starts[k]
+        mine = packed[a:a + len(alone_ids) - 1]
+        valid = alone_labels[1:] != IGNORE
+        assert np.array_equal(labels[a:a + len(alone_ids)], alone_labels)
+        torch.testing.assert_close(mine[valid].mean(), alone[valid].mean(), atol=1e-5, rtol=0)
+    # without the position ids the same row lets conversations attend to each other: the check above could fail
+    mixed = per_token_loss(tiny_model, ids, labels)
+    assert not torch.allclose(mixed[starts[1]:starts[2] - 1], packed[starts[1]:starts[2] - 1], atol=1e-4)
+
+
+@torch.no_grad()
+def test_loss_depends_on_assistant_tokens_only(tokenizer, tiny_model):
+    rows = chat_rows(tokenizer, CONVERSATIONS[:1], seq_len=64)
+    ids, labels, pos = rows["input_ids"][0].copy(), rows["labels"][0], rows["position_ids"][0]
+    trained = np.flatnonzero(labels != IGNORE)
+
+    def loss(input_ids, lab):
+        batch = {"input_ids": input_ids[None], "labels": lab[None], "position_ids": pos[None]}
+        return tiny_model(**model_inputs(batch, torch.device("cpu"))).loss.item()
+
+    base = loss(ids, labels)
+    # a prompt token's label path: labelling it as something else changes nothing (it is not trained on)
+    prompt = int(np.flatnonzero(labels == IGNORE)[3])
+    relabelled = labels.copy()
+    relabelled[prompt] = IGNORE
+    assert loss(ids, relabelled) == base
+    # an assistant token changed: the loss changes
+    changed = labels.copy()
+    changed[trained[0]] = (changed[trained[0]] + 7) % len(tokenizer)
+    assert abs(loss(ids, changed) - base) > 1e-4
+
+
+def test_packing_keeps_conversations_whole_and_cuts_only_the_too_long(tokenizer):
+    lengths = [len(encode_chat(tokenizer, c)[0]) for c in CONVERSATIONS]
+    seq = max(lengths) + 2
+    rows = chat_rows(tokenizer, CONVERSATIONS, seq_len=seq)
+    for pos in rows["position_ids"]:
+        segments = np.split(pos, np.flatnonzero(pos == 0)[1:])
+        assert all(np.array_equal(s, np.arange(len(s))) for s in segments)
+    kept = [len(s) for p, lab in zip(rows["position_ids"], rows["labels"])
+            for s, sl in zip(np.split(p, np.flatnonzero(p == 0)[1:]), np.split(lab, np.flatnonzero(p == 0)[1:]))
+            if (sl != IGNORE).any()]
+    assert kept == lengths, "every conversation whole, in order"
+    short = chat_rows(tokenizer, CONVERSATIONS, seq_len=16)
+    assert short["input_ids"].shape[1] == 16 and (short["labels"] != IGNORE).any(axis=1).all()
