@@ -87,10 +87,23 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> None:
-    from llmray import logs
     from llmray.config import load_recipe
 
+    _run_training(args, load_recipe(args.recipe, args.overrides))
+
+
+def _finetune(args) -> None:
+    from llmray.config import FinetuneConfig, load_recipe, recipe_from_dict
+
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.finetune is None:  # the command says what the recipe may leave out: LoRA by default
+        recipe = recipe_from_dict({**recipe.model_dump(mode="json"), "finetune": FinetuneConfig().model_dump()})
+    _run_training(args, recipe)
+
+
+def _run_training(args, recipe) -> None:
+    from llmray import logs
+
     if args.dry_run:
         import yaml
 
@@ -121,6 +134,8 @@ def _export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--full-precision", action="store_true",
                    help="for a run with quant.method qat/ptq: write the unquantized weights instead")
+    p.add_argument("--adapter", action="store_true",
+                   help="for a LoRA fine-tune: write the PEFT adapter folder instead of merged weights")
 
 
 def _export(args) -> None:
@@ -128,7 +143,8 @@ def _export(args) -> None:
     from llmray.quantize import report_text
 
     print(f"exporting {args.checkpoint} to {args.out} ({args.dtype}, Hugging Face format)")
-    info = export(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite, args.full_precision)
+    info = export(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite, args.full_precision,
+                  args.adapter)
     print(f"wrote {info['parameters'] / 1e6:.2f}M parameters (step {info['step']}, {info['tokens']:,} tokens) to "
           f"{info['out']}: {', '.join(info['files'])}")
     if "quant_report" in info:
@@ -243,6 +259,10 @@ COMMANDS = [
      "Pretrain from a recipe: Ray Data streams the shards into DeepSpeed ZeRO workers launched by Ray Train. Override "
      "any key with key=value, e.g. train.zero_stage=3 scaling.num_workers=2. Connects to the cluster in RAY_ADDRESS "
      "(as under `ray job submit`) or starts a local one.", _train_options, _train),
+    (("finetune",), "fine-tune a pretrained model on conversations (full or LoRA) from a YAML recipe",
+     "Supervised fine-tuning of model.pretrained on data.conversations (OpenAI messages, Alpaca or ShareGPT JSONL), "
+     "loss on the assistant's tokens only, conversations packed without attending to each other; finetune.method "
+     "full or lora (the default). Same options and cluster behaviour as `llmray train`.", _train_options, _finetune),
     (("export",), "a checkpoint into a Hugging Face model folder",
      "Consolidate a checkpoint's ZeRO shards (any stage, local or s3://) into a folder that "
      "transformers.AutoModelForCausalLM.from_pretrained loads: config.json, model.safetensors, tokenizer, "

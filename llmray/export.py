@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from llmray import lineage, storage
+from llmray.adapters import with_lora
 from llmray.config import recipe_from_dict
 from llmray.data.split import held_out
 from llmray.errors import LlmrayError
@@ -50,10 +51,11 @@ def consolidated_state_dict(directory: str, zero_stage: int) -> dict[str, torch.
 
 
 def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2GB", overwrite: bool = False,
-           full_precision: bool = False) -> dict:
+           full_precision: bool = False, adapter: bool = False) -> dict:
     """Write the Hugging Face folder `out` (whole, or not at all); returns what was written. A run whose recipe
     asks for quantization (quant.method qat or ptq) is exported quantized, with its report, unless
-    `full_precision`."""
+    `full_precision`. A LoRA fine-tune is exported with its adapters merged into the base weights, or with
+    `adapter` as the PEFT adapter folder alone (`PeftModel.from_pretrained(base, out)`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if dtype not in DTYPES:
@@ -69,25 +71,38 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         config = build_config(recipe.model, state.vocab_size)
         weights = consolidated_state_dict(local, recipe.train.zero_stage)
+    lora = recipe.finetune is not None and recipe.finetune.method == "lora"
+    if adapter and not lora:
+        raise ExportError(f"--adapter: checkpoint {ckpt} is not a LoRA fine-tune (its recipe has "
+                          f"finetune.method={recipe.finetune.method if recipe.finetune else 'none'})")
     # QAT's fake-quantized layers keep nn.Linear's parameters, so their weights load into the plain model as they
     # are; quantizing that model with the same scheme is torchao's QAT "convert" step.
     model = AutoModelForCausalLM.from_config(config)
+    if lora:  # the engine trained the peft-wrapped model: its state dict loads into the same wrapping
+        model = with_lora(model, recipe.finetune.lora)
+        model.peft_config["default"].base_model_name_or_path = recipe.model.pretrained
     model.load_state_dict(weights, strict=True)
+    if lora and not adapter:
+        model = model.merge_and_unload()
     model.to(DTYPES[dtype]).eval()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     info = lineage.record_export(
         held_out(recipe), checkpoint=ckpt, step=state.step, tokens=state.tokens, dtype=dtype,
         parameters=sum(p.numel() for p in model.parameters()), zero_stage=recipe.train.zero_stage,
-        world_size=state.world_size)
+        world_size=state.world_size, finetune=recipe.finetune.method if recipe.finetune else None,
+        adapter_only=adapter)
 
     def write(folder: Path) -> list[str]:
-        model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+        if adapter:  # adapter_config.json and adapter_model.safetensors, naming the base folder
+            model.save_pretrained(folder, safe_serialization=True)
+        else:
+            model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(folder)
         lineage.write(folder, info)
         return sorted(p.name for p in folder.iterdir())
 
-    if not quantize:
+    if not quantize or adapter:  # an adapter is quantized with its base, once merged
         with staged(target) as partial:
             files = write(partial)
         return {**info, "out": target, "files": files}

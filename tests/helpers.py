@@ -31,6 +31,39 @@ def tiny(corpus, tmp_path, *overrides):
         *overrides])
 
 
+def kill_worker_when_checkpointed(run_dir, killed):
+    """SIGKILL one Ray Train worker process a few steps after the run's first checkpoint is complete."""
+    import os
+    import signal
+
+    import psutil
+
+    from llmray.train.checkpoint import list_checkpoints
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not list_checkpoints(str(run_dir)):
+        time.sleep(0.05)
+    time.sleep(3)  # let Ray Train register it: a checkpoint every rank wrote but Ray never recorded is not resumed
+    workers = [p for p in psutil.process_iter(["pid", "cmdline"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    if workers:
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        killed.append(workers[-1].pid)
+
+
+def arithmetic_chats(n: int, seed: int = 0) -> list[list[dict]]:
+    """`n` short conversations (a question of adding two numbers, its answer), for fine-tuning tests."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        out.append([{"role": "user", "content": f"What is {a} + {b}?"},
+                    {"role": "assistant", "content": f"{a} + {b} = {a + b}."}])
+    return out
+
+
 def losses(summary):
     """The training losses a finished run reported, from its final checkpoint's state."""
     import numpy as np
@@ -124,12 +157,15 @@ def greedy_reference(model_dir):
     tokenization as the server's; greedy.tokenizer is that tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llmray.data.template import stop_token_ids
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
     def greedy(prompt: str, n: int) -> str:
         ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id,
+                             eos_token_id=stop_token_ids(tok))
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     greedy.tokenizer = tok

@@ -21,6 +21,7 @@ import torch
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, DynamicCache
 
+from llmray.data.template import render, stop_token_ids
 from llmray.model import inference_device, load_for_inference
 
 
@@ -82,6 +83,7 @@ class Engine:
         self.model = load_for_inference(model_dir, self.device)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos = self.tokenizer.eos_token_id
+        self.stops = set(stop_token_ids(self.tokenizer))  # EOS, and the chat template's end of turn
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.incoming: queue.Queue[_Row] = queue.Queue()
@@ -96,11 +98,9 @@ class Engine:
         return self.tokenizer(text).input_ids
 
     def chat_prompt(self, messages: list[tuple[str, str]]) -> str:
-        """The model's chat template, or a plain transcript ending in an open assistant turn when it has none."""
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
-                                                      add_generation_prompt=True, tokenize=False)
-        return "".join(f"{role}: {content}\n" for role, content in messages) + "assistant:"
+        """The prompt as fine-tuning rendered conversations: the model's chat template (ChatML when it has none),
+        ending in an open assistant turn."""
+        return render(self.tokenizer, [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
 
     # ---- the asyncio side ---------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class Engine:
             return True
         token = int(token)
         self.stats["generated_tokens"] += 1
-        if token == self.eos and not r.sampling.ignore_eos:
+        if token in self.stops and not r.sampling.ignore_eos:
             return self._finish(r, "stop")
         r.generated.append(token)
         piece = r.decoder.step(self.backend, token)  # incremental: None while a UTF-8 sequence is incomplete

@@ -7,15 +7,13 @@ the interrupted run saw exactly the samples of an uninterrupted one, in the same
 import json
 import os
 import shutil
-import signal
 import threading
-import time
 from collections import Counter
 
 import numpy as np
-import psutil
 import pyarrow.parquet as pq
 import pytest
+from helpers import kill_worker_when_checkpointed
 
 from llmray.config import load_recipe
 from llmray.data.corpus import list_shards
@@ -91,19 +89,6 @@ def reference(small, ray_cluster, tmp_path_factory):
     assert len(losses) == STEPS and not state.resumes
     assert_exactly_once(samples)
     return {"summary": summary, "losses": losses, "samples": samples, "storage": storage}
-
-
-def kill_worker_when_checkpointed(run_dir, killed):
-    """SIGKILL one Ray Train worker process a few steps after the run's first checkpoint is complete."""
-    deadline = time.time() + 300
-    while time.time() < deadline and not list_checkpoints(str(run_dir)):
-        time.sleep(0.05)
-    time.sleep(3)  # let Ray Train register it: a checkpoint every rank wrote but Ray never recorded is not resumed
-    workers = [p for p in psutil.process_iter(["pid", "cmdline"])
-               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    if workers:
-        os.kill(workers[-1].pid, signal.SIGKILL)
-        killed.append(workers[-1].pid)
 
 
 def test_killed_worker_recovers_with_no_sample_lost_or_repeated(small, reference, tmp_path):

@@ -87,7 +87,9 @@ def test_completion_is_transformers_greedy_with_usage(client, reference):
 def test_chat_stream_matches_whole_answer(client, server, reference):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "import os"}]
     whole = client.chat.completions.create(model="tiny-b", messages=messages, max_tokens=12, temperature=0)
-    expected = reference("system: be brief\nuser: import os\nassistant:", 12)  # the default chat transcript
+    # rendered with the tokenizer's chat template (ChatML, as `llmray tokenizer train` writes it)
+    expected = reference("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nimport os<|im_end|>\n"
+                         "<|im_start|>assistant\n", 12)
     assert whole.choices[0].message.content == expected and whole.choices[0].message.role == "assistant"
     pieces = client.chat.completions.create(model="tiny-b", messages=messages, max_tokens=12, temperature=0,
                                             stream=True, stream_options={"include_usage": True})

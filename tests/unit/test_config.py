@@ -85,7 +85,7 @@ def test_cli_rejects_typo_in_one_line_without_starting_ray():
     assert out.stderr.strip().splitlines() == ["llmray: error: invalid recipe: train.lrr: unknown key"]
 
 
-@pytest.mark.parametrize("cmd", [[], ["data", "shard"], ["tokenizer", "train"], ["train"]])
+@pytest.mark.parametrize("cmd", [[], ["data", "shard"], ["tokenizer", "train"], ["train"], ["finetune"]])
 def test_every_command_has_help(cmd):
     out = subprocess.run([sys.executable, "-m", "llmray.cli", *cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage: llmray" in out.stdout
@@ -110,3 +110,25 @@ def test_cli_help_shows_the_defaults_the_library_uses(capsys):
     assert f"(default: {inspect.signature(quantize_folder).parameters['eval_samples'].default})" in quantize
     serve = help_of("serve")
     assert f"one forward pass (default: {ServeArgs.model_fields['max_batch_size'].default})" in serve
+
+
+def test_finetune_recipes():
+    r = load_recipe("jobs/sft_tiny.yaml")
+    assert r.finetune.method == "lora" and r.data.tokenizer == r.model.pretrained  # the model's own tokenizer
+    with pytest.raises(RecipeError, match="finetune.method=qlora .* is not available yet"):
+        load_recipe("jobs/sft_tiny.yaml", ["finetune.method=qlora"])
+    with pytest.raises(RecipeError, match="finetune needs model.pretrained"):
+        load_recipe("jobs/sft_tiny.yaml", ["model.pretrained=null", "data.tokenizer=t"])
+    with pytest.raises(RecipeError, match="data.conversations is one corpus"):
+        load_recipe("jobs/sft_tiny.yaml", ["data.sources=[{name: a, shards: s}]"])
+    with pytest.raises(RecipeError, match="data.format"):
+        load_recipe("jobs/sft_tiny.yaml", ["data.format=csv"])
+
+
+def test_finetune_command_defaults_to_lora(tmp_path):
+    """`llmray finetune` on a recipe without a finetune section fine-tunes with LoRA (shown by --dry-run)."""
+    out = subprocess.run([sys.executable, "-m", "llmray.cli", "finetune", "jobs/pretrain_tiny.yaml", "model.pretrained=./m",
+                          "data.conversations=./c", "data.shards=null", "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "finetune:\n  method: lora\n" in out.stdout
