@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llmray.config import LoraConfig
+from llmray.config import LoraConfig, RecipeError
 
 
 def lora_config(cfg: LoraConfig):
@@ -26,3 +26,26 @@ def trainable(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters)."""
     return (sum(p.numel() for p in model.parameters() if p.requires_grad),
             sum(p.numel() for p in model.parameters()))
+
+
+def linear_names(config) -> list[str]:
+    """The distinct names (last dotted part) of a model's Linear layers, the LM head aside: what
+    `target_modules` may name. The model is built on the meta device: no memory, no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
+
+
+def check_targets(config, cfg: LoraConfig) -> None:
+    """Refuse, before any worker starts, `finetune.lora.target_modules` that name no Linear layer of the model."""
+    if cfg.target_modules == "all-linear":
+        return
+    names = linear_names(config)
+    unknown = [t for t in cfg.target_modules if t not in names]
+    if unknown:
+        raise RecipeError(f"finetune.lora.target_modules: {', '.join(map(repr, unknown))} not among the model's "
+                          f"Linear layers: {', '.join(names)}")

@@ -21,7 +21,11 @@ def build_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     if cfg.pretrained is not None:
         if not Path(cfg.pretrained).is_dir():
             raise ModelError(f"model.pretrained: folder {cfg.pretrained} does not exist")
-        return AutoConfig.from_pretrained(cfg.pretrained)
+        try:
+            return AutoConfig.from_pretrained(cfg.pretrained)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model.pretrained: {cfg.pretrained} is not a Hugging Face model folder "
+                             f"({str(e).splitlines()[0]})") from None
     kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,

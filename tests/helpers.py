@@ -40,12 +40,16 @@ def kill_worker_when_checkpointed(run_dir, killed):
 
     from llmray.train.checkpoint import list_checkpoints
 
+    def train_workers() -> list:
+        return [p for p in psutil.process_iter(["pid", "cmdline"])
+                if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+    earlier = {p.pid for p in train_workers()}  # an earlier run's workers, still exiting: not this run's
     deadline = time.time() + 300
     while time.time() < deadline and not list_checkpoints(str(run_dir)):
         time.sleep(0.05)
     time.sleep(3)  # let Ray Train register it: a checkpoint every rank wrote but Ray never recorded is not resumed
-    workers = [p for p in psutil.process_iter(["pid", "cmdline"])
-               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    workers = [p for p in train_workers() if p.pid not in earlier]
     if workers:
         os.kill(workers[-1].pid, signal.SIGKILL)
         killed.append(workers[-1].pid)

@@ -2,18 +2,21 @@
 {role, content} with roles system/user/assistant), written as Parquet shards the stream reads like any corpus (a
 conversation per row, as JSON in the `text` column; its doc_id `file:line` decides whether it is held out).
 
-Every line is checked while the shards are written; a bad one stops the conversion with one line naming the file,
-the line and the field. The shards are written into a folder of the run (`data.shards`), never next to the inputs.
+Every line is checked (and rendered with the chat template) while the shards are written; a bad one is skipped,
+counted and reported by file, line and field. The shards are written into a folder of the run (`data.shards`),
+never next to the inputs.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from llmray import storage
 from llmray.data.corpus import CorpusError, list_shards
 from llmray.data.shard import ShardReport, ShardWriter, write_manifest
+from llmray.data.template import chat_template
 from llmray.errors import LlmrayError
 
 ROLES = ("system", "user", "assistant")
@@ -102,8 +105,9 @@ def conversation_files(paths: list[str]) -> list[tuple[str, int]]:
     return out
 
 
-def read_conversations(path: str, fmt: str = "auto") -> Iterator[tuple[str, list[dict]]]:
-    """(doc_id `path:line`, messages) of each non-empty line of one JSONL file."""
+def read_conversations(path: str, fmt: str = "auto") -> Iterator[tuple[str, list[dict] | None, str | None]]:
+    """(doc_id `path:line`, messages, None) for each good non-empty line of one JSONL file, and (doc_id, None, why)
+    for each bad one. A file that is not UTF-8 or holds no line raises ChatDataError."""
     fs, p = storage.resolve(path)
     with fs.open_input_stream(p) as f:
         raw = f.read()
@@ -116,40 +120,74 @@ def read_conversations(path: str, fmt: str = "auto") -> Iterator[tuple[str, list
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        seen = True
+        seen, where = True, f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ChatDataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-        if file_format is None:  # the first line decides the file's format
+            yield where, None, f"not valid JSON ({e.msg}, column {e.colno})"
+            continue
+        if file_format is None:  # the first object that shows one decides the file's format
             file_format = detect_format(obj) if isinstance(obj, dict) else None
             if file_format is None:
-                raise ChatDataError(f"{path}:{lineno}: not a known conversation format: expected a 'messages' "
-                                    "list (OpenAI), a 'conversations' list (ShareGPT) or 'instruction' "
-                                    "(Alpaca); set data.format to say which")
+                yield where, None, ("not a known conversation format: expected a 'messages' list (OpenAI), a "
+                                    "'conversations' list (ShareGPT) or 'instruction' (Alpaca); set data.format")
+                continue
         try:
-            yield f"{path}:{lineno}", normalize(obj, file_format)
+            yield where, normalize(obj, file_format), None
         except ValueError as e:
-            raise ChatDataError(f"{path}:{lineno}: {e} ({file_format} format)") from None
+            yield where, None, f"{e} ({file_format} format)"
     if not seen:
         raise ChatDataError(f"{path}: empty file: no conversations")
 
 
-def shard_conversations(inputs: str | list[str], out: str, fmt: str = "auto") -> tuple[ShardReport | None, str]:
-    """Write the conversations of `inputs` as shards into `out`, unless `out` already holds the shards of the same
-    input files (same sizes) and format. Returns (the report, or None when reused; a line saying what happened)."""
+@dataclass
+class Conversion:
+    """What `shard_conversations` made: shards of `documents` conversations; the lines it skipped, with why; how
+    many conversations are longer than `seq_len` tokens (training sees their first `seq_len` tokens)."""
+
+    out: str
+    files: int
+    documents: int
+    shards: int
+    skipped: list[str] = field(default_factory=list)
+    longer: int = 0
+    seq_len: int = 0
+    reused: bool = False
+
+    def text(self) -> str:
+        lines = [f"conversations: {self.documents} from {self.files} files in {self.shards} shards in {self.out}"
+                 + (" (made earlier from the same files)" if self.reused else "")
+                 + f"; {self.longer} longer than {self.seq_len} tokens (cut to it)"
+                 + f"; {len(self.skipped)} lines skipped"]
+        lines += [f"  skipped {why}" for why in self.skipped[:SHOWN_SKIPPED]]
+        if len(self.skipped) > SHOWN_SKIPPED:
+            lines.append(f"  ... and {len(self.skipped) - SHOWN_SKIPPED} more (all in {INPUTS_RECORD})")
+        return "\n".join(lines)
+
+
+SHOWN_SKIPPED = 10
+
+
+def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: int, fmt: str = "auto") -> Conversion:
+    """Write the conversations of `inputs` as shards into `out`, unless `out` already holds those of the same input
+    files (same sizes), format, template and `seq_len`. Each conversation is rendered with `tokenizer`'s chat
+    template here, so a line the template refuses (a role it does not know) is skipped and named like a malformed
+    one; its tokens are counted to report those longer than `seq_len`."""
+    from llmray.data.template import render
+
     paths = [inputs] if isinstance(inputs, str) else list(inputs)
     files = conversation_files(paths)
-    record = {"inputs": [list(f) for f in files], "format": fmt}
+    record = {"inputs": [list(f) for f in files], "format": fmt, "seq_len": seq_len,
+              "template": chat_template(tokenizer)}
     fs, out_path = storage.resolve(out)
     record_path = storage.join(out_path, INPUTS_RECORD)
     if storage.exists(fs, record_path):
         with fs.open_input_stream(record_path) as f:
-            same = json.loads(f.read()) == record
+            made = json.loads(f.read())
         try:
-            if same:
-                shards = list_shards(out)
-                return None, f"conversations: {len(shards)} shards in {out}, made earlier from the same files"
+            if made.get("made_from") == record:
+                list_shards(out)
+                return Conversion(**made["conversion"], reused=True)
         except CorpusError:
             pass  # an interrupted conversion: made again below
     if storage.exists(fs, out_path):
@@ -158,18 +196,32 @@ def shard_conversations(inputs: str | list[str], out: str, fmt: str = "auto") ->
     fs.create_dir(out_path, recursive=True)
     report = ShardReport()
     writer = ShardWriter(fs, out_path, SHARD_BYTES, report)
+    longer = 0
     try:
         for path, _ in files:
             report.files_read += 1
-            for doc_id, messages in read_conversations(path, fmt):
+            for doc_id, messages, problem in read_conversations(path, fmt):
+                if messages is not None:
+                    try:
+                        text = render(tokenizer, messages)
+                    except Exception as e:  # jinja's TemplateError, or what the template raises
+                        problem = f"the chat template refused it: {e}"
+                if problem is not None:
+                    report.problems.append(f"{doc_id}: {problem}")
+                    continue
+                longer += len(tokenizer(text, add_special_tokens=False).input_ids) > seq_len
                 writer.add(json.dumps(messages, ensure_ascii=False), doc_id, path)
                 report.documents += 1
         writer.close_shard()
     except BaseException:
         writer.abort()
         raise
+    if report.documents == 0:
+        raise ChatDataError(f"data.conversations: no usable conversation in {', '.join(paths)}; "
+                            + (f"first problem: {report.problems[0]}" if report.problems else "all files empty"))
     write_manifest(fs, out_path, report)
+    conversion = Conversion(out, len(files), report.documents, len(report.shards), report.problems, longer, seq_len)
     with fs.open_output_stream(record_path) as f:
-        f.write(json.dumps(record).encode())
-    return report, (f"conversations: {report.documents} from {len(files)} files into {len(report.shards)} "
-                    f"shards in {out}")
+        f.write(json.dumps({"made_from": record, "conversion": {k: v for k, v in asdict(conversion).items()
+                                                                 if k != "reused"}}).encode())
+    return conversion

@@ -20,9 +20,10 @@ from ray.train.torch import TorchTrainer
 
 from llmray import logs, storage
 from llmray import metric_names as M
+from llmray.adapters import check_targets
 from llmray.cluster import ensure_ray
 from llmray.config import Recipe, RecipeError
-from llmray.data.chat import shard_conversations
+from llmray.data.chat import Conversion, shard_conversations
 from llmray.data.pack import StreamSpec, first_rows
 from llmray.data.split import split_sources
 from llmray.data.stream import StreamCoordinator
@@ -50,6 +51,7 @@ class Summary:
     plot: str | None
     sample: str | None
     val_loss_per_source: dict[str, float] | None = None  # a blend's sources, each on its own held-out samples
+    conversations: dict[str, int] | None = None  # a fine-tune's data: conversations used, cut, lines skipped
 
     def text(self) -> str:
         lines = [
@@ -62,6 +64,10 @@ class Summary:
             lines.append(f"loss       {self.final_loss:.4f}{val}")
         for name, loss in (self.val_loss_per_source or {}).items():
             lines.append(f"  {name:<9}validation {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):.1f})")
+        if self.conversations:
+            c = self.conversations
+            lines.append(f"data       {c['documents']} conversations, {c['longer_than_seq_len']} cut to seq_len, "
+                         f"{c['skipped_lines']} lines skipped")
         if self.tokens_per_s:
             lines.append(f"throughput {self.tokens_per_s:,.0f} tokens/s (last window)")
         lines += [f"checkpoint {self.checkpoint}", f"loss plot  {self.plot}"]
@@ -91,6 +97,11 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
             val_specs.append((s.name, source.weight, StreamSpec.of([(s.name, 1.0, s.held_out)], **common)))
     vocab = len(load_tokenizer(d.tokenizer))
     config = build_config(recipe.model, vocab)
+    if recipe.model.pretrained is not None and config.vocab_size < vocab:
+        raise RecipeError(f"model.pretrained {recipe.model.pretrained} has {config.vocab_size} token embeddings, "
+                          f"fewer than the {vocab} tokens of data.tokenizer {d.tokenizer}")
+    if recipe.finetune is not None and recipe.finetune.method == "lora":
+        check_targets(config, recipe.finetune.lora)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and d.seq_len > positions:
         raise RecipeError(f"data.seq_len={d.seq_len} is larger than the model's {positions} positions")
@@ -136,23 +147,26 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     })
 
 
-def with_conversation_shards(recipe: Recipe) -> Recipe:
+def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]:
     """A recipe with data.conversations reads them from shards written into data.shards (default: the run
     folder's conversations/), made here once and reused while the input files are unchanged."""
     d = recipe.data
     if d.conversations is None:
-        return recipe
+        return recipe, None
     out = d.shards or storage.join(recipe.run.folder, "conversations")
-    _, line = shard_conversations(d.conversations, out, d.format)
-    print(f"[llmray] {line}", flush=True)
-    return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})})
+    conversion = shard_conversations(d.conversations, out, load_tokenizer(d.tokenizer), d.seq_len, d.format)
+    print("[llmray] " + conversion.text(), flush=True)
+    return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})}), conversion
 
 
 def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, callbacks: list | None = None,
         cpus_available: float | None = None) -> Summary:
     """Train `recipe` on the Ray cluster. `callbacks`: Ray Train callbacks for the run (a sweep passes
     TuneReportCallback); `cpus_available`: the CPUs this run may budget from (default: the whole cluster's)."""
-    recipe = with_conversation_shards(absolute_paths(recipe))
+    recipe = absolute_paths(recipe)
+    if recipe.model.pretrained is not None:  # a missing or unreadable folder is named before anything else
+        build_config(recipe.model, 0)
+    recipe, conversion = with_conversation_shards(recipe)
     train_spec, val_specs, vocab = check_inputs(recipe)
     if resume_from and not storage.is_uri(resume_from):
         resume_from = os.path.abspath(resume_from)
@@ -206,7 +220,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     result = trainer.fit()
     wall = time.perf_counter() - started
     ray.kill(coordinator)
-    return summarize(recipe, result, wall)
+    return summarize(recipe, result, wall, conversion)
 
 
 def _as_ray_checkpoint(uri: str) -> ray.train.Checkpoint:
@@ -214,7 +228,7 @@ def _as_ray_checkpoint(uri: str) -> ray.train.Checkpoint:
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def summarize(recipe: Recipe, result, wall: float) -> Summary:
+def summarize(recipe: Recipe, result, wall: float, conversion: Conversion | None = None) -> Summary:
     """Write loss.png and summary.json into the run folder (local or object store)."""
     metrics = result.metrics or {}
     history: list[dict] = []
@@ -240,6 +254,9 @@ def summarize(recipe: Recipe, result, wall: float) -> Summary:
         n_params=n_params, wall_s=wall, final_loss=metrics.get(M.LOSS), val_loss=metrics.get(M.VAL_LOSS),
         val_ppl=metrics.get(M.VAL_PPL), tokens_per_s=metrics.get(M.TOKENS_PER_S), plot=plot_path,
         sample=metrics.get(M.SAMPLE), val_loss_per_source=per_source_val(metrics) or None,
+        conversations=None if conversion is None else {
+            "documents": conversion.documents, "longer_than_seq_len": conversion.longer,
+            "skipped_lines": len(conversion.skipped)},
     )
     with run_fs.open_output_stream(storage.join(run_dir, "summary.json")) as f:
         f.write(json.dumps(asdict(summary), indent=1).encode())

@@ -76,6 +76,7 @@ def test_lora_trains_only_the_adapters_and_exports_merged_and_adapter(model_dir,
     loss = losses(summary)
     assert loss[-1] < loss[0] - 0.3, f"the assistant-token loss did not fall: {loss}"
     assert (Path(summary.run_dir) / "conversations" / "_manifest.json").is_file()
+    assert summary.conversations == {"documents": 240, "longer_than_seq_len": 0, "skipped_lines": 0}
 
     base = load(model_dir)
     merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
@@ -100,16 +101,27 @@ def test_lora_trains_only_the_adapters_and_exports_merged_and_adapter(model_dir,
         torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=0)
 
 
-def test_full_finetune_under_zero3_moves_every_weight(model_dir, chats, ray_cluster, tmp_path):
-    summary = fit(sft(model_dir, chats, tmp_path, "full", "finetune.method=full", "train.zero_stage=3",
-                      "train.lr=3e-3", "train.eval_every=6", "data.val_fraction=0.2"))
+@pytest.mark.parametrize("method, stage", [("full", 3), ("lora", 3), ("full", 2)])
+def test_full_and_lora_under_zero2_and_zero3(model_dir, chats, ray_cluster, tmp_path, method, stage):
+    summary = fit(sft(model_dir, chats, tmp_path, "run", f"finetune.method={method}", f"train.zero_stage={stage}",
+                      f"train.lr={3e-3 if method == 'full' else 1e-2}", "train.eval_every=6", "data.val_fraction=0.2",
+                      "train.max_steps=6"))
     loss = losses(summary)
-    assert summary.steps == STEPS and loss[-1] < loss[0] - 0.3, loss
+    assert summary.steps == 6 and loss[-1] < loss[0] - 0.2, loss
     assert summary.val_loss is not None and np.isfinite(summary.val_loss)
     export(summary.checkpoint, str(tmp_path / "out"))
     base, tuned = load(model_dir).state_dict(), load(tmp_path / "out").state_dict()
     assert base.keys() == tuned.keys()
-    assert not torch.allclose(base["model.embed_tokens.weight"], tuned["model.embed_tokens.weight"])
+    embeddings_moved = not torch.allclose(base["model.embed_tokens.weight"], tuned["model.embed_tokens.weight"])
+    assert embeddings_moved == (method == "full")  # LoRA leaves everything but its targets as they were
+    assert not torch.allclose(base["model.layers.1.mlp.down_proj.weight"], tuned["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_resuming_with_another_method_is_refused_naming_it(model_dir, chats, lora_run):
+    from llmray.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="finetune: checkpoint .*'lora'.*recipe .*'full'"):
+        fit(sft(model_dir, chats, lora_run["storage"], "ref", "train.record_samples=true", "finetune.method=full"))
 
 
 def test_killed_lora_worker_resumes_exactly(model_dir, chats, lora_run, tmp_path):

@@ -61,49 +61,70 @@ def test_three_formats_read_as_the_same_messages(tmp_path):
     sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
         {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi\n\nthere"},
         {"from": "gpt", "value": "Hello."}]}])
-    read = [list(read_conversations(p))[0][1] for p in (messages, alpaca, sharegpt)]
-    assert read[0] == read[1] == read[2]
-    assert [m["role"] for m in read[0]] == ["system", "user", "assistant"]
-    assert list(read_conversations(messages))[0][0] == f"{messages}:1"
+    read = [list(read_conversations(p))[0] for p in (messages, alpaca, sharegpt)]
+    assert read[0][1] == read[1][1] == read[2][1] and read[0][2] is None
+    assert [m["role"] for m in read[0][1]] == ["system", "user", "assistant"]
+    assert read[0][0] == f"{messages}:1"
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "m.jsonl:2: not valid JSON"),
-    ('{"messages": [{"role": "bot", "content": "x"}]}', "m.jsonl:2: field 'messages[0].role': 'bot' is not one of"),
-    ('{"messages": [{"role": "user", "content": 3}]}', "m.jsonl:2: field 'messages[0].content' must be a string"),
-    ('{"messages": [{"role": "user", "content": "only a question"}]}', "m.jsonl:2: no assistant message"),
+@pytest.mark.parametrize("line, problem", [
+    ("{not json", "not valid JSON"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}', "field 'messages[0].role': 'bot' is not one of"),
+    ('{"messages": [{"role": "user", "content": 3}]}', "field 'messages[0].content' must be a string"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}', "no assistant message"),
+    ('{"prompt": "a", "completion": "b"}', "not a known conversation format"),
 ])
-def test_a_bad_line_is_named_by_file_line_and_field(tmp_path, line, message):
+def test_a_bad_line_is_skipped_and_named_by_file_line_and_field(tmp_path, line, problem):
     good = json.dumps({"messages": CONVERSATIONS[2]})
-    (tmp_path / "m.jsonl").write_text(good + "\n" + line + "\n")
-    with pytest.raises(ChatDataError, match=message.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
-        list(read_conversations(str(tmp_path / "m.jsonl")))
+    path = tmp_path / "m.jsonl"
+    path.write_text(line + "\n" + good + "\n\n" + line + "\n")
+    read = list(read_conversations(str(path)))
+    assert [(doc, m is not None) for doc, m, _ in read] == [(f"{path}:1", False), (f"{path}:2", True),
+                                                            (f"{path}:4", False)]
+    assert problem in read[0][2] and read[2][2]  # (line 4 is read in the format line 2 showed)
 
 
-def test_unknown_format_and_empty_file_are_refused(tmp_path):
-    (tmp_path / "x.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
-    with pytest.raises(ChatDataError, match="x.jsonl:1: not a known conversation format"):
-        list(read_conversations(str(tmp_path / "x.jsonl")))
+def test_empty_file_is_refused(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(ChatDataError, match="e.jsonl: empty file"):
         list(read_conversations(str(tmp_path / "e.jsonl")))
 
 
-def test_conversations_become_shards_once_and_again_when_the_inputs_change(tmp_path):
+def test_conversations_become_shards_once_and_again_when_the_inputs_change(tmp_path, tokenizer):
     src = tmp_path / "data"
     src.mkdir()
     write_jsonl(src / "a.jsonl", [{"messages": c} for c in CONVERSATIONS])
     write_jsonl(src / "b.jsonl", [{"instruction": "Say hi", "output": "Hi."}])
-    report, _ = shard_conversations(str(src), str(tmp_path / "out"))
-    assert report.documents == 4 and sum(s.rows for s in list_shards(str(tmp_path / "out"))) == 4
-    again, line = shard_conversations(str(src), str(tmp_path / "out"))
-    assert again is None and "made earlier" in line
-    write_jsonl(src / "b.jsonl", [{"instruction": "Say hi", "output": "Hi."}, {"instruction": "Bye", "output": "Bye."}])
-    report, _ = shard_conversations(str(src), str(tmp_path / "out"))
-    assert report.documents == 5
-    (src / "b.jsonl").write_text('{"instruction": "Say hi"}\n')
-    with pytest.raises(ChatDataError, match="b.jsonl:1: field 'output' must be a string"):
-        shard_conversations(str(src), str(tmp_path / "out"))
+    made = shard_conversations(str(src), str(tmp_path / "out"), tokenizer, 256)
+    assert (made.documents, made.skipped, made.longer) == (4, [], 0)
+    assert sum(s.rows for s in list_shards(str(tmp_path / "out"))) == 4
+    again = shard_conversations(str(src), str(tmp_path / "out"), tokenizer, 256)
+    assert again.reused and again.documents == 4 and "made earlier" in again.text()
+    # a changed file, a bad line and a conversation longer than seq_len: made again, reported
+    (src / "b.jsonl").write_text('{"instruction": "Say hi", "output": "Hi."}\n{"instruction": "Bye"}\n'
+                                 + json.dumps({"instruction": "Count", "output": " ".join(map(str, range(200)))})
+                                 + "\n")
+    made = shard_conversations(str(src), str(tmp_path / "out"), tokenizer, 256)
+    assert not made.reused and made.documents == 5 and made.longer == 1
+    assert made.skipped == [f"{src / 'b.jsonl'}:2: field 'output' must be a string (got NoneType) (alpaca format)"]
+    assert f"skipped {src / 'b.jsonl'}:2" in made.text()
+    (src / "a.jsonl").write_text("{broken\n")
+    (src / "b.jsonl").write_text("{broken\n")
+    with pytest.raises(ChatDataError, match="no usable conversation .* first problem: .*a.jsonl:1: not valid JSON"):
+        shard_conversations(str(src), str(tmp_path / "out"), tokenizer, 256)
+
+
+def test_a_role_the_template_refuses_is_skipped_and_named(tmp_path, tokenizer):
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    made = shard_conversations(src, str(tmp_path / "out"), strict, 256)
+    assert made.documents == 2
+    assert made.skipped == [f"{src}:1: the chat template refused it: System role not supported"]
 
 
 def test_our_tokenizers_carry_the_chat_template_and_turn_tokens(tokenizer):
@@ -189,3 +210,17 @@ def test_packing_keeps_conversations_whole_and_cuts_only_the_too_long(tokenizer)
     assert kept == lengths, "every conversation whole, in order"
     short = chat_rows(tokenizer, CONVERSATIONS, seq_len=16)
     assert short["input_ids"].shape[1] == 16 and (short["labels"] != IGNORE).any(axis=1).all()
+
+
+def test_unknown_lora_targets_are_named_with_the_models_linear_layers():
+    from transformers import LlamaConfig
+
+    from llmray.adapters import check_targets
+    from llmray.config import LoraConfig, RecipeError
+
+    config = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)
+    check_targets(config, LoraConfig(target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(RecipeError, match="'qproj' not among the model's Linear layers: down_proj, gate_proj, k_proj, "
+                                          "o_proj, q_proj, up_proj, v_proj"):
+        check_targets(config, LoraConfig(target_modules=["qproj", "v_proj"]))
