@@ -126,7 +126,8 @@ def _run_training(args, recipe) -> None:
 def _export_options(p: argparse.ArgumentParser) -> None:
     from llmray.export import DTYPES, export
 
-    p.add_argument("checkpoint", help="checkpoint folder or URI, e.g. runs/demo/checkpoint_2026-...")
+    p.add_argument("checkpoint", help="checkpoint folder or URI, e.g. runs/demo/checkpoint_2026-..., or a run folder "
+                                      "(its latest checkpoint)")
     p.add_argument("--out", required=True, help="output folder or s3:// gs:// URI (written whole, or not at all)")
     p.add_argument("--dtype", default=default_of(export, "dtype"), help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--max-shard-size", default=default_of(export, "max_shard_size"),
@@ -226,6 +227,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     fields = ServeArgs.model_fields
     p.add_argument("models", nargs="+", help="exported model folders (llmray export) or s3:// URIs")
     p.add_argument("--name", action="append", help="the model id clients ask for, once per folder (default: folder name)")
+    p.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
+                   help="a LoRA adapter of the model (llmray export --adapter), served as model id NAME and batched "
+                        "with the base (repeatable)")
     p.add_argument("--host", default=default_of(serve_models, "host"), help="bind address (0.0.0.0 to expose it)")
     p.add_argument("--port", type=int, default=default_of(serve_models, "port"))
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: $LLMRAY_API_KEY)")
@@ -243,7 +247,7 @@ def _serve(args) -> None:
 
     serve_models(args.models, args.name, host=args.host, port=args.port, api_key=args.api_key,
                  replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                 max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+                 max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, adapters=args.adapter)
 
 
 # (path of words, one-line help, description, options, run)
@@ -305,8 +309,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    from llmray import logs
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key, value in logs.no_progress_bars().items():  # before a command's options import transformers
+        os.environ.setdefault(key, value)
+    args = build_parser(argv).parse_args(argv)
     from llmray.errors import USER_ERRORS
 
     try:

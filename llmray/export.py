@@ -5,13 +5,14 @@ be local or in object storage (s3://, gs://); either way it is written whole or 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from llmray import lineage, storage
+from llmray import lineage, logs, storage
 from llmray.adapters import with_lora
 from llmray.config import recipe_from_dict
 from llmray.data.split import held_out
@@ -45,6 +46,7 @@ def consolidated_state_dict(directory: str, zero_stage: int) -> dict[str, torch.
         if zero_stage == 0:
             states = torch.load(Path(directory, checkpoint.TAG, "mp_rank_00_model_states.pt"), map_location="cpu")
             return {k: v.float() for k, v in states["module"].items()}
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # else it warns
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(directory, tag=checkpoint.TAG)
@@ -55,12 +57,15 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
     """Write the Hugging Face folder `out` (whole, or not at all); returns what was written. A run whose recipe
     asks for quantization (quant.method qat or ptq) is exported quantized, with its report, unless
     `full_precision`. A LoRA fine-tune is exported with its adapters merged into the base weights, or with
-    `adapter` as the PEFT adapter folder alone (`PeftModel.from_pretrained(base, out)`)."""
+    `adapter` as the PEFT adapter folder alone (`PeftModel.from_pretrained(base, out)`). `ckpt` may also be a
+    run folder: its latest complete checkpoint is exported."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     target = free_target(out, overwrite)
+    in_run = checkpoint.list_checkpoints(ckpt)  # a run folder: its latest complete checkpoint
+    ckpt = in_run[-1][1] if in_run else ckpt
     state = checkpoint.verify(ckpt)
     recipe = recipe_from_dict(state.recipe)
     quantize = recipe.quant.method != "none" and not full_precision
@@ -70,7 +75,8 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
             raise ExportError(f"checkpoint {ckpt} holds no tokenizer/ folder (written by an older llmray?)")
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         config = build_config(recipe.model, state.vocab_size)
-        weights = consolidated_state_dict(local, recipe.train.zero_stage)
+        with logs.hush_stdout():  # DeepSpeed prints each step of gathering the ZeRO partitions
+            weights = consolidated_state_dict(local, recipe.train.zero_stage)
     lora = recipe.finetune is not None and recipe.finetune.method == "lora"
     if adapter and not lora:
         raise ExportError(f"--adapter: checkpoint {ckpt} is not a LoRA fine-tune (its recipe has "

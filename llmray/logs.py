@@ -48,7 +48,14 @@ def drop_import_noise() -> None:
 def worker_env() -> dict[str, str]:
     """Environment for Ray Train workers. Ray Train's print patch re-logs every print() of a worker, so each
     progress line reached the console twice; prints go to the console once without it."""
-    return {VERBOSE_ENV: "1" if verbose() else "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "1" if verbose() else "0"}
+    return {VERBOSE_ENV: "1" if verbose() else "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "1" if verbose() else "0",
+            **no_progress_bars()}
+
+
+def no_progress_bars() -> dict[str, str]:
+    """transformers draws a progress bar for every model it loads or saves (huggingface_hub's switch turns them
+    off, read when transformers is imported): a bar per worker per run is noise unless verbose."""
+    return {} if verbose() else {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 # One instance: a logger adds a filter it already holds only once, so repeated calls (a sweep runs many fits in

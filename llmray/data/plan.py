@@ -68,10 +68,18 @@ class Source:
     shards: tuple[str, ...]
     pieces: np.ndarray = field(repr=False)  # from plan_pieces
     first_piece: int = 0  # the global id of its first piece: piece ids are unique across sources
+    rows_estimate: float = 0.0  # samples an epoch yields, guessed from its text bytes (0: PIECE_SAMPLES a piece)
 
     @property
     def n_blocks(self) -> int:
         return math.ceil(len(self.pieces) / BLOCK_PIECES)
+
+    @property
+    def rows_per_block(self) -> float:
+        """About how many samples a block yields: what the stream plans how far ahead to tokenize from (a small
+        corpus's pieces hold far fewer than PIECE_SAMPLES)."""
+        total = self.rows_estimate or PIECE_SAMPLES * len(self.pieces)
+        return max(1.0, total / max(self.n_blocks, 1))
 
 
 def block_pieces(source: Source, index: int, seed: int, epoch: int, block: int) -> np.ndarray:
@@ -123,6 +131,8 @@ def plan_sources(parts: list[tuple[str, float, Documents]], seq_len: int) -> tup
         except CorpusError as e:
             raise CorpusError(f"source {name!r}: {e}" if len(parts) > 1 else str(e)) from None
         pieces = plan_pieces(shards, seq_len)
-        out.append(Source(name, weight / total, documents, tuple(s.path for s in shards), pieces, first))
+        text_bytes = sum(size for s in shards for _, size in s.row_groups)
+        out.append(Source(name, weight / total, documents, tuple(s.path for s in shards), pieces, first,
+                          text_bytes / (seq_len * BYTES_PER_TOKEN)))
         first += len(pieces)
     return tuple(out)

@@ -67,17 +67,17 @@ def next_block(spec: StreamSpec, index: int, epoch: int, block: int) -> tuple[in
 
 def work_items(spec: StreamSpec, starts: list[tuple[int, int] | None], horizon_rows: int | None) -> list[dict]:
     """(source, epoch, block, run of pieces) items, a block's runs together, from each source's start, blocks ordered by
-    when the blend will need them (a block holds about BLOCK_PIECES * PIECE_SAMPLES rows; a source of weight w
-    uses one every 1/w of that), up to the horizon (with room to spare) or the sources' last epoch."""
-    rows_per_block = BLOCK_PIECES * PIECE_SAMPLES
+    when the blend will need them (a source of weight w uses a block every rows_per_block / w global rows), up to
+    the horizon (with room to spare: the rows a block yields are estimated) or the sources' last epoch."""
     keyed = []
     for index, (source, start) in enumerate(zip(spec.sources, starts)):
         if start is None:  # this source has ended
             continue
+        rows_per_block = source.rows_per_block
         wanted = None if horizon_rows is None else 2 * math.ceil(horizon_rows * source.weight / rows_per_block) + 2
         at, k = start, 0
         while at is not None and (wanted is None or k < wanted):
-            keyed.append((k / source.weight, index, at))
+            keyed.append((k * rows_per_block / source.weight, index, at))
             at, k = next_block(spec, index, *at), k + 1
             if wanted is None and k >= 4 * source.n_blocks:  # endless and no horizon: a few epochs at a time
                 break

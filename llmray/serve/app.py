@@ -36,6 +36,9 @@ class ModelSpec(BaseModel):
 
     path: str  # an exported Hugging Face folder, local or s3://...
     name: str | None = None  # the `model` clients ask for; default: the folder's name
+    # LoRA adapters of this model (`llmray export --adapter` folders, local or s3://), each served as its own
+    # model id, batched with the base and each other
+    adapters: dict[str, str] = Field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -58,12 +61,17 @@ class ServeArgs(BaseModel):
     stream_interval_ms: float = Field(50.0, ge=0)
 
 
-def _local(path: str) -> str:
+def _local(path: str, marker: str = "config.json") -> str:
     if not storage.is_uri(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ServeConfigError(f"model folder {path} has no config.json (export a checkpoint with `llmray export`)")
+        if not os.path.isfile(os.path.join(path, marker)):
+            what = "adapter folder" if marker == ADAPTER_CONFIG else "model folder"
+            how = "llmray export --adapter" if marker == ADAPTER_CONFIG else "llmray export"
+            raise ServeConfigError(f"{what} {path} has no {marker} (export a checkpoint with `{how}`)")
         return path
     return storage.download(path, tempfile.mkdtemp(prefix="llmray-model-"))
+
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _sse(obj) -> str:
@@ -79,8 +87,13 @@ class OpenAIServer:
     def __init__(self, args: ServeArgs):  # validated once, by build_app
         self.args = args
         self.api_key = self.args.api_key or os.environ.get("LLMRAY_API_KEY")
-        self.engines = {m.id: Engine(_local(m.path), self.args.max_batch_size, self.args.batch_wait_ms / 1000,
-                                     self.args.device) for m in self.args.models}
+        self.engines, self.routes = {}, {}  # model id -> Engine; model id -> (base model id, adapter or None)
+        for m in self.args.models:
+            adapters = {name: _local(path, ADAPTER_CONFIG) for name, path in m.adapters.items()}
+            self.engines[m.id] = Engine(_local(m.path), self.args.max_batch_size, self.args.batch_wait_ms / 1000,
+                                        self.args.device, adapters)
+            self.routes[m.id] = (m.id, None)
+            self.routes.update({name: (m.id, name) for name in adapters})
         self.created = int(time.time())
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
@@ -106,11 +119,13 @@ class OpenAIServer:
             where = ".".join(str(p) for p in first["loc"])
             return error(400, f"{where}: {first['msg']}", param=where or None)
 
-    def _engine(self, name: str) -> Engine | JSONResponse:
-        if name not in self.engines:
-            return error(404, f"model {name!r} is not served here; GET /v1/models lists {sorted(self.engines)}",
+    def _engine(self, name: str) -> tuple[Engine, str | None] | JSONResponse:
+        """The engine serving model id `name`, and the adapter it names (None: the base model)."""
+        if name not in self.routes:
+            return error(404, f"model {name!r} is not served here; GET /v1/models lists {sorted(self.routes)}",
                          code="model_not_found", param="model")
-        return self.engines[name]
+        base, adapter = self.routes[name]
+        return self.engines[base], adapter
 
     def _budget(self, engine: Engine, prompt_ids: list[int], max_tokens: int | None):
         room = engine.context - len(prompt_ids)
@@ -167,9 +182,10 @@ class OpenAIServer:
                 t.cancel()
 
     async def _generate(self, body, kind: str):
-        engine = self._engine(body.model)
-        if isinstance(engine, JSONResponse):
-            return engine
+        routed = self._engine(body.model)
+        if isinstance(routed, JSONResponse):
+            return routed
+        engine, adapter = routed
         if kind == "chat":
             prompts = [engine.chat_prompt([(m.role, m.text) for m in body.messages])]
             limit = body.limit
@@ -188,7 +204,7 @@ class OpenAIServer:
             for j in range(body.n):
                 seed = None if body.seed is None else body.seed + j
                 streams.append(engine.stream(ids, Sampling(budget, body.temperature, body.top_p, seed, body.stops,
-                                                                 body.ignore_eos)))
+                                                                 body.ignore_eos), adapter))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         events = self._merge(streams, self.args.stream_interval_ms / 1000 if body.stream else 0.0)
         if body.stream:
@@ -255,9 +271,10 @@ class OpenAIServer:
     def models(self, request: Request):
         if (denied := self._unauthorized(request)) is not None:
             return denied
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
-                                            "owned_by": "llmray", "context_length": e.context}
-                                           for name, e in self.engines.items()]}
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "llmray",
+             "context_length": self.engines[base].context, **({"parent": base} if adapter else {})}
+            for name, (base, adapter) in self.routes.items()]}
 
     async def _answer(self, request: Request, shape, kind: str):
         if (denied := self._unauthorized(request)) is not None:
@@ -283,8 +300,14 @@ def build_app(args: dict | ServeArgs, **deployment_options) -> serve.Application
         raise ServeConfigError(f"serve args: {e}") from None
     if parsed.engine == "vllm":
         return _vllm_app(parsed)
-    local = [m.model_copy(update={"path": m.path if storage.is_uri(m.path) else os.path.abspath(m.path)})
-             for m in parsed.models]  # replicas do not start in the caller's folder
+    def here(path: str) -> str:  # replicas do not start in the caller's folder
+        return path if storage.is_uri(path) else os.path.abspath(path)
+
+    ids = [m.id for m in parsed.models] + [a for m in parsed.models for a in m.adapters]
+    if len(set(ids)) < len(ids):
+        raise ServeConfigError(f"serve args: model ids must be unique; got {', '.join(ids)}")
+    local = [m.model_copy(update={"path": here(m.path), "adapters": {n: here(p) for n, p in m.adapters.items()}})
+             for m in parsed.models]
     deployment = OpenAIServer.options(**deployment_options) if deployment_options else OpenAIServer
     return deployment.bind(parsed.model_copy(update={"models": local}))
 
@@ -297,5 +320,8 @@ def _vllm_app(args: ServeArgs) -> serve.Application:
     except ImportError:
         raise ServeConfigError("engine: vllm needs the vllm package (pip install vllm, on a GPU node); "
                                "engine: transformers serves the same model folders without it") from None
+    if any(m.adapters for m in args.models):
+        raise ServeConfigError("engine: vllm does not take adapters here; merge them (`llmray export` without "
+                               "--adapter) or serve them with engine: transformers")
     configs = [LLMConfig(model_loading_config={"model_id": m.id, "model_source": m.path}) for m in args.models]
     return build_openai_app({"llm_configs": configs})

@@ -24,6 +24,8 @@ from transformers import AutoTokenizer, DynamicCache
 from llmray.data.template import render, stop_token_ids
 from llmray.model import inference_device, load_for_inference
 
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
 
 @dataclass
 class Sampling:
@@ -53,6 +55,7 @@ class _Row:
     decoded: str = ""  # text decoded so far (may run ahead of `text` while a stop string could be forming)
     decoder: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
     generator: torch.Generator | None = None
+    adapter: str = BASE  # the LoRA adapter this row generates with
 
     def emit(self, event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -76,11 +79,22 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class Engine:
-    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_s: float, device: str | None):
+    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_s: float, device: str | None,
+                 adapters: dict[str, str] | None = None):
+        """`adapters`: name -> PEFT adapter folder of this base model; rows of different adapters (and of the
+        base) share a batch, peft applying each row's adapter (mixed-batch LoRA)."""
         self.device = inference_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.backend = self.tokenizer.backend_tokenizer
         self.model = load_for_inference(model_dir, self.device)
+        self.adapters = sorted(adapters or {})
+        if adapters:
+            from peft import PeftModel
+
+            first, *rest = self.adapters
+            self.model = PeftModel.from_pretrained(self.model, adapters[first], adapter_name=first).eval()
+            for name in rest:
+                self.model.load_adapter(adapters[name], adapter_name=name)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos = self.tokenizer.eos_token_id
         self.stops = set(stop_token_ids(self.tokenizer))  # EOS, and the chat template's end of turn
@@ -104,13 +118,15 @@ class Engine:
 
     # ---- the asyncio side ---------------------------------------------------------------------------------
 
-    async def stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[str | Finished]:
-        """Text deltas as they are generated, then a `Finished`. Closing the iterator early cancels the row."""
+    async def stream(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None
+                     ) -> AsyncIterator[str | Finished]:
+        """Text deltas as they are generated, then a `Finished`. Closing the iterator early cancels the row.
+        `adapter`: one of this engine's LoRA adapters, or None for the base model."""
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve_forever, name="llmray-engine", daemon=True)
                 self._thread.start()
-        row = _Row(list(prompt_ids), sampling, asyncio.get_running_loop(), asyncio.Queue())
+        row = _Row(list(prompt_ids), sampling, asyncio.get_running_loop(), asyncio.Queue(), adapter=adapter or BASE)
         self.stats["requests"] += 1
         self.incoming.put(row)
         done = False
@@ -179,12 +195,12 @@ class Engine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, cache)
+        logits = self._forward(ids, mask, cache, rows)
         return self._step(_Batch(rows, cache, mask, None), logits)
 
     def _decode(self, batch: "_Batch") -> "_Batch | None":
         mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=self.device)], 1)
-        logits = self._forward(batch.tokens[:, None], mask, batch.cache)
+        logits = self._forward(batch.tokens[:, None], mask, batch.cache, batch.rows)
         return self._step(_Batch(batch.rows, batch.cache, mask, None), logits)
 
     def _step(self, batch: "_Batch", logits: torch.Tensor) -> "_Batch | None":
@@ -223,10 +239,11 @@ class Engine:
         mask = torch.cat([_left_pad(running.mask, width, 1), _left_pad(fresh.mask, width, 1)])
         return _Batch(running.rows + fresh.rows, merged, mask, torch.cat([running.tokens, fresh.tokens]))
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, rows: list[_Row]) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True)
+                         use_cache=True, **kwargs)
         self.stats["forward_passes"] += 1
         return out.logits[:, -1, :].float()
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:

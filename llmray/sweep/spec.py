@@ -12,7 +12,7 @@ import copy
 import itertools
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -296,7 +296,9 @@ def _check_key(key: str) -> None:
             raise SweepError(f"parameters.{key}: {part!r} is not a key of {where} "
                              f"(keys: {', '.join(fields)})")
         annotation = fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        # a section, or an optional one (`finetune: FinetuneConfig | None`)
+        model = next((a for a in (annotation, *get_args(annotation))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None and i < len(key.split(".")) - 1:
             if fields[part].annotation in (dict, dict[str, Any]) or "dict" in str(fields[part].annotation):
                 return

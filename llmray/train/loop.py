@@ -90,6 +90,7 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
         own_loss = window.loss
         metrics = window.close()
         loss, metrics[M.DATA_WAIT_SHARE] = mean_across_ranks([own_loss, metrics[M.DATA_WAIT_SHARE]])
+        metrics[M.PEAK_MEMORY_GB] = max_across_ranks(peak_memory_gb(device))
         if empty:
             loss = state.history[-1][M.LOSS] if state.history else float("nan")
         gnorm = engine.get_global_grad_norm()
@@ -155,6 +156,23 @@ def mean_across_ranks(values: list[float]) -> list[float]:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.cpu().tolist()
+
+
+def max_across_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak so far: GPU memory allocated on a GPU; on CPU its resident set (ru_maxrss, KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 @torch.no_grad()

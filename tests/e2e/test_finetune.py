@@ -3,6 +3,7 @@ fine-tuning under ZeRO-3 with 2 workers, exports (merged and adapter) that plain
 killed-worker exact resume for a LoRA run."""
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -135,3 +136,63 @@ def test_killed_lora_worker_resumes_exactly(model_dir, chats, lora_run, tmp_path
     assert len(state.resumes) == 1 and state.resumes[0]["step"] == 6
     assert [s["samples"] for s in state.trace] == [s["samples"] for s in ref.trace]
     np.testing.assert_allclose([s["loss"] for s in state.trace], [s["loss"] for s in ref.trace], rtol=0, atol=1e-6)
+
+
+def test_base_and_two_adapters_served_side_by_side_in_one_batch(model_dir, lora_run, tmp_path):
+    """`llmray serve BASE --adapter a=... --adapter b=...`: three model ids, concurrent requests batched together
+    (peft mixed-adapter batches), each answering as plain peft / transformers would."""
+    import asyncio
+
+    import httpx
+    import openai
+    from helpers import free_port
+    from peft import PeftModel
+    from ray import serve
+    from safetensors.torch import load_file, save_file
+
+    from llmray.data.template import render, stop_token_ids
+    from llmray.serve.app import build_app
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    export(lora_run["summary"].checkpoint, str(first), adapter=True)
+    shutil.copytree(first, second)  # a second adapter: the first with its LoRA B matrices negated
+    weights = load_file(second / "adapter_model.safetensors")
+    save_file({k: -v if "lora_B" in k else v for k, v in weights.items()}, second / "adapter_model.safetensors")
+
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+
+    def expected(adapter):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = load(model_dir) if adapter is None else PeftModel.from_pretrained(load(model_dir), str(adapter))
+        ids = tok(render(tok, messages, add_generation_prompt=True), return_tensors="pt",
+                  add_special_tokens=False).input_ids
+        out = model.eval().generate(input_ids=ids, max_new_tokens=10, do_sample=False,
+                                    eos_token_id=stop_token_ids(tok), pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    want = {"base": expected(None), "a": expected(first), "b": expected(second)}
+    assert len(set(want.values())) == 3, "the three models must answer differently for the test to mean anything"
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"models": [{"path": str(model_dir), "name": "base",
+                                     "adapters": {"a": str(first), "b": str(second)}}], "batch_wait_ms": 200},
+                        ray_actor_options={"num_cpus": 1}), name="llmray", route_prefix="/")
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+
+        async def ask_all():
+            return await asyncio.gather(*[client.chat.completions.create(
+                model=m, messages=messages, max_tokens=10, temperature=0) for m in ("base", "a", "b", "a")])
+
+        answers = asyncio.run(ask_all())
+        got = [r.choices[0].message.content for r in answers]
+        assert got == [want["base"], want["a"], want["b"], want["a"]]
+        listed = {m["id"]: m.get("parent") for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]}
+        assert listed == {"base": None, "a": "base", "b": "base"}
+        stats = httpx.get(f"http://127.0.0.1:{port}/healthz").json()["models"]["base"]
+        assert stats["largest_batch"] >= 2, "the adapters' requests were not batched together"
+    finally:
+        serve.shutdown()
