@@ -23,7 +23,7 @@ from ray import serve
 
 from llmray import storage
 from llmray.errors import LlmrayError
-from llmray.serve.engine import Engine, Finished, Sampling
+from llmray.serve.engine import Engine, Finished, Sampling, TokenLogprob
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, error
 
 
@@ -76,6 +76,61 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
+
+
+# Helpers the deployment calls are defined above it: Serve pickles the class when it is decorated, with the
+# module-level names that exist then.
+
+async def _nothing(top: int | None) -> AsyncIterator[Finished]:
+    """What a request for no new token (`max_tokens: 0` with `echo`) gets from the engine."""
+    yield Finished("length", 0, [] if top is not None else None)
+
+
+def _refuse_logprob_options(body, kind: str) -> JSONResponse | None:
+    if kind == "chat":
+        if body.top_logprobs is not None and not body.logprobs:
+            return error(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.logprobs and body.stream:
+            return error(400, "logprobs are not available with stream: true here", param="stream")
+        return None
+    if body.max_tokens == 0 and not body.echo:
+        return error(400, "max_tokens: 0 is allowed only with echo: true (the prompt scored, nothing generated)",
+                     param="max_tokens")
+    if body.stream and (body.echo or body.logprobs is not None):
+        return error(400, "logprobs and echo are not available with stream: true here", param="stream")
+    return None
+
+
+def _top(engine: Engine, entry: TokenLogprob) -> dict[str, float]:
+    """The most likely tokens at a place, and the chosen one (as vLLM does: a dict is never empty)."""
+    top = {engine.token_text(i): lp for i, lp in entry.top}
+    top.setdefault(engine.token_text(entry.token), entry.logprob)
+    return top
+
+
+def _completion_logprobs(engine: Engine, prompt: str, scored: list[TokenLogprob],
+                         generated: list[TokenLogprob]) -> dict:
+    """OpenAI's legacy completions `logprobs`: tokens, token_logprobs, top_logprobs and text_offset, over the
+    echoed prompt (its first token has no logprob: null) and the generated tokens."""
+    starts = engine.token_starts(prompt) if scored else []
+    tokens = [engine.token_text(e.token) for e in scored + generated]
+    offsets, at = list(starts), len(prompt)
+    for text in tokens[len(scored):]:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in scored + generated],
+            "top_logprobs": [None if e.logprob is None else _top(engine, e) for e in scored + generated],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(engine: Engine, generated: list[TokenLogprob] | None) -> dict:
+    """Chat completions' `logprobs`: each generated token with its log-probability and its top alternatives."""
+    def item(token: int, logprob: float) -> dict:
+        text = engine.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
+                        for e in generated or []]}
 
 
 app = FastAPI(title="llmray", description="OpenAI-compatible completions and chat over llmray exports")
@@ -186,11 +241,14 @@ class OpenAIServer:
         if isinstance(routed, JSONResponse):
             return routed
         engine, adapter = routed
+        if (refused := _refuse_logprob_options(body, kind)) is not None:
+            return refused
         if kind == "chat":
             prompts = [engine.chat_prompt([(m.role, m.text) for m in body.messages])]
             limit = body.limit
+            top = (body.top_logprobs or 0) if body.logprobs else None
         else:
-            prompts, limit = body.prompts, body.max_tokens
+            prompts, limit, top = body.prompts, body.max_tokens, body.logprobs
         encoded = [engine.encode(p) for p in prompts]
         budgets = []
         for ids in encoded:
@@ -198,13 +256,17 @@ class OpenAIServer:
             if isinstance(budget, JSONResponse):
                 return budget
             budgets.append(budget)
-        streams, prompt_tokens = [], 0
-        for ids, budget in zip(encoded, budgets):
+        echo = kind == "completion" and body.echo
+        scored = [await engine.prompt_logprobs(ids, top or 0, adapter) if echo and top is not None else None
+                  for ids in encoded]  # the prompt's own logprobs, when echoed with logprobs
+        streams, prompt_tokens, sources = [], 0, []
+        for k, (ids, budget) in enumerate(zip(encoded, budgets)):
             prompt_tokens += len(ids) * body.n
             for j in range(body.n):
                 seed = None if body.seed is None else body.seed + j
-                streams.append(engine.stream(ids, Sampling(budget, body.temperature, body.top_p, seed, body.stops,
-                                                                 body.ignore_eos), adapter))
+                sampling = Sampling(budget, body.temperature, body.top_p, seed, body.stops, body.ignore_eos, top)
+                streams.append(engine.stream(ids, sampling, adapter) if budget else _nothing(top))
+                sources.append(k)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         events = self._merge(streams, self.args.stream_interval_ms / 1000 if body.stream else 0.0)
         if body.stream:
@@ -221,10 +283,15 @@ class OpenAIServer:
         completion_tokens = sum(f.completion_tokens for f in finished)
         if kind == "chat":
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f.reason,
-                        "logprobs": None} for i, (t, f) in enumerate(zip(texts, finished))]
-        else:
-            choices = [{"index": i, "text": t, "finish_reason": f.reason, "logprobs": None}
+                        "logprobs": _chat_logprobs(engine, f.logprobs) if top is not None else None}
                        for i, (t, f) in enumerate(zip(texts, finished))]
+        else:
+            choices = []
+            for i, (t, f, k) in enumerate(zip(texts, finished, sources)):
+                text = prompts[k] + t if echo else t
+                logprobs = None if top is None else _completion_logprobs(
+                    engine, prompts[k] if echo else "", scored[k] or [], f.logprobs or [])
+                choices.append({"index": i, "text": text, "finish_reason": f.reason, "logprobs": logprobs})
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -35,12 +35,24 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # each generated token's log-probability, and this many of the most likely
+
+
+@dataclass
+class TokenLogprob:
+    """One token of a text and its log-probability under the model (None for a prompt's first token), with the
+    `top` most likely tokens at its place (id, log-probability), most likely first."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]]
 
 
 @dataclass
 class Finished:
     reason: str  # "stop" or "length"
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # each generated token's, when the request asked for them
 
 
 @dataclass
@@ -56,6 +68,7 @@ class _Row:
     decoder: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
     generator: torch.Generator | None = None
     adapter: str = BASE  # the LoRA adapter this row generates with
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def emit(self, event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -67,6 +80,13 @@ class _Batch:
     cache: DynamicCache
     mask: torch.Tensor  # [rows, cache length]: 1 for real tokens, 0 for left padding
     tokens: torch.Tensor | None  # each row's last sampled token, not yet fed to the model
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry in one place's log-probabilities, with the `top` most likely tokens there."""
+    best = torch.topk(logprobs, top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -104,6 +124,7 @@ class Engine:
         self.last_admitted = 1
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # the compute thread's forwards and prompt scoring take turns
         self._outbox: list[tuple[_Row, object]] = []
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "forward_passes": 0, "active": 0,
                       "largest_batch": 0}
@@ -111,12 +132,38 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
 
+    def token_starts(self, text: str) -> list[int]:
+        """Where each token of `encode(text)` starts in `text` (characters)."""
+        return [a for a, _ in self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]]
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
     def chat_prompt(self, messages: list[tuple[str, str]]) -> str:
         """The prompt as fine-tuning rendered conversations: the model's chat template (ChatML when it has none),
         ending in an open assistant turn."""
         return render(self.tokenizer, [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
 
     # ---- the asyncio side ---------------------------------------------------------------------------------
+
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int, adapter: str | None = None
+                              ) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (the first has none), and the `top`
+        most likely tokens at each place: one forward of the prompt alone (no padding, so the values are those
+        of plain transformers), taking turns with the batch."""
+        return await asyncio.to_thread(self._score, prompt_ids, top, adapter or BASE)
+
+    @torch.no_grad()
+    def _score(self, prompt_ids: list[int], top: int, adapter: str) -> list[TokenLogprob]:
+        ids = torch.tensor([prompt_ids], device=self.device)
+        kwargs = {"adapter_names": [adapter]} if self.adapters else {}
+        with self._model_lock:
+            logits = self.model(input_ids=ids, use_cache=False, **kwargs).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        out = [TokenLogprob(prompt_ids[0], None, [])]
+        for i, token in enumerate(prompt_ids[1:]):
+            out.append(_token_logprob(lp[i], token, top))
+        return out
 
     async def stream(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None
                      ) -> AsyncIterator[str | Finished]:
@@ -206,7 +253,9 @@ class Engine:
     def _step(self, batch: "_Batch", logits: torch.Tensor) -> "_Batch | None":
         """Sample each row's next token, hand it to its client, drop the rows that are done."""
         tokens = self._sample(logits, batch.rows)
-        keep = [i for i, (r, t) in enumerate(zip(batch.rows, tokens)) if not self._advance(r, t)]
+        wanted = any(r.sampling.logprobs is not None for r in batch.rows)
+        lps = torch.log_softmax(logits, -1) if wanted else [None] * len(batch.rows)
+        keep = [i for i, (r, t, lp) in enumerate(zip(batch.rows, tokens, lps)) if not self._advance(r, t, lp)]
         self._deliver()
         if not keep:
             return None
@@ -242,8 +291,9 @@ class Engine:
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, rows: list[_Row]) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **kwargs)
+        with self._model_lock:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, **kwargs)
         self.stats["forward_passes"] += 1
         return out.logits[:, -1, :].float()
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
@@ -264,8 +314,9 @@ class Engine:
             out[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
         return out
 
-    def _advance(self, r: _Row, token: torch.Tensor) -> bool:
-        """Take one token into the row, send what text is final; True when the row is done."""
+    def _advance(self, r: _Row, token: torch.Tensor, logprobs: torch.Tensor | None = None) -> bool:
+        """Take one token into the row, send what text is final; True when the row is done. `logprobs`: the
+        distribution it was drawn from (log_softmax of the logits), kept when the request asked for them."""
         if r.cancelled.is_set():
             self.stats["cancelled"] += 1
             return True
@@ -274,6 +325,8 @@ class Engine:
         if token in self.stops and not r.sampling.ignore_eos:
             return self._finish(r, "stop")
         r.generated.append(token)
+        if r.sampling.logprobs is not None:
+            r.logprobs.append(_token_logprob(logprobs, token, r.sampling.logprobs))
         piece = r.decoder.step(self.backend, token)  # incremental: None while a UTF-8 sequence is incomplete
         if piece:
             r.decoded += piece
@@ -305,5 +358,6 @@ class Engine:
         ends in U+FFFD as a full decode would); a matched stop string has already sent the text before it."""
         if flush:
             self._send(r, self.tokenizer.decode(r.generated, skip_special_tokens=True))
-        self._outbox.append((r, Finished(reason, len(r.generated))))
+        logprobs = r.logprobs if r.sampling.logprobs is not None else None
+        self._outbox.append((r, Finished(reason, len(r.generated), logprobs)))
         return True

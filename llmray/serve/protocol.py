@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOPS = 4
+MAX_LOGPROBS = 20  # most-likely tokens a request may ask for at each place (vLLM's default cap)
 
 
 class _Sampling(BaseModel):
@@ -40,7 +41,9 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt scored, nothing generated
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # per token: its log-probability and the top k
+    echo: bool = False  # the prompt comes back before the completion (with its tokens' logprobs, if asked)
 
     @field_validator("prompt")
     @classmethod
@@ -75,6 +78,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # needs logprobs: true
 
     @property
     def limit(self) -> int | None:

@@ -196,3 +196,135 @@ def test_model_folder_from_object_storage(model_dir, server, s3, reference):
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference("def main(", 8)
     finally:
         serve.delete("from-s3")
+
+
+def token_logprobs(model_dir, ids: list[int]):
+    """Plain transformers: each token's log-probability given those before it, and every place's distribution."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return [lp[i - 1, t].item() for i, t in enumerate(ids) if i], lp
+
+
+def test_echoed_prompt_logprobs_match_transformers(server, reference, model_dir):
+    prompt = "import os\ndef main(argv):\n    return"
+    r = httpx.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                   json={"model": "tiny", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 3}).json()
+    choice = r["choices"][0]
+    assert choice["text"] == prompt and r["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    ids = reference.tokenizer(prompt).input_ids
+    expected, dist = token_logprobs(model_dir, ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], expected)) < 1e-4
+    assert "".join(lp["tokens"]) == prompt
+    assert lp["text_offset"] == [a for a, _ in reference.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]]
+    best = dist[0].topk(3)
+    third = {reference.tokenizer.decode([i]): v for i, v in zip(best.indices.tolist(), best.values.tolist())}
+    assert all(abs(lp["top_logprobs"][1][t] - v) < 1e-4 for t, v in third.items())
+
+
+def greedy_ids(model_dir, ids: list[int], n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmray.data.template import stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=stop_token_ids(tok),
+                         pad_token_id=tok.eos_token_id)
+    return [t for t in out[0, len(ids):].tolist() if t not in stop_token_ids(tok)]
+
+
+def test_generated_and_chat_logprobs_match_transformers(server, client, reference, model_dir):
+    prompt = "def main("
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    lp = r.choices[0].logprobs
+    prompt_ids = reference.tokenizer(prompt).input_ids
+    generated = greedy_ids(model_dir, prompt_ids, 6)
+    assert lp.tokens[len(prompt_ids):] == [reference.tokenizer.decode([t]) for t in generated]
+    expected, _ = token_logprobs(model_dir, prompt_ids + generated)
+    assert len(lp.tokens) == len(prompt_ids) + 6
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], expected)) < 1e-4
+    greedy = lp.token_logprobs[len(prompt_ids):]
+    assert all(abs(g - max(top.values())) < 1e-6 for g, top in zip(greedy, lp.top_logprobs[len(prompt_ids):]))
+    assert lp.text_offset[len(prompt_ids)] == len(prompt)
+
+    messages = [{"role": "user", "content": "import os"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    from llmray.data.template import render
+
+    chat_prompt = reference.tokenizer(render(reference.tokenizer, messages, add_generation_prompt=True)).input_ids
+    answer = greedy_ids(model_dir, chat_prompt, 5)
+    assert [c.token for c in content] == [reference.tokenizer.decode([t]) for t in answer]
+    expected, _ = token_logprobs(model_dir, chat_prompt + answer)
+    assert max(abs(c.logprob - e) for c, e in zip(content, expected[len(chat_prompt) - 1:])) < 1e-4
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "echo": True, "stream": True}, "stream"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+])
+def test_logprob_requests_beyond_what_the_server_allows_name_the_field(server, body, param):
+    route = "chat/completions" if "messages" in body else "completions"
+    r = httpx.post(f"{server}/v1/{route}", headers={"Authorization": f"Bearer {KEY}"}, json={"model": "tiny", **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_lm_evaluation_harness_scores_the_served_model(server, model_dir, reference, tmp_path, monkeypatch):
+    """lm-eval itself (local-completions, untokenized requests) against the live server, on two tiny local tasks: a
+    multiple-choice (log-likelihood) one and a generation one. Its per-choice log-likelihoods equal transformers'."""
+    import lm_eval
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    mc = [{"question": "import os\nimport", "choices": [" sys", " json", " re"], "answer": 0},
+          {"question": "def main(", "choices": ["):", "self):", "x, y):"], "answer": 1},
+          {"question": "for i in", "choices": [" range(10):", " items:", " x:"], "answer": 0}]
+    gen = [{"prompt": "def main(", "target": "):"}, {"prompt": "import", "target": " os"}]
+    for name, rows in (("mc", mc), ("gen", gen)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "test_split": "test"}
+    tasks = {
+        "llmray_tiny_mc": {**common, "dataset_kwargs": {"data_files": {"test": str(tmp_path / "mc.jsonl")}},
+                           "output_type": "multiple_choice", "doc_to_text": "{{question}}",
+                           "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+                           "metric_list": [{"metric": "acc"}]},
+        "llmray_tiny_gen": {**common, "dataset_kwargs": {"data_files": {"test": str(tmp_path / "gen.jsonl")}},
+                            "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{target}}",
+                            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4},
+                            "metric_list": [{"metric": "exact_match"}]},
+    }
+    for name, task in tasks.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **task}))
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=list(tasks), task_manager=TaskManager(include_path=str(tmp_path)),
+        model_args={"model": "tiny", "base_url": f"{server}/v1/completions", "tokenizer": str(model_dir),
+                    "tokenizer_backend": "huggingface", "tokenized_requests": False, "max_retries": 1},
+        log_samples=True, batch_size=1)
+    assert 0.0 <= out["results"]["llmray_tiny_mc"]["acc,none"] <= 1.0
+    assert "exact_match,none" in out["results"]["llmray_tiny_gen"]
+    checked = 0
+    for sample in out["samples"]["llmray_tiny_mc"]:
+        for (context, continuation), (got, _greedy) in zip(
+                [a for a in sample["arguments"]], [r[0] for r in sample["resps"]]):
+            ctx = reference.tokenizer(context, add_special_tokens=False).input_ids
+            whole = reference.tokenizer(context + continuation, add_special_tokens=False).input_ids
+            expected, _ = token_logprobs(model_dir, whole)
+            assert abs(got - sum(expected[len(ctx) - 1:])) < 1e-4, (context, continuation)
+            checked += 1
+    assert checked == 9
+    answers = [s["resps"][0][0] for s in out["samples"]["llmray_tiny_gen"]]
+    assert answers == [reference(g["prompt"], 4).split("\n")[0] for g in gen]
