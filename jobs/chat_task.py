@@ -1,18 +1,15 @@
 """A fine-tuning task whose answers a script can check: which category a word is in (animal, colour, number,
-fruit), asked in eight phrasings. `make` writes the training conversations and a held-out set (word and phrasing
-pairs never trained on; every word is seen in other phrasings); `score` prints a model's exact-match accuracy on
-the held-out set.
+fruit), asked in eight phrasings. It writes the training conversations; the held-out word-and-phrasing pairs (never
+trained on; every word is seen in other phrasings) are the eval task tasks/word_category.yaml.
 
-    python jobs/chat_task.py make demo/chat demo/heldout.jsonl
-    python jobs/chat_task.py score demo/sft demo/heldout.jsonl
+    python jobs/chat_task.py demo/chat
+    llmray eval demo/sft --task tasks/word_category.yaml
 """
 
 import json
 import random
 import sys
 from pathlib import Path
-
-import _entry  # noqa: F401 - the llmray of this checkout first on sys.path, as for every jobs/ script
 
 WORDS = {
     "animal": ["cat", "dog", "horse", "lion", "tiger", "rabbit", "eagle", "shark", "wolf", "bear"],
@@ -45,23 +42,18 @@ def conversations(seed: int = 0) -> tuple[list, list]:
     return train, held
 
 
-def make(out_dir: str, held_out: str) -> None:
+def make(out_dir: str) -> None:
     train, held = conversations()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     Path(out_dir, "train.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in train))
-    Path(held_out).write_text("".join(json.dumps({"messages": c}) + "\n" for c in held))
-    print(f"{len(train)} training conversations in {out_dir}/train.jsonl, {len(held)} held out in {held_out}")
+    print(f"{len(train)} training conversations in {out_dir}/train.jsonl; {len(held)} held out "
+          "(tasks/data/word_category.jsonl)")
 
 
-def score(model_dir: str, held_out: str) -> None:
-    from llmray.eval import chat_exact_match
-
-    convs = [json.loads(line)["messages"] for line in Path(held_out).read_text().splitlines() if line.strip()]
-    result = chat_exact_match(model_dir, convs)
-    for a in result["answers"][:5]:
-        print(f"  {a['prompt']!r} -> {a['answer']!r} (expected {a['reference']!r})")
-    print(f"exact match on {result['n']} held-out prompts: {result['exact_match']:.1%} ({model_dir})")
+def held_out_task_lines() -> list[dict]:
+    """The lines of tasks/data/word_category.jsonl."""
+    return [{"question": c[0]["content"], "category": c[1]["content"]} for c in conversations()[1]]
 
 
 if __name__ == "__main__":
-    {"make": make, "score": score}[sys.argv[1]](*sys.argv[2:])
+    make(sys.argv[1])

@@ -10,14 +10,14 @@ if [ ! -f demo/export/config.json ]; then
   bash jobs/demo.sh run.name=demo-base
   llmray export runs/demo-base --out demo/export --overwrite
 fi
-python jobs/chat_task.py make demo/chat demo/heldout.jsonl
-echo "== before fine-tuning"
-python jobs/chat_task.py score demo/export demo/heldout.jsonl
+python jobs/chat_task.py demo/chat
+echo "== before fine-tuning: held-out prompts (tasks/word_category.yaml)"
+llmray eval demo/export --task tasks/word_category.yaml --out demo/eval_before.json
 RUN="sft-demo-$(date +%Y%m%d-%H%M%S)"
 llmray finetune jobs/sft_tiny.yaml "run.name=$RUN" "$@"
 llmray export "runs/$RUN" --out demo/sft --overwrite
 echo "== after fine-tuning"
-python jobs/chat_task.py score demo/sft demo/heldout.jsonl
+llmray eval demo/sft --task tasks/word_category.yaml --out demo/eval_after.json
 echo "== one question through the OpenAI chat endpoint"
 PORT="${PORT:-8011}"
 llmray serve demo/sft --name sft --port "$PORT" > demo/serve.log 2>&1 &

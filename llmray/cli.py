@@ -152,6 +152,30 @@ def _export(args) -> None:
         print(report_text(info["quant_report"]))
 
 
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    from llmray.evals.run import evaluate
+
+    p.add_argument("target", help="an exported model folder (local or s3://), or an OpenAI-compatible server's URL, "
+                                   "e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--task", action="append", required=True, metavar="FILE",
+                   help="a task YAML (repeatable), e.g. tasks/stdlib_qa.yaml; see docs/evaluation.md")
+    p.add_argument("--workers", type=int, default=default_of(evaluate, "workers"),
+                   help="Ray actors sharing each task's examples, each holding the model (a GPU each, when there are)")
+    p.add_argument("--model", default=None, help="for a URL: the model id (default: the first one /v1/models lists)")
+    p.add_argument("--api-key", default=None, help="for a URL: its key (default: $OPENAI_API_KEY)")
+    p.add_argument("--out", default=default_of(evaluate, "out"), help="where the figures and answers go (JSON)")
+
+
+def _eval(args) -> None:
+    from llmray.evals.run import evaluate, table
+
+    print(f"evaluating {args.target} on {len(args.task)} tasks")
+    results = evaluate(args.target, args.task, args.workers, args.model,
+                       args.api_key or os.environ.get("OPENAI_API_KEY"), args.out)
+    print(table(results))
+    print(f"figures and every answer in {args.out}")
+
+
 def _quantize_options(p: argparse.ArgumentParser) -> None:
     from llmray.config import default
     from llmray.quant import INT4_GROUP_SIZES, SCHEMES
@@ -271,6 +295,10 @@ COMMANDS = [
      "Consolidate a checkpoint's ZeRO shards (any stage, local or s3://) into a folder that "
      "transformers.AutoModelForCausalLM.from_pretrained loads: config.json, model.safetensors, tokenizer, "
      "generation_config.json; locally or in object storage.", _export_options, _export),
+    (("eval",), "score a model folder or an OpenAI-compatible server on task files",
+     "Perplexity, BLEU/chrF, accuracy/macro-F1, exact match and token F1 on small task YAMLs (a JSONL file and its "
+     "fields; examples in tasks/), the examples shared by Ray actors; prints a table and writes the figures and every "
+     "answer as JSON.", _eval_options, _eval),
     (("quantize",), "post-training quantization (torchao) of an exported model folder",
      "Quantize a Hugging Face folder with torchao into a folder that from_pretrained and `llmray serve` load, and "
      "report held-out perplexity, weights on disk and generation tokens/s before and after (also saved as "

@@ -92,37 +92,3 @@ def weights_bytes(folder: str | Path) -> int:
     """Bytes of the weight files (safetensors, or PyTorch .bin) in a model folder."""
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
 
-
-def answer_matches(answer: str, reference: str) -> bool:
-    """Exact match after the usual normalisation (SQuAD's, in short): case, surrounding space and punctuation."""
-    def norm(text: str) -> str:
-        return " ".join(text.lower().strip().strip(".!?,;:'\"").split())
-
-    return norm(answer) == norm(reference)
-
-
-@torch.inference_mode()
-def chat_exact_match(folder: str, conversations: list[list[dict]], max_new_tokens: int = 16,
-                     device: str | None = None) -> dict:
-    """Each conversation's last (assistant) message is the reference; the model answers the turns before it,
-    rendered with its chat template, greedily up to its end of turn. Returns accuracy, and every answer."""
-    from transformers import AutoTokenizer
-
-    from llmray.data.template import render, stop_token_ids
-    from llmray.model import inference_device, load_for_inference
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = load_for_inference(folder, inference_device(device))
-    stops, answers = stop_token_ids(tokenizer), []
-    for messages in conversations:
-        if messages[-1]["role"] != "assistant":
-            raise EvalError("every conversation to score must end with the assistant's reference answer")
-        prompt = render(tokenizer, messages[:-1], add_generation_prompt=True)
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=model_device(model))
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id or stops[0])
-        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        answers.append({"prompt": messages[-2]["content"], "reference": messages[-1]["content"], "answer": answer,
-                        "correct": answer_matches(answer, messages[-1]["content"])})
-    correct = sum(a["correct"] for a in answers)
-    return {"exact_match": correct / max(len(answers), 1), "correct": correct, "n": len(answers), "answers": answers}

@@ -1,0 +1,168 @@
+"""What an eval asks of a model, from a model folder (transformers, batched) or an OpenAI-compatible URL: greedy
+answers to prompts, the log-likelihood of a continuation after a context, and the negative log-likelihood of a
+text. Chat prompts are a user message rendered with the model's chat template."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from llmray import storage
+from llmray.errors import LlmrayError
+
+BATCH = 8
+
+
+class BackendError(LlmrayError):
+    pass
+
+
+class LocalModel:
+    """An exported folder (local or s3://) loaded with transformers, on the GPU when there is one."""
+
+    def __init__(self, folder: str, device: str | None = None):
+        from transformers import AutoTokenizer
+
+        from llmray.model import inference_device, load_for_inference
+
+        if storage.is_uri(folder):
+            folder = storage.download(folder, tempfile.mkdtemp(prefix="llmray-eval-"))
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.device = inference_device(device)
+        self.model = load_for_inference(folder, self.device)
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def _text(self, prompt: str, chat: bool) -> str:
+        from llmray.data.template import render
+
+        return render(self.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat \
+            else prompt
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], chat: bool, max_new_tokens: int) -> list[str]:
+        from llmray.data.template import stop_token_ids
+
+        stops, out = stop_token_ids(self.tokenizer), []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
+        for start in range(0, len(prompts), BATCH):
+            encoded = [self.tokenizer(self._text(p, chat)).input_ids for p in prompts[start:start + BATCH]]
+            width = max(len(e) for e in encoded)
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=self.device)
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
+            generated = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                            do_sample=False, eos_token_id=stops, pad_token_id=pad)
+            out += [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in generated]
+        return out
+
+    @torch.inference_mode()
+    def loglikelihoods(self, pairs: list[tuple[str, str]], chat: bool) -> list[float]:
+        """log P(continuation | context), summed over the continuation's tokens (lm-eval's split: the context's
+        tokens, then what tokenizing the whole adds)."""
+        out = []
+        for context, continuation in pairs:
+            context = self._text(context, chat)
+            ctx = self.tokenizer(context).input_ids
+            whole = self.tokenizer(context + continuation).input_ids
+            cut = max(0, len(whole) - self.context)  # a context too long loses its beginning
+            ids, first = whole[cut:], max(1, len(ctx) - cut)
+            lp = torch.log_softmax(self.model(torch.tensor([ids], device=self.device)).logits[0].float(), -1)
+            out.append(sum(lp[i - 1, ids[i]].item() for i in range(first, len(ids))))
+        return out
+
+    @torch.inference_mode()
+    def nll(self, texts: list[str]) -> list[tuple[float, int]]:
+        """(summed negative log-likelihood, tokens predicted) of each text, in windows of the model's context."""
+        out = []
+        for text in texts:
+            ids = self.tokenizer(text).input_ids
+            total, count = 0.0, 0
+            for start in range(0, max(len(ids) - 1, 1), self.context):
+                window = ids[start:start + self.context + 1]
+                if len(window) < 2:
+                    break
+                x = torch.tensor([window], device=self.device)
+                logits = self.model(x[:, :-1]).logits[0].float()
+                total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+                count += len(window) - 1
+            out.append((total, count))
+        return out
+
+
+class Endpoint:
+    """An OpenAI-compatible server: /v1/completions (log-likelihoods through echo + logprobs, as lm-eval asks)
+    and /v1/chat/completions for chat prompts."""
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None):
+        import httpx
+
+        self.base = url.rstrip("/").removesuffix("/completions").removesuffix("/chat")
+        self.base = self.base if self.base.endswith("/v1") else self.base + "/v1"
+        self.http = httpx.Client(timeout=300, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        if model is None:
+            listed = self._call("GET", "/models")["data"]
+            if not listed:
+                raise BackendError(f"{self.base}/models lists no model")
+            model = listed[0]["id"]
+        self.model = model
+
+    def _call(self, method: str, route: str, body: dict | None = None) -> dict:
+        import httpx
+
+        try:
+            r = self.http.request(method, self.base + route, json=body)
+        except httpx.HTTPError as e:
+            raise BackendError(f"{self.base}{route}: {e}") from None
+        if r.status_code != 200:
+            raise BackendError(f"{self.base}{route} answered {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def generate(self, prompts: list[str], chat: bool, max_new_tokens: int) -> list[str]:
+        out = []
+        for prompt in prompts:
+            if chat:
+                r = self._call("POST", "/chat/completions", {
+                    "model": self.model, "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": max_new_tokens, "temperature": 0})
+                out.append(r["choices"][0]["message"]["content"] or "")
+            else:
+                r = self._call("POST", "/completions", {"model": self.model, "prompt": prompt,
+                                                         "max_tokens": max_new_tokens, "temperature": 0})
+                out.append(r["choices"][0]["text"])
+        return out
+
+    def _scored(self, text: str) -> dict:
+        r = self._call("POST", "/completions", {"model": self.model, "prompt": text, "max_tokens": 1, "echo": True,
+                                                "logprobs": 0, "temperature": 0})
+        logprobs = r["choices"][0].get("logprobs")
+        if not logprobs or logprobs.get("token_logprobs") is None:
+            raise BackendError(f"{self.base}/completions returned no logprobs: log-likelihood tasks (choice, "
+                               "perplexity) need an endpoint that returns them with echo (OpenAI's legacy API, vLLM, "
+                               "llmray serve)")
+        return logprobs
+
+    def loglikelihoods(self, pairs: list[tuple[str, str]], chat: bool) -> list[float]:
+        if chat:
+            raise BackendError("a choice task with chat: true needs a model folder: an endpoint does not say how "
+                               "it renders a chat into the text it scores")
+        out = []
+        for context, continuation in pairs:
+            lp = self._scored(context + continuation)
+            end = len(context + continuation)  # the one generated token lies beyond
+            out.append(sum(v for v, at in zip(lp["token_logprobs"], lp["text_offset"])
+                           if v is not None and len(context) <= at < end))
+        return out
+
+    def nll(self, texts: list[str]) -> list[tuple[float, int]]:
+        out = []
+        for text in texts:
+            lp = self._scored(text)
+            values = [v for v, at in zip(lp["token_logprobs"], lp["text_offset"]) if v is not None and at < len(text)]
+            out.append((-sum(values), len(values)))
+        return out
+
+
+def backend_for(target: str, model: str | None = None, api_key: str | None = None):
+    if target.startswith(("http://", "https://")):
+        return Endpoint(target, model, api_key)
+    return LocalModel(target)
