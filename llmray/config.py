@@ -241,6 +241,14 @@ class FinetuneConfig(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
+class EvalConfig(Strict):
+    """`llmray eval` task files run on the training ranks every `every` steps and at the end of the run; their
+    figures are reported as eval/<task>/<metric> (progress line, summary, W&B, Tune)."""
+
+    tasks: list[str] = Field(default_factory=list)
+    every: int = Field(0, ge=0)  # 0: at the end only
+
+
 class WandbConfig(Strict):
     """W&B logging of a training run by rank 0 (a sweep's trials are logged by Ray Tune instead)."""
 
@@ -259,6 +267,7 @@ class Recipe(Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
     finetune: FinetuneConfig | None = None  # absent: pretraining (or continued pretraining) of every weight
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")

@@ -25,6 +25,15 @@ QUANT_TOKENS_PER_S = "quant_tokens_per_s"
 
 
 
+EVAL_S = "eval_s"  # seconds the training ranks spent on a recipe's eval tasks at this report
+EVAL_PREFIX = "eval/"
+
+
+def eval_metric(task: str, metric: str) -> str:
+    """A recipe eval task's figure, e.g. eval/word_category/accuracy."""
+    return f"{EVAL_PREFIX}{task}/{metric}"
+
+
 def per_source(metric: str, source: str) -> str:
     """A metric of one source of a blend, e.g. val_loss/code."""
     return f"{metric}/{source}"

@@ -19,19 +19,25 @@ class BackendError(LlmrayError):
 
 
 class LocalModel:
-    """An exported folder (local or s3://) loaded with transformers, on the GPU when there is one."""
+    """A transformers model in this process: an exported folder's (`from_folder`), or a training engine's module.
+    `synced`: several ranks generate together (ZeRO-3's forwards are collectives), as transformers' synced_gpus."""
 
-    def __init__(self, folder: str, device: str | None = None):
+    def __init__(self, model, tokenizer, device: torch.device, synced: bool = False):
+        self.model, self.tokenizer, self.device, self.synced = model, tokenizer, device, synced
+        config = getattr(model, "config", None)
+        self.context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+
+    @classmethod
+    def from_folder(cls, folder: str, device: str | None = None) -> "LocalModel":
+        """An exported folder (local or s3://), on the GPU when there is one."""
         from transformers import AutoTokenizer
 
         from llmray.model import inference_device, load_for_inference
 
         if storage.is_uri(folder):
             folder = storage.download(folder, tempfile.mkdtemp(prefix="llmray-eval-"))
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.device = inference_device(device)
-        self.model = load_for_inference(folder, self.device)
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        dev = inference_device(device)
+        return cls(load_for_inference(folder, dev), AutoTokenizer.from_pretrained(folder), dev)
 
     def _text(self, prompt: str, chat: bool) -> str:
         from llmray.data.template import render
@@ -39,7 +45,7 @@ class LocalModel:
         return render(self.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat \
             else prompt
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: ZeRO-3 keeps tensors it gathers here for the training step
     def generate(self, prompts: list[str], chat: bool, max_new_tokens: int) -> list[str]:
         from llmray.data.template import stop_token_ids
 
@@ -51,11 +57,12 @@ class LocalModel:
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=self.device)
             mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
             generated = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                            do_sample=False, eos_token_id=stops, pad_token_id=pad)
+                                            do_sample=False, eos_token_id=stops, pad_token_id=pad,
+                                            synced_gpus=self.synced)
             out += [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in generated]
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: ZeRO-3 keeps tensors it gathers here for the training step
     def loglikelihoods(self, pairs: list[tuple[str, str]], chat: bool) -> list[float]:
         """log P(continuation | context), summed over the continuation's tokens (lm-eval's split: the context's
         tokens, then what tokenizing the whole adds)."""
@@ -70,7 +77,7 @@ class LocalModel:
             out.append(sum(lp[i - 1, ids[i]].item() for i in range(first, len(ids))))
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: ZeRO-3 keeps tensors it gathers here for the training step
     def nll(self, texts: list[str]) -> list[tuple[float, int]]:
         """(summed negative log-likelihood, tokens predicted) of each text, in windows of the model's context."""
         out = []
@@ -165,4 +172,4 @@ class Endpoint:
 def backend_for(target: str, model: str | None = None, api_key: str | None = None):
     if target.startswith(("http://", "https://")):
         return Endpoint(target, model, api_key)
-    return LocalModel(target)
+    return LocalModel.from_folder(target)

@@ -10,8 +10,8 @@ import ray
 
 from llmray import storage
 from llmray.errors import LlmrayError
-from llmray.evals import metrics
-from llmray.evals.tasks import Example, Task, TaskError, TaskSpec, load_task
+from llmray.evals.score import answer, score
+from llmray.evals.tasks import Example, TaskError, TaskSpec, load_task
 
 
 @ray.remote
@@ -24,38 +24,7 @@ class EvalWorker:
         self.backend = backend_for(target, model, api_key)
 
     def run(self, spec: TaskSpec, examples: list[Example]) -> list[dict]:
-        prompts = [e.prompt for e in examples]
-        if spec.type == "perplexity":
-            return [{"nll": n, "tokens": t} for n, t in self.backend.nll(prompts)]
-        if spec.type == "generate":
-            return [{"answer": a} for a in self.backend.generate(prompts, spec.chat, spec.max_new_tokens)]
-        pairs = [(p, c) for p in prompts for c in choice_texts(spec)]
-        scores = self.backend.loglikelihoods(pairs, spec.chat)
-        k = len(spec.choices)
-        out = []
-        for i in range(len(examples)):
-            mine = scores[i * k:(i + 1) * k]
-            out.append({"scores": mine, "answer": spec.choices[max(range(k), key=mine.__getitem__)]})
-        return out
-
-
-def choice_texts(spec: TaskSpec) -> list[str]:
-    """What is scored after the prompt for each label: the label, after a space unless the prompt (or a chat's
-    open assistant turn) already ends in whitespace."""
-    return [c if spec.chat or (spec.prompt or "").endswith((" ", "\n")) else " " + c for c in spec.choices]
-
-
-def score(task: Task, outputs: list[dict]) -> dict:
-    spec, refs = task.spec, [e.target for e in task.examples]
-    figures: dict = {"examples": len(task.examples)}
-    if spec.type == "perplexity":
-        nll, tokens = sum(o["nll"] for o in outputs), sum(o["tokens"] for o in outputs)
-        figures.update({"perplexity": metrics.perplexity(nll, tokens), "loss": nll / max(tokens, 1), "tokens": tokens})
-        return figures
-    answers = [o["answer"] for o in outputs]
-    for name in spec.metric_names:
-        figures[name] = metrics.ON_TEXT[name](answers, refs)
-    return figures
+        return answer(self.backend, spec, examples)
 
 
 def evaluate(target: str, task_files: list[str], workers: int = 1, model: str | None = None,

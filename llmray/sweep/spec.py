@@ -201,8 +201,9 @@ class SweepSpec(Strict):
                     raise ValueError(f"parameters.{key}: grid search needs `values`, not distribution {p.distribution}")
         elif self.run_cap is None:
             raise ValueError(f"run_cap: method {self.method} draws trials until run_cap; set it")
-        if self.metric.name not in METRICS:
-            raise ValueError(f"metric.name: {self.metric.name!r} is not reported by trials ({', '.join(METRICS)})")
+        if self.metric.name not in METRICS and not self.metric.name.startswith(M.EVAL_PREFIX):
+            raise ValueError(f"metric.name: {self.metric.name!r} is not reported by trials ({', '.join(METRICS)}, "
+                             "or eval/<task>/<metric> of the recipe's eval tasks)")
         if self.early_terminate is not None and self.metric.name in M.AT_THE_END:
             raise ValueError(f"early_terminate: hyperband compares trials while they train, but {self.metric.name} "
                              f"is known only when a trial ends; use one of {', '.join(M.WHILE_TRAINING)}")
@@ -276,12 +277,28 @@ class SweepSpec(Strict):
                 raise SweepError(f"metric.name={self.metric.name} needs quantized trials, but {params} has quant.method none")
             if self.metric.name.startswith("val_") and not (recipe.data.val_shards or recipe.data.val_fraction > 0):
                 raise SweepError(f"metric.name={self.metric.name} needs a validation split: set data.val_fraction")
+            if self.metric.name.startswith(M.EVAL_PREFIX):
+                check_eval_metric(self.metric.name, recipe)
 
     def grid(self) -> list[dict[str, Any]]:
         """Grid search: every combination of values, in file order, capped at run_cap as W&B does."""
         keys = list(self.parameters)
         combos = [dict(zip(keys, v)) for v in itertools.product(*(self.parameters[k].candidates() for k in keys))]
         return combos[: self.run_cap] if self.run_cap else combos
+
+
+def check_eval_metric(name: str, recipe: Recipe) -> None:
+    """eval/<task>/<metric> must name a task of the recipe's `eval.tasks` and one of that task's metrics."""
+    from llmray.evals.tasks import load_task
+
+    tasks = {t.name: t for t in (load_task(p) for p in recipe.eval.tasks)}
+    task, _, metric = name[len(M.EVAL_PREFIX):].partition("/")
+    if task not in tasks:
+        raise SweepError(f"metric.name={name}: the recipe's eval.tasks have no task {task!r} "
+                         f"(they have {', '.join(tasks) or 'none'})")
+    allowed = tasks[task].spec.metric_names + (["loss"] if tasks[task].spec.type == "perplexity" else [])
+    if metric not in allowed:
+        raise SweepError(f"metric.name={name}: task {task} reports {', '.join(allowed)}")
 
 
 def _check_key(key: str) -> None:

@@ -21,6 +21,7 @@ from llmray.data.tokenizer import load_tokenizer
 from llmray.model import peak_flops
 from llmray.train import checkpoint
 from llmray.train.batch import model_inputs
+from llmray.train.downstream import evaluate_tasks
 from llmray.train.engine import build_engine, device_for
 from llmray.train.metrics import Window, progress_line
 from llmray.train.resume import Restore
@@ -47,10 +48,11 @@ Validation = list[tuple[str, float, dict]]  # per source: name, blend weight, fi
 
 
 def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: Sink, resume_dir: str | None = None,
-          verbose: bool = True) -> dict:
+          verbose: bool = True, tasks: list | None = None) -> dict:
     """Train until `train.max_steps` (or the stream ends); returns the last metrics reported.
 
     `resume_dir`: a local copy of the checkpoint to continue from; the stream is moved to its position here.
+    `tasks`: the recipe's eval tasks (loaded by the driver), run every `eval.every` steps and at the end.
     """
     t = recipe.train
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -98,6 +100,8 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
                         M.GRAD_NORM: float(gnorm) if gnorm is not None else None})
         if (final or (t.eval_every and state.step % t.eval_every == 0)) and validation:
             metrics.update(evaluate(engine, validation, t.micro_batch_size, device))
+        if tasks and (final or (recipe.eval.every and state.step % recipe.eval.every == 0)):
+            metrics.update(evaluate_tasks(engine, tokenizer, tasks, device, t.zero_stage == 3))
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if talk:
             print(progress_line(metrics, t.max_steps, started, first_step), flush=True)

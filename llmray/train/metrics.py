@@ -59,6 +59,16 @@ def per_source_val(m: dict) -> dict[str, float]:
     return {k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)}
 
 
+def eval_by_task(m: dict) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from a report's eval/<task>/<metric> figures."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in m.items():
+        if key.startswith(M.EVAL_PREFIX):
+            task, _, metric = key[len(M.EVAL_PREFIX):].partition("/")
+            out.setdefault(task, {})[metric] = value
+    return out
+
+
 def progress_line(m: dict, max_steps: int, started: float, first_step: int) -> str:
     done = m[M.STEP] - first_step
     elapsed = time.perf_counter() - started
@@ -79,5 +89,9 @@ def progress_line(m: dict, max_steps: int, started: float, first_step: int) -> s
         per_source = per_source_val(m)
         if per_source:
             parts.append("val " + ", ".join(f"{name} {loss:.3f}" for name, loss in per_source.items()))
+    for task, figures in eval_by_task(m).items():
+        parts.append(f"{task} " + " ".join(f"{name} {value:.3f}" for name, value in figures.items()))
+    if M.EVAL_S in m:
+        parts.append(f"eval {m[M.EVAL_S]:.1f}s")
     parts.append(f"ETA {format_duration(eta)}")
     return "[llmray] " + " | ".join(parts)

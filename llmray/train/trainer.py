@@ -28,9 +28,10 @@ from llmray.data.pack import StreamSpec, first_rows
 from llmray.data.split import split_sources
 from llmray.data.stream import StreamCoordinator
 from llmray.data.tokenizer import load_tokenizer
+from llmray.evals.tasks import load_task
 from llmray.model import build_config
 from llmray.train import checkpoint, resume
-from llmray.train.metrics import per_source_val
+from llmray.train.metrics import eval_by_task, per_source_val
 from llmray.train.plot import plot_loss
 from llmray.train.wandb_log import wandb_env
 from llmray.train.worker import train_loop_per_worker
@@ -52,6 +53,7 @@ class Summary:
     sample: str | None
     val_loss_per_source: dict[str, float] | None = None  # a blend's sources, each on its own held-out samples
     conversations: dict[str, int] | None = None  # a fine-tune's data: conversations used, cut, lines skipped
+    evals: dict[str, float] | None = None  # the recipe's eval tasks at the end: eval/<task>/<metric>
 
     def text(self) -> str:
         lines = [
@@ -68,6 +70,8 @@ class Summary:
             c = self.conversations
             lines.append(f"data       {c['documents']} conversations, {c['longer_than_seq_len']} cut to seq_len, "
                          f"{c['skipped_lines']} lines skipped")
+        for task, figures in eval_by_task(self.evals or {}).items():
+            lines.append(f"eval       {task}: " + ", ".join(f"{m} {v:.4f}" for m, v in figures.items()))
         if self.tokens_per_s:
             lines.append(f"throughput {self.tokens_per_s:,.0f} tokens/s (last window)")
         lines += [f"checkpoint {self.checkpoint}", f"loss plot  {self.plot}"]
@@ -168,6 +172,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
         build_config(recipe.model, 0)
     recipe, conversion = with_conversation_shards(recipe)
     train_spec, val_specs, vocab = check_inputs(recipe)
+    eval_tasks = [load_task(path) for path in recipe.eval.tasks]  # read and checked here, once
     if resume_from and not storage.is_uri(resume_from):
         resume_from = os.path.abspath(resume_from)
     resume_from, start = resume.plan(recipe, vocab, resume_from, fresh)
@@ -198,6 +203,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": validation,
+                           "eval_tasks": eval_tasks,
                            "resume_from": _as_ray_checkpoint(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -254,6 +260,7 @@ def summarize(recipe: Recipe, result, wall: float, conversion: Conversion | None
         n_params=n_params, wall_s=wall, final_loss=metrics.get(M.LOSS), val_loss=metrics.get(M.VAL_LOSS),
         val_ppl=metrics.get(M.VAL_PPL), tokens_per_s=metrics.get(M.TOKENS_PER_S), plot=plot_path,
         sample=metrics.get(M.SAMPLE), val_loss_per_source=per_source_val(metrics) or None,
+        evals={k: v for k, v in metrics.items() if k.startswith(M.EVAL_PREFIX)} or None,
         conversations=None if conversion is None else {
             "documents": conversion.documents, "longer_than_seq_len": conversion.longer,
             "skipped_lines": len(conversion.skipped)},

@@ -70,5 +70,6 @@ def train_loop_per_worker(config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="llmray-resume-") as tmp:
         if resume is not None:
             resume.to_directory(tmp)
-        loop.train(recipe, stream, val, sink, resume_dir=tmp if resume is not None else None)
+        loop.train(recipe, stream, val, sink, resume_dir=tmp if resume is not None else None,
+                   tasks=config.get("eval_tasks"))
     sink.finish()

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import free_port, greedy_reference
 
-from llmray.evals.run import choice_texts, evaluate
+from llmray.evals.run import evaluate
+from llmray.evals.score import choice_texts
 from llmray.evals.tasks import load_task
 
 pytestmark = pytest.mark.ray
@@ -77,3 +78,30 @@ def test_folder_and_served_url_give_the_figures_transformers_gives(model_dir, ra
     assert remote["tasks"]["stdlib_perplexity"]["perplexity"] == pytest.approx(ppl, rel=1e-4)
     for name in ("module_of", "py2to3", "stdlib_qa"):
         assert [a["answer"] for a in remote["answers"][name]] == [a["answer"] for a in local["answers"][name]], name
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_eval_tasks_while_training_report_what_llmray_eval_measures_after(corpus, ray_cluster, tmp_path, stage):
+    """An eval: block runs the tasks on the training ranks (split under ZeRO-2, in step under ZeRO-3); its final
+    figures are those `llmray eval` gives on the exported checkpoint."""
+    from helpers import tiny
+
+    from llmray.export import export
+    from llmray.train.checkpoint import read_state
+    from llmray.train.trainer import fit
+
+    tasks = TASKS[:2] + [str(REPO / "tasks" / "stdlib_qa.yaml")]
+    recipe = tiny(corpus, tmp_path, "train.max_steps=4", "train.log_every=2", f"train.zero_stage={stage}",
+                  "scaling.num_workers=2", f"eval.tasks={tasks}", "eval.every=2")
+    summary = fit(recipe)
+    assert set(summary.evals) >= {"eval/stdlib_perplexity/perplexity", "eval/module_of/accuracy", "eval/module_of/f1",
+                                  "eval/stdlib_qa/exact_match", "eval/stdlib_qa/token_f1"}
+    history = read_state(summary.checkpoint).history
+    assert [h["step"] for h in history if "eval/module_of/accuracy" in h] == [2, 4]
+    assert all(h["eval_s"] > 0 for h in history if "eval_s" in h)
+    export(summary.checkpoint, str(tmp_path / "out"))
+    after = evaluate(str(tmp_path / "out"), tasks, out=None)["tasks"]
+    assert summary.evals["eval/stdlib_perplexity/perplexity"] == pytest.approx(after["stdlib_perplexity"]["perplexity"],
+                                                                               rel=1e-4)
+    for name, metric in (("module_of", "accuracy"), ("module_of", "f1"), ("stdlib_qa", "token_f1")):
+        assert summary.evals[f"eval/{name}/{metric}"] == pytest.approx(after[name][metric]), (name, metric)

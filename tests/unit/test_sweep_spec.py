@@ -77,3 +77,16 @@ def test_shipped_sweep_files_load(path, capsys):
     main(["tune", str(path), "--dry-run"])
     printed = capsys.readouterr().out
     assert all(key in printed for key in spec.parameters)
+
+
+def test_a_downstream_metric_must_name_a_task_and_metric_of_the_recipe(tmp_path):
+    from llmray.sweep.spec import SweepError
+
+    text = (REPO / "tune" / "sft_accuracy.yaml").read_text().replace("llmray:\n", f"llmray:\n  storage_path: {tmp_path}\n", 1)
+    text = text.replace("  storage_path: ./sweeps\n", "")
+    for metric, message in (("eval/nope/accuracy", "have no task 'nope'"),
+                            ("eval/word_category/bleu", "task word_category reports accuracy, f1, exact_match")):
+        path = tmp_path / "s.yaml"
+        path.write_text(text.replace("eval/word_category/accuracy", metric))
+        with pytest.raises(SweepError, match=message):
+            load_sweep(path)

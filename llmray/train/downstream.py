@@ -1,0 +1,38 @@
+"""A recipe's eval tasks, answered on the training ranks by the engine's own model and scored as `llmray eval`
+scores them: no export, no copy of the weights. Its time is reported (eval_s), since the ranks train not while
+they run."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from llmray import metric_names as M
+from llmray.evals.backends import LocalModel
+from llmray.evals.score import answer, score
+from llmray.evals.tasks import Task
+
+
+def evaluate_tasks(engine, tokenizer, tasks: list[Task], device: torch.device, zero3: bool) -> dict:
+    """eval/<task>/<metric> figures, and eval_s. Under ZeRO-1/2 each rank answers every world-th example and the
+    answers are gathered; under ZeRO-3 a forward is a collective, so every rank answers them all, in step."""
+    started = time.perf_counter()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    split = world > 1 and not zero3
+    backend = LocalModel(engine.module, tokenizer, device, synced=zero3 and world > 1)
+    engine.eval()
+    out = {}
+    for task in tasks:
+        outputs = answer(backend, task.spec, task.examples[rank::world] if split else task.examples)
+        if split:
+            parts: list = [None] * world
+            dist.all_gather_object(parts, outputs)
+            outputs = [parts[i % world][i // world] for i in range(len(task.examples))]
+        for metric, value in score(task, outputs).items():
+            if metric not in ("examples", "tokens"):
+                out[M.eval_metric(task.name, metric)] = value
+    engine.train()
+    out[M.EVAL_S] = time.perf_counter() - started
+    return out
