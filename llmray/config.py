@@ -413,6 +413,15 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = Reci
     return raw
 
 
+def load_yaml_model(path: str | Path, what: str, model: type[BaseModel], error: type[Exception]):
+    """A YAML file validated as `model`; any problem raises `error` naming the file (and the key)."""
+    raw = read_yaml_mapping(path, what, error)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise error(f"{what} {path}: {describe_validation_error(e)}") from None
+
+
 def read_recipe_file(path: str | Path) -> dict:
     """The recipe file's mapping, unvalidated (a sweep fills in its swept keys before validating)."""
     return read_yaml_mapping(path, "recipe file")

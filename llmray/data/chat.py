@@ -195,9 +195,8 @@ def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: i
             fs.delete_file(f.path)
     fs.create_dir(out_path, recursive=True)
     report = ShardReport()
-    writer = ShardWriter(fs, out_path, SHARD_BYTES, report)
     longer = 0
-    try:
+    with ShardWriter(fs, out_path, SHARD_BYTES, report) as writer:
         for path, _ in files:
             report.files_read += 1
             for doc_id, messages, problem in read_conversations(path, fmt):
@@ -212,10 +211,6 @@ def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: i
                 longer += len(tokenizer(text, add_special_tokens=False).input_ids) > seq_len
                 writer.add(json.dumps(messages, ensure_ascii=False), doc_id, path)
                 report.documents += 1
-        writer.close_shard()
-    except BaseException:
-        writer.abort()
-        raise
     if report.documents == 0:
         raise ChatDataError(f"data.conversations: no usable conversation in {', '.join(paths)}; "
                             + (f"first problem: {report.problems[0]}" if report.problems else "all files empty"))

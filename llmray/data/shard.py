@@ -148,6 +148,16 @@ class ShardWriter:
         self.report.bytes_written += self.shard_bytes
         self.writer, self.shard_bytes, self.shard_rows = None, 0, 0
 
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        """The last shard finished when all went well; else the shard in progress dropped (finished ones stay)."""
+        if kind is None:
+            self.close_shard()
+        else:
+            self.abort()
+
     def abort(self) -> None:
         """Drop the shard in progress; finished shards stay."""
         if self.writer is not None:
@@ -193,8 +203,7 @@ def shard_corpus(
     out_fs.create_dir(out_path, recursive=True)
 
     report = ShardReport()
-    writer = ShardWriter(out_fs, out_path, target, report)
-    try:
+    with ShardWriter(out_fs, out_path, target, report) as writer:
         for fs, info, source in files:
             report.files_read += 1
             for doc_id, text in _documents(fs, info, source, text_field, report):
@@ -203,10 +212,6 @@ def shard_corpus(
                     continue
                 writer.add(text, doc_id, source)
                 report.documents += 1
-        writer.close_shard()
-    except BaseException:
-        writer.abort()
-        raise
     if report.documents == 0:
         raise ShardError(f"empty corpus: no non-empty documents in {', '.join(inputs)}")
     write_manifest(out_fs, out_path, report)

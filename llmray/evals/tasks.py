@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from llmray.config import Strict, describe_validation_error, read_yaml_mapping
+from llmray.config import Strict, load_yaml_model
 from llmray.errors import LlmrayError
 
 METRICS = {
@@ -96,11 +96,7 @@ class Task:
 
 def load_task(path: str | Path) -> Task:
     path = Path(path)
-    raw = read_yaml_mapping(path, "task file", TaskError)
-    try:
-        spec = TaskSpec.model_validate(raw)
-    except ValidationError as e:
-        raise TaskError(f"task {path}: {describe_validation_error(e)}") from None
+    spec = load_yaml_model(path, "task", TaskSpec, TaskError)
     data = Path(spec.data) if Path(spec.data).is_absolute() else path.parent / spec.data
     if not data.is_file():
         raise TaskError(f"task {path}: data: {data} does not exist")

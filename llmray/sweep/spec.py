@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from llmray import metric_names as M
 from llmray.config import (
@@ -22,9 +22,8 @@ from llmray.config import (
     RecipeError,
     Strict,
     apply_overrides,
-    describe_validation_error,
+    load_yaml_model,
     read_recipe_file,
-    read_yaml_mapping,
     recipe_from_dict,
     set_value,
 )
@@ -324,11 +323,7 @@ def _check_key(key: str) -> None:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
-    raw = read_yaml_mapping(path, "sweep file", SweepError)
-    try:
-        spec = SweepSpec.model_validate(raw)
-    except ValidationError as e:
-        raise SweepError(f"sweep file {path}: {describe_validation_error(e)}") from None
+    spec = load_yaml_model(path, "sweep file", SweepSpec, SweepError)
     recipe = Path(spec.llmray.recipe)
     if not recipe.is_absolute():  # relative to the sweep file's folder first, else to the working directory
         beside = path.parent / recipe
