@@ -32,7 +32,7 @@ def tiny(corpus, tmp_path, *overrides):
 
 
 def kill_worker_when_checkpointed(run_dir, killed):
-    """SIGKILL one Ray Train worker process a few steps after the run's first checkpoint is complete."""
+    """SIGKILL one Ray Train worker process once Ray Train has recorded the run's first checkpoint."""
     import os
     import signal
 
@@ -44,11 +44,18 @@ def kill_worker_when_checkpointed(run_dir, killed):
         return [p for p in psutil.process_iter(["pid", "cmdline"])
                 if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
+    def registered() -> bool:
+        """Ray Train has recorded a checkpoint (one every rank wrote but Ray never recorded is not resumed)."""
+        snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+        try:
+            return bool(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return False
+
     earlier = {p.pid for p in train_workers()}  # an earlier run's workers, still exiting: not this run's
     deadline = time.time() + 300
-    while time.time() < deadline and not list_checkpoints(str(run_dir)):
+    while time.time() < deadline and not (list_checkpoints(str(run_dir)) and registered()):
         time.sleep(0.05)
-    time.sleep(3)  # let Ray Train register it: a checkpoint every rank wrote but Ray never recorded is not resumed
     workers = [p for p in train_workers() if p.pid not in earlier]
     if workers:
         os.kill(workers[-1].pid, signal.SIGKILL)
