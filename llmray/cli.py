@@ -176,6 +176,29 @@ def _eval(args) -> None:
     print(f"figures and every answer in {args.out}")
 
 
+def _prune_options(p: argparse.ArgumentParser) -> None:
+    from llmray.prune import METHODS, prune_folder
+
+    p.add_argument("model", help="an exported Hugging Face folder (llmray export), with its held-out set recorded")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--out", required=True, help="output folder (written whole, or not at all)")
+    p.add_argument("--drop-layers", type=int, default=None, help="depth: how many decoder layers to remove")
+    p.add_argument("--sparsity", type=float, default=None, help="magnitude/wanda: the share of weights zeroed, 0-1")
+    p.add_argument("--pattern", default=None, help="magnitude/wanda: N:M semi-structured instead, e.g. 2:4")
+    p.add_argument("--eval-samples", type=int, default=default_of(prune_folder, "eval_samples"),
+                   help="held-out samples to calibrate and measure on")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _prune(args) -> None:
+    from llmray.prune import prune_folder, report_text
+
+    print(f"pruning {args.model} ({args.method}) into {args.out}")
+    report = prune_folder(args.model, args.out, args.method, args.sparsity, args.pattern, args.drop_layers,
+                          args.eval_samples, args.overwrite)
+    print(report_text(report))
+
+
 def _quantize_options(p: argparse.ArgumentParser) -> None:
     from llmray.config import default
     from llmray.quant import INT4_GROUP_SIZES, SCHEMES
@@ -303,6 +326,12 @@ COMMANDS = [
      "Quantize a Hugging Face folder with torchao into a folder that from_pretrained and `llmray serve` load, and "
      "report held-out perplexity, weights on disk and generation tokens/s before and after (also saved as "
      "quant_report.json).", _quantize_options, _quantize),
+    (("prune",), "structured (depth) or unstructured (magnitude, wanda; N:M) pruning of an exported model folder",
+     "Prune a Hugging Face folder: depth drops the decoder layers that change the hidden state least on the "
+     "held-out text (a smaller model plain transformers loads); magnitude and wanda zero the lowest-scoring weights "
+     "of each decoder Linear row at --sparsity or an N:M --pattern. Reports held-out perplexity, parameters, "
+     "non-zero share, weights on disk and tokens/s before and after (also saved as prune_report.json).",
+     _prune_options, _prune),
     (("tune",), "a hyperparameter sweep (W&B sweep format) of whole training runs on Ray Tune",
      "Run the sweep file's trials with Ray Tune, each a full Ray Train + DeepSpeed run, logged to W&B as one sweep "
      "(offline without an API key). Rerunning a sweep that was interrupted resumes it. Ends with a leaderboard, "

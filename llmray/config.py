@@ -241,6 +241,16 @@ class FinetuneConfig(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
+class DistillConfig(Strict):
+    """Knowledge distillation: the student trains on alpha * T^2 * KL(teacher || student) over temperature-softened
+    next-token distributions plus (1 - alpha) * its LM loss. The teacher is frozen and shares the tokenizer."""
+
+    teacher: str  # an exported Hugging Face causal-LM folder, local or s3://
+    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
+    top_k: int | None = Field(None, gt=0)  # the KL over the teacher's k most likely tokens (bounds its memory)
+
+
 class EvalConfig(Strict):
     """`llmray eval` task files run on the training ranks every `every` steps and at the end of the run; their
     figures are reported as eval/<task>/<metric> (progress line, summary, W&B, Tune)."""
@@ -268,6 +278,7 @@ class Recipe(Strict):
     quant: QuantConfig = Field(default_factory=QuantConfig)
     finetune: FinetuneConfig | None = None  # absent: pretraining (or continued pretraining) of every weight
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distill: DistillConfig | None = None  # absent: the LM loss alone
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")

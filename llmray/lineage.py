@@ -27,9 +27,19 @@ def record_export(held_out: HeldOut | None, **facts) -> dict:
     return {**facts, "held_out": asdict(held_out) if held_out is not None else {}}
 
 
-def carry(src: str | Path, dest: str | Path, quant: dict) -> None:
-    """A quantized copy's lineage: the source's, plus how it was quantized."""
-    write(dest, {**read(src), "quant": quant})
+def carry(src: str | Path, dest: str | Path, step: str, facts: dict) -> None:
+    """A compressed copy's lineage: the source's, plus what this step (quant, prune) did."""
+    write(dest, {**read(src), step: facts})
+
+
+def input_report(src: str | Path) -> dict | None:
+    """The report of the step that made `src` (its *_report.json: a prune or quantize report), named in the next
+    step's report, so a chain of steps states each one's input and figures."""
+    for path in sorted(Path(src).glob("*_report.json")):
+        report = json.loads(path.read_text())
+        return {"file": str(path.resolve()), **{k: report[k] for k in ("method", "scheme", "ppl_ratio", "size_ratio")
+                                                if k in report}}
+    return None
 
 
 def held_out(folder: str | Path) -> HeldOut | None:

@@ -4,6 +4,8 @@ sweep's leaderboard read them."""
 STEP = "step"
 TOKENS = "tokens"
 LOSS = "loss"  # mean training loss over the steps since the last report
+LM_LOSS = "lm_loss"  # with distillation: the next-token loss part of `loss`
+DISTILL_KL = "distill_kl"  # with distillation: the KL(teacher || student) part of `loss` (times T^2)
 LR = "lr"
 GRAD_NORM = "grad_norm"
 VAL_LOSS = "val_loss"

@@ -38,8 +38,8 @@ def quantize_folder(src: str, out: str, quant, held_out: HeldOut | None = None, 
         model = load_for_inference(src, dev, torchao_hf_config(quant))
         model.save_pretrained(partial, safe_serialization=True)
         AutoTokenizer.from_pretrained(src).save_pretrained(partial)
-        lineage.carry(src, partial, {"method": method, "scheme": quant.scheme, "group_size": quant.group_size,
-                                     "skip": quant.skip})
+        lineage.carry(src, partial, "quant", {"method": method, "scheme": quant.scheme, "group_size": quant.group_size,
+                                              "skip": quant.skip})
         del model
         # Measured: the source, and what was written, loaded back as users will load it.
         models = [load_for_inference(src, dev), load_for_inference(str(partial), dev)]
@@ -51,6 +51,7 @@ def quantize_folder(src: str, out: str, quant, held_out: HeldOut | None = None, 
         report = {
             "method": method, "scheme": quant.scheme, "group_size": quant.group_size if "int4" in quant.scheme else None,
             "skip": quant.skip, "source": str(Path(src).resolve()), "out": target, "device": str(dev),
+            "input_report": lineage.input_report(src),
             "held_out": {"what": held_out.describe(), "samples": len(samples), "tokens": before["tokens"]},
             "before": before, "after": after,
             "ppl_delta": after["ppl"] - before["ppl"], "ppl_ratio": after["ppl"] / before["ppl"],

@@ -21,6 +21,7 @@ from llmray.data.tokenizer import load_tokenizer
 from llmray.model import peak_flops
 from llmray.train import checkpoint
 from llmray.train.batch import model_inputs
+from llmray.train.distill import Teacher
 from llmray.train.downstream import evaluate_tasks
 from llmray.train.engine import build_engine, device_for
 from llmray.train.metrics import Window, progress_line
@@ -62,6 +63,9 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     restore = Restore(resume_dir, world, t.zero_stage) if resume_dir is not None else None
     engine, facts = build_engine(recipe, len(tokenizer), device, restore is not None and restore.universal, talk)
+    teacher = None
+    if recipe.distill is not None:
+        teacher = Teacher(recipe.distill, device, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
     state = TrainState(world_size=world, n_params=facts.n_params, vocab_size=len(tokenizer),
                        recipe=recipe.model_dump(mode="json"))
     if restore is not None:
@@ -75,7 +79,7 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     metrics: dict = {}
     engine.train()
     while True:
-        trained = state.step < t.max_steps and train_step(engine, stream, recipe, state, window, device)
+        trained = state.step < t.max_steps and train_step(engine, stream, recipe, state, window, device, teacher)
         if trained:
             if state.step == first_step + 1 and state.resumes:
                 state.resumes[-1]["first_step_at"] = time.time()  # recovery time, for benchmarks/checkpoint.py
@@ -89,9 +93,11 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
         if device.type == "cuda":
             torch.cuda.synchronize()
         empty = window.steps == 0  # nothing trained since the last report (resumed at the end, or stream ended)
-        own_loss = window.loss
+        own_loss, own_parts = window.loss, window.parts()
         metrics = window.close()
-        loss, metrics[M.DATA_WAIT_SHARE] = mean_across_ranks([own_loss, metrics[M.DATA_WAIT_SHARE]])
+        loss, metrics[M.DATA_WAIT_SHARE], *parts = mean_across_ranks(
+            [own_loss, metrics[M.DATA_WAIT_SHARE], *own_parts.values()])
+        metrics.update(zip(own_parts, parts))
         metrics[M.PEAK_MEMORY_GB] = max_across_ranks(peak_memory_gb(device))
         if empty:
             loss = state.history[-1][M.LOSS] if state.history else float("nan")
@@ -117,10 +123,12 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
 
 
 def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState, window: Window,
-               device: torch.device) -> bool:
-    """One optimizer step over `grad_accum_steps` micro-batches; False when the stream ended first."""
+               device: torch.device, teacher: Teacher | None = None) -> bool:
+    """One optimizer step over `grad_accum_steps` micro-batches; False when the stream ended first. With a
+    teacher, the loss mixes its soft targets in and its two parts are reported too."""
     accum = recipe.grad_accum_steps
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
+    parts = {M.LM_LOSS: torch.zeros_like(step_loss), M.DISTILL_KL: torch.zeros_like(step_loss)} if teacher else {}
     samples: list = []
     for _ in range(accum):
         t0 = time.perf_counter()
@@ -128,7 +136,13 @@ def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState
         window.data_wait += time.perf_counter() - t0
         if batch is None:
             return False
-        loss = engine(**model_inputs(batch, device)).loss
+        inputs = model_inputs(batch, device)
+        out = engine(**inputs)
+        loss = out.loss
+        if teacher is not None:
+            parts[M.LM_LOSS] += out.loss.detach().float()
+            loss, kl = teacher.loss(out.logits, inputs, out.loss)
+            parts[M.DISTILL_KL] += kl.detach().float()
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         step_loss += loss.detach().float()
@@ -140,7 +154,7 @@ def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState
     if recipe.train.record_samples:
         (mean_loss,) = mean_across_ranks([step_loss.item() / accum])
         state.trace.append({"step": state.step, "loss": mean_loss, "samples": samples})
-    window.add_step(step_loss / accum)
+    window.add_step(step_loss / accum, {k: v / accum for k, v in parts.items()})
     return True
 
 

@@ -27,10 +27,17 @@ class Window:
     steps: int = 0
     data_wait: float = 0.0
     loss_sum: object = 0.0  # a device tensor once steps are added: summed without a host sync per step
+    part_sums: dict = field(default_factory=dict)  # named parts of the loss (distillation's lm_loss, distill_kl)
 
-    def add_step(self, loss) -> None:
+    def add_step(self, loss, parts: dict | None = None) -> None:
         self.steps += 1
         self.loss_sum = self.loss_sum + loss
+        for name, value in (parts or {}).items():
+            self.part_sums[name] = self.part_sums.get(name, 0.0) + value
+
+    def parts(self) -> dict[str, float]:
+        """Mean of each named part of the loss over the window."""
+        return {k: float(v) / self.steps for k, v in self.part_sums.items()} if self.steps else {}
 
     @property
     def loss(self) -> float:
@@ -49,7 +56,7 @@ class Window:
         }
         if self.peak_flops_per_worker:
             out[M.MFU] = self.flops_per_token * tokens_per_s / (self.peak_flops_per_worker * self.world_size)
-        self.start, self.steps, self.data_wait, self.loss_sum = now, 0, 0.0, 0.0
+        self.start, self.steps, self.data_wait, self.loss_sum, self.part_sums = now, 0, 0.0, 0.0, {}
         return out
 
 
@@ -80,6 +87,8 @@ def progress_line(m: dict, max_steps: int, started: float, first_step: int) -> s
         f"{m[M.TOKENS_PER_S]:,.0f} tok/s",
         f"data wait {100 * m[M.DATA_WAIT_SHARE]:.1f}%",
     ]
+    if M.DISTILL_KL in m:
+        parts.insert(2, f"lm {m[M.LM_LOSS]:.4f} kl {m[M.DISTILL_KL]:.4f}")
     if m.get(M.GRAD_NORM) is not None:
         parts.insert(3, f"gnorm {m[M.GRAD_NORM]:.2f}")
     if M.MFU in m:

@@ -31,6 +31,7 @@ from llmray.data.tokenizer import load_tokenizer
 from llmray.evals.tasks import load_task
 from llmray.model import build_config
 from llmray.train import checkpoint, resume
+from llmray.train.distill import check_teacher
 from llmray.train.metrics import eval_by_task, per_source_val
 from llmray.train.plot import plot_loss
 from llmray.train.wandb_log import wandb_env
@@ -106,6 +107,8 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
                           f"fewer than the {vocab} tokens of data.tokenizer {d.tokenizer}")
     if recipe.finetune is not None and recipe.finetune.method == "lora":
         check_targets(config, recipe.finetune.lora)
+    if recipe.distill is not None:
+        check_teacher(recipe.distill, config.vocab_size)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and d.seq_len > positions:
         raise RecipeError(f"data.seq_len={d.seq_len} is larger than the model's {positions} positions")

@@ -1,0 +1,107 @@
+"""`llmray prune` on a tiny exported model: depth makes a smaller model transformers loads, magnitude and wanda
+zero the share or pattern asked, bad arguments are refused with nothing written, and reports chain."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from llmray import lineage
+from llmray.data.split import HeldOut
+from llmray.prune import PruneError, block_influence, prune_folder
+
+
+@pytest.fixture(scope="module")
+def exported(corpus, model_dir, tmp_path_factory):
+    """The tiny model as `llmray export` leaves it: with its held-out set recorded."""
+    folder = tmp_path_factory.mktemp("prune") / "model"
+    shutil.copytree(model_dir, folder)
+    lineage.write(folder, lineage.record_export(HeldOut(corpus["shards"], 0.2, 64), step=1))
+    return folder
+
+
+def load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+
+
+def test_depth_drops_the_least_influential_layer_into_a_smaller_model(exported, tmp_path):
+    report = prune_folder(str(exported), str(tmp_path / "out"), "depth", drop_layers=1, eval_samples=8)
+    influence = report["block_influence"]
+    assert report["dropped_layers"] == [min(range(len(influence)), key=influence.__getitem__)]
+    small = load(tmp_path / "out")
+    assert small.config.num_hidden_layers == 1
+    assert report["after"]["parameters"] == sum(p.numel() for p in small.parameters()) < report["before"]["parameters"]
+    kept = 1 - report["dropped_layers"][0]
+    torch.testing.assert_close(small.model.layers[0].mlp.down_proj.weight,
+                               load(exported).model.layers[kept].mlp.down_proj.weight)
+    assert json.loads((tmp_path / "out" / "llmray_export.json").read_text())["prune"]["dropped_layers"] == \
+        report["dropped_layers"]
+    assert report["after"]["ppl"] > 0 and (tmp_path / "out" / "prune_report.json").is_file()
+
+
+def test_block_influence_is_one_minus_cosine_of_each_layers_input_and_output(exported):
+    from llmray.data.pack import StreamSpec, first_samples
+
+    model = load(exported)
+    samples = first_samples(StreamSpec.of([("c", 1.0, lineage.held_out(exported).documents)], str(exported), 64, 1234,
+                                          512), 4)
+    with torch.no_grad():
+        h = model(input_ids=torch.as_tensor(samples, dtype=torch.long), output_hidden_states=True).hidden_states
+    expected = [1 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item() for a, b in zip(h[:-1], h[1:])]
+    assert block_influence(model, samples) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_unstructured_sparsity_and_two_four_pattern(exported, tmp_path, method):
+    report = prune_folder(str(exported), str(tmp_path / "half"), method, sparsity=0.5, eval_samples=8)
+    assert report["after"]["nonzero_share"] == pytest.approx(0.5, abs=0.01)
+    assert report["before"]["nonzero_share"] == pytest.approx(1.0)
+    report = prune_folder(str(exported), str(tmp_path / "24"), method, pattern="2:4", eval_samples=8)
+    w = load(tmp_path / "24").model.layers[0].self_attn.q_proj.weight
+    assert (w.reshape(w.shape[0], -1, 4).ne(0).sum(-1) <= 2).all()
+    embed = load(tmp_path / "24").model.embed_tokens.weight
+    assert embed.ne(0).all(), "embeddings stay dense"
+
+
+def test_wanda_weighs_magnitudes_by_their_inputs(exported, tmp_path):
+    prune_folder(str(exported), str(tmp_path / "m"), "magnitude", sparsity=0.5, eval_samples=8)
+    prune_folder(str(exported), str(tmp_path / "w"), "wanda", sparsity=0.5, eval_samples=8)
+    m = load(tmp_path / "m").model.layers[0].mlp.up_proj.weight.ne(0)
+    w = load(tmp_path / "w").model.layers[0].mlp.up_proj.weight.ne(0)
+    assert not torch.equal(m, w)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "magnitude", "sparsity": 1.5}, r"--sparsity must be in \(0, 1\)"),
+    ({"method": "magnitude", "pattern": "3:5"}, r"--pattern 3:5: 5 does not divide the 64 inputs"),
+    ({"method": "magnitude", "pattern": "4:2"}, r"--pattern '4:2' is not N:M"),
+    ({"method": "magnitude"}, r"takes --sparsity S .* or --pattern N:M"),
+    ({"method": "depth", "drop_layers": 2}, r"--drop-layers must be between 1 and 1 \(the model has 2 layers\)"),
+    ({"method": "width"}, r"--method 'width' is not one of depth, magnitude, wanda"),
+])
+def test_bad_arguments_are_refused_and_nothing_is_written(exported, tmp_path, kwargs, message):
+    with pytest.raises(PruneError, match=message):
+        prune_folder(str(exported), str(tmp_path / "out"), eval_samples=8, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_kept_and_a_quantized_prune_names_its_input_report(exported, tmp_path):
+    from llmray.config import QuantConfig
+    from llmray.errors import LlmrayError
+    from llmray.quantize import quantize_folder
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(LlmrayError, match="already exists"):
+        prune_folder(str(exported), str(tmp_path / "out"), "depth", drop_layers=1, eval_samples=8)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    prune_folder(str(exported), str(tmp_path / "pruned"), "depth", drop_layers=1, eval_samples=8)
+    report = quantize_folder(str(tmp_path / "pruned"), str(tmp_path / "q"),
+                             QuantConfig(method="ptq", scheme="int8-dynamic"), eval_samples=8)
+    assert report["input_report"]["method"] == "depth"
+    assert report["input_report"]["file"].endswith("pruned/prune_report.json")
+    chain = json.loads((tmp_path / "q" / "llmray_export.json").read_text())
+    assert chain["prune"]["method"] == "depth" and chain["quant"]["scheme"] == "int8-dynamic"
