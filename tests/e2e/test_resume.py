@@ -37,7 +37,10 @@ def small(corpus, tmp_path_factory):
             if size < 40_000 and len(text) < 8_000:
                 docs.append(text)
                 size += len(text)
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    # ids of their own: a document's id decides whether it is held out, and the default (file path and line) would
+    # make that split, and the size of the validation set, depend on the session's temporary folder
+    (root / "docs.jsonl").write_text("".join(json.dumps({"id": f"small-{i}", "text": t}) + "\n"
+                                             for i, t in enumerate(docs)))
     shard_corpus([str(root / "docs.jsonl")], str(root / "shards"), shard_size="10KB")
     assert len(list_shards(str(root / "shards"))) == SHARDS
     return {"shards": str(root / "shards"), "tokenizer": corpus["tokenizer"], "root": root}
@@ -167,6 +170,7 @@ def test_export_loads_in_plain_transformers_with_the_engines_loss(small, referen
     seed = recipe(small, tmp_path, "x").run.seed
     val = first_samples(StreamSpec.of([("corpus", 1.0, Documents(small["shards"], "val", 0.2))], small["tokenizer"], 64,
                                       seed, 512), 8)
+    assert len(val) == 8, "the run validated on 2 ranks x 4 samples"
     with torch.no_grad():
         ids = torch.from_numpy(val).long()
         exported = np.mean([model(input_ids=ids[i:i + 4], labels=ids[i:i + 4]).loss.item() for i in (0, 4)])
