@@ -170,10 +170,10 @@ SHOWN_SKIPPED = 10
 
 def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: int, fmt: str = "auto") -> Conversion:
     """Write the conversations of `inputs` as shards into `out`, unless `out` already holds those of the same input
-    files (same sizes), format, template and `seq_len`. Each conversation is rendered with `tokenizer`'s chat
-    template here, so a line the template refuses (a role it does not know) is skipped and named like a malformed
-    one; its tokens are counted to report those longer than `seq_len`."""
-    from llmray.data.template import render
+    files (same sizes), format, template and `seq_len`. Each conversation is encoded here as the stream will encode
+    it (`encode_chat`), so a line the template refuses (a role it does not know, a rendering whose assistant turns
+    cannot be located) is skipped and named like a malformed one, and those longer than `seq_len` are counted."""
+    from llmray.data.template import encode_chat
 
     paths = [inputs] if isinstance(inputs, str) else list(inputs)
     files = conversation_files(paths)
@@ -202,13 +202,13 @@ def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: i
             for doc_id, messages, problem in read_conversations(path, fmt):
                 if messages is not None:
                     try:
-                        text = render(tokenizer, messages)
-                    except Exception as e:  # jinja's TemplateError, or what the template raises
+                        ids, _ = encode_chat(tokenizer, messages)
+                    except Exception as e:  # jinja's TemplateError, what the template raises, or ours
                         problem = f"the chat template refused it: {e}"
                 if problem is not None:
                     report.problems.append(f"{doc_id}: {problem}")
                     continue
-                longer += len(tokenizer(text, add_special_tokens=False).input_ids) > seq_len
+                longer += len(ids) > seq_len
                 writer.add(json.dumps(messages, ensure_ascii=False), doc_id, path)
                 report.documents += 1
     if report.documents == 0:

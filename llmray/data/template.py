@@ -50,11 +50,11 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray
         if message["role"] != "assistant":
             continue
         start = len(render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(render(tokenizer, messages[:i + 1]))
-        if not full.startswith(render(tokenizer, messages[:i + 1])):
+        through = render(tokenizer, messages[:i + 1])
+        if not full.startswith(through):
             raise TemplateError("the chat template renders a conversation's beginning differently on its own; "
                                 "assistant tokens cannot be located")
-        spans.append((start, end))
+        spans.append((start, len(through)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int32)
     starts = np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64)

@@ -166,22 +166,22 @@ def save_and_report(sink: Sink, metrics: dict, engine, state: TrainState, rank: 
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def mean_across_ranks(values: list[float]) -> list[float]:
+def across_ranks(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    """`values` reduced element-wise over every rank (on the GPU under NCCL, which reduces no CPU tensor)."""
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = t.to(backend_device)
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=op)
     return t.cpu().tolist()
 
 
+def mean_across_ranks(values: list[float]) -> list[float]:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return [v / world for v in across_ranks(values)]
+
+
 def max_across_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return across_ranks([value], dist.ReduceOp.MAX)[0]
 
 
 def peak_memory_gb(device: torch.device) -> float:
