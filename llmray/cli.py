@@ -177,25 +177,44 @@ def _eval(args) -> None:
 
 
 def _prune_options(p: argparse.ArgumentParser) -> None:
-    from llmray.prune import METHODS, prune_folder
+    from llmray.config import PRUNE_METHODS, PruneConfig
 
     p.add_argument("model", help="an exported Hugging Face folder (llmray export), with its held-out set recorded")
-    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", required=True, choices=PRUNE_METHODS)
     p.add_argument("--out", required=True, help="output folder (written whole, or not at all)")
     p.add_argument("--drop-layers", type=int, default=None, help="depth: how many decoder layers to remove")
+    p.add_argument("--hidden-size", type=int, default=None, help="width: the hidden size kept")
+    p.add_argument("--intermediate-size", type=int, default=None, help="width: the MLP channels kept per layer")
+    p.add_argument("--heads", type=int, default=None,
+                   help="width: the attention heads kept per layer (grouped-query: a multiple of the group size)")
     p.add_argument("--sparsity", type=float, default=None, help="magnitude/wanda: the share of weights zeroed, 0-1")
     p.add_argument("--pattern", default=None, help="magnitude/wanda: N:M semi-structured instead, e.g. 2:4")
-    p.add_argument("--eval-samples", type=int, default=default_of(prune_folder, "eval_samples"),
-                   help="held-out samples to calibrate and measure on")
+    p.add_argument("--calibration-samples", type=int, default=PruneConfig.model_fields["calibration_samples"].default,
+                   help="held-out samples to rank on and to measure on")
+    p.add_argument("--recover-steps", type=int, default=None,
+                   help="then retrain this many steps on the recipe the export recorded: structured pruning "
+                        "distils from the unpruned model, unstructured keeps its zeros (run folder: OUT-recovery)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recovery recipe key, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _prune(args) -> None:
-    from llmray.prune import prune_folder, report_text
+    from llmray.config import PruneConfig
+    from llmray.prune import report_text
 
+    spec = PruneConfig(method=args.method, drop_layers=args.drop_layers, hidden_size=args.hidden_size,
+                       intermediate_size=args.intermediate_size, heads=args.heads, sparsity=args.sparsity,
+                       pattern=args.pattern, calibration_samples=args.calibration_samples)
     print(f"pruning {args.model} ({args.method}) into {args.out}")
-    report = prune_folder(args.model, args.out, args.method, args.sparsity, args.pattern, args.drop_layers,
-                          args.eval_samples, args.overwrite)
+    if args.recover_steps is None:
+        from llmray.prune import prune_folder
+
+        report = prune_folder(args.model, args.out, spec, args.overwrite)
+    else:
+        from llmray.recover import recover
+
+        report = recover(args.model, args.out, spec, args.recover_steps, args.overrides, args.overwrite)
     print(report_text(report))
 
 
@@ -326,11 +345,14 @@ COMMANDS = [
      "Quantize a Hugging Face folder with torchao into a folder that from_pretrained and `llmray serve` load, and "
      "report held-out perplexity, weights on disk and generation tokens/s before and after (also saved as "
      "quant_report.json).", _quantize_options, _quantize),
-    (("prune",), "structured (depth) or unstructured (magnitude, wanda; N:M) pruning of an exported model folder",
+    (("prune",), "structured (depth, width) or unstructured (magnitude, wanda; N:M) pruning of an exported model "
+                 "folder, optionally with recovery training",
      "Prune a Hugging Face folder: depth drops the decoder layers that change the hidden state least on the "
-     "held-out text (a smaller model plain transformers loads); magnitude and wanda zero the lowest-scoring weights "
-     "of each decoder Linear row at --sparsity or an N:M --pattern. Reports held-out perplexity, parameters, "
-     "non-zero share, weights on disk and tokens/s before and after (also saved as prune_report.json).",
+     "held-out text, width keeps the most active MLP channels, attention heads and hidden channels (each a smaller "
+     "model plain transformers loads); magnitude and wanda zero the lowest-scoring weights of each decoder Linear "
+     "row at --sparsity or an N:M --pattern. --recover-steps then retrains on the stream (Minitron: prune, then "
+     "distil). Reports held-out perplexity, parameters, non-zero share, weights on disk and tokens/s before, after "
+     "pruning and after recovery (also saved as prune_report.json).",
      _prune_options, _prune),
     (("tune",), "a hyperparameter sweep (W&B sweep format) of whole training runs on Ray Tune",
      "Run the sweep file's trials with Ray Tune, each a full Ray Train + DeepSpeed run, logged to W&B as one sweep "

@@ -251,6 +251,25 @@ class DistillConfig(Strict):
     top_k: int | None = Field(None, gt=0)  # the KL over the teacher's k most likely tokens (bounds its memory)
 
 
+PRUNE_METHODS = ("depth", "width", "magnitude", "wanda")
+SPARSE_METHODS = ("magnitude", "wanda")
+
+
+class PruneConfig(Strict):
+    """Pruning of a trained model (`llmray prune`, or a recipe's `prune:` block: model.pretrained is pruned into the
+    run folder before training, and the run is its recovery). Which keys a method takes, and the widths a model
+    can take, are checked against the model (`llmray.prune.check_spec`)."""
+
+    method: Literal["depth", "width", "magnitude", "wanda"]
+    drop_layers: int | None = None  # depth: decoder layers removed
+    hidden_size: int | None = None  # width: the targets (each optional; at least one below the model's)
+    intermediate_size: int | None = None
+    heads: int | None = None  # attention heads kept; with grouped-query attention, whole groups go
+    sparsity: float | None = None  # magnitude/wanda: the share of decoder weights zeroed
+    pattern: str | None = None  # magnitude/wanda: N:M instead (N kept in every M inputs), e.g. 2:4
+    calibration_samples: int = Field(64, gt=0)  # held-out samples to rank on, and to measure on
+
+
 class EvalConfig(Strict):
     """`llmray eval` task files run on the training ranks every `every` steps and at the end of the run; their
     figures are reported as eval/<task>/<metric> (progress line, summary, W&B, Tune)."""
@@ -279,6 +298,7 @@ class Recipe(Strict):
     finetune: FinetuneConfig | None = None  # absent: pretraining (or continued pretraining) of every weight
     eval: EvalConfig = Field(default_factory=EvalConfig)
     distill: DistillConfig | None = None  # absent: the LM loss alone
+    prune: PruneConfig | None = None  # absent: model.pretrained as it is
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")
@@ -290,6 +310,7 @@ class Recipe(Strict):
                                  "tokenizer only when a model.pretrained folder is given)")
             self.data.tokenizer = self.model.pretrained
         self._finetune_checks()
+        self._prune_checks()
         per_step = t.micro_batch_size * s.num_workers
         if t.global_batch_size % per_step:
             raise ValueError(
@@ -319,6 +340,19 @@ class Recipe(Strict):
         if f.method == "lora" and self.quant.method == "qat":
             raise ValueError("quant.method=qat trains every Linear layer; with finetune.method=lora use "
                              "quant.method=ptq (quantize the merged export)")
+
+    def _prune_checks(self) -> None:
+        p = self.prune
+        if p is None:
+            return
+        if self.model.pretrained is None:
+            raise ValueError("prune needs model.pretrained: the exported Hugging Face folder to prune")
+        if p.method in SPARSE_METHODS and self.finetune is not None and self.finetune.method != "full":
+            raise ValueError(f"prune.method={p.method} keeps the pruned weights at zero while training; LoRA "
+                             "adapters would fill them in when merged; use finetune.method=full")
+        if storage.is_uri(self.run.storage_path):
+            raise ValueError("prune writes the pruned model into the run folder, which must be local or on a "
+                             f"shared file system; run.storage_path is {self.run.storage_path}")
 
     def _quant_checks(self) -> None:
         q, s = self.quant, self.scaling

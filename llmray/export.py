@@ -97,7 +97,8 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
         held_out(recipe), checkpoint=ckpt, step=state.step, tokens=state.tokens, dtype=dtype,
         parameters=sum(p.numel() for p in model.parameters()), zero_stage=recipe.train.zero_stage,
         world_size=state.world_size, finetune=recipe.finetune.method if recipe.finetune else None,
-        adapter_only=adapter)
+        adapter_only=adapter, recipe=state.recipe,  # what trained it: `llmray prune --recover-steps` retrains on it
+        pretrained_lineage=lineage.read(recipe.model.pretrained) if recipe.model.pretrained else None)
 
     def write(folder: Path) -> list[str]:
         if adapter:  # adapter_config.json and adapter_model.safetensors, naming the base folder

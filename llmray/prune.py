@@ -1,158 +1,152 @@
 """`llmray prune`: a smaller or sparser copy of an exported Hugging Face folder, measured like `llmray quantize`.
 
-- depth (structured): drop the decoder layers that change the hidden state least on the held-out text (block
-  influence, 1 - cos(h_in, h_out), as ShortGPT and Minitron rank them). The result is a genuinely smaller model:
-  fewer layers in config.json, which plain transformers loads and which runs faster anywhere.
-- magnitude / wanda (unstructured): zero the smallest weights of every decoder Linear layer, by |W| or by
-  |W| * ||x|| (Wanda: the weight times its input's activation norm on the held-out text), per output row, at
-  `sparsity`, or `pattern` N:M (N kept in every M consecutive inputs, 2:4 being what sparse tensor cores run). The
-  zeros are stored densely: the folder is not smaller and, without sparse kernels (none here on CPU), not faster.
+- depth, width (structured): fewer layers, or narrower layers (MLP channels, attention heads, hidden size). The
+  result is a genuinely smaller model that plain transformers loads and that runs faster anywhere.
+- magnitude, wanda (unstructured, or N:M): zeros in every decoder Linear layer, stored densely; the folder is
+  neither smaller nor, without sparse kernels (none on CPU), faster.
 
-Calibration and measurement use the held-out set the export recorded (llmray_export.json). The report gives
-held-out perplexity, parameters and the share of non-zero decoder weights, bytes on disk and tokens/s, before and
-after; `prune_report.json` names its input's report, so a folder states its lineage.
-"""
+Calibration and measurement use the held-out set the export recorded (llmray_export.json). `prune_report.json`
+gives held-out perplexity, parameters, the share of non-zero decoder weights, bytes on disk and tokens/s before and
+after, and names its input's report, so a folder states its lineage. Recovery training (`--recover-steps`) is in
+`recover.py`."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from llmray import lineage
+from llmray.config import PruneConfig
 from llmray.errors import LlmrayError
 from llmray.eval import generation_speeds, held_out_samples, perplexity, weights_bytes
 from llmray.model import inference_device, load_for_inference
 from llmray.outdir import free_target, staged
+from llmray.pruning import depth, sparse, width
 
-METHODS = ("depth", "magnitude", "wanda")
 REPORT_FILE = "prune_report.json"
-CALIBRATION_BATCH = 8
+METHOD_KEYS = {"depth": ("drop_layers",), "width": ("hidden_size", "intermediate_size", "heads"),
+               "magnitude": ("sparsity", "pattern"), "wanda": ("sparsity", "pattern")}
 
 
 class PruneError(LlmrayError):
     """Arguments or a folder `llmray prune` cannot take; the message names the argument."""
 
 
-def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+def cli_flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def recipe_key(key: str) -> str:
+    return f"prune.{key}"
+
+
+def parse_pattern(pattern: str | None, flag: Callable[[str], str] = cli_flag) -> tuple[int, int] | None:
     if pattern is None:
         return None
     n, sep, m = pattern.partition(":")
     if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-        raise PruneError(f"--pattern {pattern!r} is not N:M with 0 < N < M, e.g. 2:4")
+        raise PruneError(f"{flag('pattern')} {pattern!r} is not N:M with 0 < N < M, e.g. 2:4")
     return int(n), int(m)
 
 
-def decoder_linears(model) -> dict[str, torch.nn.Linear]:
-    """The Linear layers inside the decoder blocks (embeddings and the LM head stay dense)."""
-    head = model.get_output_embeddings()
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m is not head and ".layers." in f".{name}"}
+def width_target(model, spec: PruneConfig, flag: Callable[[str], str]) -> width.WidthShape:
+    why = width.unsupported_layout(model)
+    if why:
+        raise PruneError(f"{flag('method')} width handles Llama-style decoders only: {why}")
+    now = width.shape_of(model)
+    asked = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size, "heads": spec.heads}
+    if all(v is None for v in asked.values()):
+        raise PruneError(f"{flag('method')} width takes {', '.join(flag(k) for k in asked)}: at least one")
+    for key, value in asked.items():
+        current = getattr(now, key)
+        if value is not None and not 0 < value <= current:
+            raise PruneError(f"{flag(key)} must be between 1 and the model's {current}; got {value}")
+    heads = spec.heads or now.heads
+    if heads % now.group:
+        raise PruneError(f"{flag('heads')} {heads}: the model's {now.heads} query heads share {now.kv_heads} key/value "
+                         f"heads in groups of {now.group}, which go whole; ask for a multiple of {now.group}")
+    target = width.WidthShape(spec.hidden_size or now.hidden_size, spec.intermediate_size or now.intermediate_size,
+                              heads, heads // now.group, now.head_dim)
+    if target == now:
+        raise PruneError(f"{', '.join(flag(k) for k in asked)}: the targets are the model's own widths; nothing to prune")
+    return target
 
 
-def check_arguments(model, method: str, sparsity: float | None, pattern: tuple[int, int] | None,
-                    drop_layers: int | None) -> None:
-    """Everything refused before anything is written, each in one line naming the argument."""
-    if method not in METHODS:
-        raise PruneError(f"--method {method!r} is not one of {', '.join(METHODS)} (width pruning is not built yet)")
-    layers = model.config.num_hidden_layers
-    if method == "depth":
-        if drop_layers is None or not 0 < drop_layers < layers:
-            raise PruneError(f"--drop-layers must be between 1 and {layers - 1} (the model has {layers} layers); "
-                             f"got {drop_layers}")
-        return
-    if (sparsity is None) == (pattern is None):
-        raise PruneError(f"--method {method} takes --sparsity S (0 < S < 1) or --pattern N:M, one of them")
-    if sparsity is not None and not 0 < sparsity < 1:
-        raise PruneError(f"--sparsity must be in (0, 1); got {sparsity}")
+def check_spec(model, spec: PruneConfig, flag: Callable[[str], str] = cli_flag) -> width.WidthShape | None:
+    """Everything refused before anything is written, each in one line naming the argument. Returns the width
+    target for width pruning."""
+    stray = [k for keys in METHOD_KEYS.values() for k in keys
+             if k not in METHOD_KEYS[spec.method] and getattr(spec, k) is not None]
+    if stray:
+        raise PruneError(f"{flag(stray[0])} does not apply to {flag('method')} {spec.method} "
+                         f"(it takes {', '.join(flag(k) for k in METHOD_KEYS[spec.method])})")
+    if spec.method == "depth":
+        layers = model.config.num_hidden_layers
+        if spec.drop_layers is None or not 0 < spec.drop_layers < layers:
+            raise PruneError(f"{flag('drop_layers')} must be between 1 and {layers - 1} (the model has {layers} "
+                             f"layers); got {spec.drop_layers}")
+        return None
+    if spec.method == "width":
+        return width_target(model, spec, flag)
+    if (spec.sparsity is None) == (spec.pattern is None):
+        raise PruneError(f"{flag('method')} {spec.method} takes {flag('sparsity')} S (0 < S < 1) or "
+                         f"{flag('pattern')} N:M, one of them")
+    if spec.sparsity is not None and not 0 < spec.sparsity < 1:
+        raise PruneError(f"{flag('sparsity')} must be in (0, 1); got {spec.sparsity}")
+    pattern = parse_pattern(spec.pattern, flag)
     if pattern is not None:
-        for name, linear in decoder_linears(model).items():
+        for name, linear in sparse.decoder_linears(model).items():
             if linear.in_features % pattern[1]:
-                raise PruneError(f"--pattern {pattern[0]}:{pattern[1]}: {pattern[1]} does not divide the "
+                raise PruneError(f"{flag('pattern')} {spec.pattern}: {pattern[1]} does not divide the "
                                  f"{linear.in_features} inputs of {name}")
+    return None
 
 
-@torch.no_grad()
-def block_influence(model, samples) -> list[float]:
-    """Per decoder layer: 1 - mean cosine similarity between its input and output hidden states."""
-    device, scores = next(model.parameters()).device, None
-    for start in range(0, len(samples), CALIBRATION_BATCH):
-        ids = torch.as_tensor(samples[start:start + CALIBRATION_BATCH], dtype=torch.long, device=device)
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-        cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).sum().item()
-               for a, b in zip(hidden[:-1], hidden[1:])]
-        scores = cos if scores is None else [s + c for s, c in zip(scores, cos)]
-    tokens = len(samples) * len(samples[0])
-    return [1.0 - s / tokens for s in scores]
+def apply(model, spec: PruneConfig, samples, target: width.WidthShape | None) -> dict:
+    """Prune `model` in place as `spec` says; returns the details the report and lineage keep."""
+    if spec.method == "depth":
+        influence = depth.block_influence(model, samples)
+        dropped = depth.least_influential(influence, spec.drop_layers)
+        depth.drop_layers_of(model, dropped)
+        return {"block_influence": influence, "dropped_layers": dropped}
+    if spec.method == "width":
+        kept = width.shrink(model, width.importance(model, samples), target)
+        return {"width": {k: getattr(target, k) for k in ("hidden_size", "intermediate_size", "heads", "kv_heads")},
+                **kept}
+    linears = sparse.decoder_linears(model)
+    norms = sparse.input_norms(model, samples, linears) if spec.method == "wanda" else None
+    sparse.prune_weights(linears, spec.sparsity, parse_pattern(spec.pattern), norms)
+    return {"sparsity": spec.sparsity, "pattern": spec.pattern}
 
 
-def drop_layers_of(model, drop: list[int]) -> None:
-    """Remove decoder layers `drop` in place; config.json then says the new depth."""
-    keep = [i for i in range(model.config.num_hidden_layers) if i not in drop]
-    layers = model.model.layers
-    model.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
-    for new, layer in enumerate(model.model.layers):  # attention layers know their index (for KV caches)
-        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
-            layer.self_attn.layer_idx = new
-    types = getattr(model.config, "layer_types", None)
-    if isinstance(types, list) and len(types) == len(layers):
-        model.config.layer_types = [types[i] for i in keep]
-    model.config.num_hidden_layers = len(keep)
+def calibration(src: str, spec: PruneConfig):
+    held_out = lineage.held_out(src)
+    if held_out is None:
+        raise PruneError(f"{src} names no held-out set (llmray_export.json) to calibrate and measure on; "
+                         "prune a folder written by `llmray export`")
+    return held_out, held_out_samples(held_out, src, spec.calibration_samples)
 
 
-@torch.no_grad()
-def input_norms(model, samples, linears: dict) -> dict[str, torch.Tensor]:
-    """||x_j||_2 over the held-out tokens, per input channel j of each Linear layer (Wanda's activation term)."""
-    sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
-
-    def record(name: str):
-        def hook(module, args, output) -> None:  # returns None: a forward hook's return value replaces the output
-            x = args[0].detach().float()
-            sums[name].add_(x.reshape(-1, x.shape[-1]).pow(2).sum(0).double().cpu())
-        return hook
-
-    hooks = [m.register_forward_hook(record(name)) for name, m in linears.items()]
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(samples), CALIBRATION_BATCH):
-            model(input_ids=torch.as_tensor(samples[start:start + CALIBRATION_BATCH], dtype=torch.long, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: s.sqrt().float() for name, s in sums.items()}
+def measure(folders: list[str], samples, dev) -> list[dict]:
+    """Held-out perplexity, size and greedy tokens/s of each folder, the models timed in turns."""
+    models = [load_for_inference(str(f), dev) for f in folders]
+    figures = [{**perplexity(m, samples), "weights_bytes": weights_bytes(f),
+                "parameters": sum(p.numel() for p in m.parameters()), "nonzero_share": sparse.nonzero_share(m)}
+               for m, f in zip(models, folders)]
+    for f, speed in zip(figures, generation_speeds(models, samples)):
+        f.update(speed)
+    return figures
 
 
-@torch.no_grad()
-def prune_weights(linears: dict, sparsity: float | None, pattern: tuple[int, int] | None,
-                  norms: dict[str, torch.Tensor] | None = None) -> None:
-    """Zero, in place, the lowest-scoring weights of each output row (score |W|, or |W| * ||x|| with `norms`):
-    a `sparsity` share of the row, or all but N of every M consecutive inputs."""
-    for name, linear in linears.items():
-        w = linear.weight
-        score = w.abs().float()
-        if norms is not None:
-            score = score * norms[name].to(score.device)[None, :]
-        if pattern is not None:
-            n, m = pattern
-            groups = score.reshape(w.shape[0], -1, m)
-            drop = groups.topk(m - n, dim=-1, largest=False).indices
-            mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False).reshape(w.shape)
-        else:
-            k = int(w.shape[1] * sparsity)
-            drop = score.topk(k, dim=1, largest=False).indices
-            mask = torch.ones_like(score, dtype=torch.bool).scatter_(1, drop, False)
-        w.mul_(mask.to(w.dtype))
+def ratios(before: dict, after: dict) -> dict:
+    return {"ppl_ratio": after["ppl"] / before["ppl"], "parameter_ratio": after["parameters"] / before["parameters"],
+            "size_ratio": after["weights_bytes"] / before["weights_bytes"],
+            "speed_ratio": after["tokens_per_s"] / before["tokens_per_s"]}
 
 
-def nonzero_share(model) -> float:
-    linears = decoder_linears(model).values()
-    return sum(int(m.weight.count_nonzero()) for m in linears) / sum(m.weight.numel() for m in linears)
-
-
-def prune_folder(src: str, out: str, method: str, sparsity: float | None = None, pattern: str | None = None,
-                 drop_layers: int | None = None, eval_samples: int = 64, overwrite: bool = False,
-                 device: str | None = None) -> dict:
+def prune_folder(src: str, out: str, spec: PruneConfig, overwrite: bool = False, device: str | None = None,
+                 flag: Callable[[str], str] = cli_flag) -> dict:
     """Prune the Hugging Face folder `src` into `out` (whole, or not at all); returns the report, also saved as
     `out/prune_report.json`."""
     from transformers import AutoTokenizer
@@ -160,62 +154,51 @@ def prune_folder(src: str, out: str, method: str, sparsity: float | None = None,
     if not Path(src, "config.json").is_file():
         raise PruneError(f"{src} is not a Hugging Face model folder (no config.json); export a checkpoint first")
     dev = inference_device(device)
-    nm = parse_pattern(pattern)
     model = load_for_inference(src, dev)
-    check_arguments(model, method, sparsity, nm, drop_layers)
-    target = free_target(out, overwrite)
-    held_out = lineage.held_out(src)
-    if held_out is None:
-        raise PruneError(f"{src} names no held-out set (llmray_export.json) to calibrate and measure on; "
-                         "prune a folder written by `llmray export`")
-    samples = held_out_samples(held_out, src, eval_samples)
-    params_before, share_before = sum(p.numel() for p in model.parameters()), nonzero_share(model)
-    details: dict = {}
-    if method == "depth":
-        influence = block_influence(model, samples)
-        dropped = sorted(sorted(range(len(influence)), key=influence.__getitem__)[:drop_layers])
-        drop_layers_of(model, dropped)
-        details = {"block_influence": influence, "dropped_layers": dropped}
-    else:
-        linears = decoder_linears(model)
-        norms = input_norms(model, samples, linears) if method == "wanda" else None
-        prune_weights(linears, sparsity, nm, norms)
-        details = {"sparsity": sparsity, "pattern": pattern}
-    with staged(target) as partial:
+    target = check_spec(model, spec, flag)
+    out = free_target(out, overwrite)
+    held_out, samples = calibration(src, spec)
+    details = apply(model, spec, samples, target)
+    with staged(out) as partial:
         model.save_pretrained(partial, safe_serialization=True)
         AutoTokenizer.from_pretrained(src).save_pretrained(partial)
-        lineage.carry(src, partial, "prune", {"method": method, **details})
+        lineage.carry(src, partial, "prune", {"method": spec.method, "spec": spec.model_dump(),
+                                              "source": str(Path(src).resolve()), **details})
         del model
-        models = [load_for_inference(src, dev), load_for_inference(str(partial), dev)]
-        before, after = ({**perplexity(m, samples), "weights_bytes": weights_bytes(folder),
-                          "parameters": sum(p.numel() for p in m.parameters()), "nonzero_share": nonzero_share(m)}
-                         for m, folder in zip(models, (src, partial)))
-        for figures, speed in zip((before, after), generation_speeds(models, samples)):
-            figures.update(speed)
-        del models
+        before, after = measure([src, str(partial)], samples, dev)
         report = {
-            "method": method, **details, "source": str(Path(src).resolve()), "out": target, "device": str(dev),
+            "method": spec.method, **details, "source": str(Path(src).resolve()), "out": out, "device": str(dev),
             "input_report": lineage.input_report(src), "held_out": {"what": held_out.describe(), "samples": len(samples)},
-            "before": before, "after": after, "ppl_ratio": after["ppl"] / before["ppl"],
-            "parameter_ratio": after["parameters"] / params_before,
-            "size_ratio": after["weights_bytes"] / before["weights_bytes"],
-            "speed_ratio": after["tokens_per_s"] / before["tokens_per_s"], "nonzero_before": share_before,
+            "before": before, "after": after, **ratios(before, after),
         }
         Path(partial, REPORT_FILE).write_text(json.dumps(report, indent=1))
         report["files"] = sorted(p.name for p in Path(partial).iterdir())
     return report
 
 
+def what_was_done(r: dict) -> str:
+    if r["method"] == "depth":
+        return f"dropped layers {r['dropped_layers']}"
+    if r["method"] == "width":
+        return ", ".join(f"{k} {v}" for k, v in r["width"].items())
+    return f"pattern {r['pattern']}" if r.get("pattern") else f"sparsity {r['sparsity']}"
+
+
 def report_text(r: dict) -> str:
-    b, a = r["before"], r["after"]
-    what = f"dropped layers {r['dropped_layers']}" if r["method"] == "depth" else \
-        f"pattern {r['pattern']}" if r.get("pattern") else f"sparsity {r['sparsity']}"
-    return "\n".join([
-        f"{r['method']} pruning ({what}) on {r['device']}, measured on {r['held_out']['what']}:",
-        f"  perplexity   {b['ppl']:10.3f} -> {a['ppl']:10.3f}   (x{r['ppl_ratio']:.4f})",
-        f"  parameters   {b['parameters'] / 1e6:9.2f}M -> {a['parameters'] / 1e6:9.2f}M  (x{r['parameter_ratio']:.3f})",
-        f"  non-zero     {100 * b['nonzero_share']:9.1f}% -> {100 * a['nonzero_share']:9.1f}%  (decoder Linear weights)",
-        f"  weights      {b['weights_bytes'] / 1e6:9.2f}M -> {a['weights_bytes'] / 1e6:9.2f}M  (x{r['size_ratio']:.3f})",
-        f"  tokens/s     {b['tokens_per_s']:10.1f} -> {a['tokens_per_s']:10.1f}   (x{r['speed_ratio']:.3f}, greedy, batch 1)",
-        f"  report: {r['out']}/{REPORT_FILE}",
-    ])
+    """The before / after table; with recovery, a column for the pruned model before it retrained."""
+    cols = [("before", r["before"])] + ([("pruned", r["pruned"])] if "pruned" in r else []) + [("after", r["after"])]
+    rows = [("perplexity", lambda f: f"{f['ppl']:.3f}"),
+            ("parameters", lambda f: f"{f['parameters'] / 1e6:.2f}M"),
+            ("non-zero", lambda f: f"{100 * f['nonzero_share']:.1f}%"),
+            ("weights", lambda f: f"{f['weights_bytes'] / 1e6:.2f}MB"),
+            ("tokens/s", lambda f: f"{f['tokens_per_s']:.1f}")]
+    recovered = f", then {r['recovery']['steps']} recovery steps ({r['recovery']['how']})" if "recovery" in r else ""
+    lines = [f"{r['method']} pruning ({what_was_done(r)}{recovered}) on {r['device']}, measured on "
+             f"{r['held_out']['what']}:",
+             "  " + " " * 12 + "".join(f"{name:>12}" for name, _ in cols)]
+    lines += ["  " + f"{label:<12}" + "".join(f"{fmt(f):>12}" for _, f in cols) for label, fmt in rows]
+    lines += [f"  after/before: perplexity x{r['ppl_ratio']:.4f}, parameters x{r['parameter_ratio']:.3f}, "
+              f"weights x{r['size_ratio']:.3f}, tokens/s x{r['speed_ratio']:.3f} (greedy, batch 1; non-zero share "
+              "of decoder Linear weights)",
+              f"  report: {r['out']}/{REPORT_FILE}"]
+    return "\n".join(lines)

@@ -11,8 +11,9 @@ import torch
 
 from llmray import logs
 from llmray.adapters import trainable, with_lora
-from llmray.config import Recipe
+from llmray.config import SPARSE_METHODS, Recipe
 from llmray.model import build_model, count_params, flops_per_token
+from llmray.pruning.sparse import keep_zeros
 from llmray.quant import prepare_qat
 from llmray.train.schedule import make_scheduler
 from llmray.train.zero import deepspeed_config, resolve_precision
@@ -47,6 +48,10 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
             n_train, n_all = trainable(model)
             print(f"[llmray] LoRA r={recipe.finetune.lora.r}: {n_train:,} of {n_all:,} parameters train "
                   f"({100 * n_train / n_all:.2f}%)", flush=True)
+    if recipe.prune is not None and recipe.prune.method in SPARSE_METHODS:  # a pruned model's recovery
+        held = keep_zeros(model)
+        if announce:
+            print(f"[llmray] {held:,} pruned weights held at zero while training", flush=True)
     if recipe.quant.method == "qat":  # before DeepSpeed wraps and partitions the parameters
         n_fake = prepare_qat(model, recipe.quant)
         if announce:

@@ -18,7 +18,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from llmray import logs, storage
+from llmray import lineage, logs, storage
 from llmray import metric_names as M
 from llmray.adapters import check_targets
 from llmray.cluster import ensure_ray
@@ -30,6 +30,7 @@ from llmray.data.stream import StreamCoordinator
 from llmray.data.tokenizer import load_tokenizer
 from llmray.evals.tasks import load_task
 from llmray.model import build_config
+from llmray.prune import prune_folder, recipe_key, report_text
 from llmray.train import checkpoint, resume
 from llmray.train.distill import check_teacher
 from llmray.train.metrics import eval_by_task, per_source_val
@@ -166,11 +167,29 @@ def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]
     return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})}), conversion
 
 
+PRUNED_DIR = "pruned"
+
+
+def with_pruned_model(recipe: Recipe) -> Recipe:
+    """A recipe with a `prune:` block trains a pruned copy of model.pretrained, made here once into the run
+    folder's pruned/ and reused while its source and spec are unchanged (a resumed run finds it). The training
+    run is the pruned model's recovery."""
+    p = recipe.prune
+    if p is None:
+        return recipe
+    out = os.path.join(recipe.run.folder, PRUNED_DIR)
+    made = lineage.read(out).get("prune", {})
+    if made.get("spec") != p.model_dump() or made.get("source") != os.path.abspath(recipe.model.pretrained):
+        print(f"[llmray] pruning {recipe.model.pretrained} ({p.method}) into {out}", flush=True)
+        print(report_text(prune_folder(recipe.model.pretrained, out, p, overwrite=True, flag=recipe_key)), flush=True)
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"pretrained": out})})
+
+
 def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, callbacks: list | None = None,
         cpus_available: float | None = None) -> Summary:
     """Train `recipe` on the Ray cluster. `callbacks`: Ray Train callbacks for the run (a sweep passes
     TuneReportCallback); `cpus_available`: the CPUs this run may budget from (default: the whole cluster's)."""
-    recipe = absolute_paths(recipe)
+    recipe = with_pruned_model(absolute_paths(recipe))
     if recipe.model.pretrained is not None:  # a missing or unreadable folder is named before anything else
         build_config(recipe.model, 0)
     recipe, conversion = with_conversation_shards(recipe)
