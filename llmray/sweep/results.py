@@ -10,7 +10,7 @@ from pathlib import Path
 from llmray import metric_names as M
 from llmray.sweep.spec import SweepSpec
 
-SHOWN = (M.VAL_PPL, M.LOSS, M.QUANT_PPL, M.QUANT_SIZE_RATIO, M.TOKENS_PER_S, M.STEP, M.TOKENS)
+SHOWN = (M.VAL_PPL, M.LOSS, M.QUANT_PPL, M.QUANT_WEIGHTS_BYTES, M.QUANT_SIZE_RATIO, M.TOKENS_PER_S, M.STEP, M.TOKENS)
 
 
 def trial_rows(spec: SweepSpec, result_grid) -> list[dict]:
@@ -87,6 +87,28 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def pareto_front(points: list[tuple[float, float]], sign: int = 1) -> list[tuple[float, float]]:
+    """The (size, metric) points no other point beats on both: smallest first, each better than all smaller ones
+    (`sign` 1: lower metric is better, -1: higher)."""
+    front, best = [], math.inf
+    for x, y in sorted(points):
+        if sign * y < best:
+            front.append((x, y))
+            best = sign * y
+    return front
+
+
+def trade_off(ax, done: list[dict], name: str, best: dict, sign: int) -> None:
+    """The metric against the exported weights' size, with the trials no other beats on both (the Pareto front)."""
+    xs = [r[M.QUANT_WEIGHTS_BYTES] / 1e6 for r in done]
+    ys = [r[name] for r in done]
+    ax.scatter(xs, ys, c=["tab:red" if r is best else "tab:blue" for r in done])
+    ax.plot(*zip(*pareto_front(list(zip(xs, ys)), sign)), color="tab:gray", lw=1, ls="--")
+    ax.set_xlabel("weights on disk (MB)")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+
+
 def plot(spec: SweepSpec, rows: list[dict], out: Path) -> Path | None:
     """The metric against each swept parameter, one panel each (log x for positive numeric ranges)."""
     import matplotlib
@@ -99,8 +121,12 @@ def plot(spec: SweepSpec, rows: list[dict], out: Path) -> Path | None:
     if not done:
         return None
     keys = list(spec.parameters)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    sized = name != M.QUANT_WEIGHTS_BYTES and all(isinstance(r.get(M.QUANT_WEIGHTS_BYTES), (int, float)) for r in done)
+    panels = len(keys) + sized
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), squeeze=False)
     best = done[0]
+    if sized:
+        trade_off(axes[0][-1], done, name, best, 1 if spec.metric.mode == "min" else -1)
     for ax, key in zip(axes[0], keys):
         values = [r[key] for r in done]
         ys = [r[name] for r in done]

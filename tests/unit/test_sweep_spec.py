@@ -90,3 +90,16 @@ def test_a_downstream_metric_must_name_a_task_and_metric_of_the_recipe(tmp_path)
         path.write_text(text.replace("eval/word_category/accuracy", metric))
         with pytest.raises(SweepError, match=message):
             load_sweep(path)
+
+
+def test_the_size_trade_off_plot_marks_the_trials_nothing_beats_on_both(tmp_path):
+    from llmray.sweep.results import pareto_front, plot
+
+    points = [(3.0, 50.0), (1.0, 90.0), (2.0, 95.0), (2.5, 60.0), (4.0, 55.0)]
+    assert pareto_front(points) == [(1.0, 90.0), (2.5, 60.0), (3.0, 50.0)]
+    assert pareto_front([(x, -y) for x, y in points], sign=-1) == [(1.0, -90.0), (2.5, -60.0), (3.0, -50.0)]
+    spec = load_sweep(REPO / "tune" / "prune_quant.yaml")
+    rows = [{"prune.intermediate_size": 128 * (i % 3 + 1), "distill.alpha": 1.0, "quant.scheme": "int8-dynamic-int4",
+             "quant_ppl": y, "quant_weights_bytes": x * 1e6} for i, (x, y) in enumerate(points)]
+    assert plot(spec, rows, tmp_path).is_file()
+    assert plot(spec, [{k: v for k, v in r.items() if k != "quant_weights_bytes"} for r in rows], tmp_path).is_file()
