@@ -115,7 +115,9 @@ def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: fl
     summary = fit(recipe, callbacks=[TuneReportCallback()], cpus_available=cpus_per_trial)
     final = {M.STEP: summary.steps, M.TOKENS: summary.tokens, M.LOSS: summary.final_loss, M.VAL_LOSS: summary.val_loss,
              M.VAL_PPL: summary.val_ppl, M.TOKENS_PER_S: summary.tokens_per_s, "checkpoint_dir": summary.checkpoint,
-             "completed": True, **(summary.evals or {})}  # Tune's own "done" is also set on trials its scheduler stopped
+             "completed": True,  # Tune's own "done" is also set on trials its scheduler stopped
+             **(summary.evals or {}),
+             **{M.per_source(M.VAL_LOSS, k): v for k, v in (summary.val_loss_per_source or {}).items()}}
     if recipe.quant.method != "none" and summary.checkpoint:
         report = export(summary.checkpoint, str(Path(context.get_trial_dir(), "export")), overwrite=True)["quant_report"]
         a = report["after"]

@@ -200,9 +200,10 @@ class SweepSpec(Strict):
                     raise ValueError(f"parameters.{key}: grid search needs `values`, not distribution {p.distribution}")
         elif self.run_cap is None:
             raise ValueError(f"run_cap: method {self.method} draws trials until run_cap; set it")
-        if self.metric.name not in METRICS and not self.metric.name.startswith(M.EVAL_PREFIX):
+        per_source = self.metric.name.startswith(M.per_source(M.VAL_LOSS, ""))
+        if self.metric.name not in METRICS and not self.metric.name.startswith(M.EVAL_PREFIX) and not per_source:
             raise ValueError(f"metric.name: {self.metric.name!r} is not reported by trials ({', '.join(METRICS)}, "
-                             "or eval/<task>/<metric> of the recipe's eval tasks)")
+                             "eval/<task>/<metric> of the recipe's eval tasks, or val_loss/<source> of its blend)")
         if self.early_terminate is not None and self.metric.name in M.AT_THE_END:
             raise ValueError(f"early_terminate: hyperband compares trials while they train, but {self.metric.name} "
                              f"is known only when a trial ends; use one of {', '.join(M.WHILE_TRAINING)}")
@@ -278,12 +279,24 @@ class SweepSpec(Strict):
                 raise SweepError(f"metric.name={self.metric.name} needs a validation split: set data.val_fraction")
             if self.metric.name.startswith(M.EVAL_PREFIX):
                 check_eval_metric(self.metric.name, recipe)
+            check_source_metric(self.metric.name, recipe)
 
     def grid(self) -> list[dict[str, Any]]:
         """Grid search: every combination of values, in file order, capped at run_cap as W&B does."""
         keys = list(self.parameters)
         combos = [dict(zip(keys, v)) for v in itertools.product(*(self.parameters[k].candidates() for k in keys))]
         return combos[: self.run_cap] if self.run_cap else combos
+
+
+def check_source_metric(name: str, recipe: Recipe) -> None:
+    """val_loss/<source> must name a source of the recipe's blend (a single corpus reports only val_loss)."""
+    prefix = M.per_source(M.VAL_LOSS, "")
+    if not name.startswith(prefix):
+        return
+    sources = [s.name for s in recipe.data.sources or []]
+    if name[len(prefix):] not in sources:
+        raise SweepError(f"metric.name={name}: the recipe's data.sources have no source {name[len(prefix):]!r} "
+                         f"(they have {', '.join(sources) or 'none: one corpus reports val_loss alone'})")
 
 
 def check_eval_metric(name: str, recipe: Recipe) -> None:

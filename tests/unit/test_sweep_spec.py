@@ -25,6 +25,8 @@ from llmray.sweep.spec import SweepError, load_sweep
     ({"method": "random"}, "run_cap: method random draws trials until run_cap"),
     ({"earl_terminate": {"type": "hyperband"}}, "earl_terminate: unknown key"),
     ({"metric": {"name": "val_pplx"}}, "metric.name: 'val_pplx' is not reported by trials"),
+    ({"metric": {"name": "val_loss/code", "goal": "minimize"}},
+     "metric.name=val_loss/code: the recipe's data.sources have no source 'code' (they have none"),
     ({"llmray/overrides": ["quant.method=none"]}, "parameters sweep quant.* but the recipe's quant.method is none"),
     ({"llmray/budget": {"steps": 8, "tokens": 100}}, "llmray.budget: give exactly one of steps or tokens"),
     ({"early_terminate": {"type": "hyperband", "min_iter": 2}},
@@ -103,3 +105,15 @@ def test_the_size_trade_off_plot_marks_the_trials_nothing_beats_on_both(tmp_path
              "quant_ppl": y, "quant_weights_bytes": x * 1e6} for i, (x, y) in enumerate(points)]
     assert plot(spec, rows, tmp_path).is_file()
     assert plot(spec, [{k: v for k, v in r.items() if k != "quant_weights_bytes"} for r in rows], tmp_path).is_file()
+
+
+def test_a_blend_sweeps_on_one_sources_validation_loss(corpus, tmp_path):
+    from helpers import SWEEP_SMALL
+
+    blend = (f"data.sources=[{{name: web, shards: {corpus['shards']}}}, "
+             f"{{name: code, shards: {corpus['shards']}, weight: 0.5}}]")
+    path = sweep_file(tmp_path, corpus, **{
+        "metric": {"name": "val_loss/code", "goal": "minimize"}, "parameters/quant.scheme": None,
+        "llmray/overrides": ["data.shards=null", blend, f"data.tokenizer={corpus['tokenizer']}",
+                             *(o for o in SWEEP_SMALL if not o.startswith("quant."))]})
+    assert load_sweep(path).metric.name == "val_loss/code"
