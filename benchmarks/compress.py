@@ -10,7 +10,9 @@ ZeRO-2, 2 CPU workers).
    - depth (drop 2 of 4 layers) and width (MLP 512 -> 128 channels, 4 -> 2 heads) to about 65-75% of the
      parameters (the embeddings, untied, are half the model and are not pruned), each recovered by distillation
      for --recover-steps, against the same shape trained from scratch for the same steps;
-   - wanda at 50% and at 2:4, before and after --recover-steps of retraining with the zeros held.
+   - wanda at 50% and at 2:4, before and after --recover-steps of retraining with the zeros held;
+   - the control: the unpruned teacher trained --recover-steps more (the teacher is not trained to convergence,
+     so any further training lowers its perplexity; a recovered model is judged against this, not the teacher).
 
     python benchmarks/compress.py [--steps 200] [--recover-steps 100] [--alpha 0.5] [--temperature 2.0]
 """
@@ -87,7 +89,13 @@ def main() -> None:
                 entry["scratch"] = figures(measure([scratch_dir], samples, inference_device())[0])
                 entry["recovered_over_scratch_ppl"] = round(report["after"]["ppl"] / entry["scratch"]["ppl"], 3)
             pruning[name] = entry
-        teacher_figures = figures(measure([teacher_dir], samples, inference_device())[0])
+        # The control for recovery: the unpruned teacher trained as many more steps, as recovery trains
+        continued = fit(recipe("teacher-continued", args.recover_steps, f"model.pretrained={teacher_dir}",
+                               f"train.warmup_steps={args.recover_steps // 10}"))
+        continued_dir = os.path.join(tmp, "teacher-continued-export")
+        export(continued.checkpoint, continued_dir)
+        teacher_figures, continued_figures = (figures(f) for f in measure([teacher_dir, continued_dir], samples,
+                                                                          inference_device()))
     ray.shutdown()
 
     def run(s) -> dict:
@@ -101,7 +109,7 @@ def main() -> None:
         "distilled_over_plain_ppl": round(math.exp(taught.val_loss - plain.val_loss), 3),
         "distilled_over_plain_tokens_per_s": round((taught.tokens_per_s or 0) / (plain.tokens_per_s or 1), 2),
         "pruning": {"recover_steps": args.recover_steps, "measured_on": f"{len(samples)} held-out samples",
-                    "teacher": teacher_figures, **pruning},
+                    "teacher": teacher_figures, "teacher_continued": continued_figures, **pruning},
     })
 
 

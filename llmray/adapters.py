@@ -1,11 +1,12 @@
 """LoRA adapters through peft: wrapping a model for fine-tuning (only the adapters train), and the adapter or
-merged weights an export writes. One place builds the peft config, so training and export wrap identically."""
+merged weights an export writes. One place builds the peft config, so training and export wrap identically.
+QLoRA's 4-bit frozen base comes from bitsandbytes through transformers' quantization config."""
 
 from __future__ import annotations
 
 import torch
 
-from llmray.config import LoraConfig, RecipeError
+from llmray.config import LoraConfig, QloraConfig, RecipeError
 
 
 def lora_config(cfg: LoraConfig):
@@ -22,10 +23,38 @@ def with_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     return get_peft_model(model, lora_config(cfg))
 
 
+def four_bit(cfg: QloraConfig, compute_dtype: torch.dtype):
+    """The transformers quantization config of a QLoRA base."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def prepare_four_bit(model: torch.nn.Module) -> torch.nn.Module:
+    """peft's preparation of a k-bit base for training: everything frozen, the few full-precision layers (norms,
+    embeddings, head) in fp32 for stable gradients, and the input embeddings' output requiring grad."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def check_qlora() -> None:
+    """Refuse, before any worker starts, a QLoRA run where bitsandbytes cannot load."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a native library that fails to load on this platform
+        raise RecipeError(f"finetune.method=qlora needs bitsandbytes for its 4-bit base, which does not load here "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "use finetune.method=lora") from None
+
+
 def trainable(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters)."""
+    from llmray.model import weights_in
+
     return (sum(p.numel() for p in model.parameters() if p.requires_grad),
-            sum(p.numel() for p in model.parameters()))
+            sum(weights_in(p) for p in model.parameters()))
 
 
 def linear_names(config) -> list[str]:

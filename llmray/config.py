@@ -234,11 +234,26 @@ class LoraConfig(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module name suffixes, or every Linear
 
 
+class QloraConfig(Strict):
+    """QLoRA's frozen base: model.pretrained's Linear weights stored 4-bit by bitsandbytes (on CUDA, and on CPU),
+    dequantized block by block in the training precision for each forward. Embeddings and the LM head stay full."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # NormalFloat4 (the QLoRA paper's) or plain 4-bit float
+    double_quant: bool = True  # the per-block scales quantized too: ~0.4 bit per weight less
+
+
 class FinetuneConfig(Strict):
-    """Supervised fine-tuning of `model.pretrained`: every weight (full) or LoRA adapters on a frozen base."""
+    """Supervised fine-tuning of `model.pretrained`: every weight (full), LoRA adapters on a frozen base, or LoRA
+    adapters on a frozen 4-bit base (qlora)."""
 
     method: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QloraConfig = Field(default_factory=QloraConfig)  # the base's quantization, with method qlora
+
+    @property
+    def adapters(self) -> bool:
+        """LoRA adapters train (lora, qlora), not the model's own weights."""
+        return self.method in ("lora", "qlora")
 
 
 class DistillConfig(Strict):
@@ -333,12 +348,12 @@ class Recipe(Strict):
             return
         if self.model.pretrained is None:
             raise ValueError("finetune needs model.pretrained: the Hugging Face folder to fine-tune")
-        if f.method == "qlora":
-            raise ValueError("finetune.method=qlora (a 4-bit frozen base) is not available yet in llmray: "
-                             "bitsandbytes needs a CUDA GPU and torchao's 4-bit weights do not train under "
-                             "DeepSpeed on CPU; use finetune.method=lora")
-        if f.method == "lora" and self.quant.method == "qat":
-            raise ValueError("quant.method=qat trains every Linear layer; with finetune.method=lora use "
+        if f.method == "qlora" and self.train.zero_stage == 3:
+            raise ValueError("finetune.method=qlora replicates its 4-bit base on every rank (it is a quarter of the "
+                             "model's bf16 size); ZeRO-3 would partition the packed 4-bit weights, which export cannot "
+                             "gather: use train.zero_stage=2 (the adapters and their optimizer states are sharded)")
+        if f.adapters and self.quant.method == "qat":
+            raise ValueError(f"quant.method=qat trains every Linear layer; with finetune.method={f.method} use "
                              "quant.method=ptq (quantize the merged export)")
 
     def _prune_checks(self) -> None:
@@ -347,7 +362,7 @@ class Recipe(Strict):
             return
         if self.model.pretrained is None:
             raise ValueError("prune needs model.pretrained: the exported Hugging Face folder to prune")
-        if p.method in SPARSE_METHODS and self.finetune is not None and self.finetune.method != "full":
+        if p.method in SPARSE_METHODS and self.finetune is not None and self.finetune.adapters:
             raise ValueError(f"prune.method={p.method} keeps the pruned weights at zero while training; LoRA "
                              "adapters would fill them in when merged; use finetune.method=full")
         if storage.is_uri(self.run.storage_path):

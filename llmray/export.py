@@ -52,6 +52,28 @@ def consolidated_state_dict(directory: str, zero_stage: int) -> dict[str, torch.
         return get_fp32_state_dict_from_zero_checkpoint(directory, tag=checkpoint.TAG)
 
 
+def full_precision_base(recipe, ckpt: str):
+    """The folder a QLoRA run quantized to 4 bits as it loaded: its adapters are merged into (or named with) the
+    full-precision weights, as QLoRA exports do."""
+    from transformers import AutoModelForCausalLM
+
+    base = recipe.model.pretrained
+    if not Path(base, "config.json").is_file():
+        raise ExportError(f"checkpoint {ckpt} trained QLoRA adapters over model.pretrained {base}, whose "
+                          "full-precision weights the export merges them into; that folder is not there")
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+
+
+def load_adapters(model, weights: dict[str, torch.Tensor], ckpt: str) -> None:
+    """The checkpoint's LoRA weights into `model`'s adapters, every one of them (the 4-bit base in the
+    checkpoint is left: the full-precision base replaces it)."""
+    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if "lora_" in k}, strict=False)
+    missing = [k for k in missing if "lora_" in k]
+    if missing or unexpected:
+        raise ExportError(f"checkpoint {ckpt}: its LoRA weights do not fit the recipe's adapters "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2GB", overwrite: bool = False,
            full_precision: bool = False, adapter: bool = False) -> dict:
     """Write the Hugging Face folder `out` (whole, or not at all); returns what was written. A run whose recipe
@@ -77,17 +99,22 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
         config = build_config(recipe.model, state.vocab_size)
         with logs.hush_stdout():  # DeepSpeed prints each step of gathering the ZeRO partitions
             weights = consolidated_state_dict(local, recipe.train.zero_stage)
-    lora = recipe.finetune is not None and recipe.finetune.method == "lora"
+    lora = recipe.finetune is not None and recipe.finetune.adapters
     if adapter and not lora:
         raise ExportError(f"--adapter: checkpoint {ckpt} is not a LoRA fine-tune (its recipe has "
                           f"finetune.method={recipe.finetune.method if recipe.finetune else 'none'})")
     # QAT's fake-quantized layers keep nn.Linear's parameters, so their weights load into the plain model as they
     # are; quantizing that model with the same scheme is torchao's QAT "convert" step.
-    model = AutoModelForCausalLM.from_config(config)
-    if lora:  # the engine trained the peft-wrapped model: its state dict loads into the same wrapping
-        model = with_lora(model, recipe.finetune.lora)
+    if lora and recipe.finetune.method == "qlora":
+        model = with_lora(full_precision_base(recipe, ckpt), recipe.finetune.lora)
+        load_adapters(model, weights, ckpt)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+        if lora:  # the engine trained the peft-wrapped model: its state dict loads into the same wrapping
+            model = with_lora(model, recipe.finetune.lora)
+        model.load_state_dict(weights, strict=True)
+    if lora:
         model.peft_config["default"].base_model_name_or_path = recipe.model.pretrained
-    model.load_state_dict(weights, strict=True)
     if lora and not adapter:
         model = model.merge_and_unload()
     model.to(DTYPES[dtype]).eval()

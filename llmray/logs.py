@@ -43,6 +43,8 @@ def drop_import_noise() -> None:
     logging.getLogger("torchao").addFilter(DropMessages("Failed to load"))
     logging.getLogger("torchao.kernel.intmm").addFilter(DropMessages("Detected no triton"))  # CPU has no triton
     logging.getLogger("torch.utils._pytree").addFilter(DropMessages("register_constant() on Enum subclasses"))
+    # bitsandbytes on CPU (a QLoRA base) looks for an optional faster 4-bit kernel package and works without it
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(DropMessages("Failed to load CPU gemm_4bit_forward"))
 
 
 def worker_env() -> dict[str, str]:

@@ -4,6 +4,7 @@ from."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -43,10 +44,15 @@ def build_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
         raise ModelError(f"model.arch={cfg.arch!r}: {e}") from None
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.float32, quantization_config=None,
+                device: torch.device | None = None) -> torch.nn.Module:
+    """The recipe's model: built from its config, or loaded from model.pretrained (quantized as it loads, onto
+    `device`, with a `quantization_config`)."""
     config = build_config(cfg, vocab_size)
     if cfg.pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype)
+        quantized = {} if quantization_config is None else {"quantization_config": quantization_config,
+                                                             "device_map": {"": device}}
+        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype, **quantized)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings, "
                              f"fewer than the tokenizer's {vocab_size} tokens")
@@ -69,8 +75,14 @@ def load_for_inference(folder: str, device: torch.device, quantization_config=No
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
 
 
+def weights_in(p: torch.Tensor) -> int:
+    """The weights a parameter holds: a 4-bit bitsandbytes parameter packs two per byte, its shape is the packing's."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None else p.numel()
+
+
 def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(weights_in(p) for p in model.parameters())
     if exclude_embeddings:
         n -= model.get_input_embeddings().weight.numel()
     return n

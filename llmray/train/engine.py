@@ -10,13 +10,15 @@ import deepspeed
 import torch
 
 from llmray import logs
-from llmray.adapters import trainable, with_lora
+from llmray.adapters import four_bit, prepare_four_bit, trainable, with_lora
 from llmray.config import SPARSE_METHODS, Recipe
 from llmray.model import build_model, count_params, flops_per_token
 from llmray.pruning.sparse import keep_zeros
 from llmray.quant import prepare_qat
 from llmray.train.schedule import make_scheduler
 from llmray.train.zero import deepspeed_config, resolve_precision
+
+ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,20 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     ds_config = deepspeed_config(recipe, precision)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    model = build_model(recipe.model, vocab_size)
-    if recipe.finetune is not None and recipe.finetune.method == "lora":
-        model = with_lora(model, recipe.finetune.lora)
+    f = recipe.finetune
+    adapters = f is not None and f.adapters
+    if f is not None and f.method == "qlora":  # the base loads 4-bit, onto this rank's device
+        compute = torch.bfloat16 if precision == "bf16" else torch.float32
+        model = prepare_four_bit(build_model(recipe.model, vocab_size, compute, four_bit(f.qlora, compute), device))
+    else:
+        model = build_model(recipe.model, vocab_size)
+    if adapters:
+        model = with_lora(model, f.lora)
         if announce:
             n_train, n_all = trainable(model)
-            print(f"[llmray] LoRA r={recipe.finetune.lora.r}: {n_train:,} of {n_all:,} parameters train "
-                  f"({100 * n_train / n_all:.2f}%)", flush=True)
+            base = f"a {f.qlora.quant_type} 4-bit base" if f.method == "qlora" else "a frozen base"
+            print(f"[llmray] {ADAPTER_NAMES[f.method]} r={f.lora.r} on {base}: "
+                  f"{n_train:,} of {n_all:,} parameters train ({100 * n_train / n_all:.2f}%)", flush=True)
     if recipe.prune is not None and recipe.prune.method in SPARSE_METHODS:  # a pruned model's recovery
         held = keep_zeros(model)
         if announce:
@@ -59,7 +68,7 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-        if recipe.finetune is not None and recipe.finetune.method == "lora":
+        if adapters:
             model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into checkpoints
     facts = ModelFacts(count_params(model),
                        flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len))

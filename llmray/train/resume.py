@@ -98,10 +98,12 @@ def to_universal(directory: str) -> str:
     return out
 
 
-def load_engine(engine, directory: str, universal: bool) -> None:
+def load_engine(engine, directory: str, universal: bool, strict: bool = True) -> None:
+    """`strict` False: the module's state may carry keys the fresh module lacks (a 4-bit base's quantization
+    state); the trained weights come back from the optimizer's fp32 partitions either way."""
     source = to_universal(directory) if universal else directory
     with weights_only_loads():
-        load_path, _ = engine.load_checkpoint(source, tag=checkpoint.TAG)
+        load_path, _ = engine.load_checkpoint(source, tag=checkpoint.TAG, load_module_strict=strict)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no states to load in checkpoint {directory}")
 
@@ -118,8 +120,11 @@ class Restore:
     def apply(self, engine, stream, now: TrainState, rank: int, seed: int) -> TrainState:
         """Load the engine's states, the RNGs and the stream position; returns the state to continue from (the
         saved one, with this group's world size and the facts of `now`)."""
-        load_engine(engine, self.directory, self.universal)
         saved = self.saved
+        # bitsandbytes saves a 4-bit weight's quantization state as extra keys beside it, which only its own
+        # loader reads; the frozen base is quantized again from model.pretrained when the engine is built.
+        four_bit_base = (saved.recipe.get("finetune") or {}).get("method") == "qlora"
+        load_engine(engine, self.directory, self.universal, strict=not four_bit_base)
         if not (saved.world_size == self.world_size and checkpoint.restore_rng(self.directory, rank)):
             torch.manual_seed(seed + 1_000_003 * saved.step + rank)  # new world size: fresh, seeded
         stream.load_state_dict(saved.stream)

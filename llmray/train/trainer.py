@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from llmray import lineage, logs, storage
 from llmray import metric_names as M
-from llmray.adapters import check_targets
+from llmray.adapters import check_qlora, check_targets
 from llmray.cluster import ensure_ray
 from llmray.config import Recipe, RecipeError
 from llmray.data.chat import Conversion, shard_conversations
@@ -106,8 +106,10 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     if recipe.model.pretrained is not None and config.vocab_size < vocab:
         raise RecipeError(f"model.pretrained {recipe.model.pretrained} has {config.vocab_size} token embeddings, "
                           f"fewer than the {vocab} tokens of data.tokenizer {d.tokenizer}")
-    if recipe.finetune is not None and recipe.finetune.method == "lora":
+    if recipe.finetune is not None and recipe.finetune.adapters:
         check_targets(config, recipe.finetune.lora)
+    if recipe.finetune is not None and recipe.finetune.method == "qlora":
+        check_qlora()
     if recipe.distill is not None:
         check_teacher(recipe.distill, config.vocab_size)
     positions = getattr(config, "max_position_embeddings", None)

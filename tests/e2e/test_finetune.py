@@ -1,6 +1,6 @@
 """Fine-tuning on the real spine (Ray Data stream, Ray Train, DeepSpeed ZeRO on CPU): LoRA under ZeRO-2 and full
 fine-tuning under ZeRO-3 with 2 workers, exports (merged and adapter) that plain transformers / peft load, and the
-killed-worker exact resume for a LoRA run."""
+killed-worker exact resume for a LoRA run; QLoRA over a 4-bit bitsandbytes base, resumed and exported alike."""
 
 import json
 import shutil
@@ -196,3 +196,55 @@ def test_base_and_two_adapters_served_side_by_side_in_one_batch(model_dir, lora_
         assert stats["largest_batch"] >= 2, "the adapters' requests were not batched together"
     finally:
         serve.shutdown()
+
+
+# ---- QLoRA: LoRA adapters over a 4-bit (bitsandbytes NF4) frozen base, on CPU -----------------------------------
+
+def qlora(model_dir, chats, storage, name, *overrides):
+    return sft(model_dir, chats, storage, name, "finetune.method=qlora", "train.record_samples=true", *overrides)
+
+
+def test_qlora_trains_adapters_over_a_4bit_base_resumes_exactly_and_exports_merged(model_dir, chats, ray_cluster,
+                                                                                     tmp_path):
+    from peft import PeftModel
+
+    ref = fit(qlora(model_dir, chats, tmp_path, "ref"))
+    loss = losses(ref)
+    assert ref.steps == STEPS and loss[-1] < loss[0] - 0.3, f"the assistant-token loss did not fall: {loss}"
+    module = torch.load(Path(ref.checkpoint, TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
+                        weights_only=False)["module"]
+    q = module["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert q.dtype == torch.uint8 and q.numel() == 64 * 64 // 2, "the base is not stored 4-bit"
+    base = load(model_dir)
+    n_lora = sum(v.numel() for k, v in module.items() if "lora_" in k)
+    assert n_lora <= optimizer_elements(ref.checkpoint) <= n_lora + 1024 < sum(p.numel() for p in base.parameters()) // 10
+
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_worker_when_checkpointed, args=(tmp_path / "killed", killed), daemon=True)
+    killer.start()
+    again = fit(qlora(model_dir, chats, tmp_path, "killed", "scaling.max_failures=1"))
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    state, through = read_state(again.checkpoint), read_state(ref.checkpoint)
+    assert len(state.resumes) == 1 and state.resumes[0]["step"] == 6
+    assert [s["samples"] for s in state.trace] == [s["samples"] for s in through.trace]
+    np.testing.assert_allclose([s["loss"] for s in state.trace], [s["loss"] for s in through.trace], rtol=0, atol=1e-6)
+
+    info = export(ref.checkpoint, str(tmp_path / "merged"))
+    assert info["finetune"] == "qlora"
+    merged = load(tmp_path / "merged")
+    export(ref.checkpoint, str(tmp_path / "adapter"), adapter=True)
+    with_adapter = PeftModel.from_pretrained(load(model_dir), str(tmp_path / "adapter")).eval()
+    b, m = base.state_dict(), merged.state_dict()
+    assert torch.equal(b["model.embed_tokens.weight"], m["model.embed_tokens.weight"])
+    assert not torch.allclose(b["model.layers.0.self_attn.q_proj.weight"], m["model.layers.0.self_attn.q_proj.weight"])
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_qlora_under_zero3_is_refused_before_ray(model_dir, chats, tmp_path):
+    from llmray.config import RecipeError
+
+    with pytest.raises(RecipeError, match="finetune.method=qlora replicates its 4-bit base .* use train.zero_stage=2"):
+        qlora(model_dir, chats, tmp_path, "z3", "train.zero_stage=3")

@@ -27,3 +27,15 @@ def test_bad_shards_fail_before_workers_start(corpus, tmp_path):
     (bad / "shard-00000.parquet").write_bytes(b"PAR1 definitely not parquet")
     with pytest.raises(CorpusError, match=f"shard {bad / 'shard-00000.parquet'} is corrupt"):
         fit(tiny(corpus, tmp_path, f"data.shards={bad}"))
+
+
+def test_qlora_where_bitsandbytes_cannot_load_is_refused_before_ray(monkeypatch):
+    import sys
+
+    from llmray.adapters import check_qlora
+    from llmray.config import RecipeError
+
+    check_qlora()  # here it loads
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a platform without it: import fails
+    with pytest.raises(RecipeError, match="finetune.method=qlora needs bitsandbytes .*use finetune.method=lora"):
+        check_qlora()
