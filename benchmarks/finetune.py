@@ -1,8 +1,9 @@
 """What fine-tuning costs.
 
-1. LoRA against full fine-tuning of the same model through the real spine (`llmray.train.trainer.fit`: Ray Data
-   stream, Ray Train, DeepSpeed ZeRO-2, 2 CPU workers): the trainable-parameter share, the peak memory of a worker
-   (its process RSS on CPU), and training tokens/s over the last window.
+1. LoRA and QLoRA (the same adapters over a bitsandbytes NF4 base) against full fine-tuning of the same model
+   through the real spine (`llmray.train.trainer.fit`: Ray Data stream, Ray Train, DeepSpeed ZeRO-2, 2 CPU
+   workers): the trainable-parameter share, the peak memory of a worker (its process RSS on CPU), training
+   tokens/s over the last window, and the held-out loss (assistant tokens) at the end.
 2. Conversations packed into rows (llmray's way, block-diagonal attention from position ids) against one
    conversation per row padded to the batch's longest, on the same conversations in one process: tokens/s of
    real (non-padding) tokens and of assistant tokens trained, one pass each, the same optimizer.
@@ -57,16 +58,16 @@ def spine(model_dir: str, chats: str, storage: str, method: str, steps: int) -> 
     recipe = load_recipe("jobs/sft_tiny.yaml", [
         f"model.pretrained={model_dir}", f"data.conversations={chats}", f"run.storage_path={storage}",
         f"run.name={method}", f"data.seq_len={SEQ}", f"finetune.method={method}", f"train.max_steps={steps}",
-        "train.log_every=10", "train.eval_every=0", "train.checkpoint_every=0", "train.micro_batch_size=4",
+        "train.log_every=10", f"train.eval_every={steps}", "train.checkpoint_every=0", "train.micro_batch_size=4",
         "train.global_batch_size=16"])
     summary = fit(recipe)
     last = read_state(summary.checkpoint).history[-1]
     model = build_model(recipe.model, 0)
-    n_train, n_all = trainable(with_lora(model, recipe.finetune.lora)) if method == "lora" else (
+    n_train, n_all = trainable(with_lora(model, recipe.finetune.lora)) if recipe.finetune.adapters else (
         sum(p.numel() for p in model.parameters()),) * 2
     return {"method": method, "parameters": n_all, "trainable": n_train, "trainable_share": round(n_train / n_all, 4),
             "tokens_per_s": round(last["tokens_per_s"]), "peak_memory_gb_per_worker": round(last["peak_memory_gb"], 3),
-            "steps": summary.steps}
+            "val_loss": round(summary.val_loss, 4), "steps": summary.steps}
 
 
 def one_pass(model, batches: list[dict]) -> tuple[float, int, int]:
@@ -157,12 +158,15 @@ def main() -> None:
             f.writelines(json.dumps({"messages": c}) + "\n" for c in conversations(2000, seed=1))
         pack = packing(model_dir, convs, rows_per_batch=4, convs_per_batch=16)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        runs = [spine(model_dir, chats, os.path.join(tmp, "runs"), m, args.steps) for m in ("full", "lora")]
+        runs = [spine(model_dir, chats, os.path.join(tmp, "runs"), m, args.steps)
+                for m in ("full", "lora", "qlora")]
         ray.shutdown()
-    full, lora = runs
+    full, lora, qlora = runs
     emit("finetune", {
         "model": {**MODEL, "seq_len": SEQ}, "workers": 2, "zero_stage": 2, "steps": args.steps,
-        "full": full, "lora": lora,
+        "full": full, "lora": lora, "qlora": qlora,
+        "qlora_over_lora_tokens_per_s": round(qlora["tokens_per_s"] / lora["tokens_per_s"], 2),
+        "qlora_over_lora_peak_memory": round(qlora["peak_memory_gb_per_worker"] / lora["peak_memory_gb_per_worker"], 2),
         "lora_over_full_tokens_per_s": round(lora["tokens_per_s"] / full["tokens_per_s"], 2),
         "lora_over_full_peak_memory": round(lora["peak_memory_gb_per_worker"] / full["peak_memory_gb_per_worker"], 2),
         "packing": pack,
