@@ -43,6 +43,8 @@ def drop_import_noise() -> None:
     logging.getLogger("torchao").addFilter(DropMessages("Failed to load"))
     logging.getLogger("torchao.kernel.intmm").addFilter(DropMessages("Detected no triton"))  # CPU has no triton
     logging.getLogger("torch.utils._pytree").addFilter(DropMessages("register_constant() on Enum subclasses"))
+    # DeepSpeed, imported by transformers in a process without a GPU, says it will use the CPU: that is the point
+    logging.getLogger("DeepSpeed").addFilter(DropMessages("Setting accelerator to CPU"))
     # bitsandbytes on CPU (a QLoRA base) looks for an optional faster 4-bit kernel package and works without it
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(DropMessages("Failed to load CPU gemm_4bit_forward"))
 
@@ -57,7 +59,7 @@ def worker_env() -> dict[str, str]:
 def no_progress_bars() -> dict[str, str]:
     """transformers draws a progress bar for every model it loads or saves (huggingface_hub's switch turns them
     off, read when transformers is imported): a bar per worker per run is noise unless verbose."""
-    return {} if verbose() else {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    return {} if verbose() else {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}  # tqdm: DeepSpeed's
 
 
 # One instance: a logger adds a filter it already holds only once, so repeated calls (a sweep runs many fits in
