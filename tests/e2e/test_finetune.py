@@ -241,10 +241,3 @@ def test_qlora_trains_adapters_over_a_4bit_base_resumes_exactly_and_exports_merg
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
     with torch.no_grad():
         torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=0)
-
-
-def test_qlora_under_zero3_is_refused_before_ray(model_dir, chats, tmp_path):
-    from llmray.config import RecipeError
-
-    with pytest.raises(RecipeError, match="finetune.method=qlora replicates its 4-bit base .* use train.zero_stage=2"):
-        qlora(model_dir, chats, tmp_path, "z3", "train.zero_stage=3")

@@ -115,8 +115,12 @@ def test_cli_help_shows_the_defaults_the_library_uses(capsys):
 def test_finetune_recipes():
     r = load_recipe("jobs/sft_tiny.yaml")
     assert r.finetune.method == "lora" and r.data.tokenizer == r.model.pretrained  # the model's own tokenizer
-    with pytest.raises(RecipeError, match="finetune.method=qlora .* is not available yet"):
-        load_recipe("jobs/sft_tiny.yaml", ["finetune.method=qlora"])
+    q = load_recipe("jobs/sft_tiny.yaml", ["finetune.method=qlora"]).finetune
+    assert q.adapters and (q.qlora.quant_type, q.qlora.double_quant) == ("nf4", True)
+    with pytest.raises(RecipeError, match="finetune.method=qlora replicates its 4-bit base .* train.zero_stage=2"):
+        load_recipe("jobs/sft_tiny.yaml", ["finetune.method=qlora", "train.zero_stage=3"])
+    with pytest.raises(RecipeError, match="finetune.qlora.quant_type"):
+        load_recipe("jobs/sft_tiny.yaml", ["finetune.method=qlora", "finetune.qlora.quant_type=int3"])
     with pytest.raises(RecipeError, match="finetune needs model.pretrained"):
         load_recipe("jobs/sft_tiny.yaml", ["model.pretrained=null", "data.tokenizer=t"])
     with pytest.raises(RecipeError, match="data.conversations is one corpus"):
