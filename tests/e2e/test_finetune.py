@@ -92,11 +92,15 @@ def test_lora_trains_only_the_adapters_and_exports_merged_and_adapter(model_dir,
     # only the adapters trained: the optimizer holds them alone (ZeRO-2 pads each rank's partition a little)
     n_all = sum(p.numel() for p in base.parameters())
     assert n_lora <= optimizer_elements(summary.checkpoint) <= n_lora + 1024 < n_all // 10
-    # the frozen base is untouched where LoRA does not reach; the merged projections moved
+    merged_matches_adapter(base, merged, with_adapter)
+
+
+def merged_matches_adapter(base, merged, with_adapter) -> None:
+    """The frozen base is untouched where LoRA does not reach, the merged projections moved, and base + adapter
+    folder (peft) computes what the merged folder computes."""
     b, m = base.state_dict(), merged.state_dict()
     assert torch.equal(b["model.embed_tokens.weight"], m["model.embed_tokens.weight"])
     assert not torch.allclose(b["model.layers.0.self_attn.q_proj.weight"], m["model.layers.0.self_attn.q_proj.weight"])
-    # base + adapter (peft) computes what the merged folder computes
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
     with torch.no_grad():
         torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=0)
@@ -234,10 +238,4 @@ def test_qlora_trains_adapters_over_a_4bit_base_resumes_exactly_and_exports_merg
     assert info["finetune"] == "qlora"
     merged = load(tmp_path / "merged")
     export(ref.checkpoint, str(tmp_path / "adapter"), adapter=True)
-    with_adapter = PeftModel.from_pretrained(load(model_dir), str(tmp_path / "adapter")).eval()
-    b, m = base.state_dict(), merged.state_dict()
-    assert torch.equal(b["model.embed_tokens.weight"], m["model.embed_tokens.weight"])
-    assert not torch.allclose(b["model.layers.0.self_attn.q_proj.weight"], m["model.layers.0.self_attn.q_proj.weight"])
-    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
-    with torch.no_grad():
-        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=0)
+    merged_matches_adapter(base, merged, PeftModel.from_pretrained(load(model_dir), str(tmp_path / "adapter")).eval())
