@@ -87,6 +87,8 @@ def quiet_here() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # peft asks transformers the old name when it wraps a model for LoRA
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @contextlib.contextmanager
