@@ -12,6 +12,7 @@ import posixpath
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import ray
 import ray.train
@@ -181,7 +182,7 @@ def with_pruned_model(recipe: Recipe) -> Recipe:
         return recipe
     out = os.path.join(recipe.run.folder, PRUNED_DIR)
     made = lineage.read(out).get("prune", {})
-    if made.get("spec") != p.model_dump() or made.get("source") != os.path.abspath(recipe.model.pretrained):
+    if made.get("spec") != p.model_dump() or made.get("source") != str(Path(recipe.model.pretrained).resolve()):
         print(f"[llmray] pruning {recipe.model.pretrained} ({p.method}) into {out}", flush=True)
         print(report_text(prune_folder(recipe.model.pretrained, out, p, overwrite=True, flag=recipe_key)), flush=True)
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"pretrained": out})})

@@ -175,3 +175,22 @@ def test_grouped_heads_go_whole(exported):
     config.num_key_value_heads = 2
     with pytest.raises(PruneError, match=r"--heads 3: .* groups of 2, which go whole; ask for a multiple of 2"):
         check_spec(LlamaForCausalLM(config), PruneConfig(method="width", heads=3))
+
+
+def test_a_recipe_prune_block_prunes_into_the_run_folder_once(corpus, exported, tmp_path):
+    from helpers import tiny
+
+    from llmray.train.trainer import with_pruned_model
+
+    recipe = tiny(corpus, tmp_path, f"model.pretrained={exported}", "prune.method=wanda", "prune.sparsity=0.5",
+                  "prune.calibration_samples=8")
+    first = with_pruned_model(recipe)
+    pruned = tmp_path / "pretrain-tiny" / "pruned"
+    assert first.model.pretrained == str(pruned) and first.prune == recipe.prune
+    assert load(pruned).model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == pytest.approx(0.5, abs=0.01)
+    made = (pruned / "model.safetensors").stat().st_mtime_ns
+    assert with_pruned_model(recipe).model.pretrained == str(pruned)  # a resumed run finds it
+    assert (pruned / "model.safetensors").stat().st_mtime_ns == made
+    other = recipe.model_copy(update={"prune": recipe.prune.model_copy(update={"sparsity": 0.25})})
+    with_pruned_model(other)  # another spec prunes again
+    assert load(pruned).model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == pytest.approx(0.25, abs=0.01)
