@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def trained(corpus, ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
-    summary = fit(tiny(corpus, tmp, "run.name=src", "train.max_steps=12", "train.lr=3e-3", "scaling.num_workers=2"))
+    summary = fit(tiny(corpus, tmp, "run.name=src", "train.max_steps=8", "train.lr=3e-3", "scaling.num_workers=2"))
     export(summary.checkpoint, str(tmp / "exported"))
     return str(tmp / "exported")
 
