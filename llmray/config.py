@@ -396,6 +396,40 @@ class Recipe(Strict):
         return self.train.global_batch_size * self.data.seq_len
 
 
+# The recipe keys that name local files or folders (or URIs). A run's other processes (Train workers, Tune trials)
+# need not share the driver's working directory, so the driver makes them absolute (`with_absolute_paths`).
+PATH_KEYS = ("data.shards", "data.val_shards", "data.tokenizer", "data.conversations", "data.sources.*.shards",
+             "model.pretrained", "distill.teacher", "eval.tasks")
+
+
+def with_absolute_paths(raw: dict, root: Path | None = None) -> dict:
+    """A copy of the raw recipe whose relative local paths that exist under `root` (default: the working
+    directory) are absolute; URIs, absolute paths and paths that do not exist are left as they are."""
+    root = root or Path.cwd()
+
+    def fix(value):
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if not isinstance(value, str) or storage.is_uri(value) or os.path.isabs(value):
+            return value
+        path = root / value
+        return str(path.resolve()) if path.exists() else value
+
+    def walk(node, parts: list[str]):
+        if not parts or not isinstance(node, (dict, list)):
+            return fix(node) if not parts else node
+        head, rest = parts[0], parts[1:]
+        if head == "*":
+            return [walk(item, rest) for item in node] if isinstance(node, list) else node
+        if isinstance(node, dict) and node.get(head) is not None:
+            return {**node, head: walk(node[head], rest)}
+        return node
+
+    for key in PATH_KEYS:
+        raw = walk(raw, key.split("."))
+    return raw
+
+
 def default(section: str, key: str) -> Any:
     """A recipe key's declared default (`default("data", "seq_len")`), for the CLI and other entry points."""
     field = Recipe.model_fields[section].annotation.model_fields[key]

@@ -97,7 +97,7 @@ class OptunaOnMetricReports(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: float | None,
+def trial_main(config: dict, spec_json: dict, base: dict, sweep_dir: str, cpus_per_trial: float | None,
                storage_env: dict[str, str]) -> None:
     """One trial: the recipe with this trial's values, trained by Ray Train, then (for a quantizing recipe) exported
     quantized with its report. Runs as a Tune function trainable; its TorchTrainer reports through
@@ -111,7 +111,7 @@ def trial_main(config: dict, spec_json: dict, sweep_dir: str, cpus_per_trial: fl
     spec = SweepSpec.model_validate(spec_json)
     context = tune.get_context()
     params = {k: config[k] for k in spec.parameters}
-    recipe = spec.trial_recipe(params, storage.join(sweep_dir, TRIALS_DIR), context.get_trial_id())
+    recipe = spec.trial_recipe(params, storage.join(sweep_dir, TRIALS_DIR), context.get_trial_id(), base)
     summary = fit(recipe, callbacks=[TuneReportCallback()], cpus_available=cpus_per_trial)
     final = {M.STEP: summary.steps, M.TOKENS: summary.tokens, M.LOSS: summary.final_loss, M.VAL_LOSS: summary.val_loss,
              M.VAL_PPL: summary.val_ppl, M.TOKENS_PER_S: summary.tokens_per_s, "checkpoint_dir": summary.checkpoint,
@@ -216,7 +216,8 @@ def run_sweep(spec: SweepSpec) -> dict:
     sweep_id = wandb_sweep(spec) if mode == "online" else None
     # The trial's function only waits on its TorchTrainer: a token CPU (Tune refuses an empty request).
     trainable = tune.with_resources(
-        tune.with_parameters(trial_main, spec_json=spec.model_dump(mode="json"), sweep_dir=sweep_dir,
+        tune.with_parameters(trial_main, spec_json=spec.model_dump(mode="json"), base=spec.base_raw(),
+                             sweep_dir=sweep_dir,
                              cpus_per_trial=cluster.get("CPU", 1) / concurrent - DRIVER_CPU,
                              storage_env=storage.credentials_env() if storage.is_uri(root) else {}),
         {"cpu": DRIVER_CPU})

@@ -26,6 +26,7 @@ from llmray.config import (
     read_recipe_file,
     recipe_from_dict,
     set_value,
+    with_absolute_paths,
 )
 from llmray.errors import LlmrayError
 
@@ -223,7 +224,9 @@ class SweepSpec(Strict):
     # ---- recipes ----------------------------------------------------------------------------------------------
 
     def base_raw(self) -> dict:
-        raw = apply_overrides(read_recipe_file(self.llmray.recipe), self.llmray.overrides)
+        """The recipe file with the sweep's overrides, read in the driver: its local paths absolute, since each
+        trial runs in its own folder."""
+        raw = with_absolute_paths(apply_overrides(read_recipe_file(self.llmray.recipe), self.llmray.overrides))
         scaling = raw.setdefault("scaling", {})
         for key, value in (("num_workers", self.llmray.workers), ("cpus_per_worker", self.llmray.cpus_per_worker),
                            ("gpus_per_worker", self.llmray.gpus_per_worker), ("use_gpu", self.llmray.use_gpu)):
@@ -340,6 +343,6 @@ def load_sweep(path: str | Path) -> SweepSpec:
     recipe = Path(spec.llmray.recipe)
     if not recipe.is_absolute():  # relative to the sweep file's folder first, else to the working directory
         beside = path.parent / recipe
-        spec.llmray.recipe = str(beside if beside.is_file() else recipe)
+        spec.llmray.recipe = str((beside if beside.is_file() else recipe).resolve())
     spec.check()
     return spec

@@ -23,7 +23,7 @@ from llmray import lineage, logs, storage
 from llmray import metric_names as M
 from llmray.adapters import check_qlora, check_targets
 from llmray.cluster import ensure_ray
-from llmray.config import Recipe, RecipeError
+from llmray.config import Recipe, RecipeError, recipe_from_dict, with_absolute_paths
 from llmray.data.chat import Conversion, shard_conversations
 from llmray.data.pack import StreamSpec, first_rows
 from llmray.data.split import split_sources
@@ -146,16 +146,7 @@ def cpu_budget(recipe: Recipe, cluster_cpus: float) -> tuple[float, float]:
 
 def absolute_paths(recipe: Recipe) -> Recipe:
     """Local paths made absolute: Train workers and data actors do not start in the driver's folder."""
-    def fix(p: str | None) -> str | None:
-        return p if p is None or storage.is_uri(p) or not os.path.exists(p) else os.path.abspath(p)
-
-    d, m = recipe.data, recipe.model
-    conversations = [fix(p) for p in d.conversations] if isinstance(d.conversations, list) else fix(d.conversations)
-    return recipe.model_copy(update={
-        "data": d.model_copy(update={"shards": fix(d.shards), "val_shards": fix(d.val_shards),
-                                     "tokenizer": fix(d.tokenizer), "conversations": conversations}),
-        "model": m.model_copy(update={"pretrained": fix(m.pretrained)}),
-    })
+    return recipe_from_dict(with_absolute_paths(recipe.model_dump(mode="json")))
 
 
 def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]:

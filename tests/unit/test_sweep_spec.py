@@ -117,3 +117,26 @@ def test_a_blend_sweeps_on_one_sources_validation_loss(corpus, tmp_path):
         "llmray/overrides": ["data.shards=null", blend, f"data.tokenizer={corpus['tokenizer']}",
                              *(o for o in SWEEP_SMALL if not o.startswith("quant."))]})
     assert load_sweep(path).metric.name == "val_loss/code"
+
+
+def test_trials_get_the_recipe_with_the_drivers_paths(monkeypatch, tmp_path):
+    """Each trial runs in its own folder: the recipe file and its local paths are resolved in the driver's."""
+    import yaml
+
+    driver = tmp_path / "driver"
+    for folder in ("shards", "model", "jobs", "tune"):
+        (driver / folder).mkdir(parents=True)
+    (driver / "jobs" / "r.yaml").write_text(yaml.safe_dump({
+        "data": {"shards": "./shards"}, "model": {"pretrained": "model"}, "distill": {"teacher": "./model"}}))
+    (driver / "tune" / "s.yaml").write_text(yaml.safe_dump({
+        "name": "paths", "method": "grid", "metric": {"name": "val_ppl", "goal": "minimize"},
+        "parameters": {"train.lr": {"values": [1e-3]}},
+        "llmray": {"recipe": "jobs/r.yaml", "budget": {"steps": 2}, "storage_path": str(tmp_path / "sweeps")}}))
+    monkeypatch.chdir(driver)
+    spec = load_sweep("tune/s.yaml")
+    assert spec.llmray.recipe == str(driver / "jobs" / "r.yaml")
+    base = spec.base_raw()
+    monkeypatch.chdir(tmp_path)  # where a trial runs
+    trial = spec.trial_recipe({"train.lr": 1e-3}, str(tmp_path / "trials"), "t", base)
+    assert trial.data.shards == str(driver / "shards")
+    assert trial.model.pretrained == trial.distill.teacher == trial.data.tokenizer == str(driver / "model")
