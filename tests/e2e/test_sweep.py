@@ -36,7 +36,10 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def first_done():
-        return any('"completed": true' in p.read_text() for p in sweep_dir.glob("*/result.json"))
+        """The trial reported its end, and Tune's saved experiment state knows it (Tune writes that state a moment
+        later; killed in between, the resumed sweep reruns the trial)."""
+        return any('"completed": true' in p.read_text() for p in sweep_dir.glob("*/result.json")) and \
+            any("TERMINATED" in p.read_text() for p in sweep_dir.glob("experiment_state-*.json"))
 
     try:
         wait_for(first_done, 400, "the first trial to finish")
