@@ -59,18 +59,17 @@ def recover(src: str, out: str, spec: PruneConfig, steps: int, overrides: list[s
     held_out, samples = calibration(src, spec)
     summary = fit(recipe)
     pruned = os.path.join(recipe.run.folder, PRUNED_DIR)
-    details = {k: v for k, v in json.loads(Path(pruned, REPORT_FILE).read_text()).items()
-               if k in ("block_influence", "dropped_layers", "width", "kept_hidden", "kept_groups", "sparsity",
-                        "pattern")}
+    made = lineage.read(pruned)["prune"]  # what the pruning did, as the pruned folder's lineage records it
+    details = {k: v for k, v in made.items() if k not in ("method", "spec", "source")}
     how = "distilled from the unpruned model" if recipe.distill is not None else "retrained with the zeros held"
     recovery = {"steps": steps, "how": how, "run": recipe.run.folder, "tokens": summary.tokens,
                 "checkpoint": summary.checkpoint, "val_loss": summary.val_loss}
     dev = inference_device(device)
     with staged(out) as partial:
         export(summary.checkpoint, str(partial), overwrite=True)
+        # measured together, not taken from the pruned folder's report: the models take turns at tokens/s
         before, after_pruning, after = measure([src, pruned, str(partial)], samples, dev)
-        info = lineage.read(partial)
-        lineage.write(partial, {**info, "prune": {**info["pretrained_lineage"]["prune"], "recovery": recovery}})
+        lineage.write(partial, {**lineage.read(partial), "prune": {**made, "recovery": recovery}})
         report = {
             "method": spec.method, **details, "source": src, "out": out, "device": str(dev),
             "input_report": lineage.input_report(src), "held_out": {"what": held_out.describe(), "samples": len(samples)},
