@@ -53,7 +53,7 @@ def trainable(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters)."""
     from llmray.model import weights_in
 
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+    return (sum(weights_in(p) for p in model.parameters() if p.requires_grad),
             sum(weights_in(p) for p in model.parameters()))
 
 

@@ -123,6 +123,28 @@ class ModelConfig(Strict):
         return self
 
 
+FLASH_ATTENTIONS = ("flash_attention_2", "flash_attention_3")
+
+
+class KernelsConfig(Strict):
+    """The fast paths of a training step. `auto` picks the fast one where it runs: on GPUs, with its library
+    installed (resolved per worker by `llmray.train.kernels`)."""
+
+    # transformers' attn_implementation; auto: flash_attention_2 on GPUs with flash-attn installed, else sdpa.
+    # Packed documents (position ids restarting per document) take flash-attn's varlen path, or a block mask in sdpa.
+    attention: Literal["auto", "sdpa", "flash_attention_2", "flash_attention_3", "eager"] = "auto"
+    # torch.compile of each decoder block (regional: one block's graph, compiled once, serves them all); auto: on
+    # GPUs with ZeRO 0-2 (ZeRO-3's parameter gathering breaks the compiled graphs)
+    compile: bool | Literal["auto"] = "auto"
+    # liger-kernel's Triton kernels (RMSNorm, RoPE, SwiGLU, and a linear cross-entropy that never materialises the
+    # logits); auto: on GPUs with liger-kernel installed, unless the loss needs the logits (distillation)
+    liger: bool | Literal["auto"] = "auto"
+    # AdamW: torch_fused (torch.optim.AdamW(fused=True): one kernel, nothing to build), deepspeed_fused (DeepSpeed's
+    # FusedAdam, JIT-built with nvcc), torch (for-each); auto: torch_fused. train.offload_optimizer uses DeepSpeed's
+    # CPU Adam whatever this says.
+    adam: Literal["auto", "torch_fused", "deepspeed_fused", "torch"] = "auto"
+
+
 class TrainConfig(Strict):
     max_steps: int = Field(100, gt=0)
     micro_batch_size: int = Field(8, gt=0)
@@ -139,7 +161,10 @@ class TrainConfig(Strict):
     offload_optimizer: bool = False
     offload_params: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    activation_checkpointing: bool = False
+    # recompute decoder blocks' activations in the backward instead of keeping them: true (every block), or N
+    # (every Nth block: memory traded back for speed)
+    activation_checkpointing: bool | int = False
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
     deepspeed: dict[str, Any] | str | None = None  # raw DeepSpeed JSON (dict or path), merged last
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(50, ge=0)  # 0: no evaluation during training
@@ -164,6 +189,19 @@ class TrainConfig(Strict):
             except json.JSONDecodeError as e:
                 raise ValueError(f"DeepSpeed JSON file {v} is not valid JSON: {e}") from None
         return v
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _every_n_blocks(cls, v):
+        if not isinstance(v, bool) and v < 1:
+            raise ValueError(f"must be true, false, or N >= 1 (every Nth decoder block); got {v}")
+        return v
+
+    @property
+    def recompute_every(self) -> int:
+        """Every how many decoder blocks activations are recomputed (activation checkpointing); 0: none."""
+        v = self.activation_checkpointing
+        return int(v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _offload_needs_stage(self) -> "TrainConfig":
@@ -340,7 +378,21 @@ class Recipe(Strict):
         if t.precision == "fp16" and not s.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
         self._quant_checks()
+        self._kernel_checks()
         return self
+
+    def _kernel_checks(self) -> None:
+        k, gpu = self.train.kernels, self.scaling.use_gpu
+        if k.attention in FLASH_ATTENTIONS and not gpu:
+            raise ValueError(f"train.kernels.attention={k.attention} runs on GPUs only; use sdpa (or auto) on CPU")
+        if k.liger is True:
+            if not gpu:
+                raise ValueError("train.kernels.liger=true: liger-kernel's Triton kernels run on GPUs only")
+            if self.distill is not None:
+                raise ValueError("train.kernels.liger=true never materialises the student's logits, which "
+                                 "distillation's KL needs; set it to auto or false")
+        if k.adam == "deepspeed_fused" and not gpu:
+            raise ValueError("train.kernels.adam=deepspeed_fused is a CUDA op; use torch_fused (or auto) on CPU")
 
     def _finetune_checks(self) -> None:
         f = self.finetune

@@ -76,15 +76,18 @@ def load_for_inference(folder: str, device: torch.device, quantization_config=No
 
 
 def weights_in(p: torch.Tensor) -> int:
-    """The weights a parameter holds: a 4-bit bitsandbytes parameter packs two per byte, its shape is the packing's."""
+    """The weights a parameter holds: a 4-bit bitsandbytes parameter packs two per byte, its shape is the packing's;
+    a ZeRO-3 partitioned one holds none here, its whole size is `ds_numel`."""
     state = getattr(p, "quant_state", None)
-    return math.prod(state.shape) if state is not None else p.numel()
+    if state is not None:
+        return math.prod(state.shape)
+    return getattr(p, "ds_numel", p.numel())
 
 
 def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
     n = sum(weights_in(p) for p in model.parameters())
     if exclude_embeddings:
-        n -= model.get_input_embeddings().weight.numel()
+        n -= weights_in(model.get_input_embeddings().weight)
     return n
 
 

@@ -1,8 +1,9 @@
-"""The DeepSpeed engine a recipe asks for: the model (QAT-prepared, checkpointed activations when asked), its
-DeepSpeed config and LR schedule, and the facts MFU is computed from."""
+"""The DeepSpeed engine a recipe asks for: the model (built partitioned under ZeRO-3, QAT-prepared, with the fast
+kernels the recipe resolves to), its DeepSpeed config and LR schedule, and the facts MFU is computed from."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from llmray.config import SPARSE_METHODS, Recipe
 from llmray.model import build_model, count_params, flops_per_token
 from llmray.pruning.sparse import keep_zeros
 from llmray.quant import prepare_qat
+from llmray.train import kernels as fast
 from llmray.train.schedule import make_scheduler
 from llmray.train.zero import deepspeed_config, resolve_precision
 
@@ -45,11 +47,15 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     f = recipe.finetune
     adapters = f is not None and f.adapters
+    kernels = fast.resolve(recipe, device.type == "cuda")
+    if announce:
+        print(f"[llmray] kernels: {kernels.describe()}", flush=True)
     if f is not None and f.method == "qlora":  # the base loads 4-bit, onto this rank's device
         compute = torch.bfloat16 if precision == "bf16" else torch.float32
         model = prepare_four_bit(build_model(recipe.model, vocab_size, compute, four_bit(f.qlora, compute), device))
     else:
-        model = build_model(recipe.model, vocab_size)
+        with partitioned_construction(recipe, ds_config):
+            model = build_model(recipe.model, vocab_size)
     if adapters:
         model = with_lora(model, f.lora)
         if announce:
@@ -65,15 +71,36 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
         n_fake = prepare_qat(model, recipe.quant)
         if announce:
             print(f"[llmray] QAT: {n_fake} Linear layers fake-quantized as {recipe.quant.scheme}", flush=True)
-    if t.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-        if adapters:
-            model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into checkpoints
+    fast.apply(model, kernels, adapters)
     facts = ModelFacts(count_params(model),
                        flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len))
     with logs.hush_stdout():  # DeepSpeed prints the ops it builds and the kernels it lacks
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
             lr_scheduler=None if "scheduler" in ds_config else make_scheduler(t))
+    fast.gather_lm_head_for_liger(engine, kernels, t.zero_stage == 3)
     return engine, facts
+
+
+def builds_partitioned(recipe: Recipe) -> bool:
+    """ZeRO-3 builds (or loads) the model straight into each rank's partition, so no rank holds it whole; except
+    where weights are rewritten between building and DeepSpeed (QAT swaps the Linear layers; a sparse recovery
+    reads the zeros it keeps)."""
+    sparse = recipe.prune is not None and recipe.prune.method in SPARSE_METHODS
+    return recipe.train.zero_stage == 3 and recipe.quant.method != "qat" and not sparse
+
+
+@contextlib.contextmanager
+def partitioned_construction(recipe: Recipe, ds_config: dict):
+    """While open, transformers builds a model under `deepspeed.zero.Init` (and loads a pretrained one partition by
+    partition, initialising weights as it would whole), as its Trainer does with ZeRO-3."""
+    if not builds_partitioned(recipe):
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds only a weak reference)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # a teacher or an eval model loaded later is whole again

@@ -34,6 +34,7 @@ from llmray.model import build_config
 from llmray.prune import prune_folder, recipe_key, report_text
 from llmray.train import checkpoint, resume
 from llmray.train.distill import check_teacher
+from llmray.train.kernels import check_installed
 from llmray.train.metrics import eval_by_task, per_source_val
 from llmray.train.plot import plot_loss
 from llmray.train.wandb_log import wandb_env
@@ -111,6 +112,7 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
         check_targets(config, recipe.finetune.lora)
     if recipe.finetune is not None and recipe.finetune.method == "qlora":
         check_qlora()
+    check_installed(recipe)
     if recipe.distill is not None:
         check_teacher(recipe.distill, config.vocab_size)
     positions = getattr(config, "max_position_embeddings", None)

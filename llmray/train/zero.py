@@ -9,6 +9,7 @@ import copy
 from typing import Any
 
 from llmray.config import Recipe
+from llmray.train.kernels import adam_impl
 
 
 def resolve_precision(recipe: Recipe, bf16_supported: bool) -> str:
@@ -41,9 +42,10 @@ def deepspeed_config(recipe: Recipe, precision: str) -> dict[str, Any]:
     if t.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": s.use_gpu}
     adam = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
-    # FusedAdam needs CUDA; plain torch AdamW on CPU unless offload asks for DeepSpeed's CPU Adam.
-    if not s.use_gpu and not t.offload_optimizer:
+    impl = adam_impl(recipe)
+    if not t.offload_optimizer and impl != "deepspeed_fused":  # offload steps DeepSpeed's CPU Adam
         adam["torch_adam"] = True
+        adam["fused"] = impl == "torch_fused"  # DeepSpeed passes it on to torch.optim.AdamW
     config = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -1,0 +1,99 @@
+"""The fast paths of a training step (`train.kernels`, `train.activation_checkpointing`): `auto` resolved for this
+worker (the fast path where it runs: on a GPU, with its library installed), then applied to the model before
+DeepSpeed wraps it."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from llmray.config import Recipe, RecipeError
+
+# each library-backed choice: the module it imports (for `auto` and `check_installed`), and how to install it
+LIBRARIES = {"flash_attention_2": ("flash_attn", "pip install flash-attn"),
+             "flash_attention_3": ("flash_attn_interface", "build flash-attention's hopper/ folder"),
+             "liger": ("liger_kernel", "pip install liger-kernel")}
+
+
+@dataclass(frozen=True)
+class Kernels:
+    attention: str  # transformers' attn_implementation
+    liger: bool
+    compile: bool  # each decoder block through torch.compile
+    adam: str  # torch_fused, deepspeed_fused or torch
+    recompute_every: int  # activations recomputed in every Nth decoder block; 0: none
+
+    def describe(self) -> str:
+        ac = {0: "off", 1: "every block"}.get(self.recompute_every, f"every {self.recompute_every} blocks")
+        return (f"attention {self.attention}, liger {'on' if self.liger else 'off'}, "
+                f"compile {'on' if self.compile else 'off'}, AdamW {self.adam}, activation checkpointing {ac}")
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def adam_impl(recipe: Recipe) -> str:
+    a = recipe.train.kernels.adam
+    return "torch_fused" if a == "auto" else a  # one kernel on CPU and GPU, and nothing to build
+
+
+def resolve(recipe: Recipe, on_gpu: bool) -> Kernels:
+    k, t = recipe.train.kernels, recipe.train
+    attention = k.attention
+    if attention == "auto":
+        attention = "flash_attention_2" if on_gpu and installed(LIBRARIES["flash_attention_2"][0]) else "sdpa"
+    liger = k.liger
+    if liger == "auto":
+        liger = on_gpu and installed(LIBRARIES["liger"][0]) and recipe.distill is None
+    compiled = k.compile
+    if compiled == "auto":
+        compiled = on_gpu and t.zero_stage < 3
+    return Kernels(attention, liger, compiled, adam_impl(recipe), t.recompute_every)
+
+
+def check_installed(recipe: Recipe) -> None:
+    """Refuse, before any worker starts, a kernel asked for by name whose library is not installed."""
+    k = recipe.train.kernels
+    asked = {"train.kernels.attention": k.attention, "train.kernels.liger": "liger" if k.liger is True else None}
+    for key, choice in asked.items():
+        if choice in LIBRARIES and not installed(LIBRARIES[choice][0]):
+            package, how = LIBRARIES[choice]
+            raise RecipeError(f"{key}={'true' if choice == 'liger' else choice} needs the {package} package, which "
+                              f"is not installed ({how}); or set it to auto")
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder blocks, whatever the architecture: transformers builds them on GradientCheckpointingLayer."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def apply(model: torch.nn.Module, kernels: Kernels, adapters: bool) -> None:
+    """The kernels put in place, on a model not yet wrapped by DeepSpeed (a peft model: on its base)."""
+    model.set_attn_implementation(kernels.attention)
+    if kernels.liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model.get_base_model() if adapters else model)
+    if kernels.recompute_every:
+        model.activation_checkpointing_enable(every_n_layers=kernels.recompute_every)
+        model.config.use_cache = False
+        if adapters:
+            model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into checkpoints
+    if kernels.compile:
+        for block in decoder_blocks(model):
+            block.compile()
+
+
+def gather_lm_head_for_liger(engine, kernels: Kernels, zero3: bool) -> None:
+    """liger's loss reads the LM head's weight inside the model's own forward, which ZeRO-3 does not gather for
+    (it gathers a module's parameters as that module runs): register it with the model, as DeepSpeed asks."""
+    if kernels.liger and zero3:
+        import deepspeed
+
+        model = engine.module
+        deepspeed.zero.register_external_parameter(model, model.get_output_embeddings().weight)

@@ -1,0 +1,105 @@
+"""The training step's fast paths without Ray: `auto` resolves to the fast path only where it runs, a kernel asked
+for by name without its library is refused naming the key, activation checkpointing recomputes exactly the blocks
+asked for and leaves the gradients as they were, and the AdamW the recipe picks is the one DeepSpeed is told."""
+
+import pytest
+import torch
+from test_config import recipe
+
+from llmray.config import RecipeError
+from llmray.train import kernels as fast
+from llmray.train.zero import deepspeed_config
+
+
+def test_auto_is_the_fast_path_on_gpus_only(monkeypatch):
+    monkeypatch.setattr(fast, "installed", lambda package: True)  # as on a GPU node with every extra installed
+    cpu = fast.resolve(recipe(), on_gpu=False)
+    assert (cpu.attention, cpu.liger, cpu.compile, cpu.adam, cpu.recompute_every) == (
+        "sdpa", False, False, "torch_fused", 0)
+    gpu = fast.resolve(recipe("scaling.use_gpu=true"), on_gpu=True)
+    assert (gpu.attention, gpu.liger, gpu.compile) == ("flash_attention_2", True, True)
+    zero3 = fast.resolve(recipe("scaling.use_gpu=true", "train.zero_stage=3"), on_gpu=True)
+    assert not zero3.compile  # ZeRO-3's gathering hooks break compiled graphs
+    distill = fast.resolve(recipe("scaling.use_gpu=true", "distill.teacher=/t"), on_gpu=True)
+    assert not distill.liger  # the KL needs the student's logits
+    monkeypatch.setattr(fast, "installed", lambda package: False)
+    bare = fast.resolve(recipe("scaling.use_gpu=true"), on_gpu=True)
+    assert (bare.attention, bare.liger) == ("sdpa", False)
+    explicit = fast.resolve(recipe("train.kernels.compile=false", "train.kernels.attention=eager",
+                                   "train.activation_checkpointing=3"), on_gpu=True)
+    assert (explicit.attention, explicit.compile, explicit.recompute_every) == ("eager", False, 3)
+
+
+def test_a_kernel_asked_for_without_its_library_is_refused(monkeypatch):
+    monkeypatch.setattr(fast, "installed", lambda package: False)
+    with pytest.raises(RecipeError, match=r"train\.kernels\.attention=flash_attention_2 needs the flash_attn package"):
+        fast.check_installed(recipe("scaling.use_gpu=true", "train.kernels.attention=flash_attention_2"))
+    with pytest.raises(RecipeError, match=r"train\.kernels\.liger=true needs the liger_kernel package.*pip install "
+                                          r"liger-kernel"):
+        fast.check_installed(recipe("scaling.use_gpu=true", "train.kernels.liger=true"))
+    fast.check_installed(recipe("scaling.use_gpu=true"))  # auto falls back instead
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.kernels.attention=flash_attention_2"], "runs on GPUs only; use sdpa"),
+    (["train.kernels.liger=true"], "liger-kernel's Triton kernels run on GPUs only"),
+    (["scaling.use_gpu=true", "train.kernels.liger=true", "distill.teacher=/t"], "distillation's KL needs"),
+    (["train.kernels.adam=deepspeed_fused"], "is a CUDA op"),
+    (["train.activation_checkpointing=0"], r"train\.activation_checkpointing: .*N >= 1"),
+    (["train.kernels.attention=flash"], r"train\.kernels\.attention"),
+])
+def test_kernel_choices_that_cannot_run_are_refused(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe(*overrides)
+
+
+def tiny_llama(layers: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def grads_and_attention_calls(model) -> tuple[dict, list[int]]:
+    calls = [0] * len(fast.decoder_blocks(model))
+    for i, block in enumerate(fast.decoder_blocks(model)):
+        block.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, calls
+
+
+def test_activation_checkpointing_recomputes_every_nth_block_with_the_same_gradients():
+    plain = fast.Kernels("sdpa", liger=False, compile=False, adam="torch", recompute_every=0)
+    reference, calls = grads_and_attention_calls(tiny_llama())
+    assert calls == [1, 1, 1, 1]
+    for every, recomputed in [(1, [2, 2, 2, 2]), (2, [2, 1, 2, 1])]:
+        model = tiny_llama()
+        fast.apply(model, plain.__class__(**{**plain.__dict__, "recompute_every": every}), adapters=False)
+        grads, calls = grads_and_attention_calls(model)
+        assert calls == recomputed  # a checkpointed block's attention runs again in the backward
+        for name, g in reference.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_attention_implementation_is_set_and_computes_the_same():
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(2))
+    losses = {}
+    for attention in ("eager", "sdpa"):
+        model = tiny_llama(2)
+        fast.apply(model, fast.Kernels(attention, False, False, "torch", 0), adapters=False)
+        assert model.config._attn_implementation == attention
+        losses[attention] = model(input_ids=ids, labels=ids).loss.item()
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
+
+
+def test_the_adamw_picked_is_the_one_deepspeed_builds():
+    params = {a: deepspeed_config(recipe(f"train.kernels.adam={a}"), "fp32")["optimizer"]["params"]
+              for a in ("auto", "torch")}
+    assert params["auto"]["torch_adam"] and params["auto"]["fused"]  # torch.optim.AdamW(fused=True)
+    assert params["torch"]["torch_adam"] and not params["torch"]["fused"]
+    gpu = deepspeed_config(recipe("scaling.use_gpu=true", "train.kernels.adam=deepspeed_fused"), "bf16")
+    assert "torch_adam" not in gpu["optimizer"]["params"]  # DeepSpeed's own FusedAdam
