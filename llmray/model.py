@@ -57,7 +57,17 @@ def build_model(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.fl
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings, "
                              f"fewer than the tokenizer's {vocab_size} tokens")
         return model
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # built partitioned, each module initialised as it is gathered
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    # Built without torch's default inits, then initialised as under ZeRO-3: the seed draws the same weights whether
+    # or not the model is partitioned (and a big model skips an init it would overwrite).
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.init_weights()
+    return model
 
 
 def inference_device(device: str | None = None) -> torch.device:

@@ -56,6 +56,10 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     else:
         with partitioned_construction(recipe, ds_config):
             model = build_model(recipe.model, vocab_size)
+        if announce and builds_partitioned(recipe):
+            whole = sum(p.numel() for p in model.parameters())  # a partitioned parameter holds none here
+            print(f"[llmray] ZeRO-3: the model was built partitioned ({whole:,} of {count_params(model):,} weights "
+                  "held whole by a rank)", flush=True)
     if adapters:
         model = with_lora(model, f.lora)
         if announce:
@@ -99,6 +103,8 @@ def partitioned_construction(recipe: Recipe, ds_config: dict):
         return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+    # zero.Init partitions over DeepSpeed's own process group, which `deepspeed.initialize` would set up only later
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     hf_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds only a weak reference)
     try:
         yield
