@@ -1,5 +1,8 @@
 """Serving throughput and latency: a load generator on 127.0.0.1 against `llmray serve`'s app at concurrency
-1, 4 and 16, and the same generations done one by one in this process with `transformers` as the baseline.
+1, 4 and 16 (`--levels`), and the same generations done one by one in this process with `transformers` as the
+baseline. On a GPU both run there in bf16 and the figures go to serve_gpu.json, e.g. for a ~1B model:
+
+    python benchmarks/serve.py --hidden 2048 --layers 16 --levels 1 16 64 --max-batch-size 64 --tokens 128
 
 Each request streams a completion of exactly --tokens tokens (ignore_eos) from a short prompt. Per level:
 requests/s, generated tokens/s, p50/p99 latency, p50/p99 time to first token. The HTTP path's overhead is the
@@ -47,27 +50,32 @@ def pct(values: list[float], q: float) -> float:
 def baseline(model_dir: str, tokens: int, count: int) -> dict:
     """One request after another, in this process: `generate` with its KV cache, greedy, exactly `tokens`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from llmray.model import inference_device, load_for_inference
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    device = inference_device()
+    model = load_for_inference(model_dir, device)  # as the engine loads it: bf16 on a GPU
     latencies = []
     with torch.no_grad():
         for i in range(count):
-            ids = tok(PROMPTS[i % len(PROMPTS)], return_tensors="pt").input_ids
+            ids = tok(PROMPTS[i % len(PROMPTS)], return_tensors="pt").input_ids.to(device)
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                            pad_token_id=tok.eos_token_id)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             latencies.append(time.perf_counter() - t0)
     return {"requests": count, "tokens_per_s": round(count * tokens / sum(latencies), 1),
             "p50_latency_ms": round(pct(latencies, 0.5) * 1e3, 1)}
 
 
-def engine_in_process(model_dir: str, tokens: int, count: int) -> float:
+def engine_in_process(model_dir: str, tokens: int, count: int, max_batch_size: int) -> float:
     """p50 seconds of one request through llmray's engine with no HTTP and no Serve in between."""
     from llmray.serve.engine import Engine, Sampling
 
-    engine = Engine(model_dir, max_batch_size=16, batch_wait_s=0.005, device=None)  # as served below
+    engine = Engine(model_dir, max_batch_size=max_batch_size, batch_wait_s=0.005, device=None)  # as served below
 
     async def one(prompt: str) -> float:
         t0 = time.perf_counter()
@@ -126,11 +134,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--requests", type=int, default=48, help="per concurrency level")
     p.add_argument("--seconds", type=float, default=60, help="per concurrency level")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels")
+    p.add_argument("--max-batch-size", type=int, default=16, help="the engine's rows per forward")
     args = p.parse_args()
+    import torch
+
+    gpu = torch.cuda.is_available()
     _, tok = stdlib_corpus()
     model_dir = build_model(tok, args.hidden, args.layers)
     base = first = baseline(model_dir, args.tokens, min(args.requests, 24))
-    in_process_p50 = engine_in_process(model_dir, args.tokens, 16)
+    in_process_p50 = engine_in_process(model_dir, args.tokens, 16, args.max_batch_size)
 
     import ray
     from ray import serve
@@ -143,12 +156,14 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": [{"path": model_dir, "name": "bench"}], "max_batch_size": 16,
-                         "batch_wait_ms": 5}, ray_actor_options={"num_cpus": cpus}), name="bench", route_prefix="/")
+    serve.run(build_app({"models": [{"path": model_dir, "name": "bench"}], "max_batch_size": args.max_batch_size,
+                         "batch_wait_ms": 5}, ray_actor_options={"num_cpus": cpus, "num_gpus": int(gpu)}),
+              name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     asyncio.run(load(url, 1, args.tokens, 4, 30))  # warm-up
-    levels = [asyncio.run(load(url, c, args.tokens, args.requests, args.seconds)) for c in (1, 4, 16)]
-    whole = [asyncio.run(load(url, c, args.tokens, args.requests, args.seconds, stream=False)) for c in (1, 16)]
+    levels = [asyncio.run(load(url, c, args.tokens, args.requests, args.seconds)) for c in args.levels]
+    whole = [asyncio.run(load(url, c, args.tokens, args.requests, args.seconds, stream=False))
+             for c in (args.levels[0], args.levels[-1])]
     serve.shutdown()
     ray.shutdown()
     after = baseline(model_dir, args.tokens, min(args.requests, 24))
@@ -158,14 +173,15 @@ def main() -> None:
         level["ratio_tokens_per_s_vs_baseline"] = round(level["tokens_per_s"] / base["tokens_per_s"], 2)
     figures = {
         "model": {"hidden": args.hidden, "layers": args.layers, "path": model_dir},
-        "device": f"cpu x{cpus}", "tokens_per_request": args.tokens,
+        "device": torch.cuda.get_device_name(0) if gpu else f"cpu x{cpus}", "tokens_per_request": args.tokens,
+        "max_batch_size": args.max_batch_size,
         "baseline_one_by_one_in_process": base, "baseline_runs_tokens_per_s": [first["tokens_per_s"], after["tokens_per_s"]],
         "served": levels, "served_not_streamed": whole,
         "engine_in_process_p50_latency_ms": round(in_process_p50 * 1e3, 1),
         "http_path_p50_overhead_ms": round(levels[0]["p50_latency_ms"] - in_process_p50 * 1e3, 1),
         "http_path_p50_overhead_ms_not_streamed": round(whole[0]["p50_latency_ms"] - in_process_p50 * 1e3, 1),
     }
-    emit("serve", figures)
+    emit("serve_gpu" if gpu else "serve", figures)
 
 
 if __name__ == "__main__":

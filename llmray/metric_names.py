@@ -16,6 +16,7 @@ STEP_TIME_S = "step_time_s"
 DATA_WAIT_SHARE = "data_wait_share"
 MFU = "mfu"
 PEAK_MEMORY_GB = "peak_memory_gb"  # the largest of any worker's: GPU memory allocated on a GPU, else process RSS
+PEAK_HOST_MEMORY_GB = "peak_host_memory_gb"  # on GPUs: the largest of any worker's process RSS
 SAMPLE = "sample"  # a generated text, at the end of a run
 
 # What only the end of a quantized run knows: the quantized export measured on the run's held-out samples.

@@ -13,6 +13,7 @@ import torch
 from llmray import logs
 from llmray.adapters import four_bit, prepare_four_bit, trainable, with_lora
 from llmray.config import SPARSE_METHODS, Recipe
+from llmray.cuda_arch import fix_arch_list
 from llmray.model import build_model, count_params, flops_per_token
 from llmray.pruning.sparse import keep_zeros
 from llmray.quant import prepare_qat
@@ -31,6 +32,7 @@ class ModelFacts:
 
 def device_for(use_gpu: bool) -> torch.device:
     if use_gpu:
+        fix_arch_list()  # before DeepSpeed JIT-builds an op for this GPU
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
         return dev

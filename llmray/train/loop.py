@@ -99,6 +99,8 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
             [own_loss, metrics[M.DATA_WAIT_SHARE], *own_parts.values()])
         metrics.update(zip(own_parts, parts))
         metrics[M.PEAK_MEMORY_GB] = max_across_ranks(peak_memory_gb(device))
+        if device.type == "cuda":
+            metrics[M.PEAK_HOST_MEMORY_GB] = max_across_ranks(peak_host_memory_gb())
         if empty:
             loss = state.history[-1][M.LOSS] if state.history else float("nan")
         gnorm = engine.get_global_grad_norm()
@@ -185,12 +187,16 @@ def max_across_ranks(value: float) -> float:
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """This process's peak so far: GPU memory allocated on a GPU; on CPU its resident set (ru_maxrss, KiB)."""
+    """This process's peak so far: GPU memory allocated on a GPU; on CPU its resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
+    return peak_host_memory_gb()
+
+
+def peak_host_memory_gb() -> float:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB
 
 
 @torch.no_grad()

@@ -103,3 +103,22 @@ def test_the_adamw_picked_is_the_one_deepspeed_builds():
     assert params["torch"]["torch_adam"] and not params["torch"]["fused"]
     gpu = deepspeed_config(recipe("scaling.use_gpu=true", "train.kernels.adam=deepspeed_fused"), "bf16")
     assert "torch_adam" not in gpu["optimizer"]["params"]  # DeepSpeed's own FusedAdam
+
+
+@pytest.mark.parametrize("value, fixed", [
+    ("9.0a", "9.0"),  # NVIDIA's Hopper images
+    ("8.0;8.6;9.0a+PTX", "8.0;8.6;9.0+PTX"),
+    ("9.0 9.0a 10.0f", "9.0;10.0"),
+    ("8.0;9.0", None),  # readable already: left alone
+])
+def test_the_cuda_arch_list_is_made_readable_for_deepspeeds_op_builder(value, fixed):
+    from llmray.cuda_arch import VAR, fix_arch_list
+
+    env = {VAR: value}
+    assert fix_arch_list(env) == (value if fixed else None)
+    assert env[VAR] == (fixed or value)
+    if fixed:  # what DeepSpeed's builder does with each entry (op_builder/builder.py, compute_capability_args)
+        for entry in env[VAR].split(";"):
+            major, minor = entry.split(".")
+            int(major), int(minor.split("+")[0])
+    assert fix_arch_list({}) is None
