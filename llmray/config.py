@@ -70,6 +70,10 @@ class DataConfig(Strict):
     # a folder written by `llmray tokenizer train`, or any local HF tokenizer folder; default: model.pretrained's
     tokenizer: str | None = None
     seq_len: int = Field(256, gt=1)
+    # each packed document attends only to itself: position ids restart at every document (and row), which
+    # flash-attn runs as varlen attention and sdpa as a block mask (Llama 3's intra-document masking). Conversations
+    # are always packed this way.
+    document_masking: bool = False
     tokenize_actors: int = Field(1, ge=1)  # actor pool size; each loads the tokenizer once
     tokenize_batch_docs: int = Field(512, ge=1)
     prefetch_batches: int = Field(4, ge=1)

@@ -40,6 +40,7 @@ class StreamSpec:
     cpus_per_actor: float = 1.0
     max_epochs: int | None = None  # each source stops before starting epoch max_epochs; None: endless
     chat: bool = False  # documents are conversations (JSON messages): rows carry labels and position ids
+    document_masking: bool = False  # text rows carry position ids restarting at each document (data.document_masking)
 
     @classmethod
     def of(cls, parts: list[tuple[str, float, Documents]], tokenizer: str, seq_len: int, seed: int, batch_docs: int,
@@ -109,7 +110,10 @@ class Packer:
                 flat.append(self.eos)
         ids = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32)
         n = len(ids) // seq_len
-        return {"input_ids": ids[:n * seq_len].reshape(n, seq_len)}
+        rows = {"input_ids": ids[:n * seq_len].reshape(n, seq_len)}
+        if self.spec.document_masking:
+            rows["position_ids"] = document_positions([len(a) for a in flat[::2]], seq_len, n)
+        return rows
 
     def piece_rows(self, index: int, epoch: int, piece: int) -> dict[str, np.ndarray]:
         """Piece `piece` of source `index` packed, with each row's ids, in packing order."""
@@ -150,6 +154,16 @@ class PackTask(Packer):
 
     def __call__(self, item: dict) -> dict[str, np.ndarray]:
         return self.run_rows(*(int(item[k][0]) for k in ("source", "epoch", "block", "first", "count")))
+
+
+def document_positions(doc_lengths: list[int], seq_len: int, n_rows: int) -> np.ndarray:
+    """(n_rows, seq_len) position ids of documents packed back to back, each followed by its EOS: counting from 0
+    at each document's first token and again at each row's (a document split over rows is a new sequence in each,
+    so no position exceeds seq_len)."""
+    starts = np.cumsum([0] + [n + 1 for n in doc_lengths[:-1]])  # + 1: the EOS after each document
+    token = np.arange(n_rows * seq_len)
+    doc_start = starts[np.searchsorted(starts, token, side="right") - 1] if len(starts) else token
+    return (token - np.maximum(doc_start, token // seq_len * seq_len)).astype(np.int32).reshape(n_rows, seq_len)
 
 
 def first_rows(spec: StreamSpec, n: int, index: int = 0) -> dict[str, np.ndarray]:

@@ -91,7 +91,7 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     d = recipe.data
     splits = split_sources(d)
     common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,
-                  chat=d.conversations is not None)
+                  chat=d.conversations is not None, document_masking=d.document_masking)
     train_spec = StreamSpec.of([(s.name, s.weight, s.train) for s in splits], max_epochs=d.max_epochs,
                                actors=d.tokenize_actors, **common)
     val_specs = []
