@@ -55,15 +55,17 @@ def topic_corpus() -> tuple[str, str]:
     return str(shards), str(tok)
 
 
-def llmray_run(code: str, shards: str, tok: str, steps: int, out: Path, tag: str) -> tuple[str, float]:
-    """Train with the llmray at `code` and export; returns (Hugging Face folder, wall seconds). The commands run in
-    `code` (`python -m` puts the working folder first on sys.path, before PYTHONPATH)."""
+def llmray_run(code: str, shards: str, tok: str, steps: int, out: Path, tag: str,
+               extra: tuple[str, ...] = ()) -> tuple[str, float]:
+    """Train with the llmray at `code` (recipe overrides `extra` on top of OVERRIDES) and export; returns (Hugging
+    Face folder, wall seconds). The commands run in `code` (`python -m` puts the working folder first on sys.path,
+    before PYTHONPATH)."""
     env = {**os.environ, "PYTHONPATH": code, "RAY_AUTH_MODE": "disabled"}
     started = time.perf_counter()
     cli = [sys.executable, "-m", "llmray.cli"]
     train = subprocess.run([*cli, "train", f"{code}/jobs/pretrain_tiny.yaml", f"data.shards={shards}",
                             f"data.tokenizer={tok}", f"run.storage_path={out}", f"run.name={tag}",
-                            f"train.max_steps={steps}", *OVERRIDES], env=env, cwd=code, capture_output=True, text=True)
+                            f"train.max_steps={steps}", *OVERRIDES, *extra], env=env, cwd=code, capture_output=True, text=True)
     if train.returncode:
         raise SystemExit(train.stdout[-3000:] + train.stderr[-3000:])
     wall = time.perf_counter() - started

@@ -418,7 +418,7 @@ class Recipe(Strict):
             return
         if self.model.pretrained is None:
             raise ValueError("prune needs model.pretrained: the exported Hugging Face folder to prune")
-        if p.method in SPARSE_METHODS and self.finetune is not None and self.finetune.adapters:
+        if p.method in SPARSE_METHODS and self.trains_adapters:
             raise ValueError(f"prune.method={p.method} keeps the pruned weights at zero while training; LoRA "
                              "adapters would fill them in when merged; use finetune.method=full")
         if storage.is_uri(self.run.storage_path):
@@ -442,6 +442,11 @@ class Recipe(Strict):
             if q.zeropp.hpz_partition_size > 1 and s.num_workers % q.zeropp.hpz_partition_size:
                 raise ValueError(f"quant.zeropp.hpz_partition_size={q.zeropp.hpz_partition_size} does not divide "
                                  f"scaling.num_workers={s.num_workers}")
+
+    @property
+    def trains_adapters(self) -> bool:
+        """LoRA adapters train on a frozen base (finetune.method lora or qlora), not the model's own weights."""
+        return self.finetune is not None and self.finetune.adapters
 
     @property
     def grad_accum_steps(self) -> int:

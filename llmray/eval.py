@@ -39,12 +39,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def perplexity(model: torch.nn.Module, samples: np.ndarray, batch_size: int = 8) -> dict:
-    """Token-weighted mean next-token loss over the samples, and its exponential."""
+def perplexity(model: torch.nn.Module, samples: np.ndarray, batch_size: int = 8,
+               positions: np.ndarray | None = None) -> dict:
+    """Token-weighted mean next-token loss over the samples, and its exponential. With `positions` (position ids
+    restarting at each document, `pack.document_positions`), each document is read on its own."""
     device, total, count = model_device(model), 0.0, 0
     for start in range(0, len(samples), batch_size):
         ids = torch.from_numpy(samples[start:start + batch_size].astype(np.int64)).to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        kwargs = {}
+        if positions is not None:  # no KV cache: with one, transformers ignores the restarts
+            kwargs = {"position_ids": torch.from_numpy(positions[start:start + batch_size].astype(np.int64)).to(device),
+                      "use_cache": False}
+        logits = model(input_ids=ids, **kwargs).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
                                                 reduction="sum")
         total += nll.item()

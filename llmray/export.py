@@ -99,7 +99,7 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
         config = build_config(recipe.model, state.vocab_size)
         with logs.hush_stdout():  # DeepSpeed prints each step of gathering the ZeRO partitions
             weights = consolidated_state_dict(local, recipe.train.zero_stage)
-    lora = recipe.finetune is not None and recipe.finetune.adapters
+    lora = recipe.trains_adapters
     if adapter and not lora:
         raise ExportError(f"--adapter: checkpoint {ckpt} is not a LoRA fine-tune (its recipe has "
                           f"finetune.method={recipe.finetune.method if recipe.finetune else 'none'})")

@@ -48,7 +48,7 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     f = recipe.finetune
-    adapters = f is not None and f.adapters
+    adapters = recipe.trains_adapters
     kernels = fast.resolve(recipe, device.type == "cuda")
     if announce:
         print(f"[llmray] kernels: {kernels.describe()}", flush=True)

@@ -108,7 +108,7 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     if recipe.model.pretrained is not None and config.vocab_size < vocab:
         raise RecipeError(f"model.pretrained {recipe.model.pretrained} has {config.vocab_size} token embeddings, "
                           f"fewer than the {vocab} tokens of data.tokenizer {d.tokenizer}")
-    if recipe.finetune is not None and recipe.finetune.adapters:
+    if recipe.trains_adapters:
         check_targets(config, recipe.finetune.lora)
     if recipe.finetune is not None and recipe.finetune.method == "qlora":
         check_qlora()
