@@ -48,6 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--short", action="store_true", help="paragraphs as documents, several to a row")
+    p.add_argument("--seed", type=int, default=1234, help="run.seed of both trainings (their init and order)")
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -65,11 +66,11 @@ def main() -> None:
                          batch_docs=default("data", "tokenize_batch_docs"), document_masking=True)
     rows = first_rows(spec, EVAL_SAMPLES)  # the same rows either way; the position ids say how they are read
     stamp = int(time.time())
-    figures: dict = {"documents": "paragraphs" if args.short else "files", "steps": args.steps, "eval_samples": len(rows["input_ids"]), "seq_len": held_out.seq_len}
+    figures: dict = {"documents": "paragraphs" if args.short else "files", "seed": args.seed, "steps": args.steps, "eval_samples": len(rows["input_ids"]), "seq_len": held_out.seq_len}
     for masking in (False, True):
         name = "masked" if masking else "packed"
         folder, wall = llmray_run(CODE, shards, tok, args.steps, CACHE / "masking-runs", f"{name}-{stamp}",
-                                  (f"data.document_masking={str(masking).lower()}",))
+                                  (f"data.document_masking={str(masking).lower()}", f"run.seed={args.seed}"))
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         figures[f"trained_{name}"] = {
             "wall_s": round(wall, 1),
@@ -80,7 +81,8 @@ def main() -> None:
     for read in ("ppl_read_packed", "ppl_read_per_document"):
         figures[f"ratio_masked_over_packed_{read[4:]}"] = round(
             figures["trained_masked"][read] / figures["trained_packed"][read], 4)
-    emit("document_masking_paragraphs" if args.short else "document_masking", figures)
+    emit(("document_masking_paragraphs" if args.short else "document_masking")
+         + ("" if args.seed == 1234 else f"_seed{args.seed}"), figures)
 
 
 if __name__ == "__main__":
