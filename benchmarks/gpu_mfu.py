@@ -109,7 +109,7 @@ def kernels_of(overrides: list[str], on_gpu: bool) -> str:
     from llmray.config import load_recipe
     from llmray.train.kernels import resolve
 
-    return resolve(load_recipe(RECIPE, overrides), on_gpu).describe()
+    return resolve(load_recipe(RECIPE, overrides), on_gpu, "bf16" if on_gpu else "fp32").describe()
 
 
 def main() -> None:

@@ -62,8 +62,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.fl
 
     if is_deepspeed_zero3_enabled():  # built partitioned, each module initialised as it is gathered
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    # Built without torch's default inits, then initialised as under ZeRO-3: the seed draws the same weights whether
-    # or not the model is partitioned (and a big model skips an init it would overwrite).
+    # Built without torch's default inits, then initialised as under ZeRO-3: on CPU the seed draws the same weights
+    # whether or not the model is partitioned (on GPUs zero.Init initialises on the GPU, with CUDA's generator), and a
+    # big model skips an init it would overwrite.
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.init_weights()

@@ -5,10 +5,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+IGNORE_INDEX = -100  # a label the loss leaves out (PyTorch's cross_entropy default)
 
-def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+
+def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), flat: bool = False) \
+        -> dict[str, torch.Tensor]:
     """The forward's arguments for `rows` of a batch: input ids, labels (the ids themselves for plain text; the
-    assistant's tokens only for conversations), and position ids where conversations are packed."""
+    assistant's tokens only for conversations), and position ids where documents are packed (conversations,
+    data.document_masking).
+
+    `flat` (flash attention): rows with position ids go in as one row, because transformers reads restarting
+    position ids as flash-attn's varlen sequences only in a batch of one. Each row's first label is dropped, so
+    no row's last token learns to predict the next row's first: the same loss terms as row by row."""
     def tensor(name: str) -> torch.Tensor:  # a copy: Ray's arrays are read-only
         return torch.from_numpy(np.array(batch[name][rows], dtype=np.int64)).to(device, non_blocking=True)
 
@@ -18,4 +26,8 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None)) -
     out = {"input_ids": ids, "labels": tensor("labels") if "labels" in batch else ids, "use_cache": False}
     if "position_ids" in batch:
         out["position_ids"] = tensor("position_ids")
+        if flat:
+            out["labels"] = out["labels"].clone()
+            out["labels"][:, 0] = IGNORE_INDEX
+            out = {k: v.reshape(1, -1) if torch.is_tensor(v) else v for k, v in out.items()}
     return out

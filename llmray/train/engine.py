@@ -12,7 +12,7 @@ import torch
 
 from llmray import logs
 from llmray.adapters import four_bit, prepare_four_bit, trainable, with_lora
-from llmray.config import SPARSE_METHODS, Recipe
+from llmray.config import FLASH_ATTENTIONS, SPARSE_METHODS, Recipe
 from llmray.cuda_arch import fix_arch_list
 from llmray.model import build_model, count_params, flops_per_token
 from llmray.pruning.sparse import keep_zeros
@@ -28,6 +28,7 @@ ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
 class ModelFacts:
     n_params: int
     flops_per_token: float
+    flat_rows: bool = False  # packed rows go in as one row (flash attention's varlen path; `batch.model_inputs`)
 
 
 def device_for(use_gpu: bool) -> torch.device:
@@ -49,7 +50,7 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     f = recipe.finetune
     adapters = recipe.trains_adapters
-    kernels = fast.resolve(recipe, device.type == "cuda")
+    kernels = fast.resolve(recipe, device.type == "cuda", precision)
     if announce:
         print(f"[llmray] kernels: {kernels.describe()}", flush=True)
     if f is not None and f.method == "qlora":  # the base loads 4-bit, onto this rank's device
@@ -79,7 +80,8 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
             print(f"[llmray] QAT: {n_fake} Linear layers fake-quantized as {recipe.quant.scheme}", flush=True)
     fast.apply(model, kernels, adapters)
     facts = ModelFacts(count_params(model),
-                       flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len))
+                       flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len),
+                       flat_rows=kernels.attention in FLASH_ATTENTIONS)
     with logs.hush_stdout():  # DeepSpeed prints the ops it builds and the kernels it lacks
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmray.config import Recipe, RecipeError
+from llmray.config import FLASH_ATTENTIONS, Recipe, RecipeError
 
 # each library-backed choice: the module it imports (for `auto` and `check_installed`), and how to install it
 LIBRARIES = {"flash_attention_2": ("flash_attn", "pip install flash-attn"),
@@ -40,11 +40,21 @@ def adam_impl(recipe: Recipe) -> str:
     return "torch_fused" if a == "auto" else a  # one kernel on CPU and GPU, and nothing to build
 
 
-def resolve(recipe: Recipe, on_gpu: bool) -> Kernels:
+def flash_runs_here(precision: str) -> bool:
+    """flash-attn computes in bf16/fp16, on Ampere or newer."""
+    return precision in ("bf16", "fp16") and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def resolve(recipe: Recipe, on_gpu: bool, precision: str) -> Kernels:
+    """The kernels this worker runs; `precision` is the run's resolved one (bf16, fp16 or fp32)."""
     k, t = recipe.train.kernels, recipe.train
     attention = k.attention
     if attention == "auto":
-        attention = "flash_attention_2" if on_gpu and installed(LIBRARIES["flash_attention_2"][0]) else "sdpa"
+        flash = on_gpu and flash_runs_here(precision) and installed(LIBRARIES["flash_attention_2"][0])
+        attention = "flash_attention_2" if flash else "sdpa"
+    elif attention in FLASH_ATTENTIONS and not flash_runs_here(precision):
+        raise RecipeError(f"train.kernels.attention={attention} needs bf16 or fp16 on an Ampere or newer GPU; this "
+                          f"run trains in {precision}: set train.precision=bf16 or the attention to sdpa")
     liger = k.liger
     if liger == "auto":
         liger = on_gpu and installed(LIBRARIES["liger"][0]) and recipe.distill is None

@@ -79,7 +79,8 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     metrics: dict = {}
     engine.train()
     while True:
-        trained = state.step < t.max_steps and train_step(engine, stream, recipe, state, window, device, teacher)
+        trained = state.step < t.max_steps and train_step(engine, stream, recipe, state, window, device, teacher,
+                                                          facts.flat_rows)
         if trained:
             if state.step == first_step + 1 and state.resumes:
                 state.resumes[-1]["first_step_at"] = time.time()  # recovery time, for benchmarks/checkpoint.py
@@ -107,7 +108,7 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
         metrics.update({M.STEP: state.step, M.TOKENS: state.tokens, M.LOSS: loss, M.LR: engine.get_lr()[0],
                         M.GRAD_NORM: float(gnorm) if gnorm is not None else None})
         if (final or (t.eval_every and state.step % t.eval_every == 0)) and validation:
-            metrics.update(evaluate(engine, validation, t.micro_batch_size, device))
+            metrics.update(evaluate(engine, validation, t.micro_batch_size, device, facts.flat_rows))
         if tasks and (final or (recipe.eval.every and state.step % recipe.eval.every == 0)):
             metrics.update(evaluate_tasks(engine, tokenizer, tasks, device, t.zero_stage == 3))
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -125,9 +126,10 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
 
 
 def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState, window: Window,
-               device: torch.device, teacher: Teacher | None = None) -> bool:
+               device: torch.device, teacher: Teacher | None = None, flat: bool = False) -> bool:
     """One optimizer step over `grad_accum_steps` micro-batches; False when the stream ended first. With a
-    teacher, the loss mixes its soft targets in and its two parts are reported too."""
+    teacher, the loss mixes its soft targets in and its two parts are reported too. `flat`: see
+    `batch.model_inputs`."""
     accum = recipe.grad_accum_steps
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
     parts = {M.LM_LOSS: torch.zeros_like(step_loss), M.DISTILL_KL: torch.zeros_like(step_loss)} if teacher else {}
@@ -138,7 +140,7 @@ def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState
         window.data_wait += time.perf_counter() - t0
         if batch is None:
             return False
-        inputs = model_inputs(batch, device)
+        inputs = model_inputs(batch, device, flat=flat)
         out = engine(**inputs)
         loss = out.loss
         if teacher is not None:
@@ -200,7 +202,7 @@ def peak_host_memory_gb() -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, validation: Validation, micro_batch: int, device: torch.device) -> dict:
+def evaluate(engine, validation: Validation, micro_batch: int, device: torch.device, flat: bool = False) -> dict:
     """Mean loss and perplexity on each source's fixed validation samples (each rank an equal slice), and overall:
     the sources' losses averaged with their blend weights. A single source reports only the overall figures."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -211,7 +213,7 @@ def evaluate(engine, validation: Validation, micro_batch: int, device: torch.dev
         first = rank * per_rank
         total, batches = 0.0, 0
         for start in range(first, first + per_rank, micro_batch):
-            batch = model_inputs(rows, device, slice(start, min(start + micro_batch, first + per_rank)))
+            batch = model_inputs(rows, device, slice(start, min(start + micro_batch, first + per_rank)), flat)
             total += engine(**batch).loss.float().item()
             batches += 1
         means.append(total / max(batches, 1))

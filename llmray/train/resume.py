@@ -106,6 +106,18 @@ def load_engine(engine, directory: str, universal: bool, strict: bool = True) ->
         load_path, _ = engine.load_checkpoint(source, tag=checkpoint.TAG, load_module_strict=strict)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no states to load in checkpoint {directory}")
+    if universal:
+        steps_beside_their_parameters(engine.optimizer)
+
+
+def steps_beside_their_parameters(optimizer) -> None:
+    """DeepSpeed's universal load puts each Adam `step` back as the CPU tensor it read, where torch's own
+    load_state_dict would have moved it; fused AdamW needs it on its parameter's device."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 optimizers wrap a torch one
+    for param, state in getattr(inner, "state", {}).items():
+        step = state.get("step") if isinstance(state, dict) else None
+        if torch.is_tensor(step) and step.device != param.device:
+            state["step"] = step.to(param.device, torch.float32)
 
 
 class Restore:

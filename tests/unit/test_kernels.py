@@ -2,6 +2,7 @@
 for by name without its library is refused naming the key, activation checkpointing recomputes exactly the blocks
 asked for and leaves the gradients as they were, and the AdamW the recipe picks is the one DeepSpeed is told."""
 
+import numpy as np
 import pytest
 import torch
 from test_config import recipe
@@ -13,21 +14,27 @@ from llmray.train.zero import deepspeed_config
 
 def test_auto_is_the_fast_path_on_gpus_only(monkeypatch):
     monkeypatch.setattr(fast, "installed", lambda package: True)  # as on a GPU node with every extra installed
-    cpu = fast.resolve(recipe(), on_gpu=False)
+    monkeypatch.setattr(fast, "flash_runs_here", lambda precision: precision == "bf16")  # an Ampere+ GPU
+    cpu = fast.resolve(recipe(), on_gpu=False, precision="fp32")
     assert (cpu.attention, cpu.liger, cpu.compile, cpu.adam, cpu.recompute_every) == (
         "sdpa", False, False, "torch_fused", 0)
-    gpu = fast.resolve(recipe("scaling.use_gpu=true"), on_gpu=True)
+    gpu = fast.resolve(recipe("scaling.use_gpu=true"), on_gpu=True, precision="bf16")
     assert (gpu.attention, gpu.liger, gpu.compile) == ("flash_attention_2", True, True)
-    zero3 = fast.resolve(recipe("scaling.use_gpu=true", "train.zero_stage=3"), on_gpu=True)
+    fp32 = fast.resolve(recipe("scaling.use_gpu=true"), on_gpu=True, precision="fp32")
+    assert fp32.attention == "sdpa"  # flash-attn has no fp32 kernels
+    zero3 = fast.resolve(recipe("scaling.use_gpu=true", "train.zero_stage=3"), on_gpu=True, precision="bf16")
     assert not zero3.compile  # ZeRO-3's gathering hooks break compiled graphs
-    distill = fast.resolve(recipe("scaling.use_gpu=true", "distill.teacher=/t"), on_gpu=True)
+    distill = fast.resolve(recipe("scaling.use_gpu=true", "distill.teacher=/t"), on_gpu=True, precision="bf16")
     assert not distill.liger  # the KL needs the student's logits
     monkeypatch.setattr(fast, "installed", lambda package: False)
-    bare = fast.resolve(recipe("scaling.use_gpu=true"), on_gpu=True)
+    bare = fast.resolve(recipe("scaling.use_gpu=true"), on_gpu=True, precision="bf16")
     assert (bare.attention, bare.liger) == ("sdpa", False)
     explicit = fast.resolve(recipe("train.kernels.compile=false", "train.kernels.attention=eager",
-                                   "train.activation_checkpointing=3"), on_gpu=True)
+                                   "train.activation_checkpointing=3"), on_gpu=True, precision="bf16")
     assert (explicit.attention, explicit.compile, explicit.recompute_every) == ("eager", False, 3)
+    with pytest.raises(RecipeError, match=r"attention=flash_attention_2 needs bf16 or fp16 .*trains in fp32"):
+        fast.resolve(recipe("scaling.use_gpu=true", "train.kernels.attention=flash_attention_2",
+                            "train.precision=fp32"), on_gpu=True, precision="fp32")
 
 
 def test_a_kernel_asked_for_without_its_library_is_refused(monkeypatch):
@@ -122,3 +129,29 @@ def test_the_cuda_arch_list_is_made_readable_for_deepspeeds_op_builder(value, fi
             major, minor = entry.split(".")
             int(major), int(minor.split("+")[0])
     assert fix_arch_list({}) is None
+
+
+def test_flat_rows_give_the_loss_of_the_rows_one_by_one():
+    """Flash attention reads packed position ids only in a batch of one: the rows go in as one, with the same loss."""
+    from llmray.data.pack import document_positions
+    from llmray.train.batch import model_inputs
+
+    model = tiny_llama(2).eval()
+    ids = np.random.default_rng(3).integers(0, 300, (3, 16)).astype(np.int32)
+    batch = {"input_ids": ids, "position_ids": document_positions([5, 12, 9, 14], 16, 3)}
+    rows, flat = model_inputs(batch, torch.device("cpu")), model_inputs(batch, torch.device("cpu"), flat=True)
+    assert flat["input_ids"].shape == (1, 48) and flat["position_ids"].shape == (1, 48)
+    with torch.no_grad():
+        assert model(**flat).loss.item() == pytest.approx(model(**rows).loss.item(), rel=1e-5)
+    plain = model_inputs({"input_ids": ids}, torch.device("cpu"), flat=True)
+    assert plain["input_ids"].shape == (3, 16)  # rows without position ids stay rows
+
+
+def test_a_universal_restore_puts_adams_step_beside_its_parameter():
+    from llmray.train.resume import steps_beside_their_parameters
+
+    param = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    opt = torch.optim.AdamW([param])
+    opt.state[param] = {"step": torch.tensor(7.0), "exp_avg": torch.zeros(4, device="meta")}  # as DeepSpeed loads it
+    steps_beside_their_parameters(opt)
+    assert opt.state[param]["step"].device.type == "meta"
