@@ -66,7 +66,8 @@ def main() -> None:
                          batch_docs=default("data", "tokenize_batch_docs"), document_masking=True)
     rows = first_rows(spec, EVAL_SAMPLES)  # the same rows either way; the position ids say how they are read
     stamp = int(time.time())
-    figures: dict = {"documents": "paragraphs" if args.short else "files", "seed": args.seed, "steps": args.steps, "eval_samples": len(rows["input_ids"]), "seq_len": held_out.seq_len}
+    figures: dict = {"documents": "paragraphs" if args.short else "files", "seed": args.seed, "steps": args.steps,
+                     "eval_samples": len(rows["input_ids"]), "seq_len": held_out.seq_len}
     for masking in (False, True):
         name = "masked" if masking else "packed"
         folder, wall = llmray_run(CODE, shards, tok, args.steps, CACHE / "masking-runs", f"{name}-{stamp}",
