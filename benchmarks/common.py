@@ -1,4 +1,5 @@
-"""Shared set-up for the benchmarks: a corpus every Python install carries, sharded and tokenized once."""
+"""Shared set-up for the benchmarks: a corpus every Python install carries, sharded and tokenized once; results
+written; a training run's steady-state figures."""
 
 from __future__ import annotations
 
@@ -33,3 +34,19 @@ def emit(name: str, figures: dict) -> None:
     out.mkdir(exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures, indent=1))
+
+
+def steady(history: list[dict]) -> dict:
+    """A training run's report history as steady-state figures: tokens/s, MFU, step time and data-wait share
+    averaged over the report windows after the first (compilation, warm-up), and the run's memory peaks."""
+    windows = history[1:] or history
+    out = {}
+    for key in ("tokens_per_s", "mfu", "step_time_s", "data_wait_share"):
+        values = [h[key] for h in windows if h.get(key) is not None]
+        if values:
+            out[key] = sum(values) / len(values)
+    for key in ("peak_memory_gb", "peak_host_memory_gb"):
+        values = [h[key] for h in history if h.get(key) is not None]
+        if values:
+            out[key] = max(values)
+    return out

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import emit, stdlib_corpus
+from common import emit, stdlib_corpus, steady
 from train_overhead import RECIPE, bare_worker
 
 PRESETS = {
@@ -52,21 +52,6 @@ RUNS = {
                                        "train.micro_batch_size=16", "train.global_batch_size=16"],
 }
 RAY_RUN = "auto_zero1"  # the settings measured under Ray Train too
-
-
-def steady(history: list[dict]) -> dict:
-    """Means over the report windows after the first, and the run's peaks."""
-    windows = history[1:] or history
-    out = {}
-    for key in ("tokens_per_s", "mfu", "step_time_s", "data_wait_share"):
-        values = [h[key] for h in windows if h.get(key) is not None]
-        if values:
-            out[key] = sum(values) / len(values)
-    for key in ("peak_memory_gb", "peak_host_memory_gb"):
-        values = [h[key] for h in history if h.get(key) is not None]
-        if values:
-            out[key] = max(values)
-    return out
 
 
 def torchrun(overrides: list[str], out: str, env: dict) -> dict:

@@ -15,19 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import emit, stdlib_corpus
+from common import emit, stdlib_corpus, steady
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "jobs" / "pretrain_tiny.yaml")
 BENCH = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "data.seq_len=256",
          "train.micro_batch_size=8", "train.global_batch_size=16", "train.log_every=10", "train.eval_every=0",
          "train.checkpoint_every=0", "train.sample_prompt=null", "data.val_fraction=0", "scaling.num_workers=2"]
-
-
-def steady_tokens_per_s(history: list[dict]) -> tuple[float, float]:
-    """Mean tokens/s and data-wait share over the report windows, leaving out the first (warm-up)."""
-    windows = history[1:] or history
-    return (sum(h["tokens_per_s"] for h in windows) / len(windows),
-            sum(h["data_wait_share"] for h in windows) / len(windows))
 
 
 def bare_worker(recipe_overrides: list[str], out: str) -> None:
@@ -100,7 +93,7 @@ def main() -> None:
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", __file__, "--bare-worker", out, *overrides],
                        check=True, env=env)
-        bare_tps, _ = steady_tokens_per_s(json.loads(Path(out).read_text()))
+        bare_tps = steady(json.loads(Path(out).read_text()))["tokens_per_s"]
 
         import ray
 
@@ -110,7 +103,8 @@ def main() -> None:
 
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
         summary = fit(load_recipe(RECIPE, [*overrides, f"run.storage_path={tmp}/runs", "run.name=overhead"]))
-        ray_tps, wait = steady_tokens_per_s(read_state(summary.checkpoint).history)
+        measured = steady(read_state(summary.checkpoint).history)
+        ray_tps, wait = measured["tokens_per_s"], measured["data_wait_share"]
         ray.shutdown()
     emit("train_overhead", {
         "steps": args.steps, "workers": 2, "overrides": BENCH + args.overrides,

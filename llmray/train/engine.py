@@ -12,7 +12,7 @@ import torch
 
 from llmray import logs
 from llmray.adapters import four_bit, prepare_four_bit, trainable, with_lora
-from llmray.config import FLASH_ATTENTIONS, SPARSE_METHODS, Recipe
+from llmray.config import SPARSE_METHODS, Recipe
 from llmray.cuda_arch import fix_arch_list
 from llmray.model import build_model, count_params, flops_per_token
 from llmray.pruning.sparse import keep_zeros
@@ -81,7 +81,7 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     fast.apply(model, kernels, adapters)
     facts = ModelFacts(count_params(model),
                        flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len),
-                       flat_rows=kernels.attention in FLASH_ATTENTIONS)
+                       flat_rows=kernels.flat_rows)
     with logs.hush_stdout():  # DeepSpeed prints the ops it builds and the kernels it lacks
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,

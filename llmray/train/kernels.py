@@ -25,6 +25,11 @@ class Kernels:
     adam: str  # torch_fused, deepspeed_fused or torch
     recompute_every: int  # activations recomputed in every Nth decoder block; 0: none
 
+    @property
+    def flat_rows(self) -> bool:
+        """Packed rows go in as one row: flash attention reads restarting position ids only in a batch of one."""
+        return self.attention in FLASH_ATTENTIONS
+
     def describe(self) -> str:
         ac = {0: "off", 1: "every block"}.get(self.recompute_every, f"every {self.recompute_every} blocks")
         return (f"attention {self.attention}, liger {'on' if self.liger else 'off'}, "
