@@ -7,6 +7,8 @@ baseline. On a GPU both run there in bf16 and the figures go to serve_gpu.json, 
 Each request streams a completion of exactly --tokens tokens (ignore_eos) from a short prompt. Per level:
 requests/s, generated tokens/s, p50/p99 latency, p50/p99 time to first token. The HTTP path's overhead is the
 p50 latency at concurrency 1 minus the p50 of the same request through the engine in-process (no HTTP, no Serve).
+On a GPU the engine also runs in process with CUDA graphs and without, at the lowest and highest level: what the
+graphs buy.
 
     python benchmarks/serve.py [--hidden 256 --layers 4] [--tokens 32] [--requests 48] [--seconds 60]
 """
@@ -71,11 +73,14 @@ def baseline(model_dir: str, tokens: int, count: int) -> dict:
             "p50_latency_ms": round(pct(latencies, 0.5) * 1e3, 1)}
 
 
-def engine_in_process(model_dir: str, tokens: int, count: int, max_batch_size: int) -> float:
-    """p50 seconds of one request through llmray's engine with no HTTP and no Serve in between."""
+def engine_in_process(model_dir: str, tokens: int, count: int, max_batch_size: int, concurrency: int = 1,
+                      cuda_graphs: bool | None = None) -> dict:
+    """`count` requests through llmray's engine, `concurrency` at a time, with no HTTP and no Serve in between
+    (after one warm-up round, which also captures the graphs its shapes need): tokens/s and p50 latency."""
     from llmray.serve.engine import Engine, Sampling
 
-    engine = Engine(model_dir, max_batch_size=max_batch_size, batch_wait_s=0.005, device=None)  # as served below
+    engine = Engine(model_dir, max_batch_size=max_batch_size, batch_wait_s=0.005, device=None,  # as served below
+                    cuda_graphs=cuda_graphs)
 
     async def one(prompt: str) -> float:
         t0 = time.perf_counter()
@@ -83,10 +88,32 @@ def engine_in_process(model_dir: str, tokens: int, count: int, max_batch_size: i
             pass
         return time.perf_counter() - t0
 
-    async def run() -> list[float]:
-        return [await one(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
+    async def client(k: int, latencies: list[float]) -> None:
+        for i in range(k, count, concurrency):
+            latencies.append(await one(PROMPTS[i % len(PROMPTS)]))
 
-    return pct(asyncio.run(run()), 0.5)
+    async def run() -> tuple[list[float], float]:
+        latencies: list[float] = []
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client(k, latencies) for k in range(concurrency)])
+        return latencies, time.perf_counter() - t0
+
+    asyncio.run(run())
+    latencies, wall = asyncio.run(run())
+    return {"concurrency": concurrency, "tokens_per_s": round(count * tokens / wall, 1),
+            "p50_latency_ms": round(pct(latencies, 0.5) * 1e3, 1), "engine": dict(engine.stats)}
+
+
+def graphs_on_and_off(model_dir: str, tokens: int, levels: list[int], max_batch_size: int) -> list[dict]:
+    """The engine in process with CUDA graphs and without, at the lowest and highest concurrency."""
+    out = []
+    for c in (levels[0], levels[-1]):
+        on, off = (engine_in_process(model_dir, tokens, 2 * c, max_batch_size, c, graphs) for graphs in (True, False))
+        out.append({"concurrency": c, "tokens_per_s_graphs": on["tokens_per_s"], "tokens_per_s_eager": off["tokens_per_s"],
+                    "p50_latency_ms_graphs": on["p50_latency_ms"], "p50_latency_ms_eager": off["p50_latency_ms"],
+                    "ratio_graphs_vs_eager": round(on["tokens_per_s"] / off["tokens_per_s"], 2),
+                    "graphs_captured": on["engine"]["decode_graphs"]})
+    return out
 
 
 async def load(url: str, concurrency: int, tokens: int, count: int, seconds: float, stream: bool = True) -> dict:
@@ -143,7 +170,8 @@ def main() -> None:
     _, tok = stdlib_corpus()
     model_dir = build_model(tok, args.hidden, args.layers)
     base = first = baseline(model_dir, args.tokens, min(args.requests, 24))
-    in_process_p50 = engine_in_process(model_dir, args.tokens, 16, args.max_batch_size)
+    in_process_p50 = engine_in_process(model_dir, args.tokens, 16, args.max_batch_size)["p50_latency_ms"] / 1e3
+    graphs = graphs_on_and_off(model_dir, args.tokens, args.levels, args.max_batch_size) if gpu else None
 
     import ray
     from ray import serve
@@ -178,6 +206,7 @@ def main() -> None:
         "baseline_one_by_one_in_process": base, "baseline_runs_tokens_per_s": [first["tokens_per_s"], after["tokens_per_s"]],
         "served": levels, "served_not_streamed": whole,
         "engine_in_process_p50_latency_ms": round(in_process_p50 * 1e3, 1),
+        "engine_cuda_graphs_vs_eager": graphs,
         "http_path_p50_overhead_ms": round(levels[0]["p50_latency_ms"] - in_process_p50 * 1e3, 1),
         "http_path_p50_overhead_ms_not_streamed": round(whole[0]["p50_latency_ms"] - in_process_p50 * 1e3, 1),
     }

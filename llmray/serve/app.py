@@ -56,6 +56,7 @@ class ServeArgs(BaseModel):
     batch_wait_ms: float = Field(10.0, ge=0)
     engine: Literal["transformers", "vllm"] = "transformers"
     device: str | None = None  # default: cuda when the replica has a GPU
+    cuda_graphs: bool | None = None  # replay each decode shape as a CUDA graph; default: on a GPU, without adapters
     # Streamed text is written at most this often (the first piece at once): each write costs Serve ~1-2 ms
     # of CPU between replica and proxy, which token-by-token writes multiply under load.
     stream_interval_ms: float = Field(50.0, ge=0)
@@ -146,7 +147,7 @@ class OpenAIServer:
         for m in self.args.models:
             adapters = {name: _local(path, ADAPTER_CONFIG) for name, path in m.adapters.items()}
             self.engines[m.id] = Engine(_local(m.path), self.args.max_batch_size, self.args.batch_wait_ms / 1000,
-                                        self.args.device, adapters)
+                                        self.args.device, adapters, self.args.cuda_graphs)
             self.routes[m.id] = (m.id, None)
             self.routes.update({name: (m.id, name) for name in adapters})
         self.created = int(time.time())

@@ -1,11 +1,12 @@
 """Continuous batching for one model: concurrent requests share each forward pass.
 
-One compute thread owns the model and a running batch with one KV cache. Before every decode step it admits the
-requests that arrived meanwhile (up to `max_batch_size` rows): they are prefilled together, left-padded, and
-their cache is merged into the running one (the shorter side padded on the left, masked out), so a newcomer
-waits at most one step, not for the batch to finish. A row leaves the batch, and the cache, the step it
-finishes: EOS, a stop string, `max_tokens`, or its client going away. Each row has its own sampling parameters
-and seeded generator, so a seeded request gives the same text however it was batched (up to float rounding).
+One compute thread owns the model and a running batch whose keys and values live in a slot cache
+(`slots.py`: one slot per row, written in place). Before every decode step it admits the requests that arrived
+meanwhile (up to `max_batch_size` rows): they are prefilled together, left-padded, and each one's cache is copied
+into a free slot, so a newcomer waits at most one step, not for the batch to finish. A row leaves the batch, and
+its slot, the step it finishes: EOS, a stop string, `max_tokens`, or its client going away. Each row has its own
+sampling parameters and seeded generator, so a seeded request gives the same text however it was batched (up to
+float rounding). On a GPU each decode shape is captured once as a CUDA graph and replayed (`graphs.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from transformers import AutoTokenizer, DynamicCache
 
 from llmray.data.template import render, stop_token_ids
 from llmray.model import inference_device, load_for_inference
+from llmray.serve.graphs import DecodeGraphs
+from llmray.serve.slots import SlotCache, attention_span, batch_bucket
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -76,10 +79,8 @@ class _Row:
 
 @dataclass
 class _Batch:
-    rows: list[_Row]
-    cache: DynamicCache
-    mask: torch.Tensor  # [rows, cache length]: 1 for real tokens, 0 for left padding
-    tokens: torch.Tensor | None  # each row's last sampled token, not yet fed to the model
+    rows: list[_Row]  # row i's keys and values are in the slot cache's slot i
+    tokens: torch.Tensor  # each row's last sampled token, not yet fed to the model
 
 
 def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -89,24 +90,20 @@ def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob
     return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
 class Engine:
     def __init__(self, model_dir: str, max_batch_size: int, batch_wait_s: float, device: str | None,
-                 adapters: dict[str, str] | None = None):
+                 adapters: dict[str, str] | None = None, cuda_graphs: bool | None = None):
         """`adapters`: name -> PEFT adapter folder of this base model; rows of different adapters (and of the
-        base) share a batch, peft applying each row's adapter (mixed-batch LoRA)."""
+        base) share a batch, peft applying each row's adapter (mixed-batch LoRA). `cuda_graphs`: replay each decode
+        shape as a CUDA graph; None: on a GPU. Never with adapters (peft picks each row's adapter on the host,
+        step by step). Without CUDA, true runs the same fixed-buffer path without a capture."""
         self.device = inference_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.backend = self.tokenizer.backend_tokenizer
         self.model = load_for_inference(model_dir, self.device)
+        config = self.model.config
+        if config._attn_implementation not in ("sdpa", "eager"):  # the decode step's mask is a 4-D tensor
+            self.model.set_attn_implementation("sdpa")
         self.adapters = sorted(adapters or {})
         if adapters:
             from peft import PeftModel
@@ -115,11 +112,15 @@ class Engine:
             self.model = PeftModel.from_pretrained(self.model, adapters[first], adapter_name=first).eval()
             for name in rest:
                 self.model.load_adapter(adapters[name], adapter_name=name)
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.context = attention_span(config)
         self.eos = self.tokenizer.eos_token_id
         self.stops = set(stop_token_ids(self.tokenizer))  # EOS, and the chat template's end of turn
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        self.cache = SlotCache(config.num_hidden_layers, max_batch_size, self.context)
+        use_graphs = (self.device.type == "cuda" if cuda_graphs is None else cuda_graphs) and not self.adapters
+        self.graphs = DecodeGraphs(self._decode_step, self.device) if use_graphs else None
+        self._graphs_for = 0  # the cache allocation the graphs were captured on
         self.incoming: queue.Queue[_Row] = queue.Queue()
         self.last_admitted = 1
         self._thread: threading.Thread | None = None
@@ -127,7 +128,7 @@ class Engine:
         self._model_lock = threading.Lock()  # the compute thread's forwards and prompt scoring take turns
         self._outbox: list[tuple[_Row, object]] = []
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "forward_passes": 0, "active": 0,
-                      "largest_batch": 0}
+                      "largest_batch": 0, "kv_slots": 0, "kv_positions": 0, "decode_graphs": 0}
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
@@ -221,50 +222,93 @@ class Engine:
                 fresh = self._admit(self.max_batch_size - (len(batch.rows) if batch else 0), idle=batch is None)
                 with torch.no_grad():
                     if fresh:
-                        batch = self._merge(batch, self._prefill(fresh))
+                        batch = self._prefill(batch, fresh)
                     if batch is not None:
                         batch = self._decode(batch)
             except Exception as e:  # noqa: BLE001 - every waiting request must hear of it, and the engine lives on
                 for r in (batch.rows if batch else []) + fresh:
                     r.emit(e)
                 batch = None
-            self.stats["active"] = len(batch.rows) if batch else 0
+                self.cache.keep([])
+            self.stats.update(active=len(batch.rows) if batch else 0, kv_slots=self.cache.slots,
+                              kv_positions=self.cache.capacity, decode_graphs=len(self.graphs or ()))
 
-    def _prefill(self, rows: list[_Row]) -> "_Batch | None":
-        for r in rows:
+    def _prefill(self, batch: "_Batch | None", fresh: list[_Row]) -> "_Batch | None":
+        """The newcomers' prompts in one forward, their caches into the slots after the running rows'."""
+        for r in fresh:
             if r.sampling.seed is not None:
                 r.generator = torch.Generator(device=self.device).manual_seed(r.sampling.seed)
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
+        width = max(len(r.prompt_ids) for r in fresh)
+        ids = torch.full((len(fresh), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(fresh), width), dtype=torch.long)
+        for i, r in enumerate(fresh):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache()
-        logits = self._forward(ids, mask, cache, rows)
-        return self._step(_Batch(rows, cache, mask, None), logits)
+        prefill = DynamicCache()
+        logits = self._forward(ids, mask, prefill, fresh)
+        self.cache.admit(prefill, [len(r.prompt_ids) for r in fresh])
+        tokens, done = self._take(fresh, logits)
+        running = batch.rows if batch else []
+        if batch:
+            tokens = torch.cat([batch.tokens, tokens])
+        return self._keep(running + fresh, tokens, [False] * len(running) + done)
 
     def _decode(self, batch: "_Batch") -> "_Batch | None":
-        mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=self.device)], 1)
-        logits = self._forward(batch.tokens[:, None], mask, batch.cache, batch.rows)
-        return self._step(_Batch(batch.rows, batch.cache, mask, None), logits)
+        """One token for every row. With graphs the batch is padded to its bucket (padding rows write position 0
+        of free slots), so a graph serves every batch size up to the bucket."""
+        count = len(batch.rows)
+        rows = batch_bucket(count, self.max_batch_size) if self.graphs else count
+        self.cache.reserve(rows, max(self.cache.lengths) + 1)
+        span = self.cache.span(repeatable=self.graphs is not None)
+        positions = torch.tensor(self.cache.lengths + [0] * (rows - count), device=self.device)[:, None]
+        ids = torch.cat([batch.tokens, batch.tokens.new_full((rows - count,), self.pad)])[:, None]
+        with self._model_lock:
+            if self.graphs is None:
+                logits = self._decode_step(ids, positions, span, batch.rows)
+            else:
+                if self._graphs_for != self.cache.reallocations:  # they read buffers that are gone
+                    self.graphs.clear()
+                    self._graphs_for = self.cache.reallocations
+                logits = self.graphs.run(ids, positions, span)
+        self.stats["forward_passes"] += 1
+        self.cache.advance(count)
+        tokens, done = self._take(batch.rows, logits[:count])
+        return self._keep(batch.rows, tokens, done)
 
-    def _step(self, batch: "_Batch", logits: torch.Tensor) -> "_Batch | None":
-        """Sample each row's next token, hand it to its client, drop the rows that are done."""
-        tokens = self._sample(logits, batch.rows)
-        wanted = any(r.sampling.logprobs is not None for r in batch.rows)
-        lps = torch.log_softmax(logits, -1) if wanted else [None] * len(batch.rows)
-        keep = [i for i, (r, t, lp) in enumerate(zip(batch.rows, tokens, lps)) if not self._advance(r, t, lp)]
+    def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, span: int, rows: list[_Row] | None = None
+                     ) -> torch.Tensor:
+        """Logits of one token per slot row, [rows, vocab], attending `span` positions; reads only its arguments
+        and the cache's buffers (what a CUDA graph of it replays). `rows`: the batch's rows, for their adapters
+        (no graphs then)."""
+        self.cache.bind(positions[:, 0], span)
+        eager = self.model.config._attn_implementation == "eager"  # which adds the mask to the scores
+        mask = self.cache.attention_mask(positions, self.model.dtype if eager else None)
+        kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _take(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        """Sample each row's next token and hand it to its client: the tokens, and which rows are done."""
+        tokens = self._sample(logits, rows)
+        wanted = any(r.sampling.logprobs is not None for r in rows)
+        lps = torch.log_softmax(logits, -1) if wanted else [None] * len(rows)
+        done = [self._advance(r, t, lp) for r, t, lp in zip(rows, tokens.tolist(), lps)]
         self._deliver()
-        if not keep:
+        return tokens, done
+
+    def _keep(self, rows: list[_Row], tokens: torch.Tensor, done: list[bool]) -> "_Batch | None":
+        """The batch without its finished rows, which leave their slots (refilled by rows from the end)."""
+        keep = [i for i, d in enumerate(done) if not d]
+        if len(keep) < len(rows):
+            order = self.cache.keep(keep)
+            rows = [rows[i] for i in order]
+            tokens = tokens[torch.tensor(order, dtype=torch.long, device=tokens.device)]
+        if not rows:
             return None
-        if len(keep) < len(batch.rows):  # finished rows leave the batch and the cache
-            batch.cache.batch_select_indices(torch.tensor(keep, device=self.device))
-            batch = _Batch([batch.rows[i] for i in keep], batch.cache, batch.mask[keep], None)
-            tokens = tokens[keep]
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch.rows))
-        return _Batch(batch.rows, batch.cache, batch.mask, tokens)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        return _Batch(rows, tokens)
 
     def _deliver(self) -> None:
         """This step's events, handed to each event loop in one call rather than one wake-up per row."""
@@ -275,27 +319,16 @@ class Engine:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(lambda items=items: [q.put_nowait(e) for q, e in items])
 
-    def _merge(self, running: "_Batch | None", fresh: "_Batch | None") -> "_Batch | None":
-        """One batch from two: caches and masks left-padded to the same length, then stacked."""
-        if running is None or fresh is None:
-            return running or fresh
-        width = max(running.mask.shape[1], fresh.mask.shape[1])
-        merged = DynamicCache()
-        for layer, (a, b) in enumerate(zip(running.cache.layers, fresh.cache.layers)):
-            keys = torch.cat([_left_pad(a.keys, width, 2), _left_pad(b.keys, width, 2)])
-            values = torch.cat([_left_pad(a.values, width, 2), _left_pad(b.values, width, 2)])
-            merged.update(keys, values, layer)
-        mask = torch.cat([_left_pad(running.mask, width, 1), _left_pad(fresh.mask, width, 1)])
-        return _Batch(running.rows + fresh.rows, merged, mask, torch.cat([running.tokens, fresh.tokens]))
-
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, rows: list[_Row]) -> torch.Tensor:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        """A left-padded prefill's last logits per row."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
         with self._model_lock:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, **kwargs)
         self.stats["forward_passes"] += 1
         return out.logits[:, -1, :].float()
+
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         if all(r.sampling.temperature == 0 for r in rows):
             return logits.argmax(-1)  # all greedy: one op for the batch

@@ -1,0 +1,158 @@
+"""The serving engine's KV cache: one slot per running request, allocated ahead and written in place.
+
+A running row owns a slot. Its keys and values sit at positions 0..n-1 of that slot, whatever the other rows'
+lengths, so a decode step writes one position per row (no concatenation per step, no left padding), a newcomer's
+prefill is copied into the next free slot, and a finished row's slot is refilled by the last row (one row moves,
+not the batch). The buffers grow by doubling (slots up to the batch limit, positions up to the model's span), so
+reallocations are few. A decode step attends the positions the longest row needs (rounded up to `SPAN_STEP` when
+its shapes must repeat, for CUDA graphs: `graphs.py`), each row under a mask of its own positions; so the
+cache serves models whose layers all attend fully (sliding windows are served within the window:
+`attention_span`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import Cache, DynamicCache
+
+FIRST_POSITIONS = 256  # positions allocated at first; doubled when a row outgrows them
+SPAN_STEP = 64  # a graphed decode step attends a multiple of this many positions: few shapes, little waste
+
+
+def attention_span(config) -> int:
+    """How many tokens a request may hold: the model's positions, or its sliding window if that is shorter
+    (within the window, full attention is exactly what a sliding window computes)."""
+    span = int(getattr(config, "max_position_embeddings", 2048))
+    window = getattr(config, "sliding_window", None)
+    slides = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
+        window and getattr(config, "use_sliding_window", True))
+    return min(span, int(window)) if slides and window else span
+
+
+def batch_bucket(rows: int, max_rows: int) -> int:
+    """The decode batch a CUDA graph is captured for: the next power of two, at most the batch limit."""
+    return min(max_rows, 1 << (rows - 1).bit_length())
+
+
+class _SlotLayer:
+    """One decoder layer's keys and values, [slots, kv heads, positions, head dim]. transformers' `Cache` asks
+    a layer only what kind of attention it holds."""
+
+    is_sliding = False
+    is_compileable = True
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+
+class SlotCache(Cache):
+    def __init__(self, layers: int, max_slots: int, max_positions: int, first_positions: int = FIRST_POSITIONS):
+        super().__init__(layers=[_SlotLayer() for _ in range(layers)])
+        self.max_slots, self.max_positions, self.first_positions = max_slots, max_positions, first_positions
+        self.lengths: list[int] = []  # the tokens each running row holds; row i is in slot i
+        self.reallocations = 0  # a captured decode step reads the buffers it was captured with: it must go
+        self._rows: torch.Tensor | None = None  # 0..slots-1, sliced per step (made once: graphs need fixed tensors)
+        self._write_at: torch.Tensor | None = None  # the decode step's position per row
+        self._span = 0  # the positions the decode step attends
+
+    @property
+    def slots(self) -> int:
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Positions per slot."""
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[2]
+
+    def reserve(self, rows: int, positions: int, like: DynamicCache | None = None) -> None:
+        """Room for `rows` slots of `positions` tokens. Short of it, every buffer is reallocated larger and its
+        contents copied (`like`: a prefill cache giving the first allocation its heads, widths, dtype, device)."""
+        if rows <= self.slots and positions <= self.capacity:
+            return
+        slots = max(self.slots, batch_bucket(rows, self.max_slots), rows)
+        length = max(self.capacity, positions, min(self.max_positions, self.first_positions << max(
+            0, math.ceil(math.log2(positions / self.first_positions)))))
+        for layer, template in zip(self.layers, like.layers if like is not None else self.layers):
+            for name in ("keys", "values"):
+                old, shape_of = getattr(layer, name), getattr(template, name)
+                new = shape_of.new_zeros((slots, shape_of.shape[1], length, shape_of.shape[3]))
+                if old is not None:
+                    new[:old.shape[0], :, :old.shape[2]] = old
+                setattr(layer, name, new)
+        self._rows = torch.arange(slots, device=self.layers[0].keys.device)
+        self.reallocations += 1
+
+    def admit(self, prefill: DynamicCache, lengths: list[int]) -> None:
+        """A left-padded prefill's rows into the slots after the running rows': row j's last `lengths[j]`
+        positions become positions 0.. of its slot."""
+        first, width = len(self.lengths), prefill.layers[0].keys.shape[2]
+        self.reserve(first + len(lengths), max(lengths) + 1, like=prefill)
+        device = prefill.layers[0].keys.device
+        shift = width - torch.tensor(lengths, device=device)
+        index = (torch.arange(width, device=device)[None, :] + shift[:, None]).clamp(max=width - 1)
+        for mine, theirs in zip(self.layers, prefill.layers):
+            for name in ("keys", "values"):
+                new = getattr(theirs, name)
+                getattr(mine, name)[first:first + len(lengths), :, :width] = new.gather(
+                    2, index[:, None, :, None].expand_as(new))
+        self.lengths += lengths
+
+    def keep(self, rows: list[int]) -> list[int]:
+        """Keep these running rows (ascending indices) in slots 0..len(rows)-1: each slot freed below that is
+        refilled by a kept row from above it. Returns, per slot, the index the row in it had before."""
+        count, kept = len(rows), set(rows)
+        order = list(range(count))
+        holes = [i for i in range(count) if i not in kept]
+        movers = [i for i in rows if i >= count]
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        if holes:
+            device = self.layers[0].keys.device
+            to, src = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
+            for layer in self.layers:
+                layer.keys[to] = layer.keys[src]
+                layer.values[to] = layer.values[src]
+        self.lengths = [self.lengths[i] for i in order]
+        return order
+
+    def span(self, repeatable: bool) -> int:
+        """The positions the next decode step attends: the longest row's and the one it adds; `repeatable`:
+        rounded up to SPAN_STEP (within the buffers), so the step's shapes repeat."""
+        need = max(self.lengths) + 1
+        return min(self.capacity, math.ceil(need / SPAN_STEP) * SPAN_STEP) if repeatable else need
+
+    def bind(self, positions: torch.Tensor, span: int) -> None:
+        """The next forward is a decode step of rows 0..len(positions)-1 attending `span` positions, row i adding
+        its token at positions[i]."""
+        self._write_at, self._span = positions, span
+
+    def attention_mask(self, positions: torch.Tensor, additive_dtype: torch.dtype | None) -> torch.Tensor:
+        """The bound decode step's 4-D mask, [rows, 1, 1, span]: each row sees its own tokens and the one it is
+        adding at `positions` [rows, 1]. Boolean for SDPA; added to the scores (0 or the dtype's minimum) for
+        eager attention."""
+        seen = (torch.arange(self._span, device=positions.device)[None, :] <= positions)[:, None, None, :]
+        if additive_dtype is None:
+            return seen
+        return torch.zeros(seen.shape, dtype=additive_dtype, device=seen.device).masked_fill(
+            ~seen, torch.finfo(additive_dtype).min)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer, rows = self.layers[layer_idx], key_states.shape[0]
+        if key_states.shape[2] != 1:
+            raise RuntimeError("the slot cache takes one token per row (decode); prefills go through admit()")
+        layer.keys[self._rows[:rows], :, self._write_at] = key_states[:, :, 0]
+        layer.values[self._rows[:rows], :, self._write_at] = value_states[:, :, 0]
+        return layer.keys[:rows, :, :self._span], layer.values[:rows, :, :self._span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.capacity
+
+    def advance(self, rows: int) -> None:
+        """Rows 0..rows-1 each took the token of the last decode step."""
+        self.lengths[:rows] = [n + 1 for n in self.lengths[:rows]]

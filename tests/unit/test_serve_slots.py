@@ -1,0 +1,104 @@
+"""The serving engine's continuous batching, its slot KV cache and its decode-graph path: rows joining mid-generation
+(other prompt lengths), growing the cache, leaving and being refilled from the end still give exactly plain
+transformers' greedy text, and share forward passes."""
+
+import asyncio
+
+import pytest
+import torch
+from helpers import greedy_reference
+
+
+@pytest.fixture(scope="module")
+def gqa_model_dir(corpus, tmp_path_factory):
+    """A tiny Llama with grouped-query attention (2 key/value heads for 4), so the mask meets GQA's paths."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("served-gqa") / "tiny"
+    tok = AutoTokenizer.from_pretrained(corpus["tokenizer"])
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                         initializer_range=0.3, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def staggered(engine, prompts: list[str], tokens: int) -> list[str]:
+    """The first prompt generates alone for a while, then the others join it at once."""
+    from llmray.serve.engine import Finished, Sampling
+
+    async def collect(prompt: str, started: asyncio.Event | None = None) -> str:
+        text = ""
+        async for ev in engine.stream(engine.encode(prompt), Sampling(tokens, 0.0)):
+            if not isinstance(ev, Finished):
+                text += ev
+                if started is not None and len(text) > 10:
+                    started.set()
+        return text
+
+    async def run():
+        first_running = asyncio.Event()
+        first = asyncio.create_task(collect(prompts[0], first_running))
+        await first_running.wait()
+        late = await asyncio.gather(*[collect(p) for p in prompts[1:]])
+        return [await first, *late]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("attention,graphs", [("sdpa", True), ("eager", False)])
+def test_rows_join_grow_the_cache_and_leave_with_transformers_greedy_text(gqa_model_dir, attention, graphs):
+    """Positions are allocated 8 at first, so the cache is reallocated under running rows; the
+    three rows end at different steps, so freed slots are refilled from the end. With graphs (on CPU: the same
+    fixed buffers, no capture) the batch is padded to its power-of-two bucket."""
+    from llmray.serve.engine import Engine
+
+    engine = Engine(str(gqa_model_dir), max_batch_size=4, batch_wait_s=0, device=None, cuda_graphs=graphs)
+    engine.model.set_attn_implementation(attention)
+    engine.cache.first_positions = 8
+    prompts = ["def long_running_function(a, b, c):", "x", "import os, sys\nfrom pathlib import"]
+    texts = staggered(engine, prompts, 40)
+    reference = greedy_reference(gqa_model_dir)
+    assert texts == [reference(p, 40) for p in prompts]
+    assert engine.stats["largest_batch"] == 3 and engine.stats["forward_passes"] < 3 * 40
+    assert engine.cache.reallocations >= 3 and engine.cache.slots == 4 and engine.cache.capacity == 64
+    assert engine.cache.lengths == []  # every row left its slot
+    assert (engine.stats["decode_graphs"] > 0) == graphs
+
+
+def test_admit_takes_each_rows_own_tokens_and_keep_refills_holes_from_the_end():
+    from transformers import DynamicCache
+
+    from llmray.serve.slots import SlotCache
+
+    lengths, width = [3, 5, 1, 4, 2], 5
+    prefill = DynamicCache()
+    for layer in range(2):  # row r's token t (counted from its first real one) holds 100*r + t; padding holds -1
+        keys = torch.full((5, 2, width, 4), -1.0)
+        for r, n in enumerate(lengths):
+            keys[r, :, width - n:] = (100 * r + torch.arange(n, dtype=torch.float))[None, :, None]
+        prefill.update(keys, -keys, layer)
+    cache = SlotCache(layers=2, max_slots=8, max_positions=32, first_positions=4)
+    cache.admit(prefill, lengths)
+    assert (cache.slots, cache.capacity) == (8, 8)  # 5 rows, 5 + 1 positions: the next powers of two
+    for r, n in enumerate(lengths):
+        assert torch.equal(cache.layers[1].keys[r, 0, :n, 0], 100 * r + torch.arange(n, dtype=torch.float))
+    order = cache.keep([0, 2, 4])
+    assert order == [0, 4, 2]  # slot 1 (freed) takes row 4, the last; row 2 stays where it is
+    assert cache.lengths == [3, 2, 1]
+    assert torch.equal(cache.layers[0].values[1, 1, :2, 3], -(400 + torch.arange(2, dtype=torch.float)))
+    assert cache.span(repeatable=False) == 4 and cache.span(repeatable=True) == 8  # SPAN_STEP, within the buffers
+    cache.bind(torch.tensor([3, 2, 1]), 4)
+    mask = cache.attention_mask(torch.tensor([[3], [2], [1]]), None)
+    assert mask.shape == (3, 1, 1, 4) and mask[:, 0, 0, :].sum(-1).tolist() == [4, 3, 2]
+
+
+def test_sliding_window_models_are_served_within_their_window():
+    from transformers import MistralConfig, Qwen2Config
+
+    from llmray.serve.slots import attention_span
+
+    assert attention_span(MistralConfig(max_position_embeddings=4096, sliding_window=512)) == 512
+    assert attention_span(Qwen2Config(max_position_embeddings=4096, sliding_window=512, use_sliding_window=False)) == 4096
