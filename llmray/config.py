@@ -213,6 +213,10 @@ class TrainConfig(Strict):
             raise ValueError("train.offload_params needs train.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
+        raw = (self.deepspeed or {}).get("zero_optimization", {}).get("stage", self.zero_stage)
+        if raw != self.zero_stage:  # export, resume, model construction and the kernels all read train.zero_stage
+            raise ValueError(f"train.deepspeed sets zero_optimization.stage={raw} but train.zero_stage is "
+                             f"{self.zero_stage}: set the stage with train.zero_stage={raw}")
         return self
 
 

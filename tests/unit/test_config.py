@@ -27,6 +27,8 @@ def test_overrides_are_typed_and_nested():
     ("model.num_heads=3", "model.num_heads"),
     ("train.schedule=exp", "train.schedule"),
     ("scaling.num_workers=0", "scaling.num_workers"),
+    ("train.deepspeed={zero_optimization: {stage: 3}}", "train.deepspeed sets zero_optimization.stage=3 but "
+                                                        "train.zero_stage is 2: set the stage with train.zero_stage=3"),
 ])
 def test_bad_key_or_value_names_the_key(override, key):
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
