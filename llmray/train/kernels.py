@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from llmray.config import FLASH_ATTENTIONS, Recipe, RecipeError
+from llmray.model import build_config
 
 # each library-backed choice: the module it imports (for `auto` and `check_installed`), and how to install it
 LIBRARIES = {"flash_attention_2": ("flash_attn", "pip install flash-attn"),
@@ -62,11 +63,30 @@ def resolve(recipe: Recipe, on_gpu: bool, precision: str) -> Kernels:
                           f"run trains in {precision}: set train.precision=bf16 or the attention to sdpa")
     liger = k.liger
     if liger == "auto":
-        liger = on_gpu and installed(LIBRARIES["liger"][0]) and recipe.distill is None
+        liger = on_gpu and installed(LIBRARIES["liger"][0]) and recipe.distill is None and liger_covers(recipe)
+    elif liger and not liger_covers(recipe):
+        raise RecipeError(f"train.kernels.liger=true: liger-kernel has no kernels for model type "
+                          f"{model_type(recipe)!r}; set it to auto (on where liger covers the model) or false")
     compiled = k.compile
     if compiled == "auto":
         compiled = on_gpu and t.zero_stage < 3
     return Kernels(attention, liger, compiled, adam_impl(recipe), t.recompute_every)
+
+
+def model_type(recipe: Recipe) -> str:
+    m = recipe.model
+    return m.arch if m.pretrained is None else build_config(m, vocab_size=0).model_type
+
+
+def liger_model_types() -> set[str]:
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def liger_covers(recipe: Recipe) -> bool:
+    """Whether liger-kernel patches this architecture: it leaves others as they are, saying so only at info level."""
+    return model_type(recipe) in liger_model_types()
 
 
 def check_installed(recipe: Recipe) -> None:

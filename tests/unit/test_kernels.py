@@ -15,6 +15,7 @@ from llmray.train.zero import deepspeed_config
 def test_auto_is_the_fast_path_on_gpus_only(monkeypatch):
     monkeypatch.setattr(fast, "installed", lambda package: True)  # as on a GPU node with every extra installed
     monkeypatch.setattr(fast, "flash_runs_here", lambda precision: precision == "bf16")  # an Ampere+ GPU
+    monkeypatch.setattr(fast, "liger_model_types", lambda: {"llama", "mistral"})  # liger's table, in short
     cpu = fast.resolve(recipe(), on_gpu=False, precision="fp32")
     assert (cpu.attention, cpu.liger, cpu.compile, cpu.adam, cpu.recompute_every) == (
         "sdpa", False, False, "torch_fused", 0)
@@ -26,6 +27,11 @@ def test_auto_is_the_fast_path_on_gpus_only(monkeypatch):
     assert not zero3.compile  # ZeRO-3's gathering hooks break compiled graphs
     distill = fast.resolve(recipe("scaling.use_gpu=true", "distill.teacher=/t"), on_gpu=True, precision="bf16")
     assert not distill.liger  # the KL needs the student's logits
+    gpt2 = recipe("scaling.use_gpu=true", "model.arch=gpt2")
+    assert not fast.resolve(gpt2, on_gpu=True, precision="bf16").liger  # an architecture liger does not patch
+    with pytest.raises(RecipeError, match="train.kernels.liger=true: liger-kernel has no kernels for model type 'gpt2'"):
+        fast.resolve(recipe("scaling.use_gpu=true", "model.arch=gpt2", "train.kernels.liger=true"), on_gpu=True,
+                     precision="bf16")
     monkeypatch.setattr(fast, "installed", lambda package: False)
     bare = fast.resolve(recipe("scaling.use_gpu=true"), on_gpu=True, precision="bf16")
     assert (bare.attention, bare.liger) == ("sdpa", False)
