@@ -12,6 +12,7 @@ float rounding). On a GPU each decode shape is captured once as a CUDA graph and
 from __future__ import annotations
 
 import asyncio
+import inspect
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ from transformers import AutoTokenizer, DynamicCache
 from llmray.data.template import render, stop_token_ids
 from llmray.model import inference_device, load_for_inference
 from llmray.serve.graphs import DecodeGraphs
-from llmray.serve.slots import SlotCache, attention_span, batch_bucket
+from llmray.serve.slots import MaskLayout, SlotCache, batch_bucket
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -104,6 +105,8 @@ class Engine:
         config = self.model.config
         if config._attn_implementation not in ("sdpa", "eager"):  # the decode step's mask is a 4-D tensor
             self.model.set_attn_implementation("sdpa")
+        # transformers 5.x renames forward's past_key_values to cache (the old name goes at 5.40)
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.adapters = sorted(adapters or {})
         if adapters:
             from peft import PeftModel
@@ -112,12 +115,12 @@ class Engine:
             self.model = PeftModel.from_pretrained(self.model, adapters[first], adapter_name=first).eval()
             for name in rest:
                 self.model.load_adapter(adapters[name], adapter_name=name)
-        self.context = attention_span(config)
+        self.context = int(getattr(config, "max_position_embeddings", 2048))
         self.eos = self.tokenizer.eos_token_id
         self.stops = set(stop_token_ids(self.tokenizer))  # EOS, and the chat template's end of turn
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
-        self.cache = SlotCache(config.num_hidden_layers, max_batch_size, self.context)
+        self.cache = SlotCache(config.num_hidden_layers, max_batch_size, self.context, MaskLayout.of(config))
         use_graphs = (self.device.type == "cuda" if cuda_graphs is None else cuda_graphs) and not self.adapters
         self.graphs = DecodeGraphs(self._decode_step, self.device) if use_graphs else None
         self._graphs_for = 0  # the cache allocation the graphs were captured on
@@ -258,13 +261,14 @@ class Engine:
         """One token for every row. With graphs the batch is padded to its bucket (padding rows write position 0
         of free slots), so a graph serves every batch size up to the bucket."""
         count = len(batch.rows)
-        rows = batch_bucket(count, self.max_batch_size) if self.graphs else count
+        graphs = self.graphs is not None and self.graphs.on
+        rows = batch_bucket(count, self.max_batch_size) if graphs else count
         self.cache.reserve(rows, max(self.cache.lengths) + 1)
-        span = self.cache.span(repeatable=self.graphs is not None)
+        span = self.cache.span(repeatable=graphs)
         positions = torch.tensor(self.cache.lengths + [0] * (rows - count), device=self.device)[:, None]
         ids = torch.cat([batch.tokens, batch.tokens.new_full((rows - count,), self.pad)])[:, None]
         with self._model_lock:
-            if self.graphs is None:
+            if not graphs:
                 logits = self._decode_step(ids, positions, span, batch.rows)
             else:
                 if self._graphs_for != self.cache.reallocations:  # they read buffers that are gone
@@ -285,8 +289,8 @@ class Engine:
         eager = self.model.config._attn_implementation == "eager"  # which adds the mask to the scores
         mask = self.cache.attention_mask(positions, self.model.dtype if eager else None)
         kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                         use_cache=True, **kwargs)
+        kwargs[self.cache_kwarg] = self.cache
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1, :].float()
 
     def _take(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
@@ -323,9 +327,10 @@ class Engine:
         """A left-padded prefill's last logits per row."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
+        kwargs[self.cache_kwarg] = cache
         with self._model_lock:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, **kwargs)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **kwargs)
         self.stats["forward_passes"] += 1
         return out.logits[:, -1, :].float()
 

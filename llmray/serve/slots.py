@@ -4,31 +4,39 @@ A running row owns a slot. Its keys and values sit at positions 0..n-1 of that s
 lengths, so a decode step writes one position per row (no concatenation per step, no left padding), a newcomer's
 prefill is copied into the next free slot, and a finished row's slot is refilled by the last row (one row moves,
 not the batch). The buffers grow by doubling (slots up to the batch limit, positions up to the model's span), so
-reallocations are few. A decode step attends the positions the longest row needs (rounded up to `SPAN_STEP` when
-its shapes must repeat, for CUDA graphs: `graphs.py`), each row under a mask of its own positions; so the
-cache serves models whose layers all attend fully (sliding windows are served within the window:
-`attention_span`).
+reallocations are few; when the last row leaves, buffers grown past their first size are let go (one long request
+must not size every later burst). A decode step attends the positions the longest row needs (rounded up to
+`SPAN_STEP` when its shapes must repeat, for CUDA graphs: `graphs.py`), each row under a mask of its own
+positions, and of its sliding window for layers that slide (`MaskLayout`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from transformers import Cache, DynamicCache
 
 FIRST_POSITIONS = 256  # positions allocated at first; doubled when a row outgrows them
-SPAN_STEP = 64  # a graphed decode step attends a multiple of this many positions: few shapes, little waste
+SPAN_STEP = 64  # a graphed decode step attends a multiple of this many positions (more past 16 of them)
 
 
-def attention_span(config) -> int:
-    """How many tokens a request may hold: the model's positions, or its sliding window if that is shorter
-    (within the window, full attention is exactly what a sliding window computes)."""
-    span = int(getattr(config, "max_position_embeddings", 2048))
-    window = getattr(config, "sliding_window", None)
-    slides = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
-        window and getattr(config, "use_sliding_window", True))
-    return min(span, int(window)) if slides and window else span
+@dataclass(frozen=True)
+class MaskLayout:
+    """The decode masks a model's forward takes: one for every layer (full attention, or a sliding window on every
+    layer, as Mistral), or transformers' dict by layer type where only some layers slide (Gemma 2/3, Qwen 2/3 with
+    sliding layers, GPT-OSS)."""
+
+    window: int | None = None  # the sliding window, where layers slide
+    per_type: bool = False
+
+    @classmethod
+    def of(cls, config) -> "MaskLayout":
+        window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+        if types is not None:
+            return cls(window, True) if "sliding_attention" in types else cls()
+        return cls(window) if window else cls()
 
 
 def batch_bucket(rows: int, max_rows: int) -> int:
@@ -49,9 +57,11 @@ class _SlotLayer:
 
 
 class SlotCache(Cache):
-    def __init__(self, layers: int, max_slots: int, max_positions: int, first_positions: int = FIRST_POSITIONS):
+    def __init__(self, layers: int, max_slots: int, max_positions: int, masks: MaskLayout = MaskLayout(),
+                 first_positions: int = FIRST_POSITIONS):
         super().__init__(layers=[_SlotLayer() for _ in range(layers)])
         self.max_slots, self.max_positions, self.first_positions = max_slots, max_positions, first_positions
+        self.masks = masks
         self.lengths: list[int] = []  # the tokens each running row holds; row i is in slot i
         self.reallocations = 0  # a captured decode step reads the buffers it was captured with: it must go
         self._rows: torch.Tensor | None = None  # 0..slots-1, sliced per step (made once: graphs need fixed tensors)
@@ -111,6 +121,10 @@ class SlotCache(Cache):
         movers = [i for i in rows if i >= count]
         for hole, mover in zip(holes, movers):
             order[hole] = mover
+        if not rows and self.capacity > self.first_positions:  # idle: let a long request's buffers go
+            for layer in self.layers:
+                layer.keys = layer.values = None
+            self.reallocations += 1
         if holes:
             device = self.layers[0].keys.device
             to, src = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
@@ -122,24 +136,39 @@ class SlotCache(Cache):
 
     def span(self, repeatable: bool) -> int:
         """The positions the next decode step attends: the longest row's and the one it adds; `repeatable`:
-        rounded up to SPAN_STEP (within the buffers), so the step's shapes repeat."""
+        rounded up (within the buffers) so the step's shapes repeat: to SPAN_STEP up to 16 of them, then to an
+        eighth of the power of two above (about 8 shapes per doubling, under 1/8 attended in vain)."""
         need = max(self.lengths) + 1
-        return min(self.capacity, math.ceil(need / SPAN_STEP) * SPAN_STEP) if repeatable else need
+        if not repeatable:
+            return need
+        step = SPAN_STEP << max(0, (need - 1).bit_length() - (16 * SPAN_STEP - 1).bit_length())
+        return min(self.capacity, math.ceil(need / step) * step)
 
     def bind(self, positions: torch.Tensor, span: int) -> None:
         """The next forward is a decode step of rows 0..len(positions)-1 attending `span` positions, row i adding
         its token at positions[i]."""
         self._write_at, self._span = positions, span
 
-    def attention_mask(self, positions: torch.Tensor, additive_dtype: torch.dtype | None) -> torch.Tensor:
+    def attention_mask(self, positions: torch.Tensor, additive_dtype: torch.dtype | None
+                       ) -> torch.Tensor | dict[str, torch.Tensor]:
         """The bound decode step's 4-D mask, [rows, 1, 1, span]: each row sees its own tokens and the one it is
-        adding at `positions` [rows, 1]. Boolean for SDPA; added to the scores (0 or the dtype's minimum) for
-        eager attention."""
-        seen = (torch.arange(self._span, device=positions.device)[None, :] <= positions)[:, None, None, :]
-        if additive_dtype is None:
-            return seen
-        return torch.zeros(seen.shape, dtype=additive_dtype, device=seen.device).masked_fill(
-            ~seen, torch.finfo(additive_dtype).min)
+        adding at `positions` [rows, 1] (within its window, on sliding layers). Boolean for SDPA; added to the
+        scores (0 or the dtype's minimum) for eager attention. A dict by layer type where only some layers slide."""
+        at = torch.arange(self._span, device=positions.device)[None, :]
+        full = at <= positions
+        window = self.masks.window
+        slide = full & (at > positions - window) if window else full  # transformers' sliding_window_overlay
+
+        def shaped(seen: torch.Tensor) -> torch.Tensor:
+            seen = seen[:, None, None, :]
+            if additive_dtype is None:
+                return seen
+            return torch.zeros(seen.shape, dtype=additive_dtype, device=seen.device).masked_fill(
+                ~seen, torch.finfo(additive_dtype).min)
+
+        if self.masks.per_type:
+            return {"full_attention": shaped(full), "sliding_attention": shaped(slide)}
+        return shaped(slide)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:

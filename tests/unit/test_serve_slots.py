@@ -63,8 +63,8 @@ def test_rows_join_grow_the_cache_and_leave_with_transformers_greedy_text(gqa_mo
     reference = greedy_reference(gqa_model_dir)
     assert texts == [reference(p, 40) for p in prompts]
     assert engine.stats["largest_batch"] == 3 and engine.stats["forward_passes"] < 3 * 40
-    assert engine.cache.reallocations >= 3 and engine.cache.slots == 4 and engine.cache.capacity == 64
-    assert engine.cache.lengths == []  # every row left its slot
+    assert engine.cache.reallocations >= 3
+    assert engine.cache.lengths == [] and engine.cache.capacity == 0  # every row left; the grown buffers went
     assert (engine.stats["decode_graphs"] > 0) == graphs
 
 
@@ -95,10 +95,29 @@ def test_admit_takes_each_rows_own_tokens_and_keep_refills_holes_from_the_end():
     assert mask.shape == (3, 1, 1, 4) and mask[:, 0, 0, :].sum(-1).tolist() == [4, 3, 2]
 
 
-def test_sliding_window_models_are_served_within_their_window():
-    from transformers import MistralConfig, Qwen2Config
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_layers_attend_within_their_window(corpus, tmp_path, arch):
+    """Mistral slides on every layer (one 4-D mask); this Qwen2 on its second layer only (a mask per layer type).
+    A window of 8 tokens, prompts and generations far longer: the served text is transformers' own."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from llmray.serve.slots import attention_span
+    from llmray.serve.engine import Engine
+    from llmray.serve.slots import MaskLayout
 
-    assert attention_span(MistralConfig(max_position_embeddings=4096, sliding_window=512)) == 512
-    assert attention_span(Qwen2Config(max_position_embeddings=4096, sliding_window=512, use_sliding_window=False)) == 4096
+    tok = AutoTokenizer.from_pretrained(corpus["tokenizer"])
+    shape = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256, initializer_range=0.3,
+                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, sliding_window=8)
+    if arch == "mistral":
+        config, model_class, layout = MistralConfig(**shape), MistralForCausalLM, MaskLayout(8)
+    else:
+        config = Qwen2Config(use_sliding_window=True, max_window_layers=1, **shape)
+        model_class, layout = Qwen2ForCausalLM, MaskLayout(8, per_type=True)
+    torch.manual_seed(2)
+    model_class(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    engine = Engine(str(tmp_path), max_batch_size=4, batch_wait_s=0, device=None, cuda_graphs=True)
+    assert engine.cache.masks == layout
+    prompts = ["def long_running_function(a, b, c):", "x", "import os, sys\nfrom pathlib import"]
+    reference = greedy_reference(tmp_path)
+    assert staggered(engine, prompts, 40) == [reference(p, 40) for p in prompts]
