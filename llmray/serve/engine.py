@@ -123,7 +123,6 @@ class Engine:
         self.cache = SlotCache(config.num_hidden_layers, max_batch_size, self.context, MaskLayout.of(config))
         use_graphs = (self.device.type == "cuda" if cuda_graphs is None else cuda_graphs) and not self.adapters
         self.graphs = DecodeGraphs(self._decode_step, self.device) if use_graphs else None
-        self._graphs_for = 0  # the cache allocation the graphs were captured on
         self.incoming: queue.Queue[_Row] = queue.Queue()
         self.last_admitted = 1
         self._thread: threading.Thread | None = None
@@ -268,13 +267,10 @@ class Engine:
         positions = torch.tensor(self.cache.lengths + [0] * (rows - count), device=self.device)[:, None]
         ids = torch.cat([batch.tokens, batch.tokens.new_full((rows - count,), self.pad)])[:, None]
         with self._model_lock:
-            if not graphs:
-                logits = self._decode_step(ids, positions, span, batch.rows)
+            if graphs:
+                logits = self.graphs.run(ids, positions, span, self.cache.reallocations)
             else:
-                if self._graphs_for != self.cache.reallocations:  # they read buffers that are gone
-                    self.graphs.clear()
-                    self._graphs_for = self.cache.reallocations
-                logits = self.graphs.run(ids, positions, span)
+                logits = self._decode_step(ids, positions, span, batch.rows)
         self.stats["forward_passes"] += 1
         self.cache.advance(count)
         tokens, done = self._take(batch.rows, logits[:count])
@@ -287,7 +283,7 @@ class Engine:
         (no graphs then)."""
         self.cache.bind(positions[:, 0], span)
         eager = self.model.config._attn_implementation == "eager"  # which adds the mask to the scores
-        mask = self.cache.attention_mask(positions, self.model.dtype if eager else None)
+        mask = self.cache.attention_mask(self.model.dtype if eager else None)
         kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
         kwargs[self.cache_kwarg] = self.cache
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)

@@ -37,6 +37,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # the graphs share their memory
         self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self.logits: dict[int, torch.Tensor] = {}  # rows -> the output buffer of that batch size's graphs
+        self.allocation = 0  # the cache allocation the graphs were captured on
         self.failed: str | None = None
 
     def __len__(self) -> int:
@@ -46,15 +47,16 @@ class DecodeGraphs:
     def on(self) -> bool:
         return self.failed is None
 
-    def clear(self) -> None:
-        self.graphs.clear()
-        self.logits.clear()
-
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
-        """The step's logits for these inputs, through the graph of their shape (made now if new). With CUDA the
-        result is the graphs' output buffer: read it before the next run."""
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, span: int, allocation: int) -> torch.Tensor:
+        """The step's logits for these inputs, through the graph of their shape (made now if new). `allocation`:
+        the cache's reallocation count; when it moves, every graph reads buffers that are gone and is dropped.
+        With CUDA the result is the graphs' output buffer: read it before the next run."""
         if self.failed:
             return self.step(ids, positions, span)
+        if allocation != self.allocation:
+            self.graphs.clear()
+            self.logits.clear()
+            self.allocation = allocation
         shape = (ids.shape[0], span)
         with torch.cuda.device(self.device) if self.capture else nullcontext():
             found = self.graphs.get(shape)

@@ -149,11 +149,11 @@ class SlotCache(Cache):
         its token at positions[i]."""
         self._write_at, self._span = positions, span
 
-    def attention_mask(self, positions: torch.Tensor, additive_dtype: torch.dtype | None
-                       ) -> torch.Tensor | dict[str, torch.Tensor]:
+    def attention_mask(self, additive_dtype: torch.dtype | None) -> torch.Tensor | dict[str, torch.Tensor]:
         """The bound decode step's 4-D mask, [rows, 1, 1, span]: each row sees its own tokens and the one it is
-        adding at `positions` [rows, 1] (within its window, on sliding layers). Boolean for SDPA; added to the
-        scores (0 or the dtype's minimum) for eager attention. A dict by layer type where only some layers slide."""
+        adding (within its window, on sliding layers). Boolean for SDPA; added to the scores (0 or the dtype's
+        minimum) for eager attention. A dict by layer type where only some layers slide."""
+        positions = self._write_at[:, None]
         at = torch.arange(self._span, device=positions.device)[None, :]
         full = at <= positions
         window = self.masks.window

@@ -91,7 +91,7 @@ def test_admit_takes_each_rows_own_tokens_and_keep_refills_holes_from_the_end():
     assert torch.equal(cache.layers[0].values[1, 1, :2, 3], -(400 + torch.arange(2, dtype=torch.float)))
     assert cache.span(repeatable=False) == 4 and cache.span(repeatable=True) == 8  # SPAN_STEP, within the buffers
     cache.bind(torch.tensor([3, 2, 1]), 4)
-    mask = cache.attention_mask(torch.tensor([[3], [2], [1]]), None)
+    mask = cache.attention_mask(None)
     assert mask.shape == (3, 1, 1, 4) and mask[:, 0, 0, :].sum(-1).tolist() == [4, 3, 2]
 
 
