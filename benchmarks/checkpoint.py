@@ -43,9 +43,10 @@ def save_restore_worker(overrides: list[str], out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from llmray.config import load_recipe
     from llmray.data.tokenizer import load_tokenizer
-    from llmray.model import build_model, count_params
+    from llmray.model.build import build_model
+    from llmray.model.flops import count_params
+    from llmray.recipe.load import load_recipe
     from llmray.train import checkpoint
     from llmray.train.schedule import make_scheduler
     from llmray.train.zero import deepspeed_config, resolve_precision
@@ -120,7 +121,7 @@ def recovery(shards: str, tok: str) -> dict:
     import psutil
     import ray
 
-    from llmray.config import load_recipe
+    from llmray.recipe.load import load_recipe
     from llmray.train.checkpoint import list_checkpoints, read_state
     from llmray.train.trainer import fit
 

@@ -50,11 +50,12 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
-    from llmray.config import PruneConfig, load_recipe
-    from llmray.export import export
-    from llmray.model import inference_device
-    from llmray.prune import calibration, measure
-    from llmray.recover import recover
+    from llmray.export.folder import export
+    from llmray.model.build import inference_device
+    from llmray.prune.folder import calibration, measure
+    from llmray.prune.recover import recover
+    from llmray.recipe.load import load_recipe
+    from llmray.recipe.schema import PruneSettings
     from llmray.train.trainer import fit
 
     shards, tok = stdlib_corpus()
@@ -76,9 +77,9 @@ def main() -> None:
         taught = fit(recipe("student-distilled", args.steps, *half, f"distill.teacher={teacher_dir}",
                             f"distill.alpha={args.alpha}", f"distill.temperature={args.temperature}"))
 
-        _, samples = calibration(teacher_dir, PruneConfig(method="depth"))
+        _, samples = calibration(teacher_dir, PruneSettings(method="depth"))
         for name, (spec, scratch_shape) in PRUNINGS.items():
-            report = recover(teacher_dir, os.path.join(tmp, name), PruneConfig(**spec), args.recover_steps,
+            report = recover(teacher_dir, os.path.join(tmp, name), PruneSettings(**spec), args.recover_steps,
                              overrides=["train.log_every=25"])
             entry = {"spec": spec, "pruned": figures(report["pruned"]), "recovered": figures(report["after"]),
                      "recovery": report["recovery"]["how"], "recovery_tokens": report["recovery"]["tokens"]}

@@ -44,12 +44,12 @@ def baseline(shards: list[str], tokenizer: str, cpus: int) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
-def spec_of(shard_dir: str, tokenizer: str, cpus: int, actors: int, epochs: int | None):
+def spec_of(shard_dir: str, tokenizer: str, cpus: int, tasks: int, epochs: int | None):
     from llmray.data.pack import StreamSpec
     from llmray.data.split import Documents
 
     return StreamSpec.of([("stdlib", 1.0, Documents(shard_dir))], tokenizer, SEQ, 0, batch_docs=512,
-                         max_epochs=epochs, actors=actors, cpus_per_actor=cpus / actors)
+                         max_epochs=epochs, tasks=tasks, cpus_per_task=cpus / tasks)
 
 
 def one_rank(spec) -> tuple[int, float]:
@@ -101,7 +101,7 @@ def many_ranks(spec, world: int, steps: int, rows: int = 4) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--large-copies", type=int, default=4)
     args = p.parse_args()
@@ -116,16 +116,16 @@ def main() -> None:
     large_dir, _ = stdlib_corpus(copies=args.large_copies)
     large_base_tokens, large_base_s = baseline([s.path for s in list_shards(large_dir)], tok, args.cpus)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    one_tokens, one_s = one_rank(spec_of(shard_dir, tok, args.cpus, args.actors, 1))
-    many_tokens, many_s = one_rank(spec_of(shard_dir, tok, args.cpus, args.actors, args.epochs))
+    one_tokens, one_s = one_rank(spec_of(shard_dir, tok, args.cpus, args.tasks, 1))
+    many_tokens, many_s = one_rank(spec_of(shard_dir, tok, args.cpus, args.tasks, args.epochs))
     marginal = (many_tokens - one_tokens) / (many_s - one_s)
-    large_tokens, large_s = one_rank(spec_of(large_dir, tok, args.cpus, args.actors, 1))
+    large_tokens, large_s = one_rank(spec_of(large_dir, tok, args.cpus, args.tasks, 1))
     large_ratio = (large_tokens / large_s) / (large_base_tokens / large_base_s)
-    ranks = [many_ranks(spec_of(shard_dir, tok, args.cpus, args.actors, None), world, steps=40 if world == 8 else 6)
+    ranks = [many_ranks(spec_of(shard_dir, tok, args.cpus, args.tasks, None), world, steps=40 if world == 8 else 6)
              for world in (8, 64)]
     ray.shutdown()
     emit("data_stream", {
-        "corpus_shards": len(shards), "cpus": args.cpus, "tokenize_actors": args.actors, "seq_len": SEQ,
+        "corpus_shards": len(shards), "cpus": args.cpus, "tokenize_tasks": args.tasks, "seq_len": SEQ,
         "baseline_encode_batch_tokens_per_s": round(base_tps), "baseline_tokens": base_tokens,
         "ray_stream_one_epoch_tokens_per_s": round(one_tokens / one_s), "ray_stream_one_epoch_s": round(one_s, 2),
         "ray_stream_marginal_tokens_per_s": round(marginal), "epochs_for_marginal": args.epochs,

@@ -53,10 +53,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from llmray.config import default
     from llmray.data.pack import StreamSpec, first_rows
     from llmray.data.split import HeldOut
-    from llmray.eval import perplexity
+    from llmray.evals.measure import perplexity
+    from llmray.recipe.schema import default
 
     shards, tok = topic_corpus()
     if args.short:

@@ -49,9 +49,9 @@ def base_model(tokenizer_dir: str, out: str) -> None:
 
 
 def spine(model_dir: str, chats: str, storage: str, method: str, steps: int) -> dict:
-    from llmray.adapters import trainable, with_lora
-    from llmray.config import load_recipe
-    from llmray.model import build_model
+    from llmray.model.build import build_model
+    from llmray.model.lora import trainable, with_lora
+    from llmray.recipe.load import load_recipe
     from llmray.train.checkpoint import read_state
     from llmray.train.trainer import fit
 

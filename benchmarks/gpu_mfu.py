@@ -63,7 +63,7 @@ def torchrun(overrides: list[str], out: str, env: dict) -> dict:
 def under_ray(overrides: list[str], tmp: str) -> dict:
     import ray
 
-    from llmray.config import load_recipe
+    from llmray.recipe.load import load_recipe
     from llmray.train.checkpoint import read_state
     from llmray.train.trainer import fit
 
@@ -91,7 +91,7 @@ def versions() -> dict:
 
 
 def kernels_of(overrides: list[str], on_gpu: bool) -> str:
-    from llmray.config import load_recipe
+    from llmray.recipe.load import load_recipe
     from llmray.train.kernels import resolve
 
     return resolve(load_recipe(RECIPE, overrides), on_gpu, "bf16" if on_gpu else "fp32").describe()

@@ -81,7 +81,7 @@ def plain_loop(recipe, train_tokens: np.ndarray, steps: int, seed: int):
     AdamW settings, warmup+cosine schedule, clipping, batch and token budget."""
     import torch
 
-    from llmray.model import build_model
+    from llmray.model.build import build_model
     from llmray.train.schedule import make_scheduler
 
     torch.manual_seed(seed)
@@ -139,9 +139,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from llmray.config import load_recipe
     from llmray.data.split import HeldOut
-    from llmray.eval import held_out_samples, perplexity
+    from llmray.evals.measure import held_out_samples, perplexity
+    from llmray.recipe.load import load_recipe
 
     shards, tok = topic_corpus()
     out = CACHE / "mixing-runs"

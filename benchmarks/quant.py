@@ -70,10 +70,11 @@ def main() -> None:
     p.add_argument("--skip-large", action="store_true", help="skip part 3 (the random-init 91M model)")
     args = p.parse_args()
 
-    from llmray.config import QuantConfig, load_recipe
-    from llmray.export import export
-    from llmray.quant import GPU_ONLY_SCHEMES, SCHEMES
-    from llmray.quantize import quantize_folder, report_text
+    from llmray.evals.measure import report_text
+    from llmray.export.folder import export
+    from llmray.quantize.folder import quantize_folder
+    from llmray.recipe.load import load_recipe
+    from llmray.recipe.schema import GPU_ONLY_SCHEMES, SCHEMES, QuantSettings
     from llmray.train.trainer import fit
 
     shards, tok = stdlib_corpus()
@@ -99,7 +100,7 @@ def main() -> None:
     def ptq_all(folder: str, tag: str, **kwargs) -> list[dict]:
         out = []
         for scheme in schemes:
-            report = quantize_folder(folder, str(root / f"{tag}-{scheme}"), QuantConfig(method="ptq", scheme=scheme),
+            report = quantize_folder(folder, str(root / f"{tag}-{scheme}"), QuantSettings(method="ptq", scheme=scheme),
                                      eval_samples=args.eval_samples, **kwargs)
             print(report_text(report), flush=True)
             out.append(row(report))
@@ -115,7 +116,7 @@ def main() -> None:
                   resume_from=base.checkpoint)
         export(plain.checkpoint, str(root / "plain-more-hf"))
         ptq = quantize_folder(str(root / "plain-more-hf"), str(root / "plain-more-ptq"),
-                              QuantConfig(method="ptq", scheme=args.qat_scheme), eval_samples=args.eval_samples)
+                              QuantSettings(method="ptq", scheme=args.qat_scheme), eval_samples=args.eval_samples)
         converted = export(qat.checkpoint, str(root / "qat-more-hf"))["quant_report"]
         for report in (ptq, converted):
             print(report_text(report), flush=True)

@@ -54,7 +54,7 @@ def baseline(model_dir: str, tokens: int, count: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from llmray.model import inference_device, load_for_inference
+    from llmray.model.build import inference_device, load_for_inference
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     device = inference_device()
@@ -77,7 +77,8 @@ def engine_in_process(model_dir: str, tokens: int, count: int, max_batch_size: i
                       cuda_graphs: bool | None = None) -> dict:
     """`count` requests through llmray's engine, `concurrency` at a time, with no HTTP and no Serve in between
     (after one warm-up round, which also captures the graphs its shapes need): tokens/s and p50 latency."""
-    from llmray.serve.engine import Engine, Sampling
+    from llmray.serve.engine import Engine
+    from llmray.serve.sampling import Sampling
 
     engine = Engine(model_dir, max_batch_size=max_batch_size, batch_wait_s=0.005, device=None,  # as served below
                     cuda_graphs=cuda_graphs)

@@ -29,9 +29,9 @@ def bare_worker(recipe_overrides: list[str], out: str) -> None:
     import numpy as np
     import torch.distributed as dist
 
-    from llmray.config import load_recipe
     from llmray.data.pack import Packer, StreamSpec
     from llmray.data.split import Documents
+    from llmray.recipe.load import load_recipe
     from llmray.train import loop
 
     recipe = load_recipe(RECIPE, recipe_overrides)
@@ -97,7 +97,7 @@ def main() -> None:
 
         import ray
 
-        from llmray.config import load_recipe
+        from llmray.recipe.load import load_recipe
         from llmray.train.checkpoint import read_state
         from llmray.train.trainer import fit
 

@@ -28,7 +28,7 @@ def one(overrides: list[str], out: str) -> None:
     """A run in this process: its peaks and parameter count, to `out`."""
     import ray
 
-    from llmray.config import load_recipe
+    from llmray.recipe.load import load_recipe
     from llmray.train.checkpoint import read_state
     from llmray.train.trainer import fit
 

@@ -87,17 +87,18 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> None:
-    from llmray.config import load_recipe
+    from llmray.recipe.load import load_recipe
 
     _run_training(args, load_recipe(args.recipe, args.overrides))
 
 
 def _finetune(args) -> None:
-    from llmray.config import FinetuneConfig, load_recipe, recipe_from_dict
+    from llmray.recipe.load import load_recipe, recipe_from_dict
+    from llmray.recipe.schema import FinetuneSettings
 
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.finetune is None:  # the command says what the recipe may leave out: LoRA by default
-        recipe = recipe_from_dict({**recipe.model_dump(mode="json"), "finetune": FinetuneConfig().model_dump()})
+        recipe = recipe_from_dict({**recipe.model_dump(mode="json"), "finetune": FinetuneSettings().model_dump()})
     _run_training(args, recipe)
 
 
@@ -117,14 +118,15 @@ def _run_training(args, recipe) -> None:
         return
     if args.verbose:
         logs.set_verbose(True)
+    from llmray.prune.recover import with_pruned_model
     from llmray.train.trainer import fit
 
-    summary = fit(recipe, resume_from=args.resume_from, fresh=args.fresh)
+    summary = fit(with_pruned_model(recipe), resume_from=args.resume_from, fresh=args.fresh)
     print("\n" + summary.text())
 
 
 def _export_options(p: argparse.ArgumentParser) -> None:
-    from llmray.export import DTYPES, export
+    from llmray.export.folder import DTYPES, export
 
     p.add_argument("checkpoint", help="checkpoint folder or URI, e.g. runs/demo/checkpoint_2026-..., or a run folder "
                                       "(its latest checkpoint)")
@@ -140,8 +142,8 @@ def _export_options(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args) -> None:
-    from llmray.export import export
-    from llmray.quantize import report_text
+    from llmray.evals.measure import report_text
+    from llmray.export.folder import export
 
     print(f"exporting {args.checkpoint} to {args.out} ({args.dtype}, Hugging Face format)")
     info = export(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite, args.full_precision,
@@ -177,7 +179,7 @@ def _eval(args) -> None:
 
 
 def _prune_options(p: argparse.ArgumentParser) -> None:
-    from llmray.config import PRUNE_METHODS, PruneConfig
+    from llmray.recipe.schema import PRUNE_METHODS, PruneSettings
 
     p.add_argument("model", help="an exported Hugging Face folder (llmray export), with its held-out set recorded")
     p.add_argument("--method", required=True, choices=PRUNE_METHODS)
@@ -189,7 +191,7 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
                    help="width: the attention heads kept per layer (grouped-query: a multiple of the group size)")
     p.add_argument("--sparsity", type=float, default=None, help="magnitude/wanda: the share of weights zeroed, 0-1")
     p.add_argument("--pattern", default=None, help="magnitude/wanda: N:M semi-structured instead, e.g. 2:4")
-    p.add_argument("--calibration-samples", type=int, default=PruneConfig.model_fields["calibration_samples"].default,
+    p.add_argument("--calibration-samples", type=int, default=PruneSettings.model_fields["calibration_samples"].default,
                    help="held-out samples to rank on and to measure on")
     p.add_argument("--recover-steps", type=int, default=None,
                    help="then retrain this many steps on the recipe the export recorded: structured pruning "
@@ -200,28 +202,27 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
 
 
 def _prune(args) -> None:
-    from llmray.config import PruneConfig
-    from llmray.prune import report_text
+    from llmray.evals.measure import report_text
+    from llmray.recipe.schema import PruneSettings
 
-    spec = PruneConfig(method=args.method, drop_layers=args.drop_layers, hidden_size=args.hidden_size,
+    spec = PruneSettings(method=args.method, drop_layers=args.drop_layers, hidden_size=args.hidden_size,
                        intermediate_size=args.intermediate_size, heads=args.heads, sparsity=args.sparsity,
                        pattern=args.pattern, calibration_samples=args.calibration_samples)
     print(f"pruning {args.model} ({args.method}) into {args.out}")
     if args.recover_steps is None:
-        from llmray.prune import prune_folder
+        from llmray.prune.folder import prune_folder
 
         report = prune_folder(args.model, args.out, spec, args.overwrite)
     else:
-        from llmray.recover import recover
+        from llmray.prune.recover import recover
 
         report = recover(args.model, args.out, spec, args.recover_steps, args.overrides, args.overwrite)
     print(report_text(report))
 
 
 def _quantize_options(p: argparse.ArgumentParser) -> None:
-    from llmray.config import default
-    from llmray.quant import INT4_GROUP_SIZES, SCHEMES
-    from llmray.quantize import quantize_folder
+    from llmray.quantize.folder import quantize_folder
+    from llmray.recipe.schema import INT4_GROUP_SIZES, SCHEMES, default
 
     p.description += " Schemes: " + "; ".join(f"{k}: {v}" for k, v in SCHEMES.items())
     p.add_argument("model", help="Hugging Face model folder, e.g. written by `llmray export`")
@@ -246,14 +247,15 @@ def _quantize_options(p: argparse.ArgumentParser) -> None:
 
 
 def _quantize(args) -> None:
-    from llmray.config import quant_config
     from llmray.data.split import HeldOut
-    from llmray.quantize import quantize_folder, report_text
+    from llmray.evals.measure import report_text
+    from llmray.quantize.folder import quantize_folder
+    from llmray.recipe.load import quant_settings
 
     settings = {"method": "ptq", "scheme": args.scheme, "group_size": args.group_size}
-    if args.skip is not None:  # else QuantConfig's default
+    if args.skip is not None:  # else QuantSettings's default
         settings["skip"] = args.skip
-    quant = quant_config(settings)
+    quant = quant_settings(settings)
     held_out = HeldOut(args.eval_data, args.eval_val_fraction, args.seq_len, args.seed) if args.eval_data else None
     print(f"quantizing {args.model} with {args.scheme} into {args.out}")
     report = quantize_folder(args.model, args.out, quant, held_out, args.eval_samples, args.overwrite, args.device)

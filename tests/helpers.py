@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny(corpus, tmp_path, *overrides):
     """jobs/pretrain_tiny.yaml on the test corpus, shrunk to seconds."""
-    from llmray.config import load_recipe
+    from llmray.recipe.load import load_recipe
 
     return load_recipe("jobs/pretrain_tiny.yaml", [
         f"data.shards={corpus['shards']}", f"data.tokenizer={corpus['tokenizer']}", f"run.storage_path={tmp_path}",

@@ -5,12 +5,13 @@ Each piece is packed on its own: its documents tokenized, EOS after each, cut in
 under one row at its end is dropped). A row's id is (epoch, piece, k): its piece's global id and its place in that
 piece's packing, so a sample can be traced and counted across epochs, world sizes and resumes.
 
-Plain Python with no Ray in it: Ray Data runs `PackTask` as an actor pool (`stream.py`), a run of a block's pieces
-per task; `first_samples` and a profiler call `Packer` directly.
+Plain Python with no Ray in it: Ray Data runs `pack_run` as tasks (`stream.py`), a run of a block's pieces per
+task; `first_samples` and a profiler call `Packer` directly.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from llmray import storage
 from llmray.data.plan import Source, block_pieces, block_row_order, plan_sources
 from llmray.data.split import Documents
-from llmray.data.template import IGNORE
+from llmray.data.template import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "labels", "position_ids")  # the columns of a row the model takes (labels and position
 # ids only for conversations); a row also carries its id: source, epoch, piece, sample
@@ -36,8 +37,8 @@ class StreamSpec:
     seq_len: int
     seed: int
     batch_docs: int
-    actors: int = 1
-    cpus_per_actor: float = 1.0
+    tasks: int = 1  # tokenize tasks at once (data.tokenize_tasks)
+    cpus_per_task: float = 1.0
     max_epochs: int | None = None  # each source stops before starting epoch max_epochs; None: endless
     chat: bool = False  # documents are conversations (JSON messages): rows carry labels and position ids
     document_masking: bool = False  # text rows carry position ids restarting at each document (data.document_masking)
@@ -53,19 +54,31 @@ class StreamSpec:
         return [s.weight for s in self.sources]
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizers(path: str, chat: bool, stamp: float | None) -> tuple:
+    """(Rust tokenizer, EOS id, transformers tokenizer or None) of `path`, loaded once per process and per version of
+    its tokenizer.json (`stamp`): a worker process keeps them from one tokenize task to the next."""
+    from llmray.data.tokenizer import load_fast, load_tokenizer
+
+    backend, eos = load_fast(path)
+    return backend, eos, load_tokenizer(path) if chat else None  # chat templates need the transformers tokenizer
+
+
+def tokenizer_stamp(path: str) -> float | None:
+    """When a local tokenizer folder's tokenizer.json last changed (None for a name or a URI)."""
+    try:
+        return os.stat(os.path.join(path, "tokenizer.json")).st_mtime
+    except OSError:
+        return None
+
+
 class Packer:
-    """Loads the tokenizer once; packs pieces and blocks of the spec's sources."""
+    """Packs pieces and blocks of the spec's sources, with its process's tokenizer (`_tokenizers`)."""
 
     def __init__(self, spec: StreamSpec):
-        from llmray.data.tokenizer import load_fast
-
         self.spec = spec
-        self.backend, eos = load_fast(spec.tokenizer)
+        self.backend, eos, self.hf = _tokenizers(spec.tokenizer, spec.chat, tokenizer_stamp(spec.tokenizer))
         self.eos = np.array([eos], dtype=np.int32)
-        if spec.chat:  # chat templates need the transformers tokenizer
-            from llmray.data.tokenizer import load_tokenizer
-
-            self.hf = load_tokenizer(spec.tokenizer)
         self.files: dict[str, pq.ParquetFile] = {}
 
     def _file(self, path: str) -> pq.ParquetFile:
@@ -141,19 +154,16 @@ class Packer:
         return {k: v[block_row_order(self.spec.seed, index, epoch, block, len(v))] for k, v in rows.items()}
 
 
-class PackTask(Packer):
-    """Ray Data actor: one (source, epoch, block, first, count) item in, that run of the block's pieces packed out,
-    one output block per item."""
+def pack_run(item: dict, spec: StreamSpec) -> dict[str, np.ndarray]:
+    """A Ray Data task: one (source, epoch, block, first, count) item in, that run of the block's pieces packed
+    out, one output block per item."""
+    return Packer(spec).run_rows(*(int(item[k][0]) for k in ("source", "epoch", "block", "first", "count")))
 
-    def __init__(self, spec: StreamSpec):
-        # The tokenizer's thread pool gets the CPUs this actor was budgeted, no more (it would steal from training);
-        # set in the actor's own process, before the tokenizer starts its pool.
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        os.environ["RAYON_NUM_THREADS"] = str(max(1, int(spec.cpus_per_actor)))
-        super().__init__(spec)
 
-    def __call__(self, item: dict) -> dict[str, np.ndarray]:
-        return self.run_rows(*(int(item[k][0]) for k in ("source", "epoch", "block", "first", "count")))
+def tokenize_env(spec: StreamSpec) -> dict[str, str]:
+    """A tokenize worker's environment: the tokenizer's thread pool gets the CPUs its task was budgeted, no more (it
+    would steal from training). Set when the process starts, before the tokenizer starts its pool."""
+    return {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(max(1, int(spec.cpus_per_task)))}
 
 
 def document_positions(doc_lengths: list[int], seq_len: int, n_rows: int) -> np.ndarray:
@@ -190,7 +200,7 @@ def first_samples(spec: StreamSpec, n: int, index: int = 0) -> np.ndarray:
 def chat_rows(tokenizer, conversations: list[list[dict]], seq_len: int) -> dict[str, np.ndarray]:
     """Conversations packed whole into (n, seq_len) rows, in order: a conversation that does not fit in what is
     left of a row starts the next one (the rest is padding), one longer than a row is cut to it. Labels are the
-    token where the assistant wrote it and IGNORE elsewhere (the prompt, padding, each conversation's first token);
+    token where the assistant wrote it and IGNORE_INDEX elsewhere (the prompt, padding, each conversation's first token);
     position ids restart at 0 for each conversation and for the padding, which is how transformers keeps packed
     conversations from attending to each other (`find_packed_sequence_indices`). A conversation left with no
     assistant token after the cut is dropped."""
@@ -207,7 +217,7 @@ def chat_rows(tokenizer, conversations: list[list[dict]], seq_len: int) -> dict[
         left = seq_len - used
         if left:
             row["input_ids"].append(np.full(left, pad, dtype=np.int32))
-            row["labels"].append(np.full(left, IGNORE, dtype=np.int32))
+            row["labels"].append(np.full(left, IGNORE_INDEX, dtype=np.int32))
             row["position_ids"].append(np.arange(left, dtype=np.int32))
         for k in MODEL_INPUTS:
             rows[k].append(np.concatenate(row[k]))
@@ -216,9 +226,9 @@ def chat_rows(tokenizer, conversations: list[list[dict]], seq_len: int) -> dict[
     for messages in conversations:
         ids, mask = encode_chat(tokenizer, messages)
         ids, mask = ids[:seq_len], mask[:seq_len]
-        labels = np.where(mask, ids, IGNORE).astype(np.int32)
-        labels[0] = IGNORE  # would be predicted from the previous conversation's last token
-        if (labels == IGNORE).all():
+        labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
+        labels[0] = IGNORE_INDEX  # would be predicted from the previous conversation's last token
+        if (labels == IGNORE_INDEX).all():
             continue
         if sum(len(part) for part in row["input_ids"]) + len(ids) > seq_len:
             close_row()

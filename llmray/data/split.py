@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal
 
-from llmray.config import DataConfig, Recipe, default
+from llmray.recipe.schema import DataSettings, Recipe, default
 
 VAL_BUCKETS = 10_000
 
@@ -48,6 +48,15 @@ class HeldOut:
     def documents(self) -> Documents:
         return Documents(self.shards, "val" if self.val_fraction > 0 else "all", self.val_fraction)
 
+    @classmethod
+    def of_recipe(cls, recipe: Recipe) -> "HeldOut | None":
+        """The held-out set an export records for later measurement: the recipe's first source's (the whole corpus
+        when the recipe has one); None when it holds nothing out."""
+        val = split_sources(recipe.data)[0].held_out
+        if val is None:
+            return None
+        return cls(val.location, val.val_fraction if val.part == "val" else 0.0, recipe.data.seq_len, recipe.run.seed)
+
     def describe(self) -> str:
         part = f"the {self.val_fraction:g} held-out fraction of" if self.val_fraction else "all of"
         return f"{part} {self.shards}, {self.seq_len}-token samples"
@@ -63,7 +72,7 @@ class SourceSplit:
     held_out: Documents | None  # None: no held-out set
 
 
-def split_sources(data: DataConfig) -> list[SourceSplit]:
+def split_sources(data: DataSettings) -> list[SourceSplit]:
     """Each source's training and held-out documents (a recipe with data.shards is one source)."""
     out = []
     for source in data.blend:
@@ -76,12 +85,3 @@ def split_sources(data: DataConfig) -> list[SourceSplit]:
             train, val = Documents(source.shards), None
         out.append(SourceSplit(source.name, source.weight, train, val))
     return out
-
-
-def held_out(recipe: Recipe) -> HeldOut | None:
-    """The held-out set an export records for later measurement: its first source's (the whole corpus when the
-    recipe has one)."""
-    val = split_sources(recipe.data)[0].held_out
-    if val is None:
-        return None
-    return HeldOut(val.location, val.val_fraction if val.part == "val" else 0.0, recipe.data.seq_len, recipe.run.seed)

@@ -2,7 +2,7 @@
 
     plan (plan.py)     every source's pieces, per epoch a seeded permutation cut into blocks; the blend's schedule
       ─► one Ray Dataset for the run: a (source, epoch, block, run of pieces) item per task, block after block
-         ─► map_batches(PackTask, actor pool): each run packed by whichever actor is free
+         ─► map_batches(pack_run, tasks): each run packed by whichever tokenize worker is free
          its output stays in Ray's object store; no per-epoch rebuild, no sample passes through an actor
       ─► StreamCoordinator (one actor, metadata only): once a block's pieces are packed, shuffles the block's rows
          by their counts alone, cuts the blended row sequence into global micro-batches and tells rank r which
@@ -28,7 +28,7 @@ import numpy as np
 import ray
 
 from llmray import logs
-from llmray.data.pack import PackTask, StreamSpec
+from llmray.data.pack import StreamSpec, pack_run, tokenize_env
 from llmray.data.plan import BLOCK_PIECES, PIECE_SAMPLES, Blend, block_pieces, block_row_order, block_tasks
 
 RANK_CACHE_ROWS = 4 * BLOCK_PIECES * PIECE_SAMPLES  # packed rows a rank keeps fetched: about its last few blocks
@@ -91,16 +91,14 @@ def work_items(spec: StreamSpec, starts: list[tuple[int, int] | None], horizon_r
 
 
 def build_dataset(spec: StreamSpec, items: list[dict]) -> "ray.data.Dataset":
-    """The runs of pieces of `items`, tokenized and packed by an actor pool, in item order."""
+    """The runs of pieces of `items`, tokenized and packed by up to `spec.tasks` tasks at a time, in item order.
+    Tasks, not an actor pool: each worker process keeps its tokenizer between tasks all the same, and a task lost
+    with its process is retried by Ray Data. (An actor's constructor arguments would sit in the object store, which
+    Ray warns of for every restartable actor.)"""
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        PackTask,
-        fn_constructor_kwargs={"spec": spec},
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(spec.actors, len(items))),
-        num_cpus=spec.cpus_per_actor,
-    )
+    ds = ds.map_batches(pack_run, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy",
+                        concurrency=min(spec.tasks, len(items)), num_cpus=spec.cpus_per_task,
+                        runtime_env={"env_vars": tokenize_env(spec)})
     ds.context.execution_options.preserve_order = True
     return ds
 
@@ -123,10 +121,39 @@ class Block:
         return self.refs[run], k - int(self.starts[run])
 
 
+@dataclass
+class Pipeline:
+    """A running Ray Data execution of work items: the items not yet received (in order), where each source's
+    last item lies, and the iterator of packed outputs (None: nothing to run)."""
+
+    items: deque
+    last_item: dict[int, tuple[int, int]]  # source -> (epoch, block) of its last item
+    outputs: Iterator | None
+
+
+@dataclass
+class Session:
+    """A worker group's reading of the stream, from the position it opened at: each source's cursor and its blocks
+    in flight, the blend's schedule, and each rank's queue of micro-batches cut and not yet taken."""
+
+    id: str
+    world_size: int
+    micro_batch_size: int  # rows per rank in each global micro-batch
+    cursors: list[SourceCursor]
+    blend: Blend
+    ready: list[deque]  # per source: Blocks whose runs are all packed
+    assembling: list[list]  # per source: (ref, rows) of its next block's runs
+    current: list[Block | None]  # per source: the block rows are being taken from
+    # per source: rows its current epoch has yielded so far (None: the group joined it midway, not counted)
+    epoch_rows: list[int | None]
+    queues: list[deque]  # per rank
+    done: bool = False
+
+
 @ray.remote(num_cpus=0)
 class StreamCoordinator:
-    """Cuts the blended row sequence into global micro-batches of `world_size * rows_per_rank` rows and tells each
-    rank where its rows are; the rows themselves stay in the object store until the rank fetches them.
+    """Cuts the blended row sequence into global micro-batches of `world_size * micro_batch_size` rows and tells
+    each rank where its rows are; the rows themselves stay in the object store until the rank fetches them.
 
     A worker group opens a session with the position it resumes from (all its ranks pass the same session id); a
     new session (a restarted or resized group) drops what was read ahead and restarts the pipeline there.
@@ -137,45 +164,41 @@ class StreamCoordinator:
         {} for its beginning): the pipeline starts there at once, so tokenizing overlaps the workers' start-up."""
         logs.quiet_here()
         self.spec, self.horizon = spec, horizon_rows
-        self.session: str | None = None
-        self.pipeline: Iterator | None = None
+        self.session: Session | None = None
+        self.pipeline: Pipeline | None = None
+        # begun before any session: (each source's (epoch, block) start, its pipeline), used by a session opening there
+        self.early: tuple[list, Pipeline] | None = None
         self.busy_s = self.waiting_s = 0.0  # time in next(), and the part of it spent waiting for the pipeline
         self.rows_routed = 0
-        self.early: tuple | None = None  # (start, items, last_item, pipeline) begun before any session
         if expected_start is not None:
             cursors, _ = read_position(expected_start, len(spec.sources))
             starts = [(c.epoch, c.block) for c in cursors]
-            self._start_pipeline(starts)
-            self.early = (starts, self.items, self.last_item, self.pipeline)
+            self.early = (starts, self._start_pipeline(starts))
 
-    def open(self, session: str, position: dict | None, world_size: int, rows_per_rank: int) -> None:
-        if session == self.session:
+    def open(self, session: str, position: dict | None, world_size: int, micro_batch_size: int) -> None:
+        if self.session is not None and session == self.session.id:
             return
         n = len(self.spec.sources)
-        self.session, self.world, self.rows = session, world_size, rows_per_rank
-        self.cursors, counts = read_position(position, n)
-        self.blend = Blend(self.spec.weights, counts)
-        self.ready: list[deque] = [deque() for _ in range(n)]  # per source: Blocks whose runs are all packed
-        self.assembling: list[list] = [[] for _ in range(n)]  # per source: (ref, rows) of its next block's runs
-        self.current: list[Block | None] = [None] * n  # per source: the block rows are being taken from
-        # per source: rows its current epoch has yielded so far (None: the group joined it midway, not counted)
-        self.epoch_rows: list[int | None] = [0 if (c.block, c.offset) == (0, 0) else None for c in self.cursors]
-        self.queues: list[deque] = [deque() for _ in range(world_size)]
-        self.done = False
-        starts = [(c.epoch, c.block) for c in self.cursors]
+        cursors, counts = read_position(position, n)
+        self.session = Session(session, world_size, micro_batch_size, cursors, Blend(self.spec.weights, counts),
+                               ready=[deque() for _ in range(n)], assembling=[[] for _ in range(n)],
+                               current=[None] * n,
+                               epoch_rows=[0 if (c.block, c.offset) == (0, 0) else None for c in cursors],
+                               queues=[deque() for _ in range(world_size)])
+        starts = [(c.epoch, c.block) for c in cursors]
         early, self.early = self.early, None  # used once: a later session restarts from its own position
+        self.pipeline = None  # dropping an iterator stops its execution, before another one starts
         if early is not None and early[0] == starts:
-            _, self.items, self.last_item, self.pipeline = early
+            self.pipeline = early[1]
         else:
-            self._start_pipeline(starts)
+            early = None
+            self.pipeline = self._start_pipeline(starts)
 
-    def _start_pipeline(self, starts: list[tuple[int, int] | None]) -> None:
-        self.items = deque(work_items(self.spec, starts, self.horizon))
-        self.last_item = {}
-        for item in self.items:
-            self.last_item[item["source"]] = (item["epoch"], item["block"])
-        self.pipeline = None  # dropping the iterator stops an abandoned execution
-        self.pipeline = build_dataset(self.spec, list(self.items)).iter_internal_ref_bundles() if self.items else None
+    def _start_pipeline(self, starts: list[tuple[int, int] | None]) -> Pipeline:
+        items = deque(work_items(self.spec, starts, self.horizon))
+        last_item = {item["source"]: (item["epoch"], item["block"]) for item in items}
+        return Pipeline(items, last_item, build_dataset(self.spec, list(items)).iter_internal_ref_bundles()
+                        if items else None)
 
     def _pull(self) -> bool:
         started = time.perf_counter()
@@ -186,77 +209,82 @@ class StreamCoordinator:
 
     def _pull_block(self) -> bool:
         """One more produced block into its source's queue; False when the pipeline has no more."""
+        session = self.session
         while True:
+            pipeline = self.pipeline
             try:
-                bundle = next(self.pipeline) if self.pipeline is not None else None
+                bundle = next(pipeline.outputs) if pipeline.outputs is not None else None
             except StopIteration:
                 bundle = None
             if bundle is None:
-                continuing = [next_block(self.spec, i, *self.last_item[i]) if i in self.last_item else None
+                continuing = [next_block(self.spec, i, *pipeline.last_item[i]) if i in pipeline.last_item else None
                               for i in range(len(self.spec.sources))]
-                if self.pipeline is None or not any(c is not None for c in continuing):
+                if pipeline.outputs is None or not any(c is not None for c in continuing):
                     return False
-                self._start_pipeline(continuing)  # past the horizon: the next stretch, from where it ended
+                self.pipeline = None
+                self.pipeline = self._start_pipeline(continuing)  # past the horizon: the next stretch, from its end
                 continue
             for entry in bundle.blocks:  # one output block per item, in item order
-                item = self.items.popleft()
-                i, parts = item["source"], self.assembling[item["source"]]
+                item = pipeline.items.popleft()
+                i, parts = item["source"], session.assembling[item["source"]]
                 parts.append((entry.ref, entry.metadata.num_rows))
                 if len(parts) == item["tasks"]:  # the block is whole: its rows can be ordered
-                    self.ready[i].append(Block(self.spec.seed, i, item["epoch"], item["block"], parts))
-                    self.assembling[i] = []
+                    session.ready[i].append(Block(self.spec.seed, i, item["epoch"], item["block"], parts))
+                    session.assembling[i] = []
             return True
 
     def _row_of(self, index: int) -> tuple | None:
         """(ref, row) of source `index`'s next row, advancing its cursor; None when the source has ended."""
-        cursor = self.cursors[index]
+        session = self.session
+        cursor = session.cursors[index]
         while True:
-            cur = self.current[index]
+            cur = session.current[index]
             here = cur is not None and (cur.epoch, cur.block) == (cursor.epoch, cursor.block)
             if here and cursor.offset < cur.rows:
                 cursor.offset += 1
                 return cur.row(cursor.offset - 1)
             if here:  # this block is used up
                 source = self.spec.sources[index]
-                if cursor.block + 1 == source.n_blocks and self.epoch_rows[index] == 0:  # it would cycle forever
+                if cursor.block + 1 == source.n_blocks and session.epoch_rows[index] == 0:  # it would cycle forever
                     raise ValueError(f"source {source.name!r}: its documents ({source.documents.part} of "
                                      f"{source.documents.location}) yield no {self.spec.seq_len}-token sample")
                 following = next_block(self.spec, index, cursor.epoch, cursor.block)
                 if following is None:
                     return None
                 if following[0] != cursor.epoch:
-                    self.epoch_rows[index] = 0
+                    session.epoch_rows[index] = 0
                 cursor.epoch, cursor.block, cursor.offset = *following, 0
-            while not self.ready[index]:
+            while not session.ready[index]:
                 if not self._pull():
                     return None
-            self.current[index] = got = self.ready[index].popleft()
-            if self.epoch_rows[index] is not None:
-                self.epoch_rows[index] += got.rows
+            session.current[index] = got = session.ready[index].popleft()
+            if session.epoch_rows[index] is not None:
+                session.epoch_rows[index] += got.rows
             if (got.epoch, got.block) != (cursor.epoch, cursor.block):
                 raise RuntimeError(f"stream out of order: source {index} expected block {(cursor.epoch, cursor.block)},"
                                    f" got {(got.epoch, got.block)}")
 
     def _fill(self) -> None:
-        if self.done:
-            for q in self.queues:
+        session = self.session
+        if session.done:
+            for q in session.queues:
                 q.append(None)
             return
-        rows = []
-        for _ in range(self.world * self.rows):
-            found = self._row_of(self.blend.next())
+        rows, m = [], session.micro_batch_size
+        for _ in range(session.world_size * m):
+            found = self._row_of(session.blend.next())
             if found is None:  # a source ended (max_epochs): a partial global batch would desync ranks
-                self.done = True
-                for q in self.queues:
+                session.done = True
+                for q in session.queues:
                     q.append(None)
                 return
             rows.append(found)
         self.rows_routed += len(rows)
-        position = position_state(self.cursors, self.blend.counts)
-        for r, q in enumerate(self.queues):
+        position = position_state(session.cursors, session.blend.counts)
+        for r, q in enumerate(session.queues):
             refs: OrderedDict = OrderedDict()  # the runs this rank's rows are in, each once
             which, where = [], []
-            for ref, row in rows[r * self.rows:(r + 1) * self.rows]:
+            for ref, row in rows[r * m:(r + 1) * m]:
                 which.append(refs.setdefault(ref.hex(), (len(refs), ref))[0])
                 where.append(row)
             q.append({"refs": [ref for _, ref in refs.values()], "which": np.array(which), "rows": np.array(where),
@@ -264,14 +292,14 @@ class StreamCoordinator:
 
     def next(self, session: str, rank: int, count: int) -> list[dict | None]:
         """Rank `rank`'s next `count` micro-batches (where their rows are); None marks the end of the stream."""
-        if session != self.session:
-            raise RuntimeError(f"stream session {session} was replaced by {self.session}")
+        if self.session is None or session != self.session.id:
+            raise RuntimeError(f"stream session {session} was replaced by {self.session and self.session.id}")
         started = time.perf_counter()
-        out = []
+        queue, out = self.session.queues[rank], []
         while len(out) < count:
-            if not self.queues[rank]:
+            if not queue:
                 self._fill()
-            item = self.queues[rank].popleft()
+            item = queue.popleft()
             out.append(item)
             if item is None:
                 break
@@ -291,9 +319,9 @@ class RankStream:
     the stream there. The first `next()` opens this worker group's session on the coordinator.
     """
 
-    def __init__(self, coordinator, session: str, rank: int, world_size: int, rows_per_rank: int, prefetch: int):
+    def __init__(self, coordinator, session: str, rank: int, world_size: int, micro_batch_size: int, prefetch: int):
         self.coord, self.session, self.rank = coordinator, session, rank
-        self.world_size, self.rows_per_rank, self.prefetch = world_size, rows_per_rank, prefetch
+        self.world_size, self.micro_batch_size, self.prefetch = world_size, micro_batch_size, prefetch
         self.position: dict = {}  # {}: the beginning
         self.pending: deque | None = None  # None: the session is not open yet
         self.request = None
@@ -329,7 +357,7 @@ class RankStream:
 
     def __next__(self) -> dict:
         if self.pending is None:
-            ray.get(self.coord.open.remote(self.session, self.position, self.world_size, self.rows_per_rank))
+            ray.get(self.coord.open.remote(self.session, self.position, self.world_size, self.micro_batch_size))
             self.pending = deque()
         if not self.pending:
             reply = self.request if self.request is not None else self.coord.next.remote(

@@ -17,7 +17,7 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-IGNORE = -100  # the label of a token that is not trained on (transformers' ignore_index)
+IGNORE_INDEX = -100  # the label of a token that is not trained on (PyTorch's and transformers' ignore_index)
 
 
 class TemplateError(ValueError):

@@ -32,7 +32,7 @@ class LocalModel:
         """An exported folder (local or s3://), on the GPU when there is one."""
         from transformers import AutoTokenizer
 
-        from llmray.model import inference_device, load_for_inference
+        from llmray.model.build import inference_device, load_for_inference
 
         if storage.is_uri(folder):
             folder = storage.download(folder, tempfile.mkdtemp(prefix="llmray-eval-"))
@@ -79,19 +79,21 @@ class LocalModel:
 
     @torch.no_grad()  # not inference_mode: ZeRO-3 keeps tensors it gathers here for the training step
     def nll(self, texts: list[str]) -> list[tuple[float, int]]:
-        """(summed negative log-likelihood, tokens predicted) of each text, in windows of the model's context."""
+        """(summed negative log-likelihood, tokens predicted) of each text, in windows of the model's context that
+        overlap by one token, so every token after the first is predicted once."""
+        from llmray.evals.perplexity import summed_nll
+
         out = []
         for text in texts:
             ids = self.tokenizer(text).input_ids
             total, count = 0.0, 0
-            for start in range(0, max(len(ids) - 1, 1), self.context):
-                window = ids[start:start + self.context + 1]
+            for start in range(0, max(len(ids) - 1, 1), self.context - 1):
+                window = ids[start:start + self.context]
                 if len(window) < 2:
                     break
-                x = torch.tensor([window], device=self.device)
-                logits = self.model(x[:, :-1]).logits[0].float()
-                total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-                count += len(window) - 1
+                nll, n = summed_nll(self.model, {"input_ids": torch.tensor([window], device=self.device)})
+                total += nll
+                count += n
             out.append((total, count))
         return out
 

@@ -1,9 +1,8 @@
-"""Scores of a task's answers against its references: perplexity, BLEU and chrF (sacrebleu), accuracy and
+"""Scores of a task's answers against its references: BLEU and chrF (sacrebleu), accuracy and
 macro-F1, exact match and token F1 (SQuAD's normalisation)."""
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections import Counter
@@ -63,10 +62,6 @@ def macro_f1(predicted: list[str], gold: list[str]) -> float:
         fn = sum(p != label and g == label for p, g in zip(predicted, gold))
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return sum(scores) / max(len(scores), 1)
-
-
-def perplexity(nll_sum: float, tokens: int) -> float:
-    return math.exp(min(nll_sum / max(tokens, 1), 50.0))
 
 
 ON_TEXT = {"bleu": bleu, "chrf": chrf, "exact_match": exact_match, "token_f1": token_f1, "accuracy": accuracy,

@@ -4,6 +4,7 @@ answers scored: what `llmray eval` and evaluation while training share."""
 from __future__ import annotations
 
 from llmray.evals import metrics
+from llmray.evals.perplexity import perplexity
 from llmray.evals.tasks import Example, Task, TaskSpec
 
 
@@ -24,8 +25,6 @@ def answer(backend, spec: TaskSpec, examples: list[Example]) -> list[dict]:
     return out
 
 
-
-
 def choice_texts(spec: TaskSpec) -> list[str]:
     """What is scored after the prompt for each label: the label, after a space unless the prompt (or a chat's
     open assistant turn) already ends in whitespace."""
@@ -37,11 +36,10 @@ def score(task: Task, outputs: list[dict]) -> dict:
     figures: dict = {"examples": len(task.examples)}
     if spec.type == "perplexity":
         nll, tokens = sum(o["nll"] for o in outputs), sum(o["tokens"] for o in outputs)
-        figures.update({"perplexity": metrics.perplexity(nll, tokens), "loss": nll / max(tokens, 1), "tokens": tokens})
+        loss = nll / max(tokens, 1)
+        figures.update({"perplexity": perplexity(loss), "loss": loss, "tokens": tokens})
         return figures
     answers = [o["answer"] for o in outputs]
     for name in spec.metric_names:
         figures[name] = metrics.ON_TEXT[name](answers, refs)
     return figures
-
-

@@ -26,8 +26,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmray.config import Strict, load_yaml_model
 from llmray.errors import LlmrayError
+from llmray.recipe.load import load_yaml_model
+from llmray.recipe.schema import Strict
 
 METRICS = {
     "perplexity": ("perplexity",),

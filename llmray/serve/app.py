@@ -23,8 +23,9 @@ from ray import serve
 
 from llmray import storage
 from llmray.errors import LlmrayError
-from llmray.serve.engine import Engine, Finished, Sampling, TokenLogprob
+from llmray.serve.engine import Engine, Finished
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, error
+from llmray.serve.sampling import Sampling, TokenLogprob
 
 
 class ServeConfigError(LlmrayError):

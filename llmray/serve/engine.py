@@ -7,6 +7,9 @@ into a free slot, so a newcomer waits at most one step, not for the batch to fin
 its slot, the step it finishes: EOS, a stop string, `max_tokens`, or its client going away. Each row has its own
 sampling parameters and seeded generator, so a seeded request gives the same text however it was batched (up to
 float rounding). On a GPU each decode shape is captured once as a CUDA graph and replayed (`graphs.py`).
+
+This module schedules; drawing tokens is `sampling.py`, turning them into streamed text (stop strings included) is
+`text.py`.
 """
 
 from __future__ import annotations
@@ -20,36 +23,16 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
-from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, DynamicCache
 
 from llmray.data.template import render, stop_token_ids
-from llmray.model import inference_device, load_for_inference
+from llmray.model.build import inference_device, load_for_inference
 from llmray.serve.graphs import DecodeGraphs
+from llmray.serve.sampling import Sampling, TokenLogprob, sample, token_logprob
 from llmray.serve.slots import MaskLayout, SlotCache, batch_bucket
+from llmray.serve.text import TextStream
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-
-
-@dataclass
-class Sampling:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None  # each generated token's log-probability, and this many of the most likely
-
-
-@dataclass
-class TokenLogprob:
-    """One token of a text and its log-probability under the model (None for a prompt's first token), with the
-    `top` most likely tokens at its place (id, log-probability), most likely first."""
-
-    token: int
-    logprob: float | None
-    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -65,11 +48,9 @@ class _Row:
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    text: TextStream  # what of its generated text has gone out
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
-    text: str = ""  # text already sent
-    decoded: str = ""  # text decoded so far (may run ahead of `text` while a stop string could be forming)
-    decoder: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
     generator: torch.Generator | None = None
     adapter: str = BASE  # the LoRA adapter this row generates with
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -82,13 +63,6 @@ class _Row:
 class _Batch:
     rows: list[_Row]  # row i's keys and values are in the slot cache's slot i
     tokens: torch.Tensor  # each row's last sampled token, not yet fed to the model
-
-
-def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """`token`'s entry in one place's log-probabilities, with the `top` most likely tokens there."""
-    best = torch.topk(logprobs, top) if top else None
-    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-    return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 class Engine:
@@ -165,7 +139,7 @@ class Engine:
         lp = torch.log_softmax(logits, -1)
         out = [TokenLogprob(prompt_ids[0], None, [])]
         for i, token in enumerate(prompt_ids[1:]):
-            out.append(_token_logprob(lp[i], token, top))
+            out.append(token_logprob(lp[i], token, top))
         return out
 
     async def stream(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None
@@ -176,7 +150,8 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve_forever, name="llmray-engine", daemon=True)
                 self._thread.start()
-        row = _Row(list(prompt_ids), sampling, asyncio.get_running_loop(), asyncio.Queue(), adapter=adapter or BASE)
+        row = _Row(list(prompt_ids), sampling, asyncio.get_running_loop(), asyncio.Queue(),
+                   TextStream(self.backend, sampling.stop), adapter=adapter or BASE)
         self.stats["requests"] += 1
         self.incoming.put(row)
         done = False
@@ -291,7 +266,7 @@ class Engine:
 
     def _take(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
         """Sample each row's next token and hand it to its client: the tokens, and which rows are done."""
-        tokens = self._sample(logits, rows)
+        tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         wanted = any(r.sampling.logprobs is not None for r in rows)
         lps = torch.log_softmax(logits, -1) if wanted else [None] * len(rows)
         done = [self._advance(r, t, lp) for r, t, lp in zip(rows, tokens.tolist(), lps)]
@@ -330,24 +305,6 @@ class Engine:
         self.stats["forward_passes"] += 1
         return out.logits[:, -1, :].float()
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        if all(r.sampling.temperature == 0 for r in rows):
-            return logits.argmax(-1)  # all greedy: one op for the batch
-        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        for i, r in enumerate(rows):
-            s = r.sampling
-            if s.temperature == 0:
-                out[i] = logits[i].argmax()
-                continue
-            probs = torch.softmax(logits[i] / s.temperature, dim=-1)
-            if s.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                drop = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest prefix reaching top_p
-                sorted_p[drop] = 0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            out[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
-        return out
-
     def _advance(self, r: _Row, token: torch.Tensor, logprobs: torch.Tensor | None = None) -> bool:
         """Take one token into the row, send what text is final; True when the row is done. `logprobs`: the
         distribution it was drawn from (log_softmax of the logits), kept when the request asked for them."""
@@ -360,38 +317,24 @@ class Engine:
             return self._finish(r, "stop")
         r.generated.append(token)
         if r.sampling.logprobs is not None:
-            r.logprobs.append(_token_logprob(logprobs, token, r.sampling.logprobs))
-        piece = r.decoder.step(self.backend, token)  # incremental: None while a UTF-8 sequence is incomplete
-        if piece:
-            r.decoded += piece
-        text = r.decoded
-        for stop in r.sampling.stop:
-            at = text.find(stop)
-            if at != -1:
-                self._send(r, text[:at])
-                return self._finish(r, "stop", flush=False)
+            r.logprobs.append(token_logprob(logprobs, token, r.sampling.logprobs))
+        if r.text.add(token):
+            self._send(r, r.text.until_stop())
+            return self._finish(r, "stop", flush=False)
         if len(r.generated) >= r.sampling.max_tokens:
             return self._finish(r, "length")
-        # Hold back a partial UTF-8 sequence, and a tail that could still become a stop string.
-        safe = len(text.rstrip("\ufffd"))
-        for stop in r.sampling.stop:
-            for k in range(min(len(stop) - 1, safe), 0, -1):
-                if text[safe - k:safe] == stop[:k]:
-                    safe -= k
-                    break
-        self._send(r, text[:safe])
+        self._send(r, r.text.safe())
         return False
 
-    def _send(self, r: _Row, text: str) -> None:
-        if len(text) > len(r.text):
-            self._outbox.append((r, text[len(r.text):]))
-            r.text = text
+    def _send(self, r: _Row, delta: str) -> None:
+        if delta:
+            self._outbox.append((r, delta))
 
     def _finish(self, r: _Row, reason: str, flush: bool = True) -> bool:
-        """End the row. `flush` sends any text held back (a possible stop-string start, a cut mid-character, which
-        ends in U+FFFD as a full decode would); a matched stop string has already sent the text before it."""
+        """End the row. `flush` sends any text held back; a matched stop string has already sent the text before
+        it."""
         if flush:
-            self._send(r, self.tokenizer.decode(r.generated, skip_special_tokens=True))
+            self._send(r, r.text.complete(self.tokenizer.decode(r.generated, skip_special_tokens=True)))
         logprobs = r.logprobs if r.sampling.logprobs is not None else None
         self._outbox.append((r, Finished(reason, len(r.generated), logprobs)))
         return True

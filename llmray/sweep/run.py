@@ -104,7 +104,8 @@ def trial_main(config: dict, spec_json: dict, base: dict, sweep_dir: str, cpus_p
     TuneReportCallback, and the last report adds what only the end knows (quantized perplexity and size)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from llmray.export import export
+    from llmray.export.folder import export
+    from llmray.prune.recover import with_pruned_model
     from llmray.train.trainer import fit
 
     os.environ.update(storage_env)  # the trial reaches the object store as the driver does
@@ -112,7 +113,7 @@ def trial_main(config: dict, spec_json: dict, base: dict, sweep_dir: str, cpus_p
     context = tune.get_context()
     params = {k: config[k] for k in spec.parameters}
     recipe = spec.trial_recipe(params, storage.join(sweep_dir, TRIALS_DIR), context.get_trial_id(), base)
-    summary = fit(recipe, callbacks=[TuneReportCallback()], cpus_available=cpus_per_trial)
+    summary = fit(with_pruned_model(recipe), callbacks=[TuneReportCallback()], cpus_available=cpus_per_trial)
     final = {M.STEP: summary.steps, M.TOKENS: summary.tokens, M.LOSS: summary.final_loss, M.VAL_LOSS: summary.val_loss,
              M.VAL_PPL: summary.val_ppl, M.TOKENS_PER_S: summary.tokens_per_s, "checkpoint_dir": summary.checkpoint,
              "completed": True,  # Tune's own "done" is also set on trials its scheduler stopped
@@ -199,7 +200,7 @@ def places(spec: SweepSpec) -> tuple[str, str, Path]:
 
 def run_sweep(spec: SweepSpec) -> dict:
     """Run (or resume) the sweep; returns where its results went."""
-    from llmray.export import export
+    from llmray.export.folder import export
     from llmray.sweep.results import leaderboard, plot, trial_rows, write_tables
 
     # Training reports carry loss and (when evaluating) val_*; quant_* arrive with a trial's last report. Tune would

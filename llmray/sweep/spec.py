@@ -17,10 +17,8 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, Field, model_validator
 
 from llmray import metric_names as M
-from llmray.config import (
-    Recipe,
-    RecipeError,
-    Strict,
+from llmray.errors import LlmrayError
+from llmray.recipe.load import (
     apply_overrides,
     load_yaml_model,
     read_recipe_file,
@@ -28,7 +26,7 @@ from llmray.config import (
     set_value,
     with_absolute_paths,
 )
-from llmray.errors import LlmrayError
+from llmray.recipe.schema import Recipe, RecipeError, Strict
 
 
 class SweepError(LlmrayError):
@@ -328,7 +326,7 @@ def _check_key(key: str) -> None:
             raise SweepError(f"parameters.{key}: {part!r} is not a key of {where} "
                              f"(keys: {', '.join(fields)})")
         annotation = fields[part].annotation
-        # a section, or an optional one (`finetune: FinetuneConfig | None`)
+        # a section, or an optional one (`finetune: FinetuneSettings | None`)
         model = next((a for a in (annotation, *get_args(annotation))
                       if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None and i < len(key.split(".")) - 1:

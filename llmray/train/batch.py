@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100  # a label the loss leaves out (PyTorch's cross_entropy default)
+from llmray.data.template import IGNORE_INDEX
 
 
 def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), flat: bool = False) \

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmray.config import FLASH_ATTENTIONS, Recipe, RecipeError
-from llmray.model import build_config
+from llmray.model.build import build_config
+from llmray.recipe.schema import FLASH_ATTENTIONS, Recipe, RecipeError
 
 # each library-backed choice: the module it imports (for `auto` and `check_installed`), and how to install it
 LIBRARIES = {"flash_attention_2": ("flash_attn", "pip install flash-attn"),

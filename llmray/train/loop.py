@@ -6,7 +6,6 @@ under torchrun with in-memory data, so the two paths differ only in how batches 
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from typing import Iterator, Protocol
@@ -16,14 +15,15 @@ import torch
 import torch.distributed as dist
 
 from llmray import metric_names as M
-from llmray.config import Recipe
 from llmray.data.tokenizer import load_tokenizer
-from llmray.model import peak_flops
+from llmray.evals.perplexity import perplexity, summed_nll
+from llmray.model.flops import peak_flops
+from llmray.objectives.objective import Objective, for_recipe
+from llmray.recipe.schema import Recipe
 from llmray.train import checkpoint
 from llmray.train.batch import model_inputs
-from llmray.train.distill import Teacher
+from llmray.train.deepspeed_engine import build_engine, device_for
 from llmray.train.downstream import evaluate_tasks
-from llmray.train.engine import build_engine, device_for
 from llmray.train.metrics import Window, progress_line
 from llmray.train.resume import Restore
 from llmray.train.state import TrainState
@@ -63,9 +63,7 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     restore = Restore(resume_dir, world, t.zero_stage) if resume_dir is not None else None
     engine, facts = build_engine(recipe, len(tokenizer), device, restore is not None and restore.universal, talk)
-    teacher = None
-    if recipe.distill is not None:
-        teacher = Teacher(recipe.distill, device, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
+    objective = for_recipe(recipe, device, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
     state = TrainState(world_size=world, n_params=facts.n_params, vocab_size=len(tokenizer),
                        recipe=recipe.model_dump(mode="json"))
     if restore is not None:
@@ -79,7 +77,7 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     metrics: dict = {}
     engine.train()
     while True:
-        trained = state.step < t.max_steps and train_step(engine, stream, recipe, state, window, device, teacher,
+        trained = state.step < t.max_steps and train_step(engine, stream, recipe, state, window, device, objective,
                                                           facts.flat_rows)
         if trained:
             if state.step == first_step + 1 and state.resumes:
@@ -108,7 +106,7 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
         metrics.update({M.STEP: state.step, M.TOKENS: state.tokens, M.LOSS: loss, M.LR: engine.get_lr()[0],
                         M.GRAD_NORM: float(gnorm) if gnorm is not None else None})
         if (final or (t.eval_every and state.step % t.eval_every == 0)) and validation:
-            metrics.update(evaluate(engine, validation, t.micro_batch_size, device, facts.flat_rows))
+            metrics.update(validate(engine, validation, t.micro_batch_size, device, facts.flat_rows))
         if tasks and (final or (recipe.eval.every and state.step % recipe.eval.every == 0)):
             metrics.update(evaluate_tasks(engine, tokenizer, tasks, device, t.zero_stage == 3))
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -126,13 +124,12 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
 
 
 def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState, window: Window,
-               device: torch.device, teacher: Teacher | None = None, flat: bool = False) -> bool:
-    """One optimizer step over `grad_accum_steps` micro-batches; False when the stream ended first. With a
-    teacher, the loss mixes its soft targets in and its two parts are reported too. `flat`: see
-    `batch.model_inputs`."""
+               device: torch.device, objective: Objective, flat: bool = False) -> bool:
+    """One optimizer step over `grad_accum_steps` micro-batches of the objective's loss; False when the stream
+    ended first. `flat`: see `batch.model_inputs`."""
     accum = recipe.grad_accum_steps
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
-    parts = {M.LM_LOSS: torch.zeros_like(step_loss), M.DISTILL_KL: torch.zeros_like(step_loss)} if teacher else {}
+    parts = {name: torch.zeros_like(step_loss) for name in objective.parts}
     samples: list = []
     for _ in range(accum):
         t0 = time.perf_counter()
@@ -140,13 +137,9 @@ def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState
         window.data_wait += time.perf_counter() - t0
         if batch is None:
             return False
-        inputs = model_inputs(batch, device, flat=flat)
-        out = engine(**inputs)
-        loss = out.loss
-        if teacher is not None:
-            parts[M.LM_LOSS] += out.loss.detach().float()
-            loss, kl = teacher.loss(out.logits, inputs, out.loss)
-            parts[M.DISTILL_KL] += kl.detach().float()
+        loss, got = objective.loss(engine, model_inputs(batch, device, flat=flat))
+        for name, value in got.items():
+            parts[name] += value
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         step_loss += loss.detach().float()
@@ -202,30 +195,32 @@ def peak_host_memory_gb() -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, validation: Validation, micro_batch: int, device: torch.device, flat: bool = False) -> dict:
-    """Mean loss and perplexity on each source's fixed validation samples (each rank an equal slice), and overall:
-    the sources' losses averaged with their blend weights. A single source reports only the overall figures."""
+def validate(engine, validation: Validation, micro_batch_size: int, device: torch.device, flat: bool = False) -> dict:
+    """Mean loss and perplexity on each source's fixed validation samples (each rank an equal slice; each source's
+    loss token-weighted over all ranks), and overall: the sources' losses averaged with their blend weights. A
+    single source reports only the overall figures."""
     world, rank = dist.get_world_size(), dist.get_rank()
     engine.eval()
-    means = []
+    sums = []  # per source: summed loss, tokens
     for _, _, rows in validation:
         per_rank = len(rows["input_ids"]) // world  # equal counts: ZeRO-3 forwards are collectives
         first = rank * per_rank
-        total, batches = 0.0, 0
-        for start in range(first, first + per_rank, micro_batch):
-            batch = model_inputs(rows, device, slice(start, min(start + micro_batch, first + per_rank)), flat)
-            total += engine(**batch).loss.float().item()
-            batches += 1
-        means.append(total / max(batches, 1))
+        total, count = 0.0, 0
+        for start in range(first, first + per_rank, micro_batch_size):
+            nll, n = summed_nll(engine, model_inputs(rows, device, slice(start, min(start + micro_batch_size,
+                                                                                    first + per_rank)), flat))
+            total, count = total + nll, count + n
+        sums += [total, count]
     engine.train()
-    means = mean_across_ranks(means)
+    sums = across_ranks(sums)
+    means = [total / max(count, 1) for total, count in zip(sums[::2], sums[1::2])]
     weights = np.array([w for _, w, _ in validation])
     overall = float(np.dot(weights / weights.sum(), means))
-    out = {M.VAL_LOSS: overall, M.VAL_PPL: math.exp(min(overall, 50.0))}
+    out = {M.VAL_LOSS: overall, M.VAL_PPL: perplexity(overall)}
     if len(validation) > 1:
         for (name, _, _), mean in zip(validation, means):
             out[M.per_source(M.VAL_LOSS, name)] = mean
-            out[M.per_source(M.VAL_PPL, name)] = math.exp(min(mean, 50.0))
+            out[M.per_source(M.VAL_PPL, name)] = perplexity(mean)
     return out
 
 

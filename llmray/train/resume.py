@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmray.config import Recipe
+from llmray.recipe.schema import Recipe
 from llmray.train import checkpoint
 from llmray.train.checkpoint import CheckpointError
 from llmray.train.safe_load import weights_only_loads

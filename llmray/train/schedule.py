@@ -6,10 +6,10 @@ import math
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from llmray.config import TrainConfig
+from llmray.recipe.schema import TrainSettings
 
 
-def lr_factor(step: int, t: TrainConfig) -> float:
+def lr_factor(step: int, t: TrainSettings) -> float:
     if t.warmup_steps and step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     if t.schedule == "constant":
@@ -20,6 +20,6 @@ def lr_factor(step: int, t: TrainConfig) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
 
-def make_scheduler(t: TrainConfig):
+def make_scheduler(t: TrainSettings):
     """A factory DeepSpeed calls with its optimizer (it steps the scheduler at each optimizer step)."""
     return lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, t))

@@ -6,34 +6,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import posixpath
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from llmray import lineage, logs, storage
+from llmray import logs, storage
 from llmray import metric_names as M
-from llmray.adapters import check_qlora, check_targets
 from llmray.cluster import ensure_ray
-from llmray.config import Recipe, RecipeError, recipe_from_dict, with_absolute_paths
 from llmray.data.chat import Conversion, shard_conversations
 from llmray.data.pack import StreamSpec, first_rows
 from llmray.data.split import split_sources
 from llmray.data.stream import StreamCoordinator
 from llmray.data.tokenizer import load_tokenizer
+from llmray.evals.perplexity import perplexity
 from llmray.evals.tasks import load_task
-from llmray.model import build_config
-from llmray.prune import prune_folder, recipe_key, report_text
+from llmray.model import lineage
+from llmray.model.build import build_config
+from llmray.model.lora import check_qlora, check_targets
+from llmray.objectives.distill import check_teacher
+from llmray.recipe.load import recipe_from_dict, with_absolute_paths
+from llmray.recipe.schema import Recipe, RecipeError
 from llmray.train import checkpoint, resume
-from llmray.train.distill import check_teacher
 from llmray.train.kernels import check_installed
 from llmray.train.metrics import eval_by_task, per_source_val
 from llmray.train.plot import plot_loss
@@ -69,7 +69,7 @@ class Summary:
             val = f"   validation {self.val_loss:.4f} (perplexity {self.val_ppl:.1f})" if self.val_loss is not None else ""
             lines.append(f"loss       {self.final_loss:.4f}{val}")
         for name, loss in (self.val_loss_per_source or {}).items():
-            lines.append(f"  {name:<9}validation {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):.1f})")
+            lines.append(f"  {name:<9}validation {loss:.4f} (perplexity {perplexity(loss):.1f})")
         if self.conversations:
             c = self.conversations
             lines.append(f"data       {c['documents']} conversations, {c['longer_than_seq_len']} cut to seq_len, "
@@ -84,6 +84,9 @@ class Summary:
         return "\n".join(lines)
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's controller
+
+
 def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, StreamSpec]], int]:
     """Everything that can be checked before a worker starts: sources, shards, tokenizer, model shape. Returns the
     training stream's spec (CPUs not yet budgeted), each source's (name, weight, validation samples' spec) when it
@@ -93,7 +96,7 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,
                   chat=d.conversations is not None, document_masking=d.document_masking)
     train_spec = StreamSpec.of([(s.name, s.weight, s.train) for s in splits], max_epochs=d.max_epochs,
-                               actors=d.tokenize_actors, **common)
+                               tasks=d.tokenize_tasks, **common)
     val_specs = []
     for s, source in zip(splits, train_spec.sources):
         if s.held_out is None:
@@ -130,8 +133,8 @@ def describe_sources(spec: StreamSpec) -> str:
 
 
 def cpu_budget(recipe: Recipe, cluster_cpus: float) -> tuple[float, float]:
-    """(CPUs per Train worker, CPUs per tokenize actor). Data gets its share first: workers that take every
-    CPU leave the tokenize actors pending and the run waits forever for its first batch."""
+    """(CPUs per Train worker, CPUs per tokenize task). Data gets its share first: workers that take every
+    CPU leave the tokenize tasks pending and the run waits forever for its first batch."""
     s = recipe.scaling
     data = s.data_cpus if s.data_cpus != "auto" else max(1.0, round(0.1 * cluster_cpus))
     if s.cpus_per_worker != "auto":
@@ -143,11 +146,11 @@ def cpu_budget(recipe: Recipe, cluster_cpus: float) -> tuple[float, float]:
         raise RecipeError(
             f"scaling asks for {s.num_workers} workers x {per_worker} CPUs + {data} data CPUs, "
             f"but the cluster has {cluster_cpus:g} CPUs")
-    return per_worker, data / recipe.data.tokenize_actors
+    return per_worker, data / recipe.data.tokenize_tasks
 
 
 def absolute_paths(recipe: Recipe) -> Recipe:
-    """Local paths made absolute: Train workers and data actors do not start in the driver's folder."""
+    """Local paths made absolute: Train workers and tokenize tasks do not start in the driver's folder."""
     return recipe_from_dict(with_absolute_paths(recipe.model_dump(mode="json")))
 
 
@@ -163,29 +166,24 @@ def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]
     return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})}), conversion
 
 
-PRUNED_DIR = "pruned"
-
-
-def with_pruned_model(recipe: Recipe) -> Recipe:
-    """A recipe with a `prune:` block trains a pruned copy of model.pretrained, made here once into the run
-    folder's pruned/ and reused while its source and spec are unchanged (a resumed run finds it). The training
-    run is the pruned model's recovery."""
-    p = recipe.prune
-    if p is None:
-        return recipe
-    out = os.path.join(recipe.run.folder, PRUNED_DIR)
-    made = lineage.read(out).get("prune", {})
-    if made.get("spec") != p.model_dump() or made.get("source") != str(Path(recipe.model.pretrained).resolve()):
-        print(f"[llmray] pruning {recipe.model.pretrained} ({p.method}) into {out}", flush=True)
-        print(report_text(prune_folder(recipe.model.pretrained, out, p, overwrite=True, flag=recipe_key)), flush=True)
-    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"pretrained": out})})
+def check_pruned(recipe: Recipe) -> None:
+    """Training never prunes: a recipe's `prune:` block is resolved before `fit` (its model.pretrained is the
+    pruned copy, whose lineage records the block). Refused otherwise, rather than training the unpruned model."""
+    if recipe.prune is None:
+        return
+    made = lineage.read(recipe.model.pretrained).get("prune", {})
+    if made.get("spec") != recipe.prune.model_dump():
+        raise RecipeError(f"prune: model.pretrained {recipe.model.pretrained} is not the model this prune: block "
+                          "makes; resolve the block first (llmray.prune.recover.with_pruned_model, as `llmray train`, "
+                          "`llmray finetune` and `llmray tune` do)")
 
 
 def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, callbacks: list | None = None,
         cpus_available: float | None = None) -> Summary:
     """Train `recipe` on the Ray cluster. `callbacks`: Ray Train callbacks for the run (a sweep passes
     TuneReportCallback); `cpus_available`: the CPUs this run may budget from (default: the whole cluster's)."""
-    recipe = with_pruned_model(absolute_paths(recipe))
+    recipe = absolute_paths(recipe)
+    check_pruned(recipe)
     if recipe.model.pretrained is not None:  # a missing or unreadable folder is named before anything else
         build_config(recipe.model, 0)
     recipe, conversion = with_conversation_shards(recipe)
@@ -196,8 +194,11 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     resume_from, start = resume.plan(recipe, vocab, resume_from, fresh)
     ensure_ray()
     logs.quiet_here()
-    per_worker, per_actor = cpu_budget(recipe, cpus_available or ray.cluster_resources().get("CPU", 1))
-    train_spec = dataclasses.replace(train_spec, cpus_per_actor=per_actor)
+    # Ray Train's preemption watcher (an actor holding the workers' handles, which Ray warns of at every start with
+    # an error line) feeds ray.train.get_preemption_info(), which llmray does not read. Set to 1 to have it.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    per_worker, per_task = cpu_budget(recipe, cpus_available or ray.cluster_resources().get("CPU", 1))
+    train_spec = dataclasses.replace(train_spec, cpus_per_task=per_task)
 
     d, t, s = recipe.data, recipe.train, recipe.scaling
     validation = []  # (source, weight, samples in the object store)
@@ -239,7 +240,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     )
     print(f"[llmray] training {recipe.run.name}: {s.num_workers} workers x {per_worker:g} CPU"
           f"{' + ' + format(s.gpus_per_worker, 'g') + ' GPU' if s.use_gpu else ''}, ZeRO-{t.zero_stage}, "
-          f"{describe_sources(train_spec)}, tokenize actors {d.tokenize_actors} x {per_actor:g} CPU", flush=True)
+          f"{describe_sources(train_spec)}, tokenize tasks {d.tokenize_tasks} x {per_task:g} CPU", flush=True)
     started = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - started

@@ -10,7 +10,7 @@ import re
 import tempfile
 
 from llmray import storage
-from llmray.config import Recipe
+from llmray.recipe.schema import Recipe
 
 
 def wandb_env() -> dict[str, str]:

@@ -11,8 +11,8 @@ import ray
 import ray.train
 
 from llmray import logs
-from llmray.config import recipe_from_dict
 from llmray.data.stream import RankStream
+from llmray.recipe.load import recipe_from_dict
 from llmray.train.wandb_log import WandbSink
 
 REPORT_MIN_INTERVAL_S = 2.5  # Ray Train's controller polls workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)

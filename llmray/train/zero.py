@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from llmray.config import Recipe
+from llmray.recipe.schema import Recipe
 from llmray.train.kernels import adam_impl
 
 

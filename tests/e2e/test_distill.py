@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from llmray.config import RecipeError
+from llmray.recipe.schema import RecipeError
 from llmray.train.checkpoint import read_state
 from llmray.train.trainer import fit
 

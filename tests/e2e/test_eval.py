@@ -86,7 +86,7 @@ def test_eval_tasks_while_training_report_what_llmray_eval_measures_after(corpus
     figures are those `llmray eval` gives on the exported checkpoint."""
     from helpers import tiny
 
-    from llmray.export import export
+    from llmray.export.folder import export
     from llmray.train.checkpoint import read_state
     from llmray.train.trainer import fit
 

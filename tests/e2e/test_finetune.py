@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import arithmetic_chats, kill_worker_when_checkpointed, losses
 
-from llmray.config import load_recipe
-from llmray.export import export
+from llmray.export.folder import export
+from llmray.recipe.load import load_recipe
 from llmray.train.checkpoint import TAG, read_state
 from llmray.train.trainer import fit
 

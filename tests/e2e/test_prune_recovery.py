@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import tiny
 
-from llmray.config import PruneConfig
-from llmray.export import export
-from llmray.recover import recover
+from llmray.export.folder import export
+from llmray.prune.recover import recover
+from llmray.recipe.schema import PruneSettings
 from llmray.train.checkpoint import read_state
 from llmray.train.trainer import fit
 
@@ -33,7 +33,7 @@ def weights(folder):
 
 
 def test_magnitude_recovery_keeps_the_zeros_under_zero3(trained, tmp_path):
-    spec = PruneConfig(method="magnitude", sparsity=0.5, calibration_samples=8)
+    spec = PruneSettings(method="magnitude", sparsity=0.5, calibration_samples=8)
     report = recover(trained, str(tmp_path / "sparse"), spec, steps=4, overrides=["train.zero_stage=3"])
     pruned, recovered = weights(report["recovery"]["run"] + "/pruned"), weights(str(tmp_path / "sparse"))
     for name, w in pruned.items():
@@ -47,7 +47,7 @@ def test_magnitude_recovery_keeps_the_zeros_under_zero3(trained, tmp_path):
 
 
 def test_width_recovery_distils_from_the_unpruned_model(trained, tmp_path):
-    spec = PruneConfig(method="width", hidden_size=48, intermediate_size=128, calibration_samples=8)
+    spec = PruneSettings(method="width", hidden_size=48, intermediate_size=128, calibration_samples=8)
     report = recover(trained, str(tmp_path / "narrow"), spec, steps=4)
     assert report["after"]["parameters"] < report["before"]["parameters"]
     assert report["recovery"]["how"] == "distilled from the unpruned model"

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from llmray.cli import main
 from llmray.data.split import HeldOut
-from llmray.eval import held_out_samples, perplexity
+from llmray.evals.measure import held_out_samples, perplexity
 from llmray.train.trainer import fit
 
 pytestmark = pytest.mark.ray

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import kill_worker_when_checkpointed
 
-from llmray.config import load_recipe
 from llmray.data.corpus import list_shards
 from llmray.data.shard import shard_corpus
+from llmray.recipe.load import load_recipe
 from llmray.train.checkpoint import CheckpointError, list_checkpoints, read_state
 from llmray.train.trainer import fit
 
@@ -200,7 +200,7 @@ def test_object_store_run_resumes_and_exports(small, reference, s3, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from llmray.export import export
+    from llmray.export.folder import export
 
     info = export(second.checkpoint, str(tmp_path / "hf"))
     assert info["step"] == STEPS
@@ -227,7 +227,7 @@ def test_checkpoint_with_pickled_code_is_refused_not_run(small, reference, tmp_p
     """A tampered checkpoint (sizes in its markers updated to match) must not execute code on export or resume."""
     import torch
 
-    from llmray.export import export
+    from llmray.export.folder import export
     from llmray.train.safe_load import UnsafeCheckpointError
 
     monkeypatch.chdir(tmp_path)

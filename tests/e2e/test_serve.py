@@ -18,12 +18,12 @@ KEY = "sk-llmray-test"
 @pytest.fixture(scope="module")
 def quantized_dir(model_dir, corpus):
     """The same model after `llmray quantize --scheme int8-dynamic`: torchao int8 weights in the folder."""
-    from llmray.config import QuantConfig
     from llmray.data.split import HeldOut
-    from llmray.quantize import quantize_folder
+    from llmray.quantize.folder import quantize_folder
+    from llmray.recipe.schema import QuantSettings
 
     out = model_dir.parent / "tiny-int8"
-    quantize_folder(str(model_dir), str(out), QuantConfig(method="ptq", scheme="int8-dynamic"),
+    quantize_folder(str(model_dir), str(out), QuantSettings(method="ptq", scheme="int8-dynamic"),
                     HeldOut(corpus["shards"], seq_len=64), eval_samples=8)
     return out
 

@@ -102,8 +102,8 @@ def test_a_blend_trains_and_reports_each_sources_validation(corpus, ray_cluster,
     reports (what W&B and Tune receive) and its summary."""
     import pyarrow.parquet as pq
 
-    from llmray.config import recipe_from_dict
     from llmray.data.corpus import list_shards
+    from llmray.recipe.load import recipe_from_dict
 
     parts = {}
     for name, shard in zip(("lib", "mail"), list_shards(corpus["shards"])[:2]):

@@ -10,7 +10,7 @@ import torch
 from llmray.data.chat import ChatDataError, read_conversations, shard_conversations
 from llmray.data.corpus import list_shards
 from llmray.data.pack import chat_rows
-from llmray.data.template import CHATML, IGNORE, encode_chat, render, stop_token_ids
+from llmray.data.template import CHATML, IGNORE_INDEX, encode_chat, render, stop_token_ids
 from llmray.train.batch import model_inputs
 
 CONVERSATIONS = [
@@ -150,7 +150,7 @@ def per_token_loss(model, input_ids, labels, position_ids=None) -> torch.Tensor:
     inputs = model_inputs(batch, torch.device("cpu"))
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[0]
     target = torch.as_tensor(labels, dtype=torch.long)
-    return torch.nn.functional.cross_entropy(logits[:-1], target[1:], ignore_index=IGNORE, reduction="none")
+    return torch.nn.functional.cross_entropy(logits[:-1], target[1:], ignore_index=IGNORE_INDEX, reduction="none")
 
 
 @torch.no_grad()
@@ -162,12 +162,12 @@ def test_each_conversation_in_a_packed_row_has_its_loss_alone(tokenizer, tiny_mo
     starts = [i for i in range(len(pos)) if pos[i] == 0]
     for k, messages in enumerate(CONVERSATIONS):
         alone_ids, mask = encode_chat(tokenizer, messages)
-        alone_labels = np.where(mask, alone_ids, IGNORE)
-        alone_labels[0] = IGNORE
+        alone_labels = np.where(mask, alone_ids, IGNORE_INDEX)
+        alone_labels[0] = IGNORE_INDEX
         alone = per_token_loss(tiny_model, alone_ids, alone_labels)
         a = starts[k]
         mine = packed[a:a + len(alone_ids) - 1]
-        valid = alone_labels[1:] != IGNORE
+        valid = alone_labels[1:] != IGNORE_INDEX
         assert np.array_equal(labels[a:a + len(alone_ids)], alone_labels)
         torch.testing.assert_close(mine[valid].mean(), alone[valid].mean(), atol=1e-5, rtol=0)
     # without the position ids the same row lets conversations attend to each other: the check above could fail
@@ -179,7 +179,7 @@ def test_each_conversation_in_a_packed_row_has_its_loss_alone(tokenizer, tiny_mo
 def test_loss_depends_on_assistant_tokens_only(tokenizer, tiny_model):
     rows = chat_rows(tokenizer, CONVERSATIONS[:1], seq_len=64)
     ids, labels, pos = rows["input_ids"][0].copy(), rows["labels"][0], rows["position_ids"][0]
-    trained = np.flatnonzero(labels != IGNORE)
+    trained = np.flatnonzero(labels != IGNORE_INDEX)
 
     def loss(input_ids, lab):
         batch = {"input_ids": input_ids[None], "labels": lab[None], "position_ids": pos[None]}
@@ -187,9 +187,9 @@ def test_loss_depends_on_assistant_tokens_only(tokenizer, tiny_model):
 
     base = loss(ids, labels)
     # a prompt token's label path: labelling it as something else changes nothing (it is not trained on)
-    prompt = int(np.flatnonzero(labels == IGNORE)[3])
+    prompt = int(np.flatnonzero(labels == IGNORE_INDEX)[3])
     relabelled = labels.copy()
-    relabelled[prompt] = IGNORE
+    relabelled[prompt] = IGNORE_INDEX
     assert loss(ids, relabelled) == base
     # an assistant token changed: the loss changes
     changed = labels.copy()
@@ -206,21 +206,21 @@ def test_packing_keeps_conversations_whole_and_cuts_only_the_too_long(tokenizer)
         assert all(np.array_equal(s, np.arange(len(s))) for s in segments)
     kept = [len(s) for p, lab in zip(rows["position_ids"], rows["labels"])
             for s, sl in zip(np.split(p, np.flatnonzero(p == 0)[1:]), np.split(lab, np.flatnonzero(p == 0)[1:]))
-            if (sl != IGNORE).any()]
+            if (sl != IGNORE_INDEX).any()]
     assert kept == lengths, "every conversation whole, in order"
     short = chat_rows(tokenizer, CONVERSATIONS, seq_len=16)
-    assert short["input_ids"].shape[1] == 16 and (short["labels"] != IGNORE).any(axis=1).all()
+    assert short["input_ids"].shape[1] == 16 and (short["labels"] != IGNORE_INDEX).any(axis=1).all()
 
 
 def test_unknown_lora_targets_are_named_with_the_models_linear_layers():
     from transformers import LlamaConfig
 
-    from llmray.adapters import check_targets
-    from llmray.config import LoraConfig, RecipeError
+    from llmray.model.lora import check_targets
+    from llmray.recipe.schema import LoraSettings, RecipeError
 
     config = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64)
-    check_targets(config, LoraConfig(target_modules=["q_proj", "v_proj"]))
+    check_targets(config, LoraSettings(target_modules=["q_proj", "v_proj"]))
     with pytest.raises(RecipeError, match="'qproj' not among the model's Linear layers: down_proj, gate_proj, k_proj, "
                                           "o_proj, q_proj, up_proj, v_proj"):
-        check_targets(config, LoraConfig(target_modules=["qproj", "v_proj"]))
+        check_targets(config, LoraSettings(target_modules=["qproj", "v_proj"]))

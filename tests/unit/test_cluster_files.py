@@ -14,7 +14,7 @@ import yaml
 from helpers import REPO
 from packaging.requirements import Requirement
 
-from llmray.config import load_recipe
+from llmray.recipe.load import load_recipe
 
 CLUSTER_FILES = sorted(REPO.glob("cluster*.yaml"))
 K8S_FILES = sorted((REPO / "k8s").glob("*.yaml"))

@@ -3,13 +3,14 @@ import sys
 
 import pytest
 
-from llmray.config import RecipeError, load_recipe, recipe_from_dict
+from llmray.recipe.load import load_recipe, recipe_from_dict
+from llmray.recipe.schema import RecipeError
 
 BASE = {"data": {"shards": "s", "tokenizer": "t"}}
 
 
 def recipe(*overrides):
-    from llmray.config import apply_overrides
+    from llmray.recipe.load import apply_overrides
 
     return recipe_from_dict(apply_overrides({"data": dict(BASE["data"])}, list(overrides)))
 
@@ -96,8 +97,8 @@ def test_every_command_has_help(cmd):
 def test_cli_help_shows_the_defaults_the_library_uses(capsys):
     """Option defaults are read from the typed recipe and from the signatures the commands call, not restated."""
     from llmray.cli import main
-    from llmray.config import default
-    from llmray.quantize import quantize_folder
+    from llmray.quantize.folder import quantize_folder
+    from llmray.recipe.schema import default
     from llmray.serve.app import ServeArgs
 
     def help_of(*cmd) -> str:

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmray.config import DistillConfig, RecipeError, load_recipe
-from llmray.train.distill import check_teacher, distill_loss
+from llmray.objectives.distill import check_teacher, distill_loss
+from llmray.recipe.load import load_recipe
+from llmray.recipe.schema import DistillSettings, RecipeError
 
 
 def test_loss_is_alpha_kl_plus_the_rest_lm():
@@ -16,7 +17,7 @@ def test_loss_is_alpha_kl_plus_the_rest_lm():
     labels = torch.randint(0, 11, (2, 5))
     labels[0, 3] = -100  # position 2 of row 0 is not trained on
     lm = torch.tensor(1.7)
-    cfg = DistillConfig(teacher="x", alpha=0.3, temperature=2.0)
+    cfg = DistillSettings(teacher="x", alpha=0.3, temperature=2.0)
     total, kl = distill_loss(s, t, labels, lm, cfg)
     keep = labels[:, 1:] != -100
     expected = F.kl_div(F.log_softmax(s[:, :-1][keep] / 2, -1), F.log_softmax(t[:, :-1][keep] / 2, -1),
@@ -30,18 +31,18 @@ def test_loss_is_alpha_kl_plus_the_rest_lm():
 
 
 def test_teacher_is_checked_before_anything_runs(tmp_path):
-    cfg = DistillConfig(teacher=str(tmp_path / "none"))
+    cfg = DistillSettings(teacher=str(tmp_path / "none"))
     with pytest.raises(RecipeError, match="distill.teacher: .*none holds no readable config.json"):
         check_teacher(cfg, 100)
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "vocab_size": 100}))
     with pytest.raises(RecipeError, match="is not a causal LM"):
-        check_teacher(DistillConfig(teacher=str(tmp_path / "bert")), 100)
+        check_teacher(DistillSettings(teacher=str(tmp_path / "bert")), 100)
     (tmp_path / "lm").mkdir()
     (tmp_path / "lm" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 90}))
     with pytest.raises(RecipeError, match="its vocabulary has 90 tokens, the student's 100: teacher and student must"):
-        check_teacher(DistillConfig(teacher=str(tmp_path / "lm")), 100)
-    check_teacher(DistillConfig(teacher=str(tmp_path / "lm")), 90)
+        check_teacher(DistillSettings(teacher=str(tmp_path / "lm")), 100)
+    check_teacher(DistillSettings(teacher=str(tmp_path / "lm")), 90)
 
 
 @pytest.mark.parametrize("override, key", [("distill.alpha=1.5", "distill.alpha"),

@@ -10,8 +10,8 @@ from llmray.train.trainer import fit
 
 @pytest.mark.parametrize("bad", ["tokenizer"])
 def test_bad_tokenizer_is_reported_before_streaming(corpus, bad, tmp_path):
-    from llmray.config import recipe_from_dict
     from llmray.data.tokenizer import TokenizerError
+    from llmray.recipe.load import recipe_from_dict
     from llmray.train.trainer import check_inputs
 
     r = recipe_from_dict({"data": {"shards": corpus["shards"], "tokenizer": str(tmp_path / "missing-tok")}})
@@ -32,8 +32,8 @@ def test_bad_shards_fail_before_workers_start(corpus, tmp_path):
 def test_qlora_where_bitsandbytes_cannot_load_is_refused_before_ray(monkeypatch):
     import sys
 
-    from llmray.adapters import check_qlora
-    from llmray.config import RecipeError
+    from llmray.model.lora import check_qlora
+    from llmray.recipe.schema import RecipeError
 
     check_qlora()  # here it loads
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a platform without it: import fails

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_config import recipe
 
-from llmray.config import RecipeError
+from llmray.recipe.schema import RecipeError
 from llmray.train import kernels as fast
 from llmray.train.zero import deepspeed_config
 

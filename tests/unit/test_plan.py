@@ -4,9 +4,10 @@ blend of sources can hold, each reported in one line naming the source before Ra
 import numpy as np
 import pytest
 
-from llmray.config import RecipeError, recipe_from_dict
 from llmray.data.corpus import CorpusError, Shard
 from llmray.data.plan import PIECE_SAMPLES, Blend, plan_pieces
+from llmray.recipe.load import recipe_from_dict
+from llmray.recipe.schema import RecipeError
 from llmray.train.checkpoint import CheckpointError
 from llmray.train.resume import check_compatible
 from llmray.train.state import TrainState

@@ -8,12 +8,12 @@ import shutil
 import pytest
 import torch
 
-from llmray import lineage
-from llmray.config import PruneConfig
 from llmray.data.split import HeldOut
-from llmray.prune import PruneError, check_spec, prune_folder
-from llmray.pruning import width
-from llmray.pruning.depth import block_influence
+from llmray.model import lineage
+from llmray.prune import width
+from llmray.prune.depth import block_influence
+from llmray.prune.folder import PruneError, check_spec, prune_folder
+from llmray.recipe.schema import PruneSettings
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def load(folder):
 
 
 def test_depth_drops_the_least_influential_layer_into_a_smaller_model(exported, tmp_path):
-    report = prune_folder(str(exported), str(tmp_path / "out"), PruneConfig(method="depth", drop_layers=1, **FEW))
+    report = prune_folder(str(exported), str(tmp_path / "out"), PruneSettings(method="depth", drop_layers=1, **FEW))
     influence = report["block_influence"]
     assert report["dropped_layers"] == [min(range(len(influence)), key=influence.__getitem__)]
     small = load(tmp_path / "out")
@@ -52,7 +52,7 @@ def test_depth_drops_the_least_influential_layer_into_a_smaller_model(exported, 
 def samples_of(exported, count):
     from llmray.data.pack import StreamSpec, first_samples
 
-    return first_samples(StreamSpec.of([("c", 1.0, lineage.held_out(exported).documents)], str(exported), 64, 1234,
+    return first_samples(StreamSpec.of([("c", 1.0, lineage.recorded_held_out(exported).documents)], str(exported), 64, 1234,
                                        512), count)
 
 
@@ -67,10 +67,10 @@ def test_block_influence_is_one_minus_cosine_of_each_layers_input_and_output(exp
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_unstructured_sparsity_and_two_four_pattern(exported, tmp_path, method):
-    report = prune_folder(str(exported), str(tmp_path / "half"), PruneConfig(method=method, sparsity=0.5, **FEW))
+    report = prune_folder(str(exported), str(tmp_path / "half"), PruneSettings(method=method, sparsity=0.5, **FEW))
     assert report["after"]["nonzero_share"] == pytest.approx(0.5, abs=0.01)
     assert report["before"]["nonzero_share"] == pytest.approx(1.0)
-    report = prune_folder(str(exported), str(tmp_path / "24"), PruneConfig(method=method, pattern="2:4", **FEW))
+    report = prune_folder(str(exported), str(tmp_path / "24"), PruneSettings(method=method, pattern="2:4", **FEW))
     w = load(tmp_path / "24").model.layers[0].self_attn.q_proj.weight
     assert (w.reshape(w.shape[0], -1, 4).ne(0).sum(-1) <= 2).all()
     embed = load(tmp_path / "24").model.embed_tokens.weight
@@ -78,8 +78,8 @@ def test_unstructured_sparsity_and_two_four_pattern(exported, tmp_path, method):
 
 
 def test_wanda_weighs_magnitudes_by_their_inputs(exported, tmp_path):
-    prune_folder(str(exported), str(tmp_path / "m"), PruneConfig(method="magnitude", sparsity=0.5, **FEW))
-    prune_folder(str(exported), str(tmp_path / "w"), PruneConfig(method="wanda", sparsity=0.5, **FEW))
+    prune_folder(str(exported), str(tmp_path / "m"), PruneSettings(method="magnitude", sparsity=0.5, **FEW))
+    prune_folder(str(exported), str(tmp_path / "w"), PruneSettings(method="wanda", sparsity=0.5, **FEW))
     m = load(tmp_path / "m").model.layers[0].mlp.up_proj.weight.ne(0)
     w = load(tmp_path / "w").model.layers[0].mlp.up_proj.weight.ne(0)
     assert not torch.equal(m, w)
@@ -98,23 +98,23 @@ def test_wanda_weighs_magnitudes_by_their_inputs(exported, tmp_path):
 ])
 def test_bad_arguments_are_refused_and_nothing_is_written(exported, tmp_path, kwargs, message):
     with pytest.raises(PruneError, match=message):
-        prune_folder(str(exported), str(tmp_path / "out"), PruneConfig(**kwargs, **FEW))
+        prune_folder(str(exported), str(tmp_path / "out"), PruneSettings(**kwargs, **FEW))
     assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_kept_and_a_quantized_prune_names_its_input_report(exported, tmp_path):
-    from llmray.config import QuantConfig
     from llmray.errors import LlmrayError
-    from llmray.quantize import quantize_folder
+    from llmray.quantize.folder import quantize_folder
+    from llmray.recipe.schema import QuantSettings
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(LlmrayError, match="already exists"):
-        prune_folder(str(exported), str(tmp_path / "out"), PruneConfig(method="depth", drop_layers=1, **FEW))
+        prune_folder(str(exported), str(tmp_path / "out"), PruneSettings(method="depth", drop_layers=1, **FEW))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    prune_folder(str(exported), str(tmp_path / "pruned"), PruneConfig(method="depth", drop_layers=1, **FEW))
+    prune_folder(str(exported), str(tmp_path / "pruned"), PruneSettings(method="depth", drop_layers=1, **FEW))
     report = quantize_folder(str(tmp_path / "pruned"), str(tmp_path / "q"),
-                             QuantConfig(method="ptq", scheme="int8-dynamic"), eval_samples=8)
+                             QuantSettings(method="ptq", scheme="int8-dynamic"), eval_samples=8)
     assert report["input_report"]["method"] == "depth"
     assert report["input_report"]["file"].endswith("pruned/prune_report.json")
     chain = json.loads((tmp_path / "q" / "llmray_export.json").read_text())
@@ -122,7 +122,7 @@ def test_existing_output_is_kept_and_a_quantized_prune_names_its_input_report(ex
 
 
 def test_width_makes_a_narrower_model_transformers_loads(exported, tmp_path):
-    spec = PruneConfig(method="width", hidden_size=48, intermediate_size=64, heads=2, **FEW)
+    spec = PruneSettings(method="width", hidden_size=48, intermediate_size=64, heads=2, **FEW)
     report = prune_folder(str(exported), str(tmp_path / "narrow"), spec)
     small = load(tmp_path / "narrow")
     c = small.config
@@ -160,7 +160,7 @@ def test_width_removes_exactly_the_heads_and_channels_that_do_nothing(exported, 
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     heads = 4 - 4 // kv_heads
-    target = check_spec(model, PruneConfig(method="width", heads=heads, intermediate_size=88))
+    target = check_spec(model, PruneSettings(method="width", heads=heads, intermediate_size=88))
     kept = width.shrink(model, width.importance(model, samples), target)
     assert all(1 not in groups for groups in kept["kept_groups"])
     assert model.model.layers[0].self_attn.k_proj.weight.shape[0] == (kv_heads - 1) * 16
@@ -174,17 +174,22 @@ def test_grouped_heads_go_whole(exported):
     config = load(exported).config
     config.num_key_value_heads = 2
     with pytest.raises(PruneError, match=r"--heads 3: .* groups of 2, which go whole; ask for a multiple of 2"):
-        check_spec(LlamaForCausalLM(config), PruneConfig(method="width", heads=3))
+        check_spec(LlamaForCausalLM(config), PruneSettings(method="width", heads=3))
 
 
 def test_a_recipe_prune_block_prunes_into_the_run_folder_once(corpus, exported, tmp_path):
     from helpers import tiny
 
-    from llmray.train.trainer import with_pruned_model
+    from llmray.prune.recover import with_pruned_model
+    from llmray.recipe.schema import RecipeError
+    from llmray.train.trainer import check_pruned
 
     recipe = tiny(corpus, tmp_path, f"model.pretrained={exported}", "prune.method=wanda", "prune.sparsity=0.5",
                   "prune.calibration_samples=8")
+    with pytest.raises(RecipeError, match="is not the model this prune: block makes; resolve the block first"):
+        check_pruned(recipe)  # training never prunes: the block is resolved before fit
     first = with_pruned_model(recipe)
+    check_pruned(first)
     pruned = tmp_path / "pretrain-tiny" / "pruned"
     assert first.model.pretrained == str(pruned) and first.prune == recipe.prune
     assert load(pruned).model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == pytest.approx(0.5, abs=0.01)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import tiny
 
-from llmray.config import RecipeError
+from llmray.recipe.schema import RecipeError
 from llmray.train.zero import deepspeed_config
 
 
@@ -36,8 +36,9 @@ def test_qat_fake_quantizers_follow_the_scheme():
     from torchao.quantization import quantize_
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmray.config import QuantConfig
-    from llmray.quant import prepare_qat, ptq_config
+    from llmray.quantize.qat import prepare_qat
+    from llmray.quantize.schemes import ptq_config
+    from llmray.recipe.schema import QuantSettings
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -45,7 +46,7 @@ def test_qat_fake_quantizers_follow_the_scheme():
     base = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 256, (2, 32))
     for scheme in ("int8-weight-only", "int8-dynamic", "int8-dynamic-int4"):
-        quant = QuantConfig(method="qat", scheme=scheme)
+        quant = QuantSettings(method="qat", scheme=scheme)
         fake, real = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
         fake.load_state_dict(base.state_dict())
         real.load_state_dict(base.state_dict())

@@ -27,7 +27,8 @@ def gqa_model_dir(corpus, tmp_path_factory):
 
 def staggered(engine, prompts: list[str], tokens: int) -> list[str]:
     """The first prompt generates alone for a while, then the others join it at once."""
-    from llmray.serve.engine import Finished, Sampling
+    from llmray.serve.engine import Finished
+    from llmray.serve.sampling import Sampling
 
     async def collect(prompt: str, started: asyncio.Event | None = None) -> str:
         text = ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llmray.pruning.calibrate import batches
+from llmray.prune.calibrate import batches
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmray.pruning.calibrate import flat, run_with_hooks
+from llmray.prune.calibrate import flat, run_with_hooks
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

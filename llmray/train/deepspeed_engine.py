@@ -11,12 +11,13 @@ import deepspeed
 import torch
 
 from llmray import logs
-from llmray.adapters import four_bit, prepare_four_bit, trainable, with_lora
-from llmray.config import SPARSE_METHODS, Recipe
 from llmray.cuda_arch import fix_arch_list
-from llmray.model import build_model, count_params, flops_per_token
-from llmray.pruning.sparse import keep_zeros
-from llmray.quant import prepare_qat
+from llmray.model.build import build_model
+from llmray.model.flops import count_params, flops_per_token
+from llmray.model.lora import four_bit, prepare_four_bit, trainable, with_lora
+from llmray.prune.sparse import keep_zeros
+from llmray.quantize.qat import prepare_qat
+from llmray.recipe.schema import SPARSE_METHODS, Recipe
 from llmray.train import kernels as fast
 from llmray.train.schedule import make_scheduler
 from llmray.train.zero import deepspeed_config, resolve_precision

@@ -6,24 +6,24 @@ from __future__ import annotations
 
 import torch
 
-from llmray.config import LoraConfig, QloraConfig, RecipeError
+from llmray.recipe.schema import LoraSettings, QloraSettings, RecipeError
 
 
-def lora_config(cfg: LoraConfig):
+def lora_config(cfg: LoraSettings):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
                           target_modules=cfg.target_modules)
 
 
-def with_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+def with_lora(model: torch.nn.Module, cfg: LoraSettings) -> torch.nn.Module:
     """`model` wrapped with fresh LoRA adapters; every other parameter frozen (requires_grad False)."""
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(cfg))
 
 
-def four_bit(cfg: QloraConfig, compute_dtype: torch.dtype):
+def four_bit(cfg: QloraSettings, compute_dtype: torch.dtype):
     """The transformers quantization config of a QLoRA base."""
     from transformers import BitsAndBytesConfig
 
@@ -51,7 +51,7 @@ def check_qlora() -> None:
 
 def trainable(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters)."""
-    from llmray.model import weights_in
+    from llmray.model.flops import weights_in
 
     return (sum(weights_in(p) for p in model.parameters() if p.requires_grad),
             sum(weights_in(p) for p in model.parameters()))
@@ -69,7 +69,7 @@ def linear_names(config) -> list[str]:
                    if isinstance(module, torch.nn.Linear) and module is not head})
 
 
-def check_targets(config, cfg: LoraConfig) -> None:
+def check_targets(config, cfg: LoraSettings) -> None:
     """Refuse, before any worker starts, `finetune.lora.target_modules` that name no Linear layer of the model."""
     if cfg.target_modules == "all-linear":
         return

@@ -42,7 +42,7 @@ def input_report(src: str | Path) -> dict | None:
     return None
 
 
-def held_out(folder: str | Path) -> HeldOut | None:
+def recorded_held_out(folder: str | Path) -> HeldOut | None:
     """The held-out set an exported folder names (its training run's validation split), if it names one."""
     held = read(folder).get("held_out")
     return HeldOut(**held) if held else None

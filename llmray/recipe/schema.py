@@ -1,6 +1,7 @@
-"""The typed recipe: YAML in, validated objects out, `key=value` overrides on top.
+"""The typed recipe: every section, key and default, declared once, and the checks across sections.
 
-A wrong key or value fails here, naming the key, before Ray or any worker starts.
+A wrong key or value fails on validation, naming the key, before Ray or any worker starts. Reading a recipe file
+and applying `key=value` overrides is `load.py`.
 """
 
 from __future__ import annotations
@@ -10,12 +11,21 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmray import storage
 from llmray.errors import LlmrayError
-from llmray.quant import GPU_ONLY_SCHEMES, INT4_GROUP_SIZES, SCHEMES
+
+# The quantization schemes a recipe (quant.scheme) or `llmray quantize --scheme` may name; which run on CPU is part
+# of each name's contract. `llmray.quantize.schemes` maps each to its torchao configs.
+SCHEMES = {
+    "int8-weight-only": "int8 per-channel weights, activations in full precision (CPU and GPU)",
+    "int8-dynamic": "int8 per-token activations quantized at run time + int8 per-channel weights (CPU and GPU)",
+    "int8-dynamic-int4": "int8 per-token activations + int4 grouped weights, torchao's CPU/edge int4 (CPU and GPU)",
+    "int4-weight-only": "int4 grouped weights, bf16 activations, tinygemm kernel (CUDA GPUs sm80+ only)",
+}
+GPU_ONLY_SCHEMES = ("int4-weight-only",)
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 class RecipeError(LlmrayError):
@@ -26,7 +36,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RunConfig(Strict):
+class RunSettings(Strict):
     name: str = "pretrain"
     storage_path: str = "./runs"  # local folder or s3:// gs:// URI
     seed: int = 1234
@@ -43,7 +53,7 @@ class RunConfig(Strict):
 SINGLE_SOURCE = "corpus"  # the source's name when a recipe gives data.shards
 
 
-class SourceConfig(Strict):
+class SourceSettings(Strict):
     """One part of a blend: its own shards and its share of every stretch of global batches."""
 
     name: str = Field(min_length=1)
@@ -51,17 +61,17 @@ class SourceConfig(Strict):
     weight: float = 1.0  # relative; the sources' weights are normalised to sum to 1
 
     @model_validator(mode="after")
-    def _positive(self) -> "SourceConfig":
+    def _positive(self) -> "SourceSettings":
         if not self.weight > 0:
             raise ValueError(f"source {self.name!r}: weight must be > 0 (got {self.weight})")
         return self
 
 
-class DataConfig(Strict):
+class DataSettings(Strict):
     # folder or URI holding the Parquet shards written by `llmray data shard` (one source); with data.conversations,
     # where their shards are written (default: the run folder's conversations/)
     shards: str | None = None
-    sources: list[SourceConfig] | None = None  # a weighted blend of several shard folders, instead of `shards`
+    sources: list[SourceSettings] | None = None  # a weighted blend of several shard folders, instead of `shards`
     val_shards: str | None = None  # held-out shard folder (one source); if unset, a fraction of documents is held out
     # chat/instruction JSONL files or folders (fine-tuning), local or URI: one path or a list
     conversations: str | list[str] | None = None
@@ -74,14 +84,14 @@ class DataConfig(Strict):
     # flash-attn runs as varlen attention and sdpa as a block mask (Llama 3's intra-document masking). Conversations
     # are always packed this way.
     document_masking: bool = False
-    tokenize_actors: int = Field(1, ge=1)  # actor pool size; each loads the tokenizer once
+    tokenize_tasks: int = Field(1, ge=1)  # tokenize tasks at once; each worker process loads the tokenizer once
     tokenize_batch_docs: int = Field(512, ge=1)
     prefetch_batches: int = Field(4, ge=1)
     max_epochs: int | None = Field(None, ge=1)  # None: cycle the corpus until max_steps; else no source starts
     # another epoch after this many (with a blend, the stream ends when the first source would)
 
     @model_validator(mode="after")
-    def _one_corpus(self) -> "DataConfig":
+    def _one_corpus(self) -> "DataSettings":
         if self.conversations is not None:
             if self.sources is not None or self.val_shards:
                 raise ValueError("data.conversations is one corpus: it does not go with data.sources or "
@@ -104,12 +114,12 @@ class DataConfig(Strict):
         return self
 
     @property
-    def blend(self) -> list[SourceConfig]:
+    def blend(self) -> list[SourceSettings]:
         """The sources, a single `shards` folder being one source of weight 1."""
-        return self.sources if self.sources is not None else [SourceConfig(name=SINGLE_SOURCE, shards=self.shards)]
+        return self.sources if self.sources is not None else [SourceSettings(name=SINGLE_SOURCE, shards=self.shards)]
 
 
-class ModelConfig(Strict):
+class ModelSettings(Strict):
     pretrained: str | None = None  # local HF folder for continued pretraining; else built from scratch
     arch: str = "llama"  # any transformers model_type
     hidden_size: int = Field(64, gt=0)
@@ -121,7 +131,7 @@ class ModelConfig(Strict):
     extra: dict[str, Any] = Field(default_factory=dict)  # passed to the transformers config as is
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
+    def _heads_divide(self) -> "ModelSettings":
         if self.pretrained is None and self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         return self
@@ -130,7 +140,7 @@ class ModelConfig(Strict):
 FLASH_ATTENTIONS = ("flash_attention_2", "flash_attention_3")
 
 
-class KernelsConfig(Strict):
+class KernelsSettings(Strict):
     """The fast paths of a training step. `auto` picks the fast one where it runs: on GPUs, with its library
     installed (resolved per worker by `llmray.train.kernels`)."""
 
@@ -149,7 +159,7 @@ class KernelsConfig(Strict):
     adam: Literal["auto", "torch_fused", "deepspeed_fused", "torch"] = "auto"
 
 
-class TrainConfig(Strict):
+class TrainSettings(Strict):
     max_steps: int = Field(100, gt=0)
     micro_batch_size: int = Field(8, gt=0)
     global_batch_size: int = Field(16, gt=0)
@@ -168,7 +178,7 @@ class TrainConfig(Strict):
     # recompute decoder blocks' activations in the backward instead of keeping them: true (every block), or N
     # (every Nth block: memory traded back for speed)
     activation_checkpointing: bool | int = False
-    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    kernels: KernelsSettings = Field(default_factory=KernelsSettings)
     deepspeed: dict[str, Any] | str | None = None  # raw DeepSpeed JSON (dict or path), merged last
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(50, ge=0)  # 0: no evaluation during training
@@ -208,7 +218,7 @@ class TrainConfig(Strict):
         return int(v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
-    def _offload_needs_stage(self) -> "TrainConfig":
+    def _offload_needs_stage(self) -> "TrainSettings":
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("train.offload_params needs train.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -220,16 +230,16 @@ class TrainConfig(Strict):
         return self
 
 
-class ScalingConfig(Strict):
+class ScalingSettings(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float | Literal["auto"] = "auto"
     gpus_per_worker: float = Field(1.0, gt=0)
-    data_cpus: float | Literal["auto"] = "auto"  # CPUs kept free for the tokenize actors
+    data_cpus: float | Literal["auto"] = "auto"  # CPUs kept free for the tokenize tasks
     max_failures: int = Field(0, ge=-1)
 
 
-class ZeroPPConfig(Strict):
+class ZeroPPSettings(Strict):
     """DeepSpeed ZeRO++ communication quantization (GPU clusters, ZeRO-3)."""
 
     quantized_weights: bool = False  # zero_quantized_weights: int8 all-gather of weights
@@ -241,14 +251,14 @@ class ZeroPPConfig(Strict):
         return self.quantized_weights or self.quantized_gradients or self.hpz_partition_size > 1
 
 
-class QuantConfig(Strict):
+class QuantSettings(Strict):
     method: Literal["none", "ptq", "qat"] = "none"  # ptq: quantize the export; qat: fake-quantize while training
     scheme: str | None = None  # one of SCHEMES; required unless method is none
     group_size: int = 32  # int4 schemes: weights per scale
     # Linear layers left in full precision, as transformers' `modules_to_not_convert` reads them: a name prefix up
     # to a module boundary, a regex, or a suffix. Embeddings are never quantized (only nn.Linear layers are).
     skip: list[str] = Field(default_factory=lambda: ["lm_head"])
-    zeropp: ZeroPPConfig = Field(default_factory=ZeroPPConfig)
+    zeropp: ZeroPPSettings = Field(default_factory=ZeroPPSettings)
 
     @field_validator("scheme")
     @classmethod
@@ -265,13 +275,13 @@ class QuantConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _scheme_with_method(self) -> "QuantConfig":
+    def _scheme_with_method(self) -> "QuantSettings":
         if self.method != "none" and self.scheme is None:
             raise ValueError(f"quant.method={self.method} needs quant.scheme (one of {', '.join(SCHEMES)})")
         return self
 
 
-class LoraConfig(Strict):
+class LoraSettings(Strict):
     """peft LoRA adapters: only these are trained; the base model stays frozen."""
 
     r: int = Field(16, gt=0)
@@ -280,7 +290,7 @@ class LoraConfig(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module name suffixes, or every Linear
 
 
-class QloraConfig(Strict):
+class QloraSettings(Strict):
     """QLoRA's frozen base: model.pretrained's Linear weights stored 4-bit by bitsandbytes (on CUDA, and on CPU),
     dequantized block by block in the training precision for each forward. Embeddings and the LM head stay full."""
 
@@ -288,13 +298,13 @@ class QloraConfig(Strict):
     double_quant: bool = True  # the per-block scales quantized too: ~0.4 bit per weight less
 
 
-class FinetuneConfig(Strict):
+class FinetuneSettings(Strict):
     """Supervised fine-tuning of `model.pretrained`: every weight (full), LoRA adapters on a frozen base, or LoRA
     adapters on a frozen 4-bit base (qlora)."""
 
     method: Literal["full", "lora", "qlora"] = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    qlora: QloraConfig = Field(default_factory=QloraConfig)  # the base's quantization, with method qlora
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    qlora: QloraSettings = Field(default_factory=QloraSettings)  # the base's quantization, with method qlora
 
     @property
     def adapters(self) -> bool:
@@ -302,7 +312,7 @@ class FinetuneConfig(Strict):
         return self.method in ("lora", "qlora")
 
 
-class DistillConfig(Strict):
+class DistillSettings(Strict):
     """Knowledge distillation: the student trains on alpha * T^2 * KL(teacher || student) over temperature-softened
     next-token distributions plus (1 - alpha) * its LM loss. The teacher is frozen and shares the tokenizer."""
 
@@ -316,7 +326,7 @@ PRUNE_METHODS = ("depth", "width", "magnitude", "wanda")
 SPARSE_METHODS = ("magnitude", "wanda")
 
 
-class PruneConfig(Strict):
+class PruneSettings(Strict):
     """Pruning of a trained model (`llmray prune`, or a recipe's `prune:` block: model.pretrained is pruned into the
     run folder before training, and the run is its recovery). Which keys a method takes, and the widths a model
     can take, are checked against the model (`llmray.prune.check_spec`)."""
@@ -331,7 +341,7 @@ class PruneConfig(Strict):
     calibration_samples: int = Field(64, gt=0)  # held-out samples to rank on, and to measure on
 
 
-class EvalConfig(Strict):
+class EvalSettings(Strict):
     """`llmray eval` task files run on the training ranks every `every` steps and at the end of the run; their
     figures are reported as eval/<task>/<metric> (progress line, summary, W&B, Tune)."""
 
@@ -339,7 +349,7 @@ class EvalConfig(Strict):
     every: int = Field(0, ge=0)  # 0: at the end only
 
 
-class WandbConfig(Strict):
+class WandbSettings(Strict):
     """W&B logging of a training run by rank 0 (a sweep's trials are logged by Ray Tune instead)."""
 
     project: str | None = None  # None: no W&B run
@@ -350,17 +360,17 @@ class WandbConfig(Strict):
 
 
 class Recipe(Strict):
-    run: RunConfig = Field(default_factory=RunConfig)
-    data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    quant: QuantConfig = Field(default_factory=QuantConfig)
-    finetune: FinetuneConfig | None = None  # absent: pretraining (or continued pretraining) of every weight
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    distill: DistillConfig | None = None  # absent: the LM loss alone
-    prune: PruneConfig | None = None  # absent: model.pretrained as it is
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    run: RunSettings = Field(default_factory=RunSettings)
+    data: DataSettings
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    quant: QuantSettings = Field(default_factory=QuantSettings)
+    finetune: FinetuneSettings | None = None  # absent: pretraining (or continued pretraining) of every weight
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    distill: DistillSettings | None = None  # absent: the LM loss alone
+    prune: PruneSettings | None = None  # absent: model.pretrained as it is
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
@@ -461,131 +471,7 @@ class Recipe(Strict):
         return self.train.global_batch_size * self.data.seq_len
 
 
-# The recipe keys that name local files or folders (or URIs). A run's other processes (Train workers, Tune trials)
-# need not share the driver's working directory, so the driver makes them absolute (`with_absolute_paths`).
-PATH_KEYS = ("data.shards", "data.val_shards", "data.tokenizer", "data.conversations", "data.sources.*.shards",
-             "model.pretrained", "distill.teacher", "eval.tasks")
-
-
-def with_absolute_paths(raw: dict, root: Path | None = None) -> dict:
-    """A copy of the raw recipe whose relative local paths that exist under `root` (default: the working
-    directory) are absolute; URIs, absolute paths and paths that do not exist are left as they are."""
-    root = root or Path.cwd()
-
-    def fix(value):
-        if isinstance(value, list):
-            return [fix(v) for v in value]
-        if not isinstance(value, str) or storage.is_uri(value) or os.path.isabs(value):
-            return value
-        path = root / value
-        return str(path.resolve()) if path.exists() else value
-
-    def walk(node, parts: list[str]):
-        if not parts or not isinstance(node, (dict, list)):
-            return fix(node) if not parts else node
-        head, rest = parts[0], parts[1:]
-        if head == "*":
-            return [walk(item, rest) for item in node] if isinstance(node, list) else node
-        if isinstance(node, dict) and node.get(head) is not None:
-            return {**node, head: walk(node[head], rest)}
-        return node
-
-    for key in PATH_KEYS:
-        raw = walk(raw, key.split("."))
-    return raw
-
-
 def default(section: str, key: str) -> Any:
     """A recipe key's declared default (`default("data", "seq_len")`), for the CLI and other entry points."""
     field = Recipe.model_fields[section].annotation.model_fields[key]
     return field.get_default(call_default_factory=True)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-3` -> (["train", "lr"], 0.001); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise RecipeError(f"override {text!r} is not of the form key=value")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else None
-
-
-def set_value(raw: dict, path: list[str], value: Any) -> dict:
-    """raw[path[0]][path[1]]... = value, creating sections on the way."""
-    node = raw
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"{'.'.join(path)}: {part} is not a section")
-        node = child
-    node[path[-1]] = value
-    return raw
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        path, value = parse_override(text)
-        set_value(raw, path, value)
-    return raw
-
-
-def describe_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
-        elif e["type"] == "missing":
-            lines.append(f"{key}: required key is missing")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = f" (got {e['input']!r})" if key and not isinstance(e.get("input"), dict) else ""
-            lines.append(f"{key}: {msg}{got}" if key else msg)
-    return "; ".join(lines)
-
-
-def recipe_from_dict(raw: dict) -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        raise RecipeError(f"invalid recipe: {describe_validation_error(e)}") from None
-
-
-def quant_config(raw: dict) -> QuantConfig:
-    """Quantization settings outside a recipe (`llmray quantize`), validated the same way."""
-    try:
-        return QuantConfig.model_validate(raw)
-    except ValidationError as e:
-        raise RecipeError(f"invalid quantization settings: {describe_validation_error(e)}") from None
-
-
-def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = RecipeError) -> dict:
-    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping raises `error` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise error(f"{what} {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise error(f"{what} {path} must hold a mapping at the top level")
-    return raw
-
-
-def load_yaml_model(path: str | Path, what: str, model: type[BaseModel], error: type[Exception]):
-    """A YAML file validated as `model`; any problem raises `error` naming the file (and the key)."""
-    raw = read_yaml_mapping(path, what, error)
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        raise error(f"{what} {path}: {describe_validation_error(e)}") from None
-
-
-def read_recipe_file(path: str | Path) -> dict:
-    """The recipe file's mapping, unvalidated (a sweep fills in its swept keys before validating)."""
-    return read_yaml_mapping(path, "recipe file")
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    raw = read_recipe_file(path) if path is not None else {}
-    return recipe_from_dict(apply_overrides(raw, list(overrides)))

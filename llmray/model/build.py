@@ -1,24 +1,22 @@
 """The model: any `transformers` causal-LM config built from scratch (Llama-style by default), or a local HF
-folder for continued pretraining; loading a folder for inference; and the FLOPs arithmetic that MFU is reported
-from."""
+folder for continued pretraining; and a folder loaded for inference."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from llmray.config import ModelConfig
 from llmray.errors import LlmrayError
+from llmray.recipe.schema import ModelSettings
 
 
 class ModelError(LlmrayError):
     pass
 
 
-def build_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+def build_config(cfg: ModelSettings, vocab_size: int) -> PretrainedConfig:
     if cfg.pretrained is not None:
         if not Path(cfg.pretrained).is_dir():
             raise ModelError(f"model.pretrained: folder {cfg.pretrained} does not exist")
@@ -44,7 +42,7 @@ def build_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
         raise ModelError(f"model.arch={cfg.arch!r}: {e}") from None
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.float32, quantization_config=None,
+def build_model(cfg: ModelSettings, vocab_size: int, dtype: torch.dtype = torch.float32, quantization_config=None,
                 device: torch.device | None = None) -> torch.nn.Module:
     """The recipe's model: built from its config, or loaded from model.pretrained (quantized as it loads, onto
     `device`, with a `quantization_config`)."""
@@ -84,40 +82,3 @@ def load_for_inference(folder: str, device: torch.device, quantization_config=No
     if device.type == "cuda":
         kwargs["device_map"] = str(device)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
-
-
-def weights_in(p: torch.Tensor) -> int:
-    """The weights a parameter holds: a 4-bit bitsandbytes parameter packs two per byte, its shape is the packing's;
-    a ZeRO-3 partitioned one holds none here, its whole size is `ds_numel`."""
-    state = getattr(p, "quant_state", None)
-    if state is not None:
-        return math.prod(state.shape)
-    return getattr(p, "ds_numel", p.numel())
-
-
-def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
-    n = sum(weights_in(p) for p in model.parameters())
-    if exclude_embeddings:
-        n -= weights_in(model.get_input_embeddings().weight)
-    return n
-
-
-def flops_per_token(config: PretrainedConfig, n_params_non_embedding: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights (forward + backward) plus 12·L·H·T for attention scores
-    (Kaplan et al. 2020; PaLM appendix B). The LM head counts as a weight matrix."""
-    layers, hidden = config.num_hidden_layers, config.hidden_size
-    return 6.0 * n_params_non_embedding + 12.0 * layers * hidden * seq_len
-
-
-# Dense bf16 peak of common training GPUs, in FLOP/s (vendor datasheets, no sparsity).
-PEAK_BF16_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
-    "A100": 312e12, "A800": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12,
-}
-
-
-def peak_flops(device_name: str) -> float | None:
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in device_name.upper():
-            return PEAK_BF16_FLOPS[key]
-    return None

@@ -16,13 +16,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from llmray import lineage
-from llmray.config import PruneConfig
 from llmray.errors import LlmrayError
-from llmray.eval import generation_speeds, held_out_samples, perplexity, weights_bytes
-from llmray.model import inference_device, load_for_inference
+from llmray.evals.measure import held_out_samples, side_by_side
+from llmray.model import lineage
+from llmray.model.build import inference_device, load_for_inference
 from llmray.outdir import free_target, staged
-from llmray.pruning import depth, sparse, width
+from llmray.prune import depth, sparse, width
+from llmray.recipe.schema import PruneSettings
 
 REPORT_FILE = "prune_report.json"
 METHOD_KEYS = {"depth": ("drop_layers",), "width": ("hidden_size", "intermediate_size", "heads"),
@@ -50,7 +50,7 @@ def parse_pattern(pattern: str | None, flag: Callable[[str], str] = cli_flag) ->
     return int(n), int(m)
 
 
-def width_target(model, spec: PruneConfig, flag: Callable[[str], str]) -> width.WidthShape:
+def width_target(model, spec: PruneSettings, flag: Callable[[str], str]) -> width.WidthShape:
     why = width.unsupported_layout(model)
     if why:
         raise PruneError(f"{flag('method')} width handles Llama-style decoders only: {why}")
@@ -73,7 +73,7 @@ def width_target(model, spec: PruneConfig, flag: Callable[[str], str]) -> width.
     return target
 
 
-def check_spec(model, spec: PruneConfig, flag: Callable[[str], str] = cli_flag) -> width.WidthShape | None:
+def check_spec(model, spec: PruneSettings, flag: Callable[[str], str] = cli_flag) -> width.WidthShape | None:
     """Everything refused before anything is written, each in one line naming the argument. Returns the width
     target for width pruning."""
     stray = [k for keys in METHOD_KEYS.values() for k in keys
@@ -103,7 +103,7 @@ def check_spec(model, spec: PruneConfig, flag: Callable[[str], str] = cli_flag) 
     return None
 
 
-def apply(model, spec: PruneConfig, samples, target: width.WidthShape | None) -> dict:
+def apply(model, spec: PruneSettings, samples, target: width.WidthShape | None) -> dict:
     """Prune `model` in place as `spec` says; returns the details the report and lineage keep."""
     if spec.method == "depth":
         influence = depth.block_influence(model, samples)
@@ -120,8 +120,8 @@ def apply(model, spec: PruneConfig, samples, target: width.WidthShape | None) ->
     return {"sparsity": spec.sparsity, "pattern": spec.pattern}
 
 
-def calibration(src: str, spec: PruneConfig):
-    held_out = lineage.held_out(src)
+def calibration(src: str, spec: PruneSettings):
+    held_out = lineage.recorded_held_out(src)
     if held_out is None:
         raise PruneError(f"{src} names no held-out set (llmray_export.json) to calibrate and measure on; "
                          "prune a folder written by `llmray export`")
@@ -129,14 +129,9 @@ def calibration(src: str, spec: PruneConfig):
 
 
 def measure(folders: list[str], samples, dev) -> list[dict]:
-    """Held-out perplexity, size and greedy tokens/s of each folder, the models timed in turns."""
-    models = [load_for_inference(str(f), dev) for f in folders]
-    figures = [{**perplexity(m, samples), "weights_bytes": weights_bytes(f),
-                "parameters": sum(p.numel() for p in m.parameters()), "nonzero_share": sparse.nonzero_share(m)}
-               for m, f in zip(models, folders)]
-    for f, speed in zip(figures, generation_speeds(models, samples)):
-        f.update(speed)
-    return figures
+    """Held-out perplexity, size, non-zero share and greedy tokens/s of each folder, the models timed in turns."""
+    return side_by_side(folders, samples, dev, lambda m: {"parameters": sum(p.numel() for p in m.parameters()),
+                                                          "nonzero_share": sparse.nonzero_share(m)})
 
 
 def ratios(before: dict, after: dict) -> dict:
@@ -145,7 +140,7 @@ def ratios(before: dict, after: dict) -> dict:
             "speed_ratio": after["tokens_per_s"] / before["tokens_per_s"]}
 
 
-def prune_folder(src: str, out: str, spec: PruneConfig, overwrite: bool = False, device: str | None = None,
+def prune_folder(src: str, out: str, spec: PruneSettings, overwrite: bool = False, device: str | None = None,
                  flag: Callable[[str], str] = cli_flag) -> dict:
     """Prune the Hugging Face folder `src` into `out` (whole, or not at all); returns the report, also saved as
     `out/prune_report.json`."""
@@ -167,6 +162,7 @@ def prune_folder(src: str, out: str, spec: PruneConfig, overwrite: bool = False,
         del model
         before, after = measure([src, str(partial)], samples, dev)
         report = {
+            "action": f"{spec.method} pruning ({what_was_done(spec.method, details)})", "report": f"{out}/{REPORT_FILE}",
             "method": spec.method, **details, "source": str(Path(src).resolve()), "out": out, "device": str(dev),
             "input_report": lineage.input_report(src), "held_out": {"what": held_out.describe(), "samples": len(samples)},
             "before": before, "after": after, **ratios(before, after),
@@ -176,29 +172,10 @@ def prune_folder(src: str, out: str, spec: PruneConfig, overwrite: bool = False,
     return report
 
 
-def what_was_done(r: dict) -> str:
-    if r["method"] == "depth":
-        return f"dropped layers {r['dropped_layers']}"
-    if r["method"] == "width":
-        return ", ".join(f"{k} {v}" for k, v in r["width"].items())
-    return f"pattern {r['pattern']}" if r.get("pattern") else f"sparsity {r['sparsity']}"
-
-
-def report_text(r: dict) -> str:
-    """The before / after table; with recovery, a column for the pruned model before it retrained."""
-    cols = [("before", r["before"])] + ([("pruned", r["pruned"])] if "pruned" in r else []) + [("after", r["after"])]
-    rows = [("perplexity", lambda f: f"{f['ppl']:.3f}"),
-            ("parameters", lambda f: f"{f['parameters'] / 1e6:.2f}M"),
-            ("non-zero", lambda f: f"{100 * f['nonzero_share']:.1f}%"),
-            ("weights", lambda f: f"{f['weights_bytes'] / 1e6:.2f}MB"),
-            ("tokens/s", lambda f: f"{f['tokens_per_s']:.1f}")]
-    recovered = f", then {r['recovery']['steps']} recovery steps ({r['recovery']['how']})" if "recovery" in r else ""
-    lines = [f"{r['method']} pruning ({what_was_done(r)}{recovered}) on {r['device']}, measured on "
-             f"{r['held_out']['what']}:",
-             "  " + " " * 12 + "".join(f"{name:>12}" for name, _ in cols)]
-    lines += ["  " + f"{label:<12}" + "".join(f"{fmt(f):>12}" for _, f in cols) for label, fmt in rows]
-    lines += [f"  after/before: perplexity x{r['ppl_ratio']:.4f}, parameters x{r['parameter_ratio']:.3f}, "
-              f"weights x{r['size_ratio']:.3f}, tokens/s x{r['speed_ratio']:.3f} (greedy, batch 1; non-zero share "
-              "of decoder Linear weights)",
-              f"  report: {r['out']}/{REPORT_FILE}"]
-    return "\n".join(lines)
+def what_was_done(method: str, details: dict) -> str:
+    """The pruning `apply` did, in a few words, from the details it returned."""
+    if method == "depth":
+        return f"dropped layers {details['dropped_layers']}"
+    if method == "width":
+        return ", ".join(f"{k} {v}" for k, v in details["width"].items())
+    return f"pattern {details['pattern']}" if details.get("pattern") else f"sparsity {details['sparsity']}"

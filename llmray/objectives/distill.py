@@ -1,4 +1,4 @@
-"""Knowledge distillation in the training loop: a frozen teacher, replicated on every rank (each holds a whole
+"""Knowledge distillation as a training objective: a frozen teacher, replicated on every rank (each holds a whole
 copy: simple and exact for teachers that fit a device beside the student; a ZeRO-3-partitioned teacher is not
 built), and the loss that mixes its soft targets with the student's LM loss."""
 
@@ -9,11 +9,12 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+from llmray import metric_names as M
 from llmray import storage
-from llmray.config import DistillConfig, RecipeError
+from llmray.recipe.schema import DistillSettings, RecipeError
 
 
-def check_teacher(cfg: DistillConfig, student_vocab: int) -> None:
+def check_teacher(cfg: DistillSettings, student_vocab: int) -> None:
     """Before any worker starts: the teacher folder holds a causal LM with the student's vocabulary."""
     import json
 
@@ -32,8 +33,12 @@ def check_teacher(cfg: DistillConfig, student_vocab: int) -> None:
                           f"{student_vocab}: teacher and student must share the tokenizer")
 
 
-class Teacher:
-    def __init__(self, cfg: DistillConfig, device: torch.device, dtype: torch.dtype):
+class Distillation:
+    """The student's LM loss mixed with the teacher's soft targets (`distill_loss`); both parts are reported."""
+
+    parts = (M.LM_LOSS, M.DISTILL_KL)
+
+    def __init__(self, cfg: DistillSettings, device: torch.device, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
 
         folder = cfg.teacher
@@ -43,16 +48,17 @@ class Teacher:
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
 
-    def loss(self, student_logits: torch.Tensor, inputs: dict, lm_loss: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the total loss, the KL part) of a micro-batch whose student forward gave `student_logits`."""
+    def loss(self, engine, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the loss to minimise, its reported parts) of one micro-batch."""
+        out = engine(**inputs)
         with torch.no_grad():
             teacher_logits = self.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        return distill_loss(student_logits, teacher_logits, inputs["labels"], lm_loss, self.cfg)
+        total, kl = distill_loss(out.logits, teacher_logits, inputs["labels"], out.loss, self.cfg)
+        return total, {M.LM_LOSS: out.loss.detach().float(), M.DISTILL_KL: kl.detach().float()}
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                 lm_loss: torch.Tensor, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                 lm_loss: torch.Tensor, cfg: DistillSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha * KL + (1 - alpha) * lm_loss, KL). KL(teacher || student) at each position whose next token is trained
     on, on distributions softened by the temperature T and scaled by T^2 (Hinton et al.: its gradients keep their
     size as T changes); with top_k, over the teacher's k most likely tokens, both renormalised there."""

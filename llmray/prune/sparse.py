@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from llmray.pruning.calibrate import flat, run_with_hooks
+from llmray.prune.calibrate import flat, run_with_hooks
 
 
 def decoder_linears(model) -> dict[str, torch.nn.Linear]:

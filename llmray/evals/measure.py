@@ -1,4 +1,6 @@
-"""Measuring a model folder without Ray: perplexity on held-out samples, generation speed, weights on disk.
+"""Measuring model folders side by side, without Ray, for the quantize and prune reports: held-out samples to
+measure perplexity on (`perplexity.held_out_perplexity`), generation speed, weights on disk, and the before/after
+table the reports print.
 
 The held-out samples are the same a training run validates on (`data.split` says which documents, and
 `pack.first_samples` packs them in the stream's order, without Ray).
@@ -6,17 +8,17 @@ The held-out samples are the same a training run validates on (`data.split` says
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmray.config import default
 from llmray.data.pack import StreamSpec, first_samples
 from llmray.data.split import HeldOut
 from llmray.errors import LlmrayError
+from llmray.evals.perplexity import held_out_perplexity, model_device
+from llmray.recipe.schema import default
 
 
 class EvalError(LlmrayError):
@@ -32,31 +34,6 @@ def held_out_samples(held_out: HeldOut, tokenizer_dir: str, max_samples: int) ->
     if not len(samples):
         raise EvalError(f"{held_out.describe()} holds fewer than {held_out.seq_len} tokens: nothing to measure on")
     return samples
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.inference_mode()
-def perplexity(model: torch.nn.Module, samples: np.ndarray, batch_size: int = 8,
-               positions: np.ndarray | None = None) -> dict:
-    """Token-weighted mean next-token loss over the samples, and its exponential. With `positions` (position ids
-    restarting at each document, `pack.document_positions`), each document is read on its own."""
-    device, total, count = model_device(model), 0.0, 0
-    for start in range(0, len(samples), batch_size):
-        ids = torch.from_numpy(samples[start:start + batch_size].astype(np.int64)).to(device)
-        kwargs = {}
-        if positions is not None:  # no KV cache: with one, transformers ignores the restarts
-            kwargs = {"position_ids": torch.from_numpy(positions[start:start + batch_size].astype(np.int64)).to(device),
-                      "use_cache": False}
-        logits = model(input_ids=ids, **kwargs).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
-                                                reduction="sum")
-        total += nll.item()
-        count += ids[:, 1:].numel()
-    loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
 
 
 @torch.inference_mode()
@@ -98,3 +75,46 @@ def weights_bytes(folder: str | Path) -> int:
     """Bytes of the weight files (safetensors, or PyTorch .bin) in a model folder."""
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
 
+
+
+def side_by_side(folders: list[str], samples: np.ndarray, device: torch.device, figures_of=None) -> list[dict]:
+    """Each folder's held-out perplexity on `samples`, weights on disk and greedy tokens/s (the models loaded as
+    users load them, timed in turns), and whatever `figures_of(model)` adds."""
+    from llmray.model.build import load_for_inference
+
+    models = [load_for_inference(str(f), device) for f in folders]
+    figures = [{**held_out_perplexity(m, samples), "weights_bytes": weights_bytes(f), **(figures_of(m) if figures_of else {})}
+               for m, f in zip(models, folders)]
+    for f, speed in zip(figures, generation_speeds(models, samples)):
+        f.update(speed)
+    return figures
+
+
+# The figures a before/after report compares, in the order printed: (label, key, format).
+FIGURES = (("perplexity", "ppl", lambda v: f"{v:.3f}"),
+           ("parameters", "parameters", lambda v: f"{v / 1e6:.2f}M"),
+           ("non-zero", "nonzero_share", lambda v: f"{100 * v:.1f}%"),
+           ("weights", "weights_bytes", lambda v: f"{v / 1e6:.2f}MB"),
+           ("tokens/s", "tokens_per_s", lambda v: f"{v:.1f}"))
+RATIOS = (("perplexity", "ppl_ratio", 4), ("parameters", "parameter_ratio", 3), ("weights", "size_ratio", 3),
+          ("tokens/s", "speed_ratio", 3))
+
+
+def report_text(report: dict) -> str:
+    """A quantize or prune report as people read it: what was done and where it was measured, a table of the
+    figures every measured model has (before, after, and any model between, in the report's order), the after/before
+    ratios the report holds, and where it is saved."""
+    columns = [(name, report[name]) for name in ("before", "pruned", "after") if name in report]
+    rows = [(label, key, fmt) for label, key, fmt in FIGURES if all(key in figures for _, figures in columns)]
+    held_out = report["held_out"]
+    lines = [f"{report['action']} on {report['device']}, measured on {held_out['samples']} held-out samples "
+             f"({held_out['what']}):",
+             "  " + " " * 12 + "".join(f"{name:>12}" for name, _ in columns)]
+    lines += ["  " + f"{label:<12}" + "".join(f"{fmt(figures[key]):>12}" for _, figures in columns)
+              for label, key, fmt in rows]
+    ratios = [f"{label} x{report[key]:.{digits}f}" for label, key, digits in RATIOS if key in report]
+    notes = [f"tokens/s: greedy, batch 1, {columns[-1][1]['threads']} threads"]
+    if any(key == "nonzero_share" for _, key, _ in rows):
+        notes.append("non-zero: the share of decoder Linear weights")
+    lines += [f"  after/before: {', '.join(ratios)} ({'; '.join(notes)})", f"  report: {report['report']}"]
+    return "\n".join(lines)

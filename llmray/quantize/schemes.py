@@ -1,25 +1,15 @@
-"""The quantization schemes and what training needs of them: the catalogue, torchao's configs, QAT preparation.
+"""Each quantization scheme's torchao configs: the post-training config that quantizes a trained model, and the
+fake-quantizers that simulate it while training (QAT, `qat.py`).
 
-Each scheme maps to one torchao post-training config and to the fake-quantizers that simulate it while training.
 A quantized model is a Hugging Face folder whose config.json carries transformers' `TorchAoConfig`, so
-`AutoModelForCausalLM.from_pretrained` (and `llmray serve`) loads it as it is. The `llmray quantize` command that
-writes such folders is `quantize.py`. torch and torchao are imported on use: the recipe validates scheme names
-from this catalogue without loading them.
+`AutoModelForCausalLM.from_pretrained` (and `llmray serve`) loads it as it is; `folder.py` writes such folders.
+The scheme names are the recipe's (`recipe.schema.SCHEMES`); torch and torchao are imported on use.
 """
 
 from __future__ import annotations
 
 from llmray.errors import LlmrayError
-
-# Which run on CPU is part of each name's contract.
-SCHEMES = {
-    "int8-weight-only": "int8 per-channel weights, activations in full precision (CPU and GPU)",
-    "int8-dynamic": "int8 per-token activations quantized at run time + int8 per-channel weights (CPU and GPU)",
-    "int8-dynamic-int4": "int8 per-token activations + int4 grouped weights, torchao's CPU/edge int4 (CPU and GPU)",
-    "int4-weight-only": "int4 grouped weights, bf16 activations, tinygemm kernel (CUDA GPUs sm80+ only)",
-}
-GPU_ONLY_SCHEMES = ("int4-weight-only",)
-INT4_GROUP_SIZES = (32, 64, 128, 256)
+from llmray.recipe.schema import GPU_ONLY_SCHEMES, SCHEMES
 
 
 class QuantError(LlmrayError):
@@ -27,7 +17,7 @@ class QuantError(LlmrayError):
 
 
 def check_scheme(scheme: str, on_gpu: bool) -> None:
-    """The scheme's name was checked with the settings (QuantConfig); here, whether this machine can run it."""
+    """The scheme's name was checked with the settings (QuantSettings); here, whether this machine can run it."""
     if scheme in GPU_ONLY_SCHEMES and not on_gpu:
         raise QuantError(f"scheme {scheme} needs a CUDA GPU ({SCHEMES[scheme]}); on CPU use int8-dynamic-int4 "
                          "for int4 weights, or int8-weight-only / int8-dynamic")
@@ -85,23 +75,6 @@ def linear_filter(skip: list[str]):
         return isinstance(module, torch.nn.Linear) and should_convert_module(fqn, skip)
 
     return wanted
-
-
-def prepare_qat(model, quant) -> int:
-    """Swap the chosen Linear layers for torchao's FakeQuantizedLinear (same parameters, same state-dict keys, so
-    DeepSpeed partitions and checkpoints them as before). `quant`: the recipe's QuantConfig. Returns how many
-    layers were swapped."""
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
-    act, weight = fake_quant_configs(quant.scheme, quant.group_size)
-    wanted = linear_filter(quant.skip)
-    n = sum(1 for name, m in model.named_modules() if wanted(m, name))
-    if n == 0:
-        raise QuantError(f"quant.skip={quant.skip} leaves no Linear layer to quantize")
-    quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"), filter_fn=wanted)
-    swapped = sum(isinstance(m, FakeQuantizedLinear) for m in model.modules())
-    assert swapped == n, f"QAT prepared {swapped} of {n} layers"
-    return n
 
 
 def torchao_hf_config(quant):

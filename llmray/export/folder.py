@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
-from llmray import lineage, logs, storage
-from llmray.adapters import with_lora
-from llmray.config import recipe_from_dict
-from llmray.data.split import held_out
+from llmray import logs, storage
+from llmray.data.split import HeldOut
 from llmray.errors import LlmrayError
-from llmray.model import build_config
+from llmray.model import lineage
+from llmray.model.build import build_config
+from llmray.model.lora import with_lora
 from llmray.outdir import free_target, staged
-from llmray.quantize import quantize_folder
+from llmray.quantize.folder import quantize_folder
+from llmray.recipe.load import recipe_from_dict
 from llmray.train import checkpoint
 from llmray.train.safe_load import weights_only_loads
 
@@ -121,7 +122,7 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     info = lineage.record_export(
-        held_out(recipe), checkpoint=ckpt, step=state.step, tokens=state.tokens, dtype=dtype,
+        HeldOut.of_recipe(recipe), checkpoint=ckpt, step=state.step, tokens=state.tokens, dtype=dtype,
         parameters=sum(p.numel() for p in model.parameters()), zero_stage=recipe.train.zero_stage,
         world_size=state.world_size, finetune=recipe.finetune.method if recipe.finetune else None,
         adapter_only=adapter, recipe=state.recipe,  # what trained it: `llmray prune --recover-steps` retrains on it

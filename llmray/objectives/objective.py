@@ -1,0 +1,40 @@
+"""What a training step minimises, chosen by the recipe. Every objective takes the engine and one micro-batch's
+model inputs (`train.batch.model_inputs`) and returns the loss to back-propagate and its named parts, which the
+loop averages over the window and reports beside the loss.
+
+- next-token prediction (`NextToken`): pretraining, continued pretraining and supervised fine-tuning, where the
+  labels say which tokens count (all of a text row; the assistant's tokens of a conversation);
+- distillation (`distill.Distillation`): a recipe's `distill:` block.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from llmray.recipe.schema import Recipe
+
+
+class Objective(Protocol):
+    parts: tuple[str, ...]  # the metric names of the loss's reported parts (none: the loss alone)
+
+    def loss(self, engine, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class NextToken:
+    """The model's own next-token loss over the labelled tokens."""
+
+    parts: tuple[str, ...] = ()
+
+    def loss(self, engine, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return engine(**inputs).loss, {}
+
+
+def for_recipe(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Objective:
+    """The recipe's objective, built on this rank (`dtype`: the engine's compute precision, for a teacher)."""
+    if recipe.distill is not None:
+        from llmray.objectives.distill import Distillation
+
+        return Distillation(recipe.distill, device, dtype)
+    return NextToken()
