@@ -27,6 +27,7 @@ from llmray.recipe.load import (
     with_absolute_paths,
 )
 from llmray.recipe.schema import Recipe, RecipeError, Strict
+from llmray.train.zero import deepspeed_config, resolve_precision
 
 
 class SweepError(LlmrayError):
@@ -271,6 +272,7 @@ class SweepSpec(Strict):
             params = dict(zip(keys, values))
             try:
                 recipe = self.trial_recipe(params, CHECK_STORAGE, "check", base=base)
+                deepspeed_config(recipe, resolve_precision(recipe, bf16_supported=True))  # train.deepspeed agrees
             except RecipeError as e:
                 shown = ", ".join(f"{k}={v}" for k, v in params.items())
                 raise SweepError(f"parameters {shown}: {e}") from None

@@ -39,6 +39,7 @@ from llmray.train.metrics import eval_by_task, per_source_val
 from llmray.train.plot import plot_loss
 from llmray.train.wandb_log import wandb_env
 from llmray.train.worker import train_loop_per_worker
+from llmray.train.zero import deepspeed_config, resolve_precision
 
 
 @dataclass
@@ -91,6 +92,7 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     """Everything that can be checked before a worker starts: sources, shards, tokenizer, model shape. Returns the
     training stream's spec (CPUs not yet budgeted), each source's (name, weight, validation samples' spec) when it
     holds documents out, and the vocabulary."""
+    deepspeed_config(recipe, resolve_precision(recipe, bf16_supported=True))  # train.deepspeed agrees with the recipe
     d = recipe.data
     splits = split_sources(d)
     common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -28,8 +29,6 @@ def test_overrides_are_typed_and_nested():
     ("model.num_heads=3", "model.num_heads"),
     ("train.schedule=exp", "train.schedule"),
     ("scaling.num_workers=0", "scaling.num_workers"),
-    ("train.deepspeed={zero_optimization: {stage: 3}}", "train.deepspeed sets zero_optimization.stage=3 but "
-                                                        "train.zero_stage is 2: set the stage with train.zero_stage=3"),
 ])
 def test_bad_key_or_value_names_the_key(override, key):
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
@@ -70,15 +69,40 @@ def test_shipped_recipes_validate():
 def test_deepspeed_config_follows_recipe():
     from llmray.train.zero import deepspeed_config
 
-    r = recipe("train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true",
-               "train.deepspeed={gradient_clipping: 0.5, zero_optimization: {stage3_max_live_parameters: 1000}}")
+    r = recipe("train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true", "train.grad_clip=0.5",
+               "train.deepspeed={gradient_clipping: 0.5, zero_optimization: {stage3_max_live_parameters: 1000, "
+               "reduce_bucket_size: 1000}, activation_checkpointing: {cpu_checkpointing: true}}")
     c = deepspeed_config(r, "fp32")
     assert c["zero_optimization"]["stage"] == 3
     assert c["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert c["zero_optimization"]["stage3_max_live_parameters"] == 1000  # raw JSON merged, not replaced
-    assert c["gradient_clipping"] == 0.5
+    assert c["zero_optimization"]["reduce_bucket_size"] == 1000  # llmray's own defaults may be retuned
+    assert c["activation_checkpointing"] == {"cpu_checkpointing": True}  # and DeepSpeed features added
+    assert c["gradient_clipping"] == 0.5  # a recipe-owned key set to the recipe's own value is accepted
     assert c["train_batch_size"] == c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * 2
     assert "torch_adam" not in c["optimizer"]["params"]  # offload takes DeepSpeed's CPU Adam
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("{zero_optimization: {stage: 3}}", "train.deepspeed sets zero_optimization.stage=3 but train.zero_stage gives 2: "
+                                        "set train.zero_stage instead"),
+    ("{gradient_clipping: 0.5}", "sets gradient_clipping=0.5 but train.grad_clip gives 1.0"),
+    ("{optimizer: {params: {lr: 0.1}}}", "sets optimizer.params.lr=0.1 but train.lr gives 0.0003"),
+    ("{optimizer: {type: Adam}}", "sets optimizer.type='Adam' but llmray's AdamW gives 'AdamW'"),
+    ("{optimizer: {params: {betas: [0.9, 0.999]}}}", "sets optimizer.params.betas=[0.9, 0.999] but train.betas gives"),
+    ("{train_micro_batch_size_per_gpu: 4}", "but train.micro_batch_size gives 8"),
+    ("{gradient_accumulation_steps: 4}", "but train.global_batch_size / (train.micro_batch_size x scaling.num_workers) "
+                                         "gives 1"),
+    ("{bf16: {enabled: true}}", "sets bf16.enabled=True but train.precision gives False"),
+    ("{zero_optimization: {offload_optimizer: {device: cpu}}}", "but train.offload_optimizer gives 'none'"),
+    ("{scheduler: {type: WarmupLR}}", "sets a scheduler, but the learning rate's course is the recipe's"),
+])
+def test_train_deepspeed_cannot_contradict_the_recipe(raw, message):
+    from llmray.train.zero import deepspeed_config
+
+    r = recipe(f"train.deepspeed={raw}")
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        deepspeed_config(r, "fp32")
 
 
 def test_cli_rejects_typo_in_one_line_without_starting_ray():
