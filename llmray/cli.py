@@ -1,7 +1,7 @@
 """`llmray`: shard a corpus, train a tokenizer, pretrain, export, quantize, sweep, serve. Each command says what it
 will do, and bad input gets one line naming the file or key, not a stack trace from inside Ray.
 
-Option defaults are not written here: each is read from the typed recipe (`config.default`) or from the signature
+Option defaults are not written here: each is read from the typed recipe (`recipe.schema.default`) or from the signature
 of the function the command calls, so `--help` shows what the library will do. Only the command being run builds
 its options (and imports what it needs): `llmray --help` stays instant.
 """

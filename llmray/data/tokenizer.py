@@ -82,7 +82,7 @@ PLAIN_FAST_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
 def load_fast(name_or_path: str) -> tuple[Tokenizer, int]:
-    """(the Rust tokenizer, its EOS id), for the stream's tokenize actors. Read straight from tokenizer.json when
+    """(the Rust tokenizer, its EOS id), for the stream's tokenize tasks. Read straight from tokenizer.json when
     that is the whole tokenizer: importing transformers (and torch) costs each actor ~2 s of start-up."""
     folder = Path(name_or_path)
     try:

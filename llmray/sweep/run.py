@@ -149,7 +149,7 @@ def wandb_callback(spec: SweepSpec, sweep_id: str | None, wandb_dir: Path):
 
 def concurrent_trials(spec: SweepSpec, cluster: dict[str, float]) -> int:
     """Trials at once: the sweep file's number, or ("auto") as many whole trials as the cluster holds — by GPUs
-    for a GPU recipe, else by CPUs at one per worker plus one for the trial's tokenize actors."""
+    for a GPU recipe, else by CPUs at one per worker plus one for the trial's tokenize tasks."""
     if spec.llmray.max_concurrent_trials != "auto":
         return spec.llmray.max_concurrent_trials
     s = spec.first_recipe().scaling

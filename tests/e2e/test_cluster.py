@@ -142,7 +142,7 @@ def runtime_env_json(s3_env: dict) -> str:
 
 def tiny_args(corpus, name: str, steps: int) -> list[str]:
     # Two workers x 1.5 CPUs on two 2-CPU nodes: Train's PACK placement cannot put both on one node, and each node
-    # keeps 0.5 CPU for one of the two tokenize actors (data_cpus=1).
+    # keeps 0.5 CPU for one of the two tokenize tasks (data_cpus=1).
     return ["jobs/pretrain_tiny.yaml", f"data.shards={corpus['shards']}", f"data.tokenizer={corpus['tokenizer']}",
             f"run.storage_path=s3://{BUCKET}/runs", f"run.name={name}", "data.seq_len=64", "data.tokenize_tasks=2",
             "model.hidden_size=64", "model.num_layers=2", "train.micro_batch_size=4", "train.global_batch_size=8",

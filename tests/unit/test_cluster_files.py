@@ -218,7 +218,7 @@ def node_classes(path: Path) -> list[dict]:
 
 
 def fits(recipe, node: dict) -> bool:
-    """Ray Train places one bundle {CPU, GPU} per worker; the tokenize actors need data_cpus besides."""
+    """Ray Train places one bundle {CPU, GPU} per worker; the tokenize tasks need data_cpus besides."""
     s = recipe.scaling
     cpu = 1.0 if s.cpus_per_worker == "auto" else float(s.cpus_per_worker)
     gpu = s.gpus_per_worker if s.use_gpu else 0

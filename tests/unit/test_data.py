@@ -120,7 +120,7 @@ def test_tokenizer_trains_and_round_trips(tmp_path, mixed_inputs):
 
 
 def test_stream_tokenizer_loads_without_transformers_and_encodes_the_same(tmp_path, mixed_inputs):
-    """The tokenize actors read tokenizer.json directly (no transformers import: ~2 s of start-up per actor) and
+    """The tokenize tasks read tokenizer.json directly (no transformers import: ~2 s of start-up per worker process) and
     must encode exactly as the transformers tokenizer of the same folder does."""
     import subprocess
     import sys
