@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Pretrain -> fine-tune -> score -> serve, on a laptop CPU. Pretrains the tiny model of jobs/demo.sh (once),
-# fine-tunes it with LoRA (jobs/sft_tiny.yaml) on a generated task whose answers a script checks (the category of
-# a word), prints exact-match accuracy on held-out prompts before and after, then asks the fine-tuned model one
-# question through the OpenAI chat endpoint. Extra arguments are overrides of the fine-tuning recipe.
+# Pretrain -> fine-tune -> score -> serve, on a laptop CPU. Takes the tiny model jobs/demo.sh pretrained (and pretrains
+# it only when jobs/demo.sh has not run here), fine-tunes it with LoRA (jobs/sft_tiny.yaml) on a generated task whose
+# answers a script checks (the category of a word), prints exact-match accuracy on held-out prompts before and after,
+# then asks the fine-tuned model one question through the OpenAI chat endpoint. Extra arguments are overrides of the
+# fine-tuning recipe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 if [ ! -f demo/export/config.json ]; then
-  bash jobs/demo.sh run.name=demo-base
-  llmray export runs/demo-base --out demo/export --overwrite
+  # the model jobs/demo.sh pretrained, when it has run here (its newest run with a checkpoint); else pretrain it now
+  BASE=$(ls -dt runs/demo-*/checkpoint_* 2>/dev/null | head -n 1 | xargs -r dirname)
+  if [ -z "$BASE" ]; then
+    bash jobs/demo.sh run.name=demo-base
+    BASE=runs/demo-base
+  fi
+  llmray export "$BASE" --out demo/export --overwrite
 fi
 python jobs/chat_task.py demo/chat
 echo "== before fine-tuning: held-out prompts (tasks/word_category.yaml)"
