@@ -55,7 +55,7 @@ def main() -> None:
 
     from llmray.data.pack import StreamSpec, first_rows
     from llmray.data.split import HeldOut
-    from llmray.evals.measure import perplexity
+    from llmray.evals.perplexity import held_out_perplexity
     from llmray.recipe.schema import default
 
     shards, tok = topic_corpus()
@@ -75,8 +75,8 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         figures[f"trained_{name}"] = {
             "wall_s": round(wall, 1),
-            "ppl_read_packed": perplexity(model, rows["input_ids"])["ppl"],
-            "ppl_read_per_document": perplexity(model, rows["input_ids"], positions=rows["position_ids"])["ppl"],
+            "ppl_read_packed": held_out_perplexity(model, rows["input_ids"])["ppl"],
+            "ppl_read_per_document": held_out_perplexity(model, rows["input_ids"], positions=rows["position_ids"])["ppl"],
         }
         print(f"[document_masking] trained {name}: {figures[f'trained_{name}']}", flush=True)
     for read in ("ppl_read_packed", "ppl_read_per_document"):

@@ -3,8 +3,8 @@ windows from the whole corpus, same model, optimizer, schedule, clipping and tok
 
 The corpus is built to punish a stream that reads shards one after another: each shard holds one topic (one
 standard-library package), and 10% of the documents (by hash) are held out. Both models are scored by the same
-function on the same held-out samples (`eval.perplexity`). `--code PATH` trains with another llmray checkout (for
-a before/after figure); the plain loop and the scoring always use this one.
+function on the same held-out samples (`evals.perplexity.held_out_perplexity`). `--code PATH` trains with another
+llmray checkout (for a before/after figure); the plain loop and the scoring always use this one.
 
     python benchmarks/mixing_quality.py                 # ~6 min on 2 CPUs
     python benchmarks/mixing_quality.py --code /path/to/old/llmray --tag before
@@ -140,7 +140,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from llmray.data.split import HeldOut
-    from llmray.evals.measure import held_out_samples, perplexity
+    from llmray.evals.measure import held_out_samples
+    from llmray.evals.perplexity import held_out_perplexity
     from llmray.recipe.load import load_recipe
 
     shards, tok = topic_corpus()
@@ -150,14 +151,14 @@ def main() -> None:
     figures = {"corpus": {"topics": len(list(Path(shards).glob("*.parquet"))), "held_out": "10% of documents",
                           "eval_samples": len(samples)},
                "steps": args.steps, "tokens": args.steps * 32 * 128,
-               f"llmray_{args.tag}": {**perplexity(AutoModelForCausalLM.from_pretrained(folder), samples),
+               f"llmray_{args.tag}": {**held_out_perplexity(AutoModelForCausalLM.from_pretrained(folder), samples),
                                       "wall_s": wall, "code": args.code}}
     if not args.skip_plain:
         recipe = load_recipe("jobs/pretrain_tiny.yaml", [f"data.shards={shards}", f"data.tokenizer={tok}",
                                                           f"train.max_steps={args.steps}", *OVERRIDES])
         started = time.perf_counter()
         plain = plain_loop(recipe, corpus_tokens(shards, tok, "train"), args.steps, recipe.run.seed)
-        figures["plain_random_windows"] = {**perplexity(plain, samples), "wall_s": time.perf_counter() - started}
+        figures["plain_random_windows"] = {**held_out_perplexity(plain, samples), "wall_s": time.perf_counter() - started}
         figures["ppl_ratio"] = figures[f"llmray_{args.tag}"]["ppl"] / figures["plain_random_windows"]["ppl"]
     emit(f"mixing_quality_{args.tag}", figures)
     print(f"held-out perplexity: llmray ({args.tag}) {figures[f'llmray_{args.tag}']['ppl']:.1f}"

@@ -27,7 +27,6 @@ QUANT_SIZE_RATIO = "quant_size_ratio"
 QUANT_TOKENS_PER_S = "quant_tokens_per_s"
 
 
-
 EVAL_S = "eval_s"  # seconds the training ranks spent on a recipe's eval tasks at this report
 EVAL_PREFIX = "eval/"
 

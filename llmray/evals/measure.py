@@ -76,7 +76,6 @@ def weights_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
-
 def side_by_side(folders: list[str], samples: np.ndarray, device: torch.device, figures_of=None) -> list[dict]:
     """Each folder's held-out perplexity on `samples`, weights on disk and greedy tokens/s (the models loaded as
     users load them, timed in turns), and whatever `figures_of(model)` adds."""

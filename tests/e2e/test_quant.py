@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from llmray.cli import main
 from llmray.data.split import HeldOut
-from llmray.evals.measure import held_out_samples, perplexity
+from llmray.evals.measure import held_out_samples
+from llmray.evals.perplexity import held_out_perplexity
 from llmray.train.trainer import fit
 
 pytestmark = pytest.mark.ray
@@ -51,7 +52,7 @@ def check_folder(folder, report):
     assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ != "Parameter"  # a torchao tensor
     held = HeldOut(**json.loads((folder / "llmray_export.json").read_text())["held_out"])
     samples = held_out_samples(held, str(folder), report["held_out"]["samples"])
-    assert perplexity(model, samples)["ppl"] == pytest.approx(report["after"]["ppl"], rel=1e-5)
+    assert held_out_perplexity(model, samples)["ppl"] == pytest.approx(report["after"]["ppl"], rel=1e-5)
     assert not list(folder.parent.glob(f".{folder.name}*"))  # no partial folder left behind
 
 
