@@ -93,7 +93,8 @@ def test_a_runs_log_is_its_progress_lines_once_each(corpus, ray_cluster, tmp_pat
         assert sum(f"[llmray] step {step}/4 |" in line for line in log.splitlines()) == 1, log[-3000:]
     assert "trained    4 steps" in out.stdout
     for noise in ("Reporting training result", "Progress bars disabled", "Starting execution of Dataset",
-                  "is not writable", "Detected no triton", "built successfully", "Setting up process group"):
+                  "is not writable", "Detected no triton", "built successfully", "Setting up process group",
+                  "constructor arguments in the object store"):  # Ray's error line for a restartable actor's args
         assert noise not in log, noise
 
 
