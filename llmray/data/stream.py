@@ -97,7 +97,8 @@ def build_dataset(spec: StreamSpec, items: list[dict]) -> "ray.data.Dataset":
     Ray warns of for every restartable actor.)"""
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(pack_run, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy",
-                        concurrency=min(spec.tasks, len(items)), num_cpus=spec.cpus_per_task,
+                        compute=ray.data.TaskPoolStrategy(size=min(spec.tasks, len(items))),
+                        num_cpus=spec.cpus_per_task,
                         runtime_env={"env_vars": tokenize_env(spec)})
     ds.context.execution_options.preserve_order = True
     return ds
