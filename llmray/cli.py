@@ -139,6 +139,10 @@ def _export_options(p: argparse.ArgumentParser) -> None:
                    help="for a run with quant.method qat/ptq: write the unquantized weights instead")
     p.add_argument("--adapter", action="store_true",
                    help="for a LoRA fine-tune: write the PEFT adapter folder instead of merged weights")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
+                   help="then publish the folder as this Hub model repository (created if needed; HF_TOKEN), with "
+                        "a model card from its lineage: what trained it, on what, the recipe, its figures")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
 
 
 def _export(args) -> None:
@@ -152,6 +156,10 @@ def _export(args) -> None:
           f"{info['out']}: {', '.join(info['files'])}")
     if "quant_report" in info:
         print(report_text(info["quant_report"]))
+    if args.push_to_hub:
+        from llmray.export.publish import push
+
+        print(f"published to {args.push_to_hub}: {push(info['out'], args.push_to_hub, args.private)}")
 
 
 def _eval_options(p: argparse.ArgumentParser) -> None:

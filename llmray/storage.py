@@ -1,4 +1,5 @@
-"""One way to reach files, local or in object storage (s3://, gs://), through pyarrow's filesystems.
+"""One way to reach files, local, in object storage (s3://, gs://) or in a Hub dataset (hf://datasets/...), through
+pyarrow's filesystems; and a model folder named any of these ways (or by Hub id) as a local folder.
 
 A folder published to object storage carries the marker object UPLOADING while it is being written: a reader
 (`download`) refuses a folder that still has it, so an interrupted upload never passes for a finished one.
@@ -6,15 +7,20 @@ A folder published to object storage carries the marker object UPLOADING while i
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from llmray import hub
 from llmray.errors import LlmrayError
 
 UPLOADING = ".llmray-uploading"
+CACHE_ENV = "LLMRAY_CACHE"  # where object-storage model folders are copied on each node (default ~/.cache/llmray)
+MIRRORS_ENV = "LLMRAY_HUB_MIRRORS"  # {pinned Hub id: its copy in the run's shared storage}, set for a run's workers
 
 
 class StorageError(LlmrayError):
@@ -28,6 +34,8 @@ def is_uri(path: str) -> bool:
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """A filesystem and the path inside it; local paths are made absolute."""
     path = str(path)
+    if hub.is_hub_uri(path):
+        return hub.dataset_filesystem(path)
     if is_uri(path):
         fs, inner = pafs.FileSystem.from_uri(path)
         if isinstance(fs, pafs.S3FileSystem):
@@ -105,3 +113,54 @@ def publish(local: str, uri: str) -> None:
             fs.delete_file(info.path)
     upload(local, uri)
     fs.delete_file(marker)
+
+
+def local_folder(name: str, what: str, patterns: list[str] | None = None) -> str:
+    """A model or tokenizer named by a local folder, an object-storage folder or a Hub id (`org/name[@rev]`), as a
+    local folder: downloaded once per node. `what` names the setting in errors ("model.pretrained"); `patterns`
+    limits a Hub download to the files that match (e.g. hub.TOKENIZER_FILES)."""
+    name = str(name)
+    name = json.loads(os.environ.get(MIRRORS_ENV) or "{}").get(name, name)
+    if is_uri(name):
+        return copied(name)
+    if hub.is_hub_id(name):
+        return hub.snapshot(name, what, patterns=patterns)
+    return name
+
+
+def copied(uri: str) -> str:
+    """An object-storage folder copied into llmray's cache on this node, once per version of its files (a folder
+    rewritten in place gets a fresh copy); the node's other processes wait for the first one's copy."""
+    from filelock import FileLock
+
+    fs, path = resolve(uri)
+    if not exists(fs, path):
+        raise StorageError(f"{uri} does not exist")
+    files = [(f.path, f.size, f.mtime_ns) for f in list_files(fs, path)]
+    if not files:
+        raise StorageError(f"{uri} holds no files")
+    version = hashlib.sha256(repr((uri, files)).encode()).hexdigest()[:16]
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llmray", "folders")
+    target = root / f"{uri.split('://', 1)[1].strip('/').replace('/', '--')}-{version}"
+    done = target / ".complete"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not done.is_file():
+            download(uri, str(target))
+            done.touch()
+    return str(target)
+
+
+def mirror_hub_models(names: list[str], root: str) -> dict[str, str]:
+    """Each pinned Hub model (`org/name@<sha>`) published once into `root` (storage every node reaches: object
+    storage, or the shared file system a multi-node run keeps its checkpoints on), so the workers read it there
+    instead of each node downloading it from the Hub; {name: its folder}, what MIRRORS_ENV carries to them."""
+    out = {}
+    for name in names:
+        repo, sha = hub.split_id(name)
+        uri = join(root, "hub", "models--" + repo.replace("/", "--"), sha)
+        fs, path = resolve(uri)
+        if not exists(fs, join(path, "config.json")) or exists(fs, join(path, UPLOADING)):
+            publish(hub.snapshot(name, "model"), uri)
+        out[name] = uri
+    return out

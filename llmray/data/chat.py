@@ -1,6 +1,7 @@
-"""Conversations for fine-tuning: OpenAI `messages`, Alpaca and ShareGPT JSONL in, one form out (a list of
-{role, content} with roles system/user/assistant), written as Parquet shards the stream reads like any corpus (a
-conversation per row, as JSON in the `text` column; its doc_id `file:line` decides whether it is held out).
+"""Conversations for fine-tuning: OpenAI `messages`, Alpaca and ShareGPT records (JSONL or Parquet, local, in object
+storage or a Hub dataset) in, one form out (a list of {role, content} with roles system/user/assistant), written as
+Parquet shards the stream reads like any corpus (a conversation per row, as JSON in the `text` column; its doc_id,
+`file:line` or `file#row` with the file's path inside its input, decides whether it is held out).
 
 Every line is checked (and rendered with the chat template) while the shards are written; a bad one is skipped,
 counted and reported by file, line and field. The shards are written into a folder of the run (`data.shards`),
@@ -10,8 +11,13 @@ never next to the inputs.
 from __future__ import annotations
 
 import json
+import posixpath
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from llmray import storage
 from llmray.data.corpus import CorpusError, list_shards
@@ -24,7 +30,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "model": "assistant"}
 SHARD_BYTES = 16 << 20
 INPUTS_RECORD = "_conversations.json"  # which input files (and sizes) and format the shards were made from
-FILE_SUFFIXES = (".jsonl", ".json")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class ChatDataError(LlmrayError):
@@ -85,52 +91,63 @@ def normalize(obj, fmt: str) -> list[dict]:
     return messages
 
 
-def conversation_files(paths: list[str]) -> list[tuple[str, int]]:
-    """(path, size) of each input file: a file as given, a folder's *.jsonl / *.json files, in name order."""
+def conversation_files(paths: list[str], split: str | None = None) -> list[tuple[str, str, int]]:
+    """(path, name, size) of each input file: a file as given, a folder's *.jsonl / *.json / *.parquet files in name
+    order (with `split`, only that split's: `in_split`). `name` is the file's path within its input (a file's own
+    name), what doc ids are made of, so a dataset read from another place (a copy, the Hub) holds out the same."""
     out = []
     for path in paths:
         fs, p = storage.resolve(path)
         info = fs.get_file_info(p)
         if info.type.name == "File":
-            out.append((path, info.size))
+            out.append((path, posixpath.basename(path.rstrip("/")), info.size))
             continue
         if info.type.name != "Directory":
             raise ChatDataError(f"data.conversations: {path} does not exist")
-        found = sorted((f for f in storage.list_files(fs, p) if f.base_name.endswith(FILE_SUFFIXES)),
-                       key=lambda f: f.path)
+        root = p.rstrip("/") + "/"
+        found = sorted(((f.path[len(root):], f) for f in storage.list_files(fs, p)
+                        if f.base_name.endswith(FILE_SUFFIXES)), key=lambda nf: nf[0])
+        if split is not None:
+            found = [(n, f) for n, f in found if in_split(n, split)]
         if not found:
-            raise ChatDataError(f"data.conversations: {path} holds no {' or '.join(FILE_SUFFIXES)} files")
-        base = path.rstrip("/")
-        out += [(storage.join(base, f.path[len(p.rstrip('/')) + 1:]), f.size) for f in found]
+            raise ChatDataError(f"data.conversations: {path} holds no {' or '.join(FILE_SUFFIXES)} files"
+                                + (f" of split {split!r} (data.split)" if split is not None else ""))
+        out += [(storage.join(path.rstrip("/"), name), name, f.size) for name, f in found]
     return out
 
 
-def read_conversations(path: str, fmt: str = "auto") -> Iterator[tuple[str, list[dict] | None, str | None]]:
-    """(doc_id `path:line`, messages, None) for each good non-empty line of one JSONL file, and (doc_id, None, why)
-    for each bad one. A file that is not UTF-8 or holds no line raises ChatDataError."""
-    fs, p = storage.resolve(path)
-    with fs.open_input_stream(p) as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ChatDataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+def in_split(name: str, split: str) -> bool:
+    """Whether the file at `name` (a path inside a dataset folder) belongs to `split`, as the Hub names split files:
+    a folder of that name (`train/...`), or a file name starting with it (`train-00000-of-00002.parquet`,
+    `data/test.jsonl`)."""
+    *folders, file = name.split("/")
+    return split in folders or re.match(rf"{re.escape(split)}(?:[-._ ]|\d|$)", file) is not None
+
+
+def read_conversations(path: str, fmt: str = "auto", name: str | None = None, columns: dict[str, str] | None = None
+                       ) -> Iterator[tuple[str, list[dict] | None, str | None]]:
+    """(doc_id, messages, None) for each good record of one JSONL or Parquet file, and (doc_id, None, why) for each
+    bad one; a doc_id is `name:line` (JSONL) or `name#row` (Parquet), `name` defaulting to `path`. `columns` maps
+    a format's field to the dataset's (`{"messages": "conversation"}`). A file that is not UTF-8 or holds no record
+    raises ChatDataError."""
+    name = path if name is None else name
+    rename = {theirs: ours for ours, theirs in (columns or {}).items()}
     file_format = None if fmt == "auto" else fmt
     seen = False
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for where, obj, problem in _records(path, name):
+        seen = True
+        if problem is not None:
+            yield where, None, problem
             continue
-        seen, where = True, f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield where, None, f"not valid JSON ({e.msg}, column {e.colno})"
-            continue
+        if rename and isinstance(obj, dict):
+            obj = {rename.get(k, k): v for k, v in obj.items()}
         if file_format is None:  # the first object that shows one decides the file's format
             file_format = detect_format(obj) if isinstance(obj, dict) else None
             if file_format is None:
+                fields = f" (fields: {', '.join(map(str, obj))})" if isinstance(obj, dict) else ""
                 yield where, None, ("not a known conversation format: expected a 'messages' list (OpenAI), a "
-                                    "'conversations' list (ShareGPT) or 'instruction' (Alpaca); set data.format")
+                                    "'conversations' list (ShareGPT) or 'instruction' (Alpaca)" + fields
+                                    + "; set data.format, or data.columns to map fields")
                 continue
         try:
             yield where, normalize(obj, file_format), None
@@ -138,6 +155,35 @@ def read_conversations(path: str, fmt: str = "auto") -> Iterator[tuple[str, list
             yield where, None, f"{e} ({file_format} format)"
     if not seen:
         raise ChatDataError(f"{path}: empty file: no conversations")
+
+
+def _records(path: str, name: str) -> Iterator[tuple[str, object, str | None]]:
+    """(doc_id, object, None) of each record of a JSONL or Parquet file, (doc_id, None, why) of an unreadable one."""
+    fs, p = storage.resolve(path)
+    if path.endswith(".parquet"):
+        try:
+            pf = pq.ParquetFile(fs.open_input_file(p))
+            row = 0
+            for batch in pf.iter_batches(batch_size=1024):
+                for obj in batch.to_pylist():
+                    yield f"{name}#{row}", obj, None
+                    row += 1
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ChatDataError(f"{path}: not a readable Parquet file ({e})") from None
+        return
+    with fs.open_input_stream(p) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ChatDataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{name}:{lineno}", json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield f"{name}:{lineno}", None, f"not valid JSON ({e.msg}, column {e.colno})"
 
 
 @dataclass
@@ -168,7 +214,8 @@ class Conversion:
 SHOWN_SKIPPED = 10
 
 
-def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: int, fmt: str = "auto") -> Conversion:
+def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: int, fmt: str = "auto",
+                        split: str | None = None, columns: dict[str, str] | None = None) -> Conversion:
     """Write the conversations of `inputs` as shards into `out`, unless `out` already holds those of the same input
     files (same sizes), format, template and `seq_len`. Each conversation is encoded here as the stream will encode
     it (`encode_chat`), so a line the template refuses (a role it does not know, a rendering whose assistant turns
@@ -176,8 +223,8 @@ def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: i
     from llmray.data.template import encode_chat
 
     paths = [inputs] if isinstance(inputs, str) else list(inputs)
-    files = conversation_files(paths)
-    record = {"inputs": [list(f) for f in files], "format": fmt, "seq_len": seq_len,
+    files = conversation_files(paths, split)
+    record = {"inputs": [list(f) for f in files], "format": fmt, "columns": columns or {}, "seq_len": seq_len,
               "template": chat_template(tokenizer)}
     fs, out_path = storage.resolve(out)
     record_path = storage.join(out_path, INPUTS_RECORD)
@@ -197,16 +244,16 @@ def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: i
     report = ShardReport()
     longer = 0
     with ShardWriter(fs, out_path, SHARD_BYTES, report) as writer:
-        for path, _ in files:
+        for path, name, _ in files:
             report.files_read += 1
-            for doc_id, messages, problem in read_conversations(path, fmt):
+            for doc_id, messages, problem in read_conversations(path, fmt, name, columns):
                 if messages is not None:
                     try:
                         ids, _ = encode_chat(tokenizer, messages)
                     except Exception as e:  # jinja's TemplateError, what the template raises, or ours
                         problem = f"the chat template refused it: {e}"
-                if problem is not None:
-                    report.problems.append(f"{doc_id}: {problem}")
+                if problem is not None:  # named by the file's full path, which the user can open
+                    report.problems.append(f"{path}{doc_id[len(name):]}: {problem}")
                     continue
                 longer += len(ids) > seq_len
                 writer.add(json.dumps(messages, ensure_ascii=False), doc_id, path)

@@ -59,8 +59,9 @@ def list_shards(location: str, text_column: str = "text") -> list[Shard]:
 
 
 def _uri(location: str, resolved: str, found: str) -> str:
-    """Keep the scheme of the user's location so workers on any node resolve the same file."""
-    if storage.is_uri(location):
-        scheme = location.split("://", 1)[0]
-        return f"{scheme}://{found}"
-    return found
+    """A found file named under the user's location (its scheme kept), so workers on any node resolve the same file
+    (a Hub dataset read from this node's cache, offline, is named by its hf:// path, not the cache's)."""
+    if not storage.is_uri(location):
+        return found
+    inside = found[len(resolved.rstrip("/")):].lstrip("/")
+    return storage.join(location.rstrip("/"), inside) if inside else location

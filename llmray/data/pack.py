@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from llmray import storage
+from llmray import hub, storage
 from llmray.data.plan import Source, block_pieces, block_row_order, plan_sources
 from llmray.data.split import Documents
 from llmray.data.template import IGNORE_INDEX
@@ -106,7 +106,7 @@ class Packer:
         texts = table.column("text").to_pylist()
         if docs.part != "all":
             ids = table.column("doc_id").to_pylist() if "doc_id" in columns else \
-                [f"{path}#{start + i}" for i in range(len(texts))]
+                [docs.row_id(path, start + i) for i in range(len(texts))]
             texts = [t for t, d in zip(texts, ids) if docs.wants(d)]
         return [t for t in texts if t]
 
@@ -162,8 +162,10 @@ def pack_run(item: dict, spec: StreamSpec) -> dict[str, np.ndarray]:
 
 def tokenize_env(spec: StreamSpec) -> dict[str, str]:
     """A tokenize worker's environment: the tokenizer's thread pool gets the CPUs its task was budgeted, no more (it
-    would steal from training). Set when the process starts, before the tokenizer starts its pool."""
-    return {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(max(1, int(spec.cpus_per_task)))}
+    would steal from training). Set when the process starts, before the tokenizer starts its pool. With the Hub
+    settings of the process that starts them (the coordinator, started with the driver's), for hf:// shards and a
+    tokenizer named by its Hub id."""
+    return {**hub.env(), "TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(max(1, int(spec.cpus_per_task)))}
 
 
 def document_positions(doc_lengths: list[int], seq_len: int, n_rows: int) -> np.ndarray:

@@ -7,6 +7,7 @@ the training stream, the validation samples, an export's lineage and `llmray qua
 
 from __future__ import annotations
 
+import posixpath
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +32,12 @@ class Documents:
 
     def wants(self, doc_id: str) -> bool:
         return self.part == "all" or is_val_doc(doc_id, self.val_fraction) == (self.part == "val")
+
+    def row_id(self, path: str, row: int) -> str:
+        """The doc_id of row `row` of a shard without a doc_id column: the file's path inside `location`, and the
+        row. Where the files are kept (a copy, the Hub, a cache) does not move a document in or out of the split."""
+        inside = path[len(self.location.rstrip("/")):].lstrip("/") if path.startswith(self.location) else ""
+        return f"{inside or posixpath.basename(path)}#{row}"
 
 
 @dataclass(frozen=True)

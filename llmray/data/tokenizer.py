@@ -1,4 +1,5 @@
-"""Tokenizers: train a byte-level BPE on shards (`llmray tokenizer train`), or load any local HF tokenizer."""
+"""Tokenizers: train a byte-level BPE on shards (`llmray tokenizer train`), or load any HF tokenizer (a local or
+s3:// folder, or a Hub id)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llmray import storage
+from llmray import hub, storage
 from llmray.data.corpus import list_shards
 from llmray.data.template import CHAT_TOKENS, CHATML
 from llmray.errors import LlmrayError
@@ -62,13 +63,15 @@ def train_tokenizer(shards: str, vocab_size: int, out: str, max_docs: int | None
 
 
 def load_tokenizer(name_or_path: str):
-    """A local folder (or a name already in the HF cache); the error names the path when it is not there."""
-    if not Path(name_or_path).exists() and ("/" in name_or_path and name_or_path.startswith((".", "/", "~"))):
+    """A tokenizer from a local or s3:// folder or a Hub id (its tokenizer files, downloaded once per node); the
+    error names the path when it is not there."""
+    if not Path(name_or_path).exists() and name_or_path.startswith((".", "/", "~")):
         raise TokenizerError(f"tokenizer {name_or_path} does not exist")
     from transformers import AutoTokenizer
 
+    folder = storage.local_folder(name_or_path, "data.tokenizer", hub.TOKENIZER_FILES)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise TokenizerError(f"tokenizer {name_or_path} could not be loaded: {str(e).splitlines()[0]}") from None
     if tok.eos_token_id is None:
@@ -84,7 +87,7 @@ PLAIN_FAST_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 def load_fast(name_or_path: str) -> tuple[Tokenizer, int]:
     """(the Rust tokenizer, its EOS id), for the stream's tokenize tasks. Read straight from tokenizer.json when
     that is the whole tokenizer: importing transformers (and torch) costs each actor ~2 s of start-up."""
-    folder = Path(name_or_path)
+    folder = Path(storage.local_folder(name_or_path, "data.tokenizer", hub.TOKENIZER_FILES))
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text())
         eos = config.get("eos_token")

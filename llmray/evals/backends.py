@@ -4,8 +4,6 @@ text. Chat prompts are a user message rendered with the model's chat template.""
 
 from __future__ import annotations
 
-import tempfile
-
 import torch
 
 from llmray import storage
@@ -29,13 +27,12 @@ class LocalModel:
 
     @classmethod
     def from_folder(cls, folder: str, device: str | None = None) -> "LocalModel":
-        """An exported folder (local or s3://), on the GPU when there is one."""
+        """A model folder (local or s3://) or Hub id, on the GPU when there is one."""
         from transformers import AutoTokenizer
 
         from llmray.model.build import inference_device, load_for_inference
 
-        if storage.is_uri(folder):
-            folder = storage.download(folder, tempfile.mkdtemp(prefix="llmray-eval-"))
+        folder = storage.local_folder(folder, "the evaluated model")
         dev = inference_device(device)
         return cls(load_for_inference(folder, dev), AutoTokenizer.from_pretrained(folder), dev)
 

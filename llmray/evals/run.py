@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ray
 
-from llmray import storage
+from llmray import hub, storage
 from llmray.errors import LlmrayError
 from llmray.evals.score import answer, score
 from llmray.evals.tasks import Example, TaskError, TaskSpec, load_task
@@ -29,7 +29,7 @@ class EvalWorker:
 
 def evaluate(target: str, task_files: list[str], workers: int = 1, model: str | None = None,
              api_key: str | None = None, out: str | None = "eval_results.json") -> dict:
-    """Score `target` (an exported folder, local or s3://, or an OpenAI-compatible URL) on each task file; returns
+    """Score `target` (a model folder, local or s3://, a Hub id, or an OpenAI-compatible URL) on each task file; returns
     {"target", "tasks": {name: {metric: value}}, "answers": {name: [...]}}, also written to `out`."""
     from llmray import logs
     from llmray.cluster import ensure_ray
@@ -39,13 +39,16 @@ def evaluate(target: str, task_files: list[str], workers: int = 1, model: str | 
     if len(set(names)) < len(names):
         raise TaskError(f"task names must be unique; got {', '.join(names)}")
     url = target.startswith(("http://", "https://"))
-    if not url and not storage.is_uri(target) and not Path(target, "config.json").is_file():
-        raise TaskError(f"{target} is neither a model folder (no config.json; export one with `llmray export`) "
-                        "nor an http(s) URL")
+    if not url:
+        target = hub.pinned(target, "llmray eval")  # every actor loads the same commit of a Hub model
+    if not url and not storage.is_uri(target) and not hub.is_hub_id(target) and not Path(target, "config.json").is_file():
+        raise TaskError(f"{target} is neither a model folder (no config.json; export one with `llmray export`), a "
+                        "Hub model id (org/name) nor an http(s) URL")
     ensure_ray()
     logs.quiet_here()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= workers and not url else 0
-    pool = [EvalWorker.options(num_gpus=gpus, num_cpus=0 if gpus else 1).remote(target, model, api_key)
+    pool = [EvalWorker.options(num_gpus=gpus, num_cpus=0 if gpus else 1, runtime_env={"env_vars": hub.env()})
+            .remote(target, model, api_key)
             for _ in range(workers)]
     results: dict = {"target": target, "tasks": {}, "answers": {}}
     for task in tasks:

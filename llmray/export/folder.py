@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from llmray import logs, storage
+from llmray import hub, logs, storage
 from llmray.data.split import HeldOut
 from llmray.errors import LlmrayError
 from llmray.model import lineage
-from llmray.model.build import build_config
+from llmray.model.build import build_config, pretrained_folder
 from llmray.model.lora import with_lora
 from llmray.outdir import free_target, staged
 from llmray.quantize.folder import quantize_folder
@@ -58,11 +58,21 @@ def full_precision_base(recipe, ckpt: str):
     full-precision weights, as QLoRA exports do."""
     from transformers import AutoModelForCausalLM
 
-    base = recipe.model.pretrained
+    base = storage.local_folder(recipe.model.pretrained, "model.pretrained")  # a Hub id: the commit it trained on
     if not Path(base, "config.json").is_file():
-        raise ExportError(f"checkpoint {ckpt} trained QLoRA adapters over model.pretrained {base}, whose "
-                          "full-precision weights the export merges them into; that folder is not there")
+        raise ExportError(f"checkpoint {ckpt} trained QLoRA adapters over model.pretrained {recipe.model.pretrained}, "
+                          "whose full-precision weights the export merges them into; that folder is not there")
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+
+
+def _pretrained_lineage(name: str | None) -> dict | None:
+    """The lineage of the model a run started from, when it has one (and is still there)."""
+    if name is None:
+        return None
+    try:
+        return lineage.read(pretrained_folder(name, config_only=True))
+    except LlmrayError:
+        return {}
 
 
 def load_adapters(model, weights: dict[str, torch.Tensor], ckpt: str) -> None:
@@ -114,8 +124,11 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
         if lora:  # the engine trained the peft-wrapped model: its state dict loads into the same wrapping
             model = with_lora(model, recipe.finetune.lora)
         model.load_state_dict(weights, strict=True)
-    if lora:
-        model.peft_config["default"].base_model_name_or_path = recipe.model.pretrained
+    if lora:  # what PeftModel.from_pretrained loads the adapter onto: a folder, or a Hub id and its commit
+        base = recipe.model.pretrained
+        if hub.is_hub_id(base):
+            base, model.peft_config["default"].revision = hub.split_id(base)
+        model.peft_config["default"].base_model_name_or_path = base
     if lora and not adapter:
         model = model.merge_and_unload()
     model.to(DTYPES[dtype]).eval()
@@ -125,8 +138,9 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
         HeldOut.of_recipe(recipe), checkpoint=ckpt, step=state.step, tokens=state.tokens, dtype=dtype,
         parameters=sum(p.numel() for p in model.parameters()), zero_stage=recipe.train.zero_stage,
         world_size=state.world_size, finetune=recipe.finetune.method if recipe.finetune else None,
-        adapter_only=adapter, recipe=state.recipe,  # what trained it: `llmray prune --recover-steps` retrains on it
-        pretrained_lineage=lineage.read(recipe.model.pretrained) if recipe.model.pretrained else None)
+        adapter_only=adapter, figures=lineage.figures(state.history),
+        recipe=state.recipe,  # what trained it: `llmray prune --recover-steps` retrains on it
+        pretrained_lineage=_pretrained_lineage(recipe.model.pretrained))
 
     def write(folder: Path) -> list[str]:
         if adapter:  # adapter_config.json and adapter_model.safetensors, naming the base folder

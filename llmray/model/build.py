@@ -1,5 +1,5 @@
-"""The model: any `transformers` causal-LM config built from scratch (Llama-style by default), or a local HF
-folder for continued pretraining; and a folder loaded for inference."""
+"""The model: any `transformers` causal-LM config built from scratch (Llama-style by default), or a Hugging Face
+model (a local or s3:// folder, or a Hub id) to continue training; and a folder loaded for inference."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from llmray import hub, storage
 from llmray.errors import LlmrayError
 from llmray.recipe.schema import ModelSettings
 
@@ -16,12 +17,20 @@ class ModelError(LlmrayError):
     pass
 
 
+def pretrained_folder(name: str, config_only: bool = False) -> str:
+    """model.pretrained as a local folder on this node (downloaded once per node); `config_only`: its config and
+    tokenizer files, not its weights (what the driver needs)."""
+    folder = storage.local_folder(name, "model.pretrained", hub.TOKENIZER_FILES if config_only else None)
+    if not Path(folder).is_dir():
+        raise ModelError(f"model.pretrained: folder {name} does not exist")
+    return folder
+
+
 def build_config(cfg: ModelSettings, vocab_size: int) -> PretrainedConfig:
     if cfg.pretrained is not None:
-        if not Path(cfg.pretrained).is_dir():
-            raise ModelError(f"model.pretrained: folder {cfg.pretrained} does not exist")
+        folder = pretrained_folder(cfg.pretrained, config_only=True)
         try:
-            return AutoConfig.from_pretrained(cfg.pretrained)
+            return AutoConfig.from_pretrained(folder)
         except (OSError, ValueError) as e:
             raise ModelError(f"model.pretrained: {cfg.pretrained} is not a Hugging Face model folder "
                              f"({str(e).splitlines()[0]})") from None
@@ -50,7 +59,7 @@ def build_model(cfg: ModelSettings, vocab_size: int, dtype: torch.dtype = torch.
     if cfg.pretrained is not None:
         quantized = {} if quantization_config is None else {"quantization_config": quantization_config,
                                                              "device_map": {"": device}}
-        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype, **quantized)
+        model = AutoModelForCausalLM.from_pretrained(pretrained_folder(cfg.pretrained), dtype=dtype, **quantized)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings, "
                              f"fewer than the tokenizer's {vocab_size} tokens")

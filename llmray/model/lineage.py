@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from llmray import metric_names as M
 from llmray.data.split import HeldOut
 
 EXPORT_INFO = "llmray_export.json"
@@ -25,6 +26,17 @@ def write(folder: str | Path, info: dict) -> None:
 def record_export(held_out: HeldOut | None, **facts) -> dict:
     """The lineage of a fresh export: `facts` (checkpoint, step, ...) and the run's held-out set."""
     return {**facts, "held_out": asdict(held_out) if held_out is not None else {}}
+
+
+def figures(history: list[dict]) -> dict:
+    """What a run measured, as of its checkpoint: the latest training loss, validation loss and perplexity, and
+    each eval task's figures, each with the step it was measured at."""
+    out = {}
+    for entry in history:
+        for key, value in entry.items():
+            if key in (M.LOSS, M.VAL_LOSS, M.VAL_PPL) or key.startswith(M.EVAL_PREFIX):
+                out[key] = {"value": value, "step": entry.get(M.STEP)}
+    return out
 
 
 def carry(src: str | Path, dest: str | Path, step: str, facts: dict) -> None:

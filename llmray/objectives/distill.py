@@ -4,13 +4,11 @@ built), and the loss that mixes its soft targets with the student's LM loss."""
 
 from __future__ import annotations
 
-import tempfile
-
 import torch
 import torch.nn.functional as F
 
+from llmray import hub, storage
 from llmray import metric_names as M
-from llmray import storage
 from llmray.recipe.schema import DistillSettings, RecipeError
 
 
@@ -18,7 +16,10 @@ def check_teacher(cfg: DistillSettings, student_vocab: int) -> None:
     """Before any worker starts: the teacher folder holds a causal LM with the student's vocabulary."""
     import json
 
-    fs, path = storage.resolve(cfg.teacher)
+    teacher = cfg.teacher
+    if hub.is_hub_id(teacher):
+        teacher = storage.local_folder(teacher, "distill.teacher", hub.TOKENIZER_FILES)
+    fs, path = storage.resolve(teacher)
     try:
         with fs.open_input_stream(storage.join(path, "config.json")) as f:
             config = json.loads(f.read())
@@ -41,10 +42,8 @@ class Distillation:
     def __init__(self, cfg: DistillSettings, device: torch.device, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
 
-        folder = cfg.teacher
-        if storage.is_uri(folder):
-            folder = storage.download(folder, tempfile.mkdtemp(prefix="llmray-teacher-"))
         self.cfg = cfg
+        folder = storage.local_folder(cfg.teacher, "distill.teacher")
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
 

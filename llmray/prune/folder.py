@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from llmray import storage
 from llmray.errors import LlmrayError
 from llmray.evals.measure import held_out_samples, side_by_side
 from llmray.model import lineage
@@ -142,10 +143,11 @@ def ratios(before: dict, after: dict) -> dict:
 
 def prune_folder(src: str, out: str, spec: PruneSettings, overwrite: bool = False, device: str | None = None,
                  flag: Callable[[str], str] = cli_flag) -> dict:
-    """Prune the Hugging Face folder `src` into `out` (whole, or not at all); returns the report, also saved as
-    `out/prune_report.json`."""
+    """Prune the Hugging Face model `src` (a folder, local or s3://, or a Hub id) into `out` (whole, or not at
+    all); returns the report, also saved as `out/prune_report.json`."""
     from transformers import AutoTokenizer
 
+    src = storage.local_folder(src, "the model to prune")  # a Hub id or s3:// folder, downloaded once
     if not Path(src, "config.json").is_file():
         raise PruneError(f"{src} is not a Hugging Face model folder (no config.json); export a checkpoint first")
     dev = inference_device(device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmray import storage
 from llmray.data.split import HeldOut
 from llmray.evals.measure import held_out_samples, side_by_side
 from llmray.model import lineage
@@ -19,12 +20,14 @@ REPORT_FILE = "quant_report.json"
 
 def quantize_folder(src: str, out: str, quant, held_out: HeldOut | None = None, eval_samples: int = 64,
                     overwrite: bool = False, device: str | None = None, method: str = "ptq") -> dict:
-    """Quantize the Hugging Face folder `src` into `out` (whole, or not at all) as the QuantSettings `quant` says,
-    and measure both on the same held-out samples. Returns the report, also saved as `out/quant_report.json`."""
+    """Quantize the Hugging Face model `src` (a folder, local or s3://, or a Hub id) into `out` (whole, or not at
+    all) as the QuantSettings `quant` says, and measure both on the same held-out samples. Returns the report, also
+    saved as `out/quant_report.json`."""
     from transformers import AutoConfig, AutoTokenizer
 
     dev = inference_device(device)
     check_scheme(quant.scheme, dev.type == "cuda")
+    src = storage.local_folder(src, "the model to quantize")  # a Hub id or s3:// folder, downloaded once
     if not Path(src, "config.json").is_file():
         raise QuantError(f"{src} is not a Hugging Face model folder (no config.json); export a checkpoint first")
     if getattr(AutoConfig.from_pretrained(src), "quantization_config", None):

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from llmray import storage
+from llmray import hub, storage
 from llmray.recipe.schema import QuantSettings, Recipe, RecipeError
 
 # The recipe keys that name local files or folders (or URIs). A run's other processes (Train workers, Tune trials)
@@ -25,26 +25,78 @@ def with_absolute_paths(raw: dict, root: Path | None = None) -> dict:
     directory) are absolute; URIs, absolute paths and paths that do not exist are left as they are."""
     root = root or Path.cwd()
 
-    def fix(value):
-        if isinstance(value, list):
-            return [fix(v) for v in value]
+    def fix(value, key: str):
         if not isinstance(value, str) or storage.is_uri(value) or os.path.isabs(value):
             return value
         path = root / value
         return str(path.resolve()) if path.exists() else value
 
-    def walk(node, parts: list[str]):
-        if not parts or not isinstance(node, (dict, list)):
-            return fix(node) if not parts else node
+    return map_keys(raw, PATH_KEYS, fix)
+
+
+# The recipe keys that may name a model on the Hub (org/name[@rev]), and those that may name a Hub dataset's files
+# (hf://datasets/org/name[@rev]/path).
+MODEL_KEYS = ("model.pretrained", "distill.teacher", "data.tokenizer")
+DATASET_KEYS = ("data.shards", "data.val_shards", "data.conversations", "data.sources.*.shards")
+
+
+def with_pinned_names(raw: dict, earlier: dict | None = None) -> dict:
+    """A copy of the raw recipe whose Hub names are fixed to the commit they name now (`org/name@<sha>`), so every
+    worker and replica reads the same files however the branch moves; a name that cannot be resolved (unknown, or
+    offline and not cached) raises hub.HubError naming the key. Where `earlier` (the recipe of a checkpoint being
+    continued) pinned the same name, its commit is kept: a resumed run reads what it started on."""
+    pins: dict[str, str] = {}
+
+    def pin(value, key: str):
+        if not isinstance(value, str):
+            return value
+        before = _get(earlier, key) if earlier else None
+        if isinstance(before, str) and before != value and _same_name(value, before):
+            return before
+        if value not in pins:
+            pins[value] = hub.pinned_uri(value, key) if key in DATASET_KEYS else hub.pinned(value, key)
+        return pins[value]
+
+    return map_keys(map_keys(raw, MODEL_KEYS, pin), DATASET_KEYS, pin)
+
+
+def _same_name(value: str, pinned: str) -> bool:
+    """`org/name` (no revision given) and `org/name@<sha>`; also for hf:// dataset paths."""
+    if hub.is_hub_uri(value) and hub.is_hub_uri(pinned):
+        (repo, rev, path), (repo2, rev2, path2) = hub.parse_dataset_uri(value), hub.parse_dataset_uri(pinned)
+        return rev is None and (repo, path) == (repo2, path2) and rev2 is not None
+    if hub.is_hub_id(value) and hub.is_hub_id(pinned):
+        (repo, rev), (repo2, rev2) = hub.split_id(value), hub.split_id(pinned)
+        return rev is None and repo == repo2 and rev2 is not None
+    return False
+
+
+def _get(raw: dict, dotted: str):
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def map_keys(raw: dict, keys: tuple[str, ...], fn) -> dict:
+    """A copy of the raw recipe with `fn(value, key)` applied to the value (or each value of a list) at each dotted
+    key (`*` for every item of a list) that is set."""
+    def walk(node, parts: list[str], key: str):
+        if not parts:
+            return [fn(v, key) for v in node] if isinstance(node, list) else fn(node, key)
+        if not isinstance(node, (dict, list)):
+            return node
         head, rest = parts[0], parts[1:]
         if head == "*":
-            return [walk(item, rest) for item in node] if isinstance(node, list) else node
+            return [walk(item, rest, key) for item in node] if isinstance(node, list) else node
         if isinstance(node, dict) and node.get(head) is not None:
-            return {**node, head: walk(node[head], rest)}
+            return {**node, head: walk(node[head], rest, key)}
         return node
 
-    for key in PATH_KEYS:
-        raw = walk(raw, key.split("."))
+    for key in keys:
+        raw = walk(raw, key.split("."), key)
     return raw
 
 

@@ -73,11 +73,18 @@ class DataSettings(Strict):
     shards: str | None = None
     sources: list[SourceSettings] | None = None  # a weighted blend of several shard folders, instead of `shards`
     val_shards: str | None = None  # held-out shard folder (one source); if unset, a fraction of documents is held out
-    # chat/instruction JSONL files or folders (fine-tuning), local or URI: one path or a list
+    # chat/instruction JSONL or Parquet files or folders (fine-tuning): local, s3:// or hf://datasets/org/name[/path];
+    # one path or a list
     conversations: str | list[str] | None = None
     format: Literal["auto", "messages", "alpaca", "sharegpt"] = "auto"  # of data.conversations; auto: per file
+    # of a data.conversations folder, only this split's files, as the Hub names them (train/..., train-0000.parquet)
+    split: str | None = None
+    # the format's field -> the dataset's, where they differ: {instruction: question, output: answer} reads gsm8k
+    # as Alpaca records
+    columns: dict[str, str] = Field(default_factory=dict)
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
-    # a folder written by `llmray tokenizer train`, or any local HF tokenizer folder; default: model.pretrained's
+    # a folder written by `llmray tokenizer train`, any HF tokenizer folder (local, s3://) or Hub id (org/name[@rev]);
+    # default: model.pretrained's
     tokenizer: str | None = None
     seq_len: int = Field(256, gt=1)
     # each packed document attends only to itself: position ids restart at every document (and row), which
@@ -92,6 +99,9 @@ class DataSettings(Strict):
 
     @model_validator(mode="after")
     def _one_corpus(self) -> "DataSettings":
+        if self.conversations is None and (self.split is not None or self.columns):
+            raise ValueError("data.split and data.columns select and rename the fields of data.conversations, "
+                             "which is not set")
         if self.conversations is not None:
             if self.sources is not None or self.val_shards:
                 raise ValueError("data.conversations is one corpus: it does not go with data.sources or "
@@ -120,7 +130,8 @@ class DataSettings(Strict):
 
 
 class ModelSettings(Strict):
-    pretrained: str | None = None  # local HF folder for continued pretraining; else built from scratch
+    # a Hugging Face model: local folder, s3:// folder or Hub id (org/name[@rev]); else built from scratch
+    pretrained: str | None = None
     arch: str = "llama"  # any transformers model_type
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -313,7 +324,7 @@ class DistillSettings(Strict):
     """Knowledge distillation: the student trains on alpha * T^2 * KL(teacher || student) over temperature-softened
     next-token distributions plus (1 - alpha) * its LM loss. The teacher is frozen and shares the tokenizer."""
 
-    teacher: str  # an exported Hugging Face causal-LM folder, local or s3://
+    teacher: str  # a Hugging Face causal-LM: local folder, s3:// folder or Hub id (org/name[@rev])
     alpha: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(2.0, gt=0)
     top_k: int | None = Field(None, gt=0)  # the KL over the teacher's k most likely tokens (bounds its memory)

@@ -11,7 +11,6 @@ Routes: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/comple
 import asyncio
 import json
 import os
-import tempfile
 import time
 import uuid
 from typing import AsyncIterator, Literal
@@ -21,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from llmray import storage
+from llmray import hub, storage
 from llmray.errors import LlmrayError
 from llmray.serve.engine import Engine, Finished
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, error
@@ -35,7 +34,7 @@ class ServeConfigError(LlmrayError):
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str  # an exported Hugging Face folder, local or s3://...
+    path: str  # a Hugging Face model: an exported folder, local or s3://..., or a Hub id (org/name[@rev])
     name: str | None = None  # the `model` clients ask for; default: the folder's name
     # LoRA adapters of this model (`llmray export --adapter` folders, local or s3://), each served as its own
     # model id, batched with the base and each other
@@ -43,7 +42,7 @@ class ModelSpec(BaseModel):
 
     @property
     def id(self) -> str:
-        return self.name or os.path.basename(self.path.rstrip("/"))
+        return self.name or hub.display_name(self.path)
 
 
 class ServeArgs(BaseModel):
@@ -64,13 +63,13 @@ class ServeArgs(BaseModel):
 
 
 def _local(path: str, marker: str = "config.json") -> str:
-    if not storage.is_uri(path):
-        if not os.path.isfile(os.path.join(path, marker)):
-            what = "adapter folder" if marker == ADAPTER_CONFIG else "model folder"
-            how = "llmray export --adapter" if marker == ADAPTER_CONFIG else "llmray export"
-            raise ServeConfigError(f"{what} {path} has no {marker} (export a checkpoint with `{how}`)")
-        return path
-    return storage.download(path, tempfile.mkdtemp(prefix="llmray-model-"))
+    """A model or adapter folder on this replica's node (a Hub id or an s3:// folder downloaded once per node)."""
+    what = "adapter folder" if marker == ADAPTER_CONFIG else "model folder"
+    folder = storage.local_folder(path, f"serve: {what}")
+    if not os.path.isfile(os.path.join(folder, marker)):
+        how = "llmray export --adapter" if marker == ADAPTER_CONFIG else "llmray export"
+        raise ServeConfigError(f"{what} {path} has no {marker} (export a checkpoint with `{how}`)")
+    return folder
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -369,7 +368,10 @@ def build_app(args: dict | ServeArgs, **deployment_options) -> serve.Application
         raise ServeConfigError(f"serve args: {e}") from None
     if parsed.engine == "vllm":
         return _vllm_app(parsed)
-    def here(path: str) -> str:  # replicas do not start in the caller's folder
+    def here(path: str) -> str:
+        """Replicas do not start in the caller's folder; a Hub id is pinned, so every replica loads one commit."""
+        if hub.is_hub_id(path):
+            return hub.pinned(path, "serve: model")
         return path if storage.is_uri(path) else os.path.abspath(path)
 
     ids = [m.id for m in parsed.models] + [a for m in parsed.models for a in m.adapters]

@@ -1,10 +1,11 @@
-"""`llmray serve`: exported folders behind the OpenAI API on a local Ray (or the cluster in RAY_ADDRESS), until
+"""`llmray serve`: exported folders (or Hub models) behind the OpenAI API on a local Ray (or the cluster in RAY_ADDRESS), until
 Ctrl-C. For clusters and autoscaling, `serve run serve/config.yaml` builds the same app."""
 
 from __future__ import annotations
 
 import threading
 
+from llmray import hub
 from llmray.cluster import ensure_ray
 from llmray.serve.app import ServeConfigError, build_app
 
@@ -30,12 +31,14 @@ def serve_models(paths: list[str], names: list[str] | None = None, host: str = "
         if bad:
             raise ServeConfigError(f"--adapter {bad[0]!r} is not NAME=FOLDER")
         models[0]["adapters"] = {n: f for n, _, f in pairs}
+    # the replicas reach the Hub with the caller's token and endpoint
     app = build_app({"models": models, **args}, num_replicas=replicas,
-                    ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus})
+                    ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus,
+                                       "runtime_env": {"env_vars": hub.env()}})
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="llmray", route_prefix="/", blocking=False)
-    ids = ", ".join([m.get("name") or m["path"].rstrip("/").rsplit("/", 1)[-1] for m in models]
+    ids = ", ".join([m.get("name") or hub.display_name(m["path"]) for m in models]
                     + [f"{n} (adapter)" for m in models for n in m.get("adapters", {})])
     print(f"serving {ids} at http://{host}:{port}/v1 (OpenAI API; GET /healthz); Ctrl-C stops", flush=True)
     try:

@@ -22,8 +22,8 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from llmray import hub, storage
 from llmray import metric_names as M
-from llmray import storage
 from llmray.cluster import ensure_ray
 from llmray.sweep.spec import SweepError, SweepSpec
 
@@ -98,7 +98,7 @@ class OptunaOnMetricReports(OptunaSearch):
 
 
 def trial_main(config: dict, spec_json: dict, base: dict, sweep_dir: str, cpus_per_trial: float | None,
-               storage_env: dict[str, str]) -> None:
+               driver_env: dict[str, str]) -> None:
     """One trial: the recipe with this trial's values, trained by Ray Train, then (for a quantizing recipe) exported
     quantized with its report. Runs as a Tune function trainable; its TorchTrainer reports through
     TuneReportCallback, and the last report adds what only the end knows (quantized perplexity and size)."""
@@ -108,7 +108,7 @@ def trial_main(config: dict, spec_json: dict, base: dict, sweep_dir: str, cpus_p
     from llmray.prune.recover import with_pruned_model
     from llmray.train.trainer import fit
 
-    os.environ.update(storage_env)  # the trial reaches the object store as the driver does
+    os.environ.update(driver_env)  # the trial reaches the object store and the Hub as the driver does
     spec = SweepSpec.model_validate(spec_json)
     context = tune.get_context()
     params = {k: config[k] for k in spec.parameters}
@@ -220,7 +220,8 @@ def run_sweep(spec: SweepSpec) -> dict:
         tune.with_parameters(trial_main, spec_json=spec.model_dump(mode="json"), base=spec.base_raw(),
                              sweep_dir=sweep_dir,
                              cpus_per_trial=cluster.get("CPU", 1) / concurrent - DRIVER_CPU,
-                             storage_env=storage.credentials_env() if storage.is_uri(root) else {}),
+                             driver_env={**(storage.credentials_env() if storage.is_uri(root) else {}),
+                                          **hub.env()}),
         {"cpu": DRIVER_CPU})
     run_config = tune.RunConfig(name=spec.name, storage_path=root_path, storage_filesystem=tune_fs,
                                 callbacks=[wandb_callback(spec, sweep_id, local)],

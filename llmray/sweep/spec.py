@@ -25,6 +25,7 @@ from llmray.recipe.load import (
     recipe_from_dict,
     set_value,
     with_absolute_paths,
+    with_pinned_names,
 )
 from llmray.recipe.schema import Recipe, RecipeError, Strict
 from llmray.train.zero import deepspeed_config, resolve_precision
@@ -224,8 +225,9 @@ class SweepSpec(Strict):
 
     def base_raw(self) -> dict:
         """The recipe file with the sweep's overrides, read in the driver: its local paths absolute, since each
-        trial runs in its own folder."""
-        raw = with_absolute_paths(apply_overrides(read_recipe_file(self.llmray.recipe), self.llmray.overrides))
+        trial runs in its own folder, and its Hub names pinned, so every trial trains on the same commit."""
+        raw = with_pinned_names(with_absolute_paths(apply_overrides(read_recipe_file(self.llmray.recipe),
+                                                                    self.llmray.overrides)))
         scaling = raw.setdefault("scaling", {})
         for key, value in (("num_workers", self.llmray.workers), ("cpus_per_worker", self.llmray.cpus_per_worker),
                            ("gpus_per_worker", self.llmray.gpus_per_worker), ("use_gpu", self.llmray.use_gpu)):

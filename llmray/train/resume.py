@@ -50,6 +50,17 @@ def check_compatible(state: TrainState, recipe: dict, vocab_size: int, uri: str)
                               + "; ".join(diffs))
 
 
+def earlier_recipe(recipe: Recipe, resume_from: str | None) -> dict | None:
+    """The recipe of the checkpoint this run would continue (`--resume-from`, else the run's latest), if any."""
+    try:
+        if resume_from:
+            return checkpoint.read_state(resume_from).recipe
+        existing = checkpoint.list_checkpoints(recipe.run.folder)
+        return checkpoint.read_state(existing[-1][1]).recipe if existing else None
+    except (CheckpointError, OSError):
+        return None  # plan() names what is wrong with it
+
+
 def plan(recipe: Recipe, vocab: int, resume_from: str | None, fresh: bool) -> tuple[str | None, dict]:
     """Decide, before any worker starts, where the run begins; returns the checkpoint given by `--resume-from`, and
     the stream position the run will start at (the stream begins tokenizing there while the workers start).

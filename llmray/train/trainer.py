@@ -17,7 +17,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from llmray import logs, storage
+from llmray import hub, logs, storage
 from llmray import metric_names as M
 from llmray.cluster import ensure_ray
 from llmray.data.chat import Conversion, shard_conversations
@@ -31,7 +31,7 @@ from llmray.model import lineage
 from llmray.model.build import build_config
 from llmray.model.lora import check_qlora, check_targets
 from llmray.objectives.distill import check_teacher
-from llmray.recipe.load import recipe_from_dict, with_absolute_paths
+from llmray.recipe.load import recipe_from_dict, with_absolute_paths, with_pinned_names
 from llmray.recipe.schema import Recipe, RecipeError
 from llmray.train import checkpoint, resume
 from llmray.train.kernels import check_installed
@@ -156,6 +156,28 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     return recipe_from_dict(with_absolute_paths(recipe.model_dump(mode="json")))
 
 
+def pinned_names(recipe: Recipe, resume_from: str | None = None) -> Recipe:
+    """Hub names fixed to the commit they name now, before Ray starts: a name that is unknown, or offline and not
+    cached, stops the run here in one line. A continued run keeps the commits its checkpoint was trained on."""
+    return recipe_from_dict(with_pinned_names(recipe.model_dump(mode="json"), resume.earlier_recipe(recipe, resume_from)))
+
+
+def hub_env(recipe: Recipe) -> dict[str, str]:
+    """What the workers need to reach the Hub as the driver does (token, endpoint, offline switch, cache place);
+    and where the run's storage is shared by every node (object storage, or several nodes on one file system), the
+    run's Hub models published there once, for the workers to read instead of each node downloading them."""
+    env = hub.env()
+    names = [n for n in (recipe.model.pretrained, recipe.distill.teacher if recipe.distill else None)
+             if n and hub.is_hub_id(n)]
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if names and (storage.is_uri(recipe.run.storage_path) or nodes > 1):
+        mirrors = storage.mirror_hub_models(names, recipe.run.storage_path)
+        print(f"[llmray] {', '.join(names)} published once into {recipe.run.storage_path}: the workers read "
+              "it there", flush=True)
+        env[storage.MIRRORS_ENV] = json.dumps(mirrors)
+    return env
+
+
 def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]:
     """A recipe with data.conversations reads them from shards written into data.shards (default: the run
     folder's conversations/), made here once and reused while the input files are unchanged."""
@@ -163,7 +185,8 @@ def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]
     if d.conversations is None:
         return recipe, None
     out = d.shards or storage.join(recipe.run.folder, "conversations")
-    conversion = shard_conversations(d.conversations, out, load_tokenizer(d.tokenizer), d.seq_len, d.format)
+    conversion = shard_conversations(d.conversations, out, load_tokenizer(d.tokenizer), d.seq_len, d.format, d.split,
+                                     d.columns)
     print("[llmray] " + conversion.text(), flush=True)
     return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})}), conversion
 
@@ -184,15 +207,15 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
         cpus_available: float | None = None) -> Summary:
     """Train `recipe` on the Ray cluster. `callbacks`: Ray Train callbacks for the run (a sweep passes
     TuneReportCallback); `cpus_available`: the CPUs this run may budget from (default: the whole cluster's)."""
-    recipe = absolute_paths(recipe)
+    if resume_from and not storage.is_uri(resume_from):
+        resume_from = os.path.abspath(resume_from)
+    recipe = pinned_names(absolute_paths(recipe), resume_from)
     check_pruned(recipe)
     if recipe.model.pretrained is not None:  # a missing or unreadable folder is named before anything else
         build_config(recipe.model, 0)
     recipe, conversion = with_conversation_shards(recipe)
     train_spec, val_specs, vocab = check_inputs(recipe)
     eval_tasks = [load_task(path) for path in recipe.eval.tasks]  # read and checked here, once
-    if resume_from and not storage.is_uri(resume_from):
-        resume_from = os.path.abspath(resume_from)
     resume_from, start = resume.plan(recipe, vocab, resume_from, fresh)
     ensure_ray()
     logs.quiet_here()
@@ -211,13 +234,15 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
                   "tokens; it will not be validated on (raise data.val_fraction or set data.val_shards)")
         else:
             validation.append((name, weight, ray.put(val)))
-    coordinator = StreamCoordinator.remote(train_spec, horizon_rows=t.max_steps * t.global_batch_size,
-                                           expected_start=start)  # tokenizing begins while the workers start
+    # tokenizing begins while the workers start
+    coordinator = StreamCoordinator.options(runtime_env={"env_vars": hub.env()}).remote(
+        train_spec, horizon_rows=t.max_steps * t.global_batch_size, expected_start=start)
 
     resources = {"CPU": per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     env = {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false", **logs.worker_env()}
+    env.update(hub_env(recipe))
     if recipe.wandb.project:
         env.update(wandb_env())
     run_fs, run_root = storage.resolve(recipe.run.storage_path)
