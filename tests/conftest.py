@@ -14,6 +14,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # the tests' Hub (tests/hub_server.py) serves plain HTTP, no Xet
 
 import pytest  # noqa: E402
 from helpers import moto_s3  # noqa: E402

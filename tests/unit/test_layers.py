@@ -16,7 +16,8 @@ PACKAGE = ROOT / "llmray"
 # Bottom to top. A layer's packages (a folder of llmray/, or a module at its root) import their own modules and
 # lower layers only; the ground floor's shared utilities may also import each other.
 LAYERS = [
-    ("ground", ["__init__", "errors", "storage", "outdir", "cluster", "cuda_arch", "logs", "metric_names", "recipe"]),
+    ("ground", ["__init__", "errors", "storage", "hub", "outdir", "cluster", "cuda_arch", "logs", "metric_names",
+                "recipe"]),
     ("data", ["data"]),
     ("model", ["model"]),
     ("evaluation, objectives", ["evals", "objectives"]),
