@@ -119,9 +119,9 @@ def conversation_files(paths: list[str], split: str | None = None) -> list[tuple
 def in_split(name: str, split: str) -> bool:
     """Whether the file at `name` (a path inside a dataset folder) belongs to `split`, as the Hub names split files:
     a folder of that name (`train/...`), or a file name starting with it (`train-00000-of-00002.parquet`,
-    `data/test.jsonl`)."""
+    `data/test.jsonl`; not `train_sft-...`, another split)."""
     *folders, file = name.split("/")
-    return split in folders or re.match(rf"{re.escape(split)}(?:[-._ ]|\d|$)", file) is not None
+    return split in folders or re.match(rf"{re.escape(split)}(?:[-. ]|\d|$)", file) is not None
 
 
 def read_conversations(path: str, fmt: str = "auto", name: str | None = None, columns: dict[str, str] | None = None

@@ -224,3 +224,13 @@ def test_unknown_lora_targets_are_named_with_the_models_linear_layers():
     with pytest.raises(RecipeError, match="'qproj' not among the model's Linear layers: down_proj, gate_proj, k_proj, "
                                           "o_proj, q_proj, up_proj, v_proj"):
         check_targets(config, LoraSettings(target_modules=["qproj", "v_proj"]))
+
+
+def test_a_split_is_read_from_the_hubs_file_names():
+    from llmray.data.chat import in_split
+
+    assert in_split("data/train-00000-of-00002.parquet", "train") and in_split("train/part.jsonl", "train")
+    assert in_split("main/test-00000-of-00001.parquet", "test") and in_split("test.jsonl", "test")
+    assert not in_split("data/test-00000-of-00001.parquet", "train")
+    assert not in_split("data/train_sft-00000-of-00003.parquet", "train")  # another split: train_sft
+    assert in_split("data/train_sft-00000-of-00003.parquet", "train_sft")
