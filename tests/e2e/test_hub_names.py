@@ -1,6 +1,7 @@
 """A user's first fine-tune, by Hub names: a recipe naming `org/tiny` and `hf://datasets/org/arith` (a train split,
-gsm8k-like field names) trains on 2 Ray Train workers, is exported, pushed with `--push-to-hub`, and served by its
-new name; every process reaches the Hub (tests/hub_server.py on 127.0.0.1) with the driver's settings."""
+gsm8k-like field names) trains on 2 Ray Train workers with HF_HUB_OFFLINE=1 from a Hub cache populated by hand (no
+server at all), is exported, then pushed with `--push-to-hub` to a Hub on 127.0.0.1 (tests/hub_server.py) and served
+by its new name from there. Every process (workers, the stream's tasks, replicas) gets the driver's Hub settings."""
 
 import json
 
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import arithmetic_chats, free_port, greedy_reference
-from hub_server import FakeHub
+from hub_server import FakeHub, populate_cache
 
 from llmray import hub
 from llmray.export.folder import export
@@ -21,22 +22,31 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
-def fake_hub(model_dir, tmp_path, monkeypatch):
-    server = FakeHub.start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    server.add("models", "org/tiny", model_dir)
+def hub_cache(model_dir, tmp_path, monkeypatch):
+    """org/tiny and org/arith (Parquet per split, gsm8k's field names) in a Hub cache; this process offline on it."""
+    cache = tmp_path / "hf" / "hub"
     data = tmp_path / "arith"
     (data / "data").mkdir(parents=True)
     for split, chats in (("train", arithmetic_chats(160)), ("test", arithmetic_chats(20, seed=1))):
         rows = [{"question": c[0]["content"], "answer": c[1]["content"]} for c in chats]
         pq.write_table(pa.Table.from_pylist(rows), data / "data" / f"{split}-00000-of-00001.parquet")
-    server.add("datasets", "org/arith", data)
+    commits = {"org/tiny": populate_cache(cache, "models", "org/tiny", model_dir),
+               "org/arith": populate_cache(cache, "datasets", "org/arith", data)}
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens: offline means it
+    return commits
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    server = FakeHub.start()
     yield server
     server.stop()
 
 
-def test_a_recipe_of_hub_names_trains_on_two_workers_exports_pushes_and_serves(fake_hub, ray_cluster, tmp_path):
+def test_a_recipe_of_hub_names_trains_offline_on_two_workers_exports_pushes_and_serves(hub_cache, fake_hub, ray_cluster,
+                                                                                        tmp_path, monkeypatch):
     from ray import serve
 
     recipe = load_recipe("jobs/sft_tiny.yaml", [
@@ -48,15 +58,14 @@ def test_a_recipe_of_hub_names_trains_on_two_workers_exports_pushes_and_serves(f
     assert summary.steps == 4 and summary.conversations["documents"] == 160  # the train split alone
     state = json.loads((tmp_path / "runs" / "hub" / "summary.json").read_text())
     assert state["steps"] == 4
-    commit = fake_hub.repos[("models", "org/tiny")].refs["main"]
-    # the driver fetched the config and tokenizer; the weights, the two workers of this node: once
-    weights = [r for r in fake_hub.requests if r == f"GET /org/tiny/resolve/{commit}/model.safetensors"]
-    assert len(weights) == 1, fake_hub.requests
 
     out = tmp_path / "export"
     info = export(summary.checkpoint, str(out))
-    assert info["recipe"]["model"]["pretrained"] == f"org/tiny@{commit}"  # pinned: the commit it trained on
-    assert lineage.read(out)["recipe"]["data"]["conversations"].startswith("hf://datasets/org/arith@")
+    assert info["recipe"]["model"]["pretrained"] == f"org/tiny@{hub_cache['org/tiny']}"  # the commit it trained on
+    assert lineage.read(out)["recipe"]["data"]["conversations"] == f"hf://datasets/org/arith@{hub_cache['org/arith']}/data"
+
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)  # online now, to publish and serve from the Hub
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     push(str(out), "me/tiny-arith")
     card = fake_hub.files("models", "me/tiny-arith")["README.md"].decode()
     assert "base_model: org/tiny" in card and "- org/arith" in card and "| training loss |" in card
