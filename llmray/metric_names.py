@@ -6,6 +6,16 @@ TOKENS = "tokens"
 LOSS = "loss"  # mean training loss over the steps since the last report
 LM_LOSS = "lm_loss"  # with distillation: the next-token loss part of `loss`
 DISTILL_KL = "distill_kl"  # with distillation: the KL(teacher || student) part of `loss` (times T^2)
+# With preference tuning, TRL's names: the implicit rewards beta * (policy - reference) log-probability of each
+# side (SimPO: beta * its length-averaged log-probability), the share of pairs ranked right, their mean margin, and
+# the policy's summed log-probabilities of each side.
+REWARDS_CHOSEN = "rewards/chosen"
+REWARDS_REJECTED = "rewards/rejected"
+REWARDS_ACCURACIES = "rewards/accuracies"
+REWARDS_MARGINS = "rewards/margins"
+LOGPS_CHOSEN = "logps/chosen"
+LOGPS_REJECTED = "logps/rejected"
+PREFERENCE = (REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_ACCURACIES, REWARDS_MARGINS, LOGPS_CHOSEN, LOGPS_REJECTED)
 LR = "lr"
 GRAD_NORM = "grad_norm"
 VAL_LOSS = "val_loss"

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from llmray import storage
 from llmray.data.corpus import CorpusError, list_shards
+from llmray.data.pairs import detect_pair_format, normalize_pair
 from llmray.data.shard import ShardReport, ShardWriter, write_manifest
 from llmray.data.template import chat_template
 from llmray.errors import LlmrayError
@@ -124,15 +125,17 @@ def in_split(name: str, split: str) -> bool:
     return split in folders or re.match(rf"{re.escape(split)}(?:[-. ]|\d|$)", file) is not None
 
 
-def read_conversations(path: str, fmt: str = "auto", name: str | None = None, columns: dict[str, str] | None = None
-                       ) -> Iterator[tuple[str, list[dict] | None, str | None]]:
+def read_conversations(path: str, fmt: str = "auto", name: str | None = None, columns: dict[str, str] | None = None,
+                       pairs: bool = False) -> Iterator[tuple[str, list[dict] | dict | None, str | None]]:
     """(doc_id, messages, None) for each good record of one JSONL or Parquet file, and (doc_id, None, why) for each
     bad one; a doc_id is `name:line` (JSONL) or `name#row` (Parquet), `name` defaulting to `path`. `columns` maps
-    a format's field to the dataset's (`{"messages": "conversation"}`). A file that is not UTF-8 or holds no record
-    raises ChatDataError."""
+    a format's field to the dataset's (`{"messages": "conversation"}`). With `pairs`, the records are preference
+    pairs (`data.pairs`) and each good one yields its pair. A file that is not UTF-8 or holds no record raises
+    ChatDataError, as does a file of pairs read as conversations or the reverse."""
     name = path if name is None else name
     rename = {theirs: ours for ours, theirs in (columns or {}).items()}
-    file_format = None if fmt == "auto" else fmt
+    detect, other = (detect_pair_format, detect_format) if pairs else (detect_format, detect_pair_format)
+    file_format = None if fmt == "auto" or pairs else fmt
     seen = False
     for where, obj, problem in _records(path, name):
         seen = True
@@ -142,19 +145,33 @@ def read_conversations(path: str, fmt: str = "auto", name: str | None = None, co
         if rename and isinstance(obj, dict):
             obj = {rename.get(k, k): v for k, v in obj.items()}
         if file_format is None:  # the first object that shows one decides the file's format
-            file_format = detect_format(obj) if isinstance(obj, dict) else None
+            file_format = detect(obj) if isinstance(obj, dict) else None
+            if file_format is None and isinstance(obj, dict) and other(obj):
+                raise ChatDataError(_wrong_kind(path, obj, pairs))
             if file_format is None:
                 fields = f" (fields: {', '.join(map(str, obj))})" if isinstance(obj, dict) else ""
-                yield where, None, ("not a known conversation format: expected a 'messages' list (OpenAI), a "
-                                    "'conversations' list (ShareGPT) or 'instruction' (Alpaca)" + fields
-                                    + "; set data.format, or data.columns to map fields")
+                expected = ("a preference pair: 'prompt', 'chosen' and 'rejected', or 'chosen' and 'rejected'" if pairs
+                            else "a 'messages' list (OpenAI), a 'conversations' list (ShareGPT) or 'instruction' "
+                                 "(Alpaca)")
+                yield where, None, (f"not a known {'preference' if pairs else 'conversation'} format: expected "
+                                    + expected + fields + ("" if pairs else "; set data.format")
+                                    + ", or data.columns to map fields")
                 continue
         try:
-            yield where, normalize(obj, file_format), None
+            yield where, (normalize_pair if pairs else normalize)(obj, file_format), None
         except ValueError as e:
             yield where, None, f"{e} ({file_format} format)"
     if not seen:
-        raise ChatDataError(f"{path}: empty file: no conversations")
+        raise ChatDataError(f"{path}: empty file: no {'pairs' if pairs else 'conversations'}")
+
+
+def _wrong_kind(path: str, obj: dict, pairs: bool) -> str:
+    fields = ", ".join(map(str, obj))
+    if pairs:
+        return (f"data.conversations: {path} holds conversations (fields: {fields}), not preference pairs: a "
+                "supervised fine-tuning file; the recipe's preference: block reads prompt/chosen/rejected records")
+    return (f"data.conversations: {path} holds preference pairs (fields: {fields}), not conversations: add a "
+            "preference: block to the recipe to tune on them (DPO, IPO, SimPO)")
 
 
 def _records(path: str, name: str) -> Iterator[tuple[str, object, str | None]]:
@@ -186,6 +203,13 @@ def _records(path: str, name: str) -> Iterator[tuple[str, object, str | None]]:
             yield f"{name}:{lineno}", None, f"not valid JSON ({e.msg}, column {e.colno})"
 
 
+def _pair_length(tokenizer, pair: dict) -> int:
+    """The tokens a pair takes in a row: its chosen and its rejected side, each prompt + completion."""
+    from llmray.data.template import encode_completion
+
+    return sum(len(encode_completion(tokenizer, pair["prompt"], pair[k])[0]) for k in ("chosen", "rejected"))
+
+
 @dataclass
 class Conversion:
     """What `shard_conversations` made: shards of `documents` conversations; the lines it skipped, with why; how
@@ -198,12 +222,14 @@ class Conversion:
     skipped: list[str] = field(default_factory=list)
     longer: int = 0
     seq_len: int = 0
+    pairs: bool = False  # preference pairs, not conversations
     reused: bool = False
 
     def text(self) -> str:
-        lines = [f"conversations: {self.documents} from {self.files} files in {self.shards} shards in {self.out}"
+        what = "preference pairs" if self.pairs else "conversations"
+        lines = [f"{what}: {self.documents} from {self.files} files in {self.shards} shards in {self.out}"
                  + (" (made earlier from the same files)" if self.reused else "")
-                 + f"; {self.longer} longer than {self.seq_len} tokens (cut to it)"
+                 + ("" if self.pairs else f"; {self.longer} longer than {self.seq_len} tokens (cut to it)")
                  + f"; {len(self.skipped)} lines skipped"]
         lines += [f"  skipped {why}" for why in self.skipped[:SHOWN_SKIPPED]]
         if len(self.skipped) > SHOWN_SKIPPED:
@@ -215,7 +241,8 @@ SHOWN_SKIPPED = 10
 
 
 def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: int, fmt: str = "auto",
-                        split: str | None = None, columns: dict[str, str] | None = None) -> Conversion:
+                        split: str | None = None, columns: dict[str, str] | None = None,
+                        pairs: bool = False) -> Conversion:
     """Write the conversations of `inputs` as shards into `out`, unless `out` already holds those of the same input
     files (same sizes), format, template and `seq_len`. Each conversation is encoded here as the stream will encode
     it (`encode_chat`), so a line the template refuses (a role it does not know, a rendering whose assistant turns
@@ -225,7 +252,7 @@ def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: i
     paths = [inputs] if isinstance(inputs, str) else list(inputs)
     files = conversation_files(paths, split)
     record = {"inputs": [list(f) for f in files], "format": fmt, "columns": columns or {}, "seq_len": seq_len,
-              "template": chat_template(tokenizer)}
+              "template": chat_template(tokenizer), "pairs": pairs}
     fs, out_path = storage.resolve(out)
     record_path = storage.join(out_path, INPUTS_RECORD)
     if storage.exists(fs, record_path):
@@ -246,23 +273,27 @@ def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: i
     with ShardWriter(fs, out_path, SHARD_BYTES, report) as writer:
         for path, name, _ in files:
             report.files_read += 1
-            for doc_id, messages, problem in read_conversations(path, fmt, name, columns):
+            for doc_id, messages, problem in read_conversations(path, fmt, name, columns, pairs):
                 if messages is not None:
                     try:
-                        ids, _ = encode_chat(tokenizer, messages)
+                        length = _pair_length(tokenizer, messages) if pairs else len(encode_chat(tokenizer, messages)[0])
                     except Exception as e:  # jinja's TemplateError, what the template raises, or ours
                         problem = f"the chat template refused it: {e}"
+                if problem is None and pairs and length > seq_len:  # a pair is trained on whole, or not at all
+                    problem = f"over the length: chosen and rejected take {length} tokens, data.seq_len is {seq_len}"
                 if problem is not None:  # named by the file's full path, which the user can open
                     report.problems.append(f"{path}{doc_id[len(name):]}: {problem}")
                     continue
-                longer += len(ids) > seq_len
+                longer += length > seq_len
                 writer.add(json.dumps(messages, ensure_ascii=False), doc_id, path)
                 report.documents += 1
     if report.documents == 0:
-        raise ChatDataError(f"data.conversations: no usable conversation in {', '.join(paths)}; "
+        raise ChatDataError(f"data.conversations: no usable {'pair' if pairs else 'conversation'} in "
+                            f"{', '.join(paths)}; "
                             + (f"first problem: {report.problems[0]}" if report.problems else "all files empty"))
     write_manifest(fs, out_path, report)
-    conversion = Conversion(out, len(files), report.documents, len(report.shards), report.problems, longer, seq_len)
+    conversion = Conversion(out, len(files), report.documents, len(report.shards), report.problems, longer, seq_len,
+                            pairs)
     with fs.open_output_stream(record_path) as f:
         f.write(json.dumps({"made_from": record, "conversion": {k: v for k, v in asdict(conversion).items()
                                                                  if k != "reused"}}).encode())

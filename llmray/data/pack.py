@@ -15,6 +15,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,8 +25,10 @@ from llmray.data.plan import Source, block_pieces, block_row_order, plan_sources
 from llmray.data.split import Documents
 from llmray.data.template import IGNORE_INDEX
 
-MODEL_INPUTS = ("input_ids", "labels", "position_ids")  # the columns of a row the model takes (labels and position
-# ids only for conversations); a row also carries its id: source, epoch, piece, sample
+# the columns of a row the model takes (labels and position ids only for conversations and pairs; sequence ids only
+# for pairs: they say which tokens belong to which side of which pair); a row also carries its id: source, epoch,
+# piece, sample
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "sequence_ids")
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,9 @@ class StreamSpec:
     tasks: int = 1  # tokenize tasks at once (data.tokenize_tasks)
     cpus_per_task: float = 1.0
     max_epochs: int | None = None  # each source stops before starting epoch max_epochs; None: endless
-    chat: bool = False  # documents are conversations (JSON messages): rows carry labels and position ids
+    # what a document is: text; a conversation (JSON messages: rows carry labels and position ids); a preference
+    # pair (JSON prompt/chosen/rejected: rows also carry sequence ids)
+    documents: Literal["text", "conversations", "pairs"] = "text"
     document_masking: bool = False  # text rows carry position ids restarting at each document (data.document_masking)
 
     @classmethod
@@ -77,7 +82,8 @@ class Packer:
 
     def __init__(self, spec: StreamSpec):
         self.spec = spec
-        self.backend, eos, self.hf = _tokenizers(spec.tokenizer, spec.chat, tokenizer_stamp(spec.tokenizer))
+        self.backend, eos, self.hf = _tokenizers(spec.tokenizer, spec.documents != "text",
+                                                 tokenizer_stamp(spec.tokenizer))
         self.eos = np.array([eos], dtype=np.int32)
         self.files: dict[str, pq.ParquetFile] = {}
 
@@ -114,8 +120,10 @@ class Packer:
         """The piece's documents tokenized and packed into (n, seq_len) int32 rows: {"input_ids"}, or for
         conversations also "labels" and "position_ids" (`chat_rows`)."""
         texts = self._texts(source, piece)
-        if self.spec.chat:
+        if self.spec.documents == "conversations":
             return chat_rows(self.hf, [json.loads(t) for t in texts], self.spec.seq_len)
+        if self.spec.documents == "pairs":
+            return pair_rows(self.hf, [json.loads(t) for t in texts], self.spec.seq_len)
         seq_len, flat = self.spec.seq_len, []
         for i in range(0, len(texts), self.spec.batch_docs):
             for enc in self.backend.encode_batch_fast(texts[i:i + self.spec.batch_docs], add_special_tokens=False):
@@ -200,17 +208,60 @@ def first_samples(spec: StreamSpec, n: int, index: int = 0) -> np.ndarray:
 
 
 def chat_rows(tokenizer, conversations: list[list[dict]], seq_len: int) -> dict[str, np.ndarray]:
-    """Conversations packed whole into (n, seq_len) rows, in order: a conversation that does not fit in what is
-    left of a row starts the next one (the rest is padding), one longer than a row is cut to it. Labels are the
-    token where the assistant wrote it and IGNORE_INDEX elsewhere (the prompt, padding, each conversation's first token);
-    position ids restart at 0 for each conversation and for the padding, which is how transformers keeps packed
-    conversations from attending to each other (`find_packed_sequence_indices`). A conversation left with no
-    assistant token after the cut is dropped."""
+    """Conversations packed whole into (n, seq_len) rows (`pack_whole`), one longer than a row cut to it. Labels
+    are the token where the assistant wrote it and IGNORE_INDEX elsewhere (the prompt, padding, each
+    conversation's first token). A conversation left with no assistant token after the cut is dropped."""
     from llmray.data.template import encode_chat
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows: dict[str, list] = {k: [] for k in MODEL_INPUTS}
-    row: dict[str, list] = {k: [] for k in MODEL_INPUTS}
+    units = []
+    for messages in conversations:
+        ids, mask = encode_chat(tokenizer, messages)
+        ids, mask = ids[:seq_len], mask[:seq_len]
+        labels = _labels(ids, mask)
+        if not (labels == IGNORE_INDEX).all():
+            units.append([(ids, labels)])
+    return pack_whole(units, seq_len, _pad(tokenizer))
+
+
+def pair_rows(tokenizer, pairs: list[dict], seq_len: int) -> dict[str, np.ndarray]:
+    """Preference pairs packed whole into (n, seq_len) rows (`pack_whole`): each pair's chosen side (prompt +
+    completion) then its rejected side, as two sequences that attend only to themselves, labelled on their
+    completions; `sequence_ids` numbers them in their row, 2k+1 the chosen and 2k+2 the rejected side of the
+    row's k-th pair (0 for padding), which is how the loss pairs their log-probabilities. A pair longer than a row
+    (refused when the shards were written) is dropped."""
+    from llmray.data.template import encode_completion
+
+    units = []
+    for pair in pairs:
+        sides = []
+        for key in ("chosen", "rejected"):
+            ids, mask = encode_completion(tokenizer, pair["prompt"], pair[key])
+            sides.append((ids, _labels(ids, mask)))
+        if sum(len(ids) for ids, _ in sides) <= seq_len:
+            units.append(sides)
+    return pack_whole(units, seq_len, _pad(tokenizer), numbered=True)
+
+
+def _labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
+    labels[:1] = IGNORE_INDEX  # would be predicted from the previous sequence's last token
+    return labels
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pack_whole(units: list[list[tuple[np.ndarray, np.ndarray]]], seq_len: int, pad: int, numbered: bool = False
+               ) -> dict[str, np.ndarray]:
+    """Units of (ids, labels) sequences packed into (n, seq_len) rows in order, a unit whole in one row: one that
+    does not fit in what is left of a row starts the next (the rest is padding). Position ids restart at 0 for
+    each sequence and for the padding, which is how transformers keeps packed sequences from attending to each
+    other (`find_packed_sequence_indices`). `numbered`: also `sequence_ids`, each sequence's number in its row
+    (1, 2, ... in order; 0 for padding)."""
+    keys = MODEL_INPUTS if numbered else MODEL_INPUTS[:3]
+    rows: dict[str, list] = {k: [] for k in keys}
+    row: dict[str, list] = {k: [] for k in keys}
 
     def close_row() -> None:
         used = sum(len(part) for part in row["input_ids"])
@@ -221,23 +272,22 @@ def chat_rows(tokenizer, conversations: list[list[dict]], seq_len: int) -> dict[
             row["input_ids"].append(np.full(left, pad, dtype=np.int32))
             row["labels"].append(np.full(left, IGNORE_INDEX, dtype=np.int32))
             row["position_ids"].append(np.arange(left, dtype=np.int32))
-        for k in MODEL_INPUTS:
+            if numbered:
+                row["sequence_ids"].append(np.zeros(left, dtype=np.int32))
+        for k in keys:
             rows[k].append(np.concatenate(row[k]))
             row[k] = []
 
-    for messages in conversations:
-        ids, mask = encode_chat(tokenizer, messages)
-        ids, mask = ids[:seq_len], mask[:seq_len]
-        labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
-        labels[0] = IGNORE_INDEX  # would be predicted from the previous conversation's last token
-        if (labels == IGNORE_INDEX).all():
-            continue
-        if sum(len(part) for part in row["input_ids"]) + len(ids) > seq_len:
+    for unit in units:
+        if sum(len(part) for part in row["input_ids"]) + sum(len(ids) for ids, _ in unit) > seq_len:
             close_row()
-        row["input_ids"].append(ids)
-        row["labels"].append(labels)
-        row["position_ids"].append(np.arange(len(ids), dtype=np.int32))
+        for ids, labels in unit:
+            if numbered:
+                row["sequence_ids"].append(np.full(len(ids), len(row["input_ids"]) + 1, dtype=np.int32))
+            row["input_ids"].append(ids)
+            row["labels"].append(labels)
+            row["position_ids"].append(np.arange(len(ids), dtype=np.int32))
     close_row()
     if not rows["input_ids"]:
-        return {k: np.zeros((0, seq_len), dtype=np.int32) for k in MODEL_INPUTS}
+        return {k: np.zeros((0, seq_len), dtype=np.int32) for k in keys}
     return {k: np.stack(v) for k, v in rows.items()}

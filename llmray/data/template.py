@@ -62,3 +62,18 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray
     for a, b in spans:
         mask |= (starts >= a) & (starts < b)
     return ids, mask
+
+
+def encode_completion(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids of prompt + completion, True on the completion's tokens): a preference pair's side, whose loss is
+    on its completion only (earlier assistant turns in the prompt are context). The completion starts where the
+    prompt's rendering with the generation prompt ends, as TRL's DPOTrainer splits them."""
+    head = render(tokenizer, prompt, add_generation_prompt=True)
+    full = render(tokenizer, prompt + completion)
+    if not full.startswith(head):
+        raise TemplateError("the chat template renders the prompt differently on its own; the completion cannot be "
+                            "located")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    starts = np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
+    return ids, starts >= len(head)

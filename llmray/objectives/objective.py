@@ -4,7 +4,8 @@ loop averages over the window and reports beside the loss.
 
 - next-token prediction (`NextToken`): pretraining, continued pretraining and supervised fine-tuning, where the
   labels say which tokens count (all of a text row; the assistant's tokens of a conversation);
-- distillation (`distill.Distillation`): a recipe's `distill:` block.
+- distillation (`distill.Distillation`): a recipe's `distill:` block;
+- preference tuning (`preference.Preference`: DPO, IPO, SimPO): a recipe's `preference:` block.
 """
 
 from __future__ import annotations
@@ -37,4 +38,8 @@ def for_recipe(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Obje
         from llmray.objectives.distill import Distillation
 
         return Distillation(recipe.distill, device, dtype)
+    if recipe.preference is not None:
+        from llmray.objectives.preference import Preference
+
+        return Preference(recipe, device, dtype)
     return NextToken()

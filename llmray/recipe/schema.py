@@ -334,6 +334,27 @@ PRUNE_METHODS = ("depth", "width", "magnitude", "wanda")
 SPARSE_METHODS = ("magnitude", "wanda")
 
 
+PREFERENCE_LOSSES = {
+    "dpo": "DPO's sigmoid loss on the policy's and reference's log-ratio margin (beta; label_smoothing: cDPO)",
+    "ipo": "IPO: the squared distance of the length-averaged log-ratio margin from 1/(2 beta)",
+    "simpo": "SimPO, reference-free: the length-averaged log-probability margin, beta-scaled, less gamma",
+}
+REFERENCE_FREE = ("simpo",)
+
+
+class PreferenceSettings(Strict):
+    """Preference tuning on data.conversations read as pairs (prompt, chosen, rejected)."""
+
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)  # how far the policy may move from the reference (SimPO: the reward's scale)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # dpo: the share of pairs assumed mislabelled (cDPO)
+    simpo_gamma: float = 0.5  # simpo: the target margin gamma
+    # where the reference's log-probabilities come from: the base with the adapters off (LoRA/QLoRA: no second
+    # copy), a frozen copy of model.pretrained on every rank, or none (reference-free losses); auto: adapters for
+    # LoRA/QLoRA, copy for full fine-tuning, none for simpo
+    reference: Literal["auto", "adapters", "copy", "none"] = "auto"
+
+
 class PruneSettings(Strict):
     """Pruning of a trained model (`llmray prune`, or a recipe's `prune:` block: model.pretrained is pruned into the
     run folder before training, and the run is its recovery). Which keys a method takes, and the widths a model
@@ -377,6 +398,7 @@ class Recipe(Strict):
     finetune: FinetuneSettings | None = None  # absent: pretraining (or continued pretraining) of every weight
     eval: EvalSettings = Field(default_factory=EvalSettings)
     distill: DistillSettings | None = None  # absent: the LM loss alone
+    preference: PreferenceSettings | None = None  # present: data.conversations are preference pairs
     prune: PruneSettings | None = None  # absent: model.pretrained as it is
     wandb: WandbSettings = Field(default_factory=WandbSettings)
 
@@ -405,7 +427,41 @@ class Recipe(Strict):
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
         self._quant_checks()
         self._kernel_checks()
+        self._preference_checks()
         return self
+
+    @property
+    def reference(self) -> str:
+        """Where a preference run's reference log-probabilities come from ("none" without one); see
+        PreferenceSettings.reference."""
+        p = self.preference
+        if p is None or p.loss in REFERENCE_FREE:
+            return "none" if p is None or p.reference in ("auto", "none") else p.reference
+        if p.reference != "auto":
+            return p.reference
+        return "adapters" if self.trains_adapters else "copy"
+
+    def _preference_checks(self) -> None:
+        p = self.preference
+        if p is None:
+            return
+        if self.finetune is None:
+            raise ValueError("preference tunes a pretrained model: add a finetune: block (method full, lora or qlora)")
+        if self.data.conversations is None:
+            raise ValueError("preference reads its pairs from data.conversations (prompt/chosen/rejected records)")
+        if self.distill is not None:
+            raise ValueError("preference and distill are two objectives; a run has one")
+        if p.loss in REFERENCE_FREE and p.reference not in ("auto", "none"):
+            raise ValueError(f"preference.loss={p.loss} is reference-free; preference.reference={p.reference} would "
+                             "hold a reference it never reads (set it to none or auto)")
+        if p.loss not in REFERENCE_FREE and p.reference == "none":
+            raise ValueError(f"preference.loss={p.loss} measures the policy against a reference; "
+                             "preference.reference=none turns it off (use adapters, copy or auto, or loss simpo)")
+        if p.reference == "adapters" and not self.trains_adapters:
+            raise ValueError("preference.reference=adapters is the base with the LoRA adapters off; finetune.method="
+                             f"{self.finetune.method} trains no adapters (use copy)")
+        if p.label_smoothing and p.loss != "dpo":
+            raise ValueError(f"preference.label_smoothing applies to loss dpo, not {p.loss}")
 
     def _kernel_checks(self) -> None:
         k, gpu = self.train.kernels, self.scaling.use_gpu

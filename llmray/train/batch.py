@@ -8,15 +8,18 @@ import torch
 from llmray.data.template import IGNORE_INDEX
 
 
-def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), flat: bool = False) \
-        -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), flat: bool = False,
+                 sequences: bool = False) -> dict[str, torch.Tensor]:
     """The forward's arguments for `rows` of a batch: input ids, labels (the ids themselves for plain text; the
     assistant's tokens only for conversations), and position ids where documents are packed (conversations,
     data.document_masking).
 
     `flat` (flash attention): rows with position ids go in as one row, because transformers reads restarting
     position ids as flash-attn's varlen sequences only in a batch of one. Each row's first label is dropped, so
-    no row's last token learns to predict the next row's first: the same loss terms as row by row."""
+    no row's last token learns to predict the next row's first: the same loss terms as row by row.
+
+    `sequences`: also the rows' `sequence_ids` (preference pairs), for the objective, not the forward; made unique
+    across the rows when they are flattened into one (the parity of each id, chosen or rejected, kept)."""
     def tensor(name: str) -> torch.Tensor:  # a copy: Ray's arrays are read-only
         return torch.from_numpy(np.array(batch[name][rows], dtype=np.int64)).to(device, non_blocking=True)
 
@@ -24,6 +27,12 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
     # no KV cache: with one, transformers ignores the position ids' restarts and packed conversations attend to
     # each other
     out = {"input_ids": ids, "labels": tensor("labels") if "labels" in batch else ids, "use_cache": False}
+    if sequences and "sequence_ids" in batch:
+        ids_of = tensor("sequence_ids")
+        if flat:
+            offset = 2 * ids_of.shape[1] * torch.arange(ids_of.shape[0], device=ids_of.device).unsqueeze(1)
+            ids_of = torch.where(ids_of > 0, ids_of + offset, ids_of)
+        out["sequence_ids"] = ids_of
     if "position_ids" in batch:
         out["position_ids"] = tensor("position_ids")
         if flat:

@@ -137,7 +137,7 @@ def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState
         window.data_wait += time.perf_counter() - t0
         if batch is None:
             return False
-        loss, got = objective.loss(engine, model_inputs(batch, device, flat=flat))
+        loss, got = objective.loss(engine, model_inputs(batch, device, flat=flat, sequences=True))
         for name, value in got.items():
             parts[name] += value
         engine.backward(loss)

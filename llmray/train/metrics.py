@@ -89,6 +89,8 @@ def progress_line(m: dict, max_steps: int, started: float, first_step: int) -> s
     ]
     if M.DISTILL_KL in m:
         parts.insert(2, f"lm {m[M.LM_LOSS]:.4f} kl {m[M.DISTILL_KL]:.4f}")
+    if M.REWARDS_ACCURACIES in m:
+        parts.insert(2, f"reward acc {100 * m[M.REWARDS_ACCURACIES]:.0f}% margin {m[M.REWARDS_MARGINS]:.3f}")
     if m.get(M.GRAD_NORM) is not None:
         parts.insert(3, f"gnorm {m[M.GRAD_NORM]:.2f}")
     if M.MFU in m:

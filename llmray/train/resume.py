@@ -24,7 +24,8 @@ from llmray.train.state import TrainState
 
 # What must match for a checkpoint to be resumed: the model's shape and the stream's content and order.
 RESUME_KEYS = ("model", "data.seq_len", "data.shards", "data.sources", "data.val_shards", "data.val_fraction",
-               "data.conversations", "data.format", "finetune", "distill", "prune", "run.seed", "train.zero_stage")
+               "data.conversations", "data.format", "data.split", "finetune", "distill", "preference",
+               "prune", "run.seed", "train.zero_stage")
 UNIVERSAL_DIR = "universal"
 
 

@@ -96,7 +96,8 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     d = recipe.data
     splits = split_sources(d)
     common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,
-                  chat=d.conversations is not None, document_masking=d.document_masking)
+                  documents="pairs" if recipe.preference else "conversations" if d.conversations else "text",
+                  document_masking=d.document_masking)
     train_spec = StreamSpec.of([(s.name, s.weight, s.train) for s in splits], max_epochs=d.max_epochs,
                                tasks=d.tokenize_tasks, **common)
     val_specs = []
@@ -186,7 +187,7 @@ def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]
         return recipe, None
     out = d.shards or storage.join(recipe.run.folder, "conversations")
     conversion = shard_conversations(d.conversations, out, load_tokenizer(d.tokenizer), d.seq_len, d.format, d.split,
-                                     d.columns)
+                                     d.columns, pairs=recipe.preference is not None)
     print("[llmray] " + conversion.text(), flush=True)
     return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})}), conversion
 

@@ -1,0 +1,110 @@
+"""Preference tuning as a training objective: DPO, IPO and (reference-free) SimPO over packed preference pairs.
+
+A micro-batch's rows hold whole pairs (`data.pack.pair_rows`): each side is prompt + completion, packed as its own
+sequence, labelled on its completion, numbered in `sequence_ids` (2k+1 chosen, 2k+2 rejected). Chosen and rejected
+go through one forward pass; each side's log-probability is summed over its completion tokens. The reference's
+come from the same rows under no_grad: the base with the LoRA adapters off (no second copy), or a frozen copy of
+model.pretrained on every rank. The formulas and the reported rewards are TRL's (DPOTrainer: sigmoid, ipo;
+CPOTrainer: simpo), checked against it in tests/unit/test_preference.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmray import metric_names as M
+from llmray import storage
+from llmray.data.template import IGNORE_INDEX
+from llmray.recipe.schema import PreferenceSettings, Recipe
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) log-probability of each labelled token (labels unshifted: position t is predicted at t - 1), 0 where
+    the label is IGNORE_INDEX."""
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logps.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    return F.pad(picked, (1, 0))
+
+
+def pair_sums(values: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(chosen sums, rejected sums, chosen token counts, rejected token counts) of `values` over each pair's
+    completion tokens, one entry per pair of the micro-batch, in row order."""
+    rows, width = sequence_ids.shape[0], int(sequence_ids.max()) + 2  # + 2: an even number of columns after 0
+    index = (sequence_ids + width * torch.arange(rows, device=values.device).unsqueeze(1)).flatten()
+    counted = (labels != IGNORE_INDEX).flatten()
+    sums = torch.zeros(rows * width, dtype=values.dtype, device=values.device).index_add(0, index, values.flatten())
+    counts = torch.zeros(rows * width, dtype=values.dtype, device=values.device).index_add(
+        0, index, counted.to(values.dtype))
+    sums, counts = sums.view(rows, width), counts.view(rows, width)
+    present = counts[:, 1:-1:2] > 0
+    return (sums[:, 1:-1:2][present], sums[:, 2::2][present], counts[:, 1:-1:2][present], counts[:, 2::2][present])
+
+
+def side_sums(model, inputs: dict, sequence_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`pair_sums` of the model's token log-probabilities on a micro-batch's pairs: one forward for both sides."""
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    return pair_sums(token_log_probs(logits, inputs["labels"]), inputs["labels"], sequence_ids)
+
+
+def preference_loss(cfg: PreferenceSettings, chosen: torch.Tensor, rejected: torch.Tensor,
+                    ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, chosen_tokens: torch.Tensor,
+                    rejected_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean loss over the pairs and TRL's metrics, from each side's summed completion log-probabilities
+    (policy, and reference unless reference-free) and completion lengths."""
+    beta = cfg.beta
+    if cfg.loss == "simpo":
+        chosen_avg, rejected_avg = chosen / chosen_tokens, rejected / rejected_tokens
+        losses = -F.logsigmoid(beta * (chosen_avg - rejected_avg) - cfg.simpo_gamma)
+        chosen_rewards, rejected_rewards = beta * chosen_avg.detach(), beta * rejected_avg.detach()
+    else:
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        if cfg.loss == "ipo":
+            margin = chosen_ratio / chosen_tokens - rejected_ratio / rejected_tokens
+            losses = (margin - 1 / (2 * beta)) ** 2
+        else:  # dpo, with cDPO's label smoothing
+            logits = beta * (chosen_ratio - rejected_ratio)
+            eps = cfg.label_smoothing
+            losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    metrics = {
+        M.REWARDS_CHOSEN: chosen_rewards.mean(), M.REWARDS_REJECTED: rejected_rewards.mean(),
+        M.REWARDS_ACCURACIES: (chosen_rewards > rejected_rewards).float().mean(),
+        M.REWARDS_MARGINS: (chosen_rewards - rejected_rewards).mean(),
+        M.LOGPS_CHOSEN: chosen.detach().mean(), M.LOGPS_REJECTED: rejected.detach().mean()}
+    return losses.mean(), {k: v.float() for k, v in metrics.items()}
+
+
+class Preference:
+    """The recipe's preference loss on a micro-batch of packed pairs; its metrics are the loss's reported parts."""
+
+    parts = M.PREFERENCE
+
+    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.mode = recipe.preference, recipe.reference
+        self.copy = None
+        if self.mode == "copy":  # frozen, replicated on every rank (a partitioned copy is not built)
+            from transformers import AutoModelForCausalLM
+
+            folder = storage.local_folder(recipe.model.pretrained, "model.pretrained")
+            self.copy = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+            self.copy.requires_grad_(False)
+
+    def reference_sums(self, engine, inputs: dict, sequence_ids: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        if self.mode == "none":
+            return None
+        with torch.no_grad():
+            if self.mode == "copy":
+                return side_sums(self.copy, inputs, sequence_ids)
+            with engine.module.disable_adapter():  # the base the adapters train on: the policy at step 0
+                return side_sums(engine.module, inputs, sequence_ids)
+
+    def loss(self, engine, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = dict(inputs)
+        sequence_ids = inputs.pop("sequence_ids")
+        reference = self.reference_sums(engine, inputs, sequence_ids)
+        chosen, rejected, chosen_tokens, rejected_tokens = side_sums(engine, inputs, sequence_ids)
+        ref_chosen, ref_rejected = (reference[0], reference[1]) if reference is not None else (None, None)
+        return preference_loss(self.cfg, chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
