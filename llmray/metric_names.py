@@ -46,6 +46,11 @@ def eval_metric(task: str, metric: str) -> str:
     return f"{EVAL_PREFIX}{task}/{metric}"
 
 
+def validation(metric: str) -> str:
+    """A metric measured on the held-out samples, e.g. val_rewards/accuracies."""
+    return f"val_{metric}"
+
+
 def per_source(metric: str, source: str) -> str:
     """A metric of one source of a blend, e.g. val_loss/code."""
     return f"{metric}/{source}"

@@ -106,7 +106,7 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
         metrics.update({M.STEP: state.step, M.TOKENS: state.tokens, M.LOSS: loss, M.LR: engine.get_lr()[0],
                         M.GRAD_NORM: float(gnorm) if gnorm is not None else None})
         if (final or (t.eval_every and state.step % t.eval_every == 0)) and validation:
-            metrics.update(validate(engine, validation, t.micro_batch_size, device, facts.flat_rows))
+            metrics.update(validate(engine, validation, t.micro_batch_size, device, facts.flat_rows, objective))
         if tasks and (final or (recipe.eval.every and state.step % recipe.eval.every == 0)):
             metrics.update(evaluate_tasks(engine, tokenizer, tasks, device, t.zero_stage == 3))
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -195,21 +195,32 @@ def peak_host_memory_gb() -> float:
 
 
 @torch.no_grad()
-def validate(engine, validation: Validation, micro_batch_size: int, device: torch.device, flat: bool = False) -> dict:
+def validate(engine, validation: Validation, micro_batch_size: int, device: torch.device, flat: bool = False,
+             objective: Objective | None = None) -> dict:
     """Mean loss and perplexity on each source's fixed validation samples (each rank an equal slice; each source's
     loss token-weighted over all ranks), and overall: the sources' losses averaged with their blend weights. A
-    single source reports only the overall figures."""
+    single source reports only the overall figures. On held-out preference pairs, also the objective's reported
+    parts (rewards/accuracies, ...) as `val_` metrics, averaged over the micro-batches of every rank."""
     world, rank = dist.get_world_size(), dist.get_rank()
     engine.eval()
+    pairs = objective is not None and bool(objective.parts) and "sequence_ids" in validation[0][2]
+    part_sums, batches = [0.0] * len(objective.parts if pairs else ()), 0
     sums = []  # per source: summed loss, tokens
     for _, _, rows in validation:
         per_rank = len(rows["input_ids"]) // world  # equal counts: ZeRO-3 forwards are collectives
         first = rank * per_rank
         total, count = 0.0, 0
         for start in range(first, first + per_rank, micro_batch_size):
-            nll, n = summed_nll(engine, model_inputs(rows, device, slice(start, min(start + micro_batch_size,
-                                                                                    first + per_rank)), flat))
+            inputs = model_inputs(rows, device, slice(start, min(start + micro_batch_size, first + per_rank)), flat,
+                                  sequences=pairs)
+            sequence_ids = inputs.pop("sequence_ids", None)
+            nll, n = summed_nll(engine, inputs)
             total, count = total + nll, count + n
+            if sequence_ids is not None:
+                with torch.no_grad():
+                    _, got = objective.loss(engine, {**inputs, "sequence_ids": sequence_ids})
+                part_sums = [a + float(got[name]) for a, name in zip(part_sums, objective.parts)]
+                batches += 1
         sums += [total, count]
     engine.train()
     sums = across_ranks(sums)
@@ -217,6 +228,9 @@ def validate(engine, validation: Validation, micro_batch_size: int, device: torc
     weights = np.array([w for _, w, _ in validation])
     overall = float(np.dot(weights / weights.sum(), means))
     out = {M.VAL_LOSS: overall, M.VAL_PPL: perplexity(overall)}
+    if pairs:
+        *part_sums, batches = across_ranks([*part_sums, batches])
+        out.update({M.validation(name): total / max(batches, 1) for name, total in zip(objective.parts, part_sums)})
     if len(validation) > 1:
         for (name, _, _), mean in zip(validation, means):
             out[M.per_source(M.VAL_LOSS, name)] = mean

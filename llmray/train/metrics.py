@@ -97,6 +97,8 @@ def progress_line(m: dict, max_steps: int, started: float, first_step: int) -> s
         parts.append(f"MFU {100 * m[M.MFU]:.1f}%")
     if M.VAL_LOSS in m:
         parts.append(f"val {m[M.VAL_LOSS]:.4f} (ppl {m[M.VAL_PPL]:.1f})")
+    if M.validation(M.REWARDS_ACCURACIES) in m:
+        parts.append(f"val reward acc {100 * m[M.validation(M.REWARDS_ACCURACIES)]:.0f}%")
         per_source = per_source_val(m)
         if per_source:
             parts.append("val " + ", ".join(f"{name} {loss:.3f}" for name, loss in per_source.items()))

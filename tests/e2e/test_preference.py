@@ -1,11 +1,14 @@
 """Preference tuning on the real spine (Ray Data stream of packed pairs, Ray Train, DeepSpeed ZeRO on CPU): DPO with
 LoRA under ZeRO-2 against the base with its adapters off, and full DPO under ZeRO-3 against a frozen copy; both
-learn to rank the chosen answers above the rejected ones, and report TRL's metrics."""
+learn to rank the chosen answers above the rejected ones (held-out ones too) and report TRL's metrics; a worker
+SIGKILLed after the first checkpoint resumes with the same pairs and the same losses."""
 
 import json
+import threading
 
+import numpy as np
 import pytest
-from helpers import arithmetic_chats
+from helpers import arithmetic_chats, kill_worker_when_checkpointed
 
 from llmray import metric_names as M
 from llmray.recipe.load import load_recipe
@@ -27,19 +30,54 @@ def pairs(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("method,stage,reference", [("lora", 2, "adapters"), ("full", 3, "copy")])
-def test_dpo_learns_to_prefer_the_chosen_answers(model_dir, pairs, ray_cluster, tmp_path, method, stage, reference):
-    recipe = load_recipe("jobs/sft_tiny.yaml", [
-        f"model.pretrained={model_dir}", f"data.conversations={pairs}", f"run.storage_path={tmp_path}",
-        "run.name=dpo", "data.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=10",
-        "train.log_every=5", "train.eval_every=0", "train.checkpoint_every=10", "train.warmup_steps=1",
-        "train.schedule=constant", f"train.lr={1e-2 if method == 'lora' else 1e-3}", f"train.zero_stage={stage}",
-        f"finetune.method={method}", "finetune.lora.dropout=0.0", "preference.loss=dpo", "preference.beta=0.1"])
-    assert recipe.reference == reference
-    summary = fit(recipe)
+def dpo(model_dir, pairs, storage, name, method="lora", stage=2, *overrides):
+    return load_recipe("jobs/sft_tiny.yaml", [
+        f"model.pretrained={model_dir}", f"data.conversations={pairs}", f"run.storage_path={storage}",
+        f"run.name={name}", "data.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "train.max_steps=10", "train.log_every=5", "train.eval_every=0", "train.checkpoint_every=5",
+        "train.warmup_steps=1", "train.schedule=constant", f"train.lr={1e-2 if method == 'lora' else 1e-3}",
+        f"train.zero_stage={stage}", f"finetune.method={method}", "finetune.lora.dropout=0.0", "preference.loss=dpo",
+        "preference.beta=0.1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def lora_dpo(model_dir, pairs, ray_cluster, tmp_path_factory):
+    recipe = dpo(model_dir, pairs, tmp_path_factory.mktemp("dpo"), "ref", "lora", 2, "train.record_samples=true")
+    assert recipe.reference == "adapters"
+    return fit(recipe)
+
+
+def learned(summary) -> None:
+    """The run ranked the chosen answers first, more at its end than at its start, on its pairs and held-out ones."""
     assert summary.steps == 10 and summary.conversations["documents"] == 160
     history = read_state(summary.checkpoint).history
     first, last = history[0], history[-1]
     assert all(name in last for name in M.PREFERENCE)
     assert last[M.LOSS] < first[M.LOSS] - 0.05, [h[M.LOSS] for h in history]
     assert last[M.REWARDS_MARGINS] > first[M.REWARDS_MARGINS] and last[M.REWARDS_ACCURACIES] >= 0.75, history
+    # the held-out pairs (data.val_fraction), measured by the same objective at the end
+    assert last[M.validation(M.REWARDS_ACCURACIES)] >= 0.75 and last[M.validation(M.REWARDS_MARGINS)] > 0, last
+
+
+def test_lora_dpo_against_the_base_with_its_adapters_off(lora_dpo):
+    learned(lora_dpo)
+
+
+def test_full_dpo_under_zero3_against_a_frozen_copy(model_dir, pairs, ray_cluster, tmp_path):
+    recipe = dpo(model_dir, pairs, tmp_path, "full", "full", 3)
+    assert recipe.reference == "copy"
+    learned(fit(recipe))
+
+
+def test_killed_worker_resumes_with_the_same_pairs_and_losses(model_dir, pairs, lora_dpo, tmp_path):
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_worker_when_checkpointed, args=(tmp_path / "killed", killed), daemon=True)
+    killer.start()
+    summary = fit(dpo(model_dir, pairs, tmp_path, "killed", "lora", 2, "train.record_samples=true",
+                      "scaling.max_failures=1"))
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    state, ref = read_state(summary.checkpoint), read_state(lora_dpo.checkpoint)
+    assert len(state.resumes) == 1 and state.resumes[0]["step"] == 5
+    assert [s["samples"] for s in state.trace] == [s["samples"] for s in ref.trace]
+    np.testing.assert_allclose([s["loss"] for s in state.trace], [s["loss"] for s in ref.trace], rtol=0, atol=1e-6)
