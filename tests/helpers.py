@@ -62,6 +62,32 @@ def kill_worker_when_checkpointed(run_dir, killed):
         killed.append(workers[-1].pid)
 
 
+def fit_with_a_worker_killed(recipe):
+    """`fit(recipe)` while one of its Ray Train workers is SIGKILLed once the run's first checkpoint is recorded
+    (`recipe` must allow a failure: scaling.max_failures=1); fails when no worker was found to kill."""
+    import threading
+
+    from llmray.train.trainer import fit
+
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_worker_when_checkpointed, args=(recipe.run.folder, killed), daemon=True)
+    killer.start()
+    summary = fit(recipe)
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    return summary
+
+
+def assert_resumed_exactly(resumed, through, step: int) -> None:
+    """A run that lost a worker and resumed once, from its checkpoint at `step`, trained on the same samples with
+    losses within 1e-6 of the run that went through (both recorded with train.record_samples=true)."""
+    import numpy as np
+
+    assert len(resumed.resumes) == 1 and resumed.resumes[0]["step"] == step
+    assert [s["samples"] for s in resumed.trace] == [s["samples"] for s in through.trace]
+    np.testing.assert_allclose([s["loss"] for s in resumed.trace], [s["loss"] for s in through.trace], rtol=0, atol=1e-6)
+
+
 def arithmetic_chats(n: int, seed: int = 0) -> list[list[dict]]:
     """`n` short conversations (a question of adding two numbers, its answer), for fine-tuning tests."""
     import random

@@ -4,13 +4,12 @@ killed-worker exact resume for a LoRA run; QLoRA over a 4-bit bitsandbytes base,
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import arithmetic_chats, kill_worker_when_checkpointed, losses
+from helpers import arithmetic_chats, assert_resumed_exactly, fit_with_a_worker_killed, losses
 
 from llmray.export.folder import export
 from llmray.recipe.load import load_recipe
@@ -130,16 +129,9 @@ def test_resuming_with_another_method_is_refused_naming_it(model_dir, chats, lor
 
 
 def test_killed_lora_worker_resumes_exactly(model_dir, chats, lora_run, tmp_path):
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_worker_when_checkpointed, args=(tmp_path / "killed", killed), daemon=True)
-    killer.start()
-    summary = fit(sft(model_dir, chats, tmp_path, "killed", "train.record_samples=true", "scaling.max_failures=1"))
-    killer.join()
-    assert killed, "no training worker was found to kill"
-    state, ref = read_state(summary.checkpoint), read_state(lora_run["summary"].checkpoint)
-    assert len(state.resumes) == 1 and state.resumes[0]["step"] == 6
-    assert [s["samples"] for s in state.trace] == [s["samples"] for s in ref.trace]
-    np.testing.assert_allclose([s["loss"] for s in state.trace], [s["loss"] for s in ref.trace], rtol=0, atol=1e-6)
+    summary = fit_with_a_worker_killed(sft(model_dir, chats, tmp_path, "killed", "train.record_samples=true",
+                                           "scaling.max_failures=1"))
+    assert_resumed_exactly(read_state(summary.checkpoint), read_state(lora_run["summary"].checkpoint), step=6)
 
 
 def test_base_and_two_adapters_served_side_by_side_in_one_batch(model_dir, lora_run, tmp_path):
@@ -223,16 +215,8 @@ def test_qlora_trains_adapters_over_a_4bit_base_resumes_exactly_and_exports_merg
     n_lora = sum(v.numel() for k, v in module.items() if "lora_" in k)
     assert n_lora <= optimizer_elements(ref.checkpoint) <= n_lora + 1024 < sum(p.numel() for p in base.parameters()) // 10
 
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_worker_when_checkpointed, args=(tmp_path / "killed", killed), daemon=True)
-    killer.start()
-    again = fit(qlora(model_dir, chats, tmp_path, "killed", "scaling.max_failures=1"))
-    killer.join()
-    assert killed, "no training worker was found to kill"
-    state, through = read_state(again.checkpoint), read_state(ref.checkpoint)
-    assert len(state.resumes) == 1 and state.resumes[0]["step"] == 6
-    assert [s["samples"] for s in state.trace] == [s["samples"] for s in through.trace]
-    np.testing.assert_allclose([s["loss"] for s in state.trace], [s["loss"] for s in through.trace], rtol=0, atol=1e-6)
+    again = fit_with_a_worker_killed(qlora(model_dir, chats, tmp_path, "killed", "scaling.max_failures=1"))
+    assert_resumed_exactly(read_state(again.checkpoint), read_state(ref.checkpoint), step=6)
 
     info = export(ref.checkpoint, str(tmp_path / "merged"))
     assert info["finetune"] == "qlora"

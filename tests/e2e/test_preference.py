@@ -4,11 +4,9 @@ learn to rank the chosen answers above the rejected ones (held-out ones too) and
 SIGKILLed after the first checkpoint resumes with the same pairs and the same losses."""
 
 import json
-import threading
 
-import numpy as np
 import pytest
-from helpers import arithmetic_chats, kill_worker_when_checkpointed
+from helpers import arithmetic_chats, assert_resumed_exactly, fit_with_a_worker_killed
 
 from llmray import metric_names as M
 from llmray.recipe.load import load_recipe
@@ -70,14 +68,6 @@ def test_full_dpo_under_zero3_against_a_frozen_copy(model_dir, pairs, ray_cluste
 
 
 def test_killed_worker_resumes_with_the_same_pairs_and_losses(model_dir, pairs, lora_dpo, tmp_path):
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_worker_when_checkpointed, args=(tmp_path / "killed", killed), daemon=True)
-    killer.start()
-    summary = fit(dpo(model_dir, pairs, tmp_path, "killed", "lora", 2, "train.record_samples=true",
-                      "scaling.max_failures=1"))
-    killer.join()
-    assert killed, "no training worker was found to kill"
-    state, ref = read_state(summary.checkpoint), read_state(lora_dpo.checkpoint)
-    assert len(state.resumes) == 1 and state.resumes[0]["step"] == 5
-    assert [s["samples"] for s in state.trace] == [s["samples"] for s in ref.trace]
-    np.testing.assert_allclose([s["loss"] for s in state.trace], [s["loss"] for s in ref.trace], rtol=0, atol=1e-6)
+    summary = fit_with_a_worker_killed(dpo(model_dir, pairs, tmp_path, "killed", "lora", 2, "train.record_samples=true",
+                                           "scaling.max_failures=1"))
+    assert_resumed_exactly(read_state(summary.checkpoint), read_state(lora_dpo.checkpoint), step=5)
