@@ -28,6 +28,17 @@ def stdlib_corpus(vocab_size: int = 4000, copies: int = 1) -> tuple[str, str]:
     return str(shards), str(tok)
 
 
+def base_model(tokenizer_dir: str, out: str, seq_len: int, **shape) -> None:
+    """A random-init Llama of `shape` (hidden_size, num_hidden_layers, ...) with the tokenizer, saved to `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=seq_len, **shape)).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def emit(name: str, figures: dict) -> None:
     """Print the figures as JSON and keep them beside the script's other results."""
     out = Path(__file__).parent / "results"

@@ -18,7 +18,7 @@ import random
 import tempfile
 import time
 
-from common import emit, stdlib_corpus
+from common import base_model, emit, stdlib_corpus
 
 SEQ = 512
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024)
@@ -36,16 +36,6 @@ def conversations(n: int, seed: int = 0) -> list[list[dict]]:
                      {"role": "assistant", "content": f"{a} + {b} = {a + b}. The sum of {a} and {b} is {a + b}."}]
         out.append(conv)
     return out
-
-
-def base_model(tokenizer_dir: str, out: str) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=SEQ, **MODEL)).save_pretrained(out)
-    tok.save_pretrained(out)
 
 
 def spine(model_dir: str, chats: str, storage: str, method: str, steps: int) -> dict:
@@ -152,7 +142,7 @@ def main() -> None:
     convs = conversations(args.conversations)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, chats = os.path.join(tmp, "base"), os.path.join(tmp, "chats")
-        base_model(tok, model_dir)
+        base_model(tok, model_dir, SEQ, **MODEL)
         os.makedirs(chats)
         with open(os.path.join(chats, "train.jsonl"), "w") as f:
             f.writelines(json.dumps({"messages": c}) + "\n" for c in conversations(2000, seed=1))

@@ -21,7 +21,7 @@ import random
 import tempfile
 import time
 
-from common import emit, stdlib_corpus
+from common import base_model, emit, stdlib_corpus
 
 SEQ = 256
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024)
@@ -39,16 +39,6 @@ def pairs(n: int, seed: int = 0) -> list[dict]:
         out.append({"prompt": q, "chosen": [{"role": "assistant", "content": f"{a} + {b} = {right}."}],
                     "rejected": [{"role": "assistant", "content": f"{a} + {b} = {wrong}."}]})
     return out
-
-
-def base_model(tokenizer_dir: str, out: str) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=SEQ, **MODEL)).save_pretrained(out)
-    tok.save_pretrained(out)
 
 
 def pairs_per_row(model_dir: str, data: list[dict]) -> float:
@@ -120,7 +110,7 @@ def main() -> None:
     data = pairs(args.steps * 16 + 200)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, path = os.path.join(tmp, "base"), os.path.join(tmp, "pairs.jsonl")
-        base_model(tok, model_dir)
+        base_model(tok, model_dir, SEQ, **MODEL)
         with open(path, "w") as f:
             f.writelines(json.dumps(d) + "\n" for d in data)
         per_row = pairs_per_row(model_dir, data)
