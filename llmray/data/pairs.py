@@ -18,10 +18,14 @@ KEYS = ("chosen", "rejected")
 
 
 def detect_pair_format(obj: dict) -> str | None:
-    """`standard`, `conversational` or `implicit` for a record that is a preference pair, else None."""
+    """`standard`, `conversational` or `implicit` for a record that is a preference pair, else None. A record whose
+    sides are whole transcripts is implicit even beside a `prompt` (UltraFeedback's prompt string next to
+    [user, assistant] sides), as TRL's `maybe_extract_prompt` reads it."""
     if not isinstance(obj, dict) or not all(k in obj for k in KEYS):
         return None
-    if "prompt" not in obj:
+    chosen = obj["chosen"]
+    if "prompt" not in obj or (isinstance(chosen, list) and chosen and isinstance(chosen[0], dict)
+                               and chosen[0].get("role") != "assistant"):
         return "implicit"
     return "conversational" if isinstance(obj["prompt"], list) else "standard"
 

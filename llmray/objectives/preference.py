@@ -39,7 +39,7 @@ def pair_sums(values: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Te
     counts = torch.zeros(rows * width, dtype=values.dtype, device=values.device).index_add(
         0, index, counted.to(values.dtype))
     sums, counts = sums.view(rows, width), counts.view(rows, width)
-    present = counts[:, 1:-1:2] > 0
+    present = (counts[:, 1:-1:2] > 0) & (counts[:, 2::2] > 0)  # both sides have completion tokens
     return (sums[:, 1:-1:2][present], sums[:, 2::2][present], counts[:, 1:-1:2][present], counts[:, 2::2][present])
 
 
@@ -55,6 +55,9 @@ def preference_loss(cfg: PreferenceSettings, chosen: torch.Tensor, rejected: tor
     """The mean loss over the pairs and TRL's metrics, from each side's summed completion log-probabilities
     (policy, and reference unless reference-free) and completion lengths."""
     beta = cfg.beta
+    if not len(chosen):  # no whole pair in the micro-batch: nothing to learn, and no NaN
+        zero = chosen.sum()
+        return zero, {name: zero.detach().float() for name in M.PREFERENCE}
     if cfg.loss == "simpo":
         chosen_avg, rejected_avg = chosen / chosen_tokens, rejected / rejected_tokens
         losses = -F.logsigmoid(beta * (chosen_avg - rejected_avg) - cfg.simpo_gamma)

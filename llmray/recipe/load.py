@@ -46,13 +46,16 @@ def with_pinned_names(raw: dict, earlier: dict | None = None) -> dict:
     offline and not cached) raises hub.HubError naming the key. Where `earlier` (the recipe of a checkpoint being
     continued) pinned the same name, its commit is kept: a resumed run reads what it started on."""
     pins: dict[str, str] = {}
+    before: list[tuple[str, str]] = []  # (key, value) of every name `earlier` holds, lists and sources included
+    if earlier:
+        map_keys(earlier, MODEL_KEYS + DATASET_KEYS, lambda value, key: before.append((key, value)) or value)
 
     def pin(value, key: str):
         if not isinstance(value, str):
             return value
-        before = _get(earlier, key) if earlier else None
-        if isinstance(before, str) and before != value and _same_name(value, before):
-            return before
+        kept = [b for k, b in before if k == key and isinstance(b, str) and _same_name(value, b)]
+        if kept:
+            return kept[0]
         if value not in pins:
             pins[value] = hub.pinned_uri(value, key) if key in DATASET_KEYS else hub.pinned(value, key)
         return pins[value]
@@ -69,15 +72,6 @@ def _same_name(value: str, pinned: str) -> bool:
         (repo, rev), (repo2, rev2) = hub.split_id(value), hub.split_id(pinned)
         return rev is None and repo == repo2 and rev2 is not None
     return False
-
-
-def _get(raw: dict, dotted: str):
-    node = raw
-    for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
 
 
 def map_keys(raw: dict, keys: tuple[str, ...], fn) -> dict:

@@ -157,10 +157,11 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     return recipe_from_dict(with_absolute_paths(recipe.model_dump(mode="json")))
 
 
-def pinned_names(recipe: Recipe, resume_from: str | None = None) -> Recipe:
+def pinned_names(recipe: Recipe, resume_from: str | None = None, fresh: bool = False) -> Recipe:
     """Hub names fixed to the commit they name now, before Ray starts: a name that is unknown, or offline and not
     cached, stops the run here in one line. A continued run keeps the commits its checkpoint was trained on."""
-    return recipe_from_dict(with_pinned_names(recipe.model_dump(mode="json"), resume.earlier_recipe(recipe, resume_from)))
+    earlier = None if fresh else resume.earlier_recipe(recipe, resume_from)
+    return recipe_from_dict(with_pinned_names(recipe.model_dump(mode="json"), earlier))
 
 
 def hub_env(recipe: Recipe) -> dict[str, str]:
@@ -210,7 +211,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     TuneReportCallback); `cpus_available`: the CPUs this run may budget from (default: the whole cluster's)."""
     if resume_from and not storage.is_uri(resume_from):
         resume_from = os.path.abspath(resume_from)
-    recipe = pinned_names(absolute_paths(recipe), resume_from)
+    recipe = pinned_names(absolute_paths(recipe), resume_from, fresh)
     check_pruned(recipe)
     if recipe.model.pretrained is not None:  # a missing or unreadable folder is named before anything else
         build_config(recipe.model, 0)

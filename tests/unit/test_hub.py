@@ -171,13 +171,17 @@ def test_a_resumed_run_keeps_the_commits_it_started_on(online, model_dir, tmp_pa
 
     first = online.add("models", "org/tiny", model_dir)
     data = online.add("datasets", "org/qa", qa_dataset(tmp_path / "qa"))
-    raw = {"model": {"pretrained": "org/tiny"}, "data": {"conversations": ["hf://datasets/org/qa/main"]}}
+    raw = {"model": {"pretrained": "org/tiny"}, "data": {"conversations": ["hf://datasets/org/qa/main"],
+                                                         "sources": [{"name": "qa", "shards": "hf://datasets/org/qa"}]}}
     pinned = with_pinned_names(raw)
     assert pinned["model"]["pretrained"] == f"org/tiny@{first}"
     assert pinned["data"]["conversations"] == [f"hf://datasets/org/qa@{data}/main"]
+    assert pinned["data"]["sources"][0]["shards"] == f"hf://datasets/org/qa@{data}"
     moved = online.add("models", "org/tiny", card_folder(tmp_path))
-    assert with_pinned_names(raw)["model"]["pretrained"] == f"org/tiny@{moved}"
-    assert with_pinned_names(raw, earlier=pinned) == pinned  # continuing: the checkpoint's commits
+    data_moved = online.add("datasets", "org/qa", card_folder(tmp_path))
+    now = with_pinned_names(raw)
+    assert now["model"]["pretrained"] == f"org/tiny@{moved}" and data_moved in now["data"]["sources"][0]["shards"]
+    assert with_pinned_names(raw, earlier=pinned) == pinned  # continuing: the checkpoint's commits, lists included
     asked = {**raw, "model": {"pretrained": f"org/tiny@{moved}"}}  # a revision the user names is theirs
     assert with_pinned_names(asked, earlier=pinned)["model"]["pretrained"] == f"org/tiny@{moved}"
 

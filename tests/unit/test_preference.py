@@ -39,8 +39,13 @@ def test_the_formats_people_have_become_one_pair(tmp_path):
     hh = write(tmp_path / "hh.jsonl", [{"chosen": [*conversational(q, c, r)["prompt"], {"role": "assistant", "content": c}],
                                         "rejected": [*conversational(q, c, r)["prompt"],
                                                      {"role": "assistant", "content": r}]} for q, c, r in PAIRS])
-    read = [[pair for _, pair, _ in read_conversations(str(p), pairs=True)] for p in (standard, conv, hh)]
-    assert read[0] == read[1] == read[2] == [conversational(*p) for p in PAIRS]
+    # UltraFeedback: a prompt string beside whole [user, assistant] transcripts
+    uf = write(tmp_path / "uf.jsonl", [{"prompt": q, "chosen": [*conversational(q, c, r)["prompt"],
+                                                              {"role": "assistant", "content": c}],
+                                        "rejected": [*conversational(q, c, r)["prompt"],
+                                                     {"role": "assistant", "content": r}]} for q, c, r in PAIRS])
+    read = [[pair for _, pair, _ in read_conversations(str(p), pairs=True)] for p in (standard, conv, hh, uf)]
+    assert read[0] == read[1] == read[2] == read[3] == [conversational(*p) for p in PAIRS]
     text = write(tmp_path / "text_hh.jsonl", [{"chosen": "\n\nHuman: hi\n\nAssistant: hello there",
                                                "rejected": "\n\nHuman: hi\n\nAssistant: go away"}])
     (_, pair, _), = read_conversations(str(text), pairs=True)
@@ -97,6 +102,16 @@ def test_losses_on_hand_set_log_probabilities():
     simpo, m = preference_loss(PreferenceSettings(loss="simpo", beta=2.0, simpo_gamma=0.5), c, r, None, None, nc, nr)
     want = [-math.log(sig(2.0 * (c[i] / nc[i] - r[i] / nr[i]).item() - 0.5)) for i in range(2)]
     assert simpo.item() == pytest.approx(sum(want) / 2) and m[M.REWARDS_CHOSEN].item() == pytest.approx(2 * (-2 - 2.25) / 2)
+
+
+def test_a_pair_counts_only_with_both_sides_and_an_empty_batch_is_no_nan():
+    values = torch.tensor([[0.0, -1.0, -2.0, 0.0, 0.0, -4.0, -3.0]])
+    labels = torch.tensor([[-100, 5, 5, -100, -100, 5, 5]])
+    sequence_ids = torch.tensor([[1, 1, 1, 2, 3, 3, 4]])  # pair 1's rejected side has no completion token
+    c, r, nc, nr = pair_sums(values, labels, sequence_ids)
+    assert c.tolist() == [-4.0] and r.tolist() == [-3.0] and nc.tolist() == [1.0] and nr.tolist() == [1.0]
+    loss, metrics = preference_loss(PreferenceSettings(loss="ipo"), c[:0], r[:0], c[:0], r[:0], nc[:0], nr[:0])
+    assert loss.item() == 0.0 and not any(math.isnan(v.item()) for v in metrics.values())
 
 
 def test_pairs_are_packed_whole_and_summed_per_side(corpus):
