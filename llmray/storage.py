@@ -64,6 +64,13 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else str(Path(base, *parts))
 
 
+def inside(path: str, base: str) -> str:
+    """`path`'s place under the folder `base` (`sub/file`); "" when it is `base` itself or not under it. What names a
+    file the same wherever its folder is kept (a copy, object storage, the Hub, a cache)."""
+    base = base.rstrip("/")
+    return path[len(base) + 1:] if path.startswith(base + "/") else ""
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 

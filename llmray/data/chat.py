@@ -105,8 +105,7 @@ def conversation_files(paths: list[str], split: str | None = None) -> list[tuple
             continue
         if info.type.name != "Directory":
             raise ChatDataError(f"data.conversations: {path} does not exist")
-        root = p.rstrip("/") + "/"
-        found = sorted(((f.path[len(root):], f) for f in storage.list_files(fs, p)
+        found = sorted(((storage.inside(f.path, p), f) for f in storage.list_files(fs, p)
                         if f.base_name.endswith(FILE_SUFFIXES)), key=lambda nf: nf[0])
         if split is not None:
             found = [(n, f) for n, f in found if in_split(n, split)]

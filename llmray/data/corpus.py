@@ -63,5 +63,5 @@ def _uri(location: str, resolved: str, found: str) -> str:
     (a Hub dataset read from this node's cache, offline, is named by its hf:// path, not the cache's)."""
     if not storage.is_uri(location):
         return found
-    inside = found[len(resolved.rstrip("/")):].lstrip("/")
+    inside = storage.inside(found, resolved)
     return storage.join(location.rstrip("/"), inside) if inside else location

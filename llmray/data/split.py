@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal
 
+from llmray import storage
 from llmray.recipe.schema import DataSettings, Recipe, default
 
 VAL_BUCKETS = 10_000
@@ -36,8 +37,7 @@ class Documents:
     def row_id(self, path: str, row: int) -> str:
         """The doc_id of row `row` of a shard without a doc_id column: the file's path inside `location`, and the
         row. Where the files are kept (a copy, the Hub, a cache) does not move a document in or out of the split."""
-        inside = path[len(self.location.rstrip("/")):].lstrip("/") if path.startswith(self.location) else ""
-        return f"{inside or posixpath.basename(path)}#{row}"
+        return f"{storage.inside(path, self.location) or posixpath.basename(path)}#{row}"
 
 
 @dataclass(frozen=True)

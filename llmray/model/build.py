@@ -78,6 +78,15 @@ def build_model(cfg: ModelSettings, vocab_size: int, dtype: torch.dtype = torch.
     return model
 
 
+def frozen(name: str, what: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A model held fixed beside the one training (a distillation teacher, a preference reference copy): loaded
+    (a Hub id or s3:// folder once per node) in the training's precision onto this rank's device, in eval mode,
+    with no gradients."""
+    model = AutoModelForCausalLM.from_pretrained(storage.local_folder(name, what), dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
 def inference_device(device: str | None = None) -> torch.device:
     """The device a model is measured or served on: as asked, else the GPU when there is one."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -40,12 +40,10 @@ class Distillation:
     parts = (M.LM_LOSS, M.DISTILL_KL)
 
     def __init__(self, cfg: DistillSettings, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoModelForCausalLM
+        from llmray.model.build import frozen
 
         self.cfg = cfg
-        folder = storage.local_folder(cfg.teacher, "distill.teacher")
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-        self.model.requires_grad_(False)
+        self.model = frozen(cfg.teacher, "distill.teacher", device, dtype)
 
     def loss(self, engine, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the loss to minimise, its reported parts) of one micro-batch."""

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from llmray import metric_names as M
-from llmray import storage
 from llmray.data.template import IGNORE_INDEX
 from llmray.recipe.schema import PreferenceSettings, Recipe
 
@@ -88,12 +87,10 @@ class Preference:
     def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype):
         self.cfg, self.mode = recipe.preference, recipe.reference
         self.copy = None
-        if self.mode == "copy":  # frozen, replicated on every rank (a partitioned copy is not built)
-            from transformers import AutoModelForCausalLM
+        if self.mode == "copy":  # replicated on every rank (a partitioned copy is not built)
+            from llmray.model.build import frozen
 
-            folder = storage.local_folder(recipe.model.pretrained, "model.pretrained")
-            self.copy = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-            self.copy.requires_grad_(False)
+            self.copy = frozen(recipe.model.pretrained, "model.pretrained", device, dtype)
 
     def reference_sums(self, engine, inputs: dict, sequence_ids: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         if self.mode == "none":

@@ -334,11 +334,6 @@ PRUNE_METHODS = ("depth", "width", "magnitude", "wanda")
 SPARSE_METHODS = ("magnitude", "wanda")
 
 
-PREFERENCE_LOSSES = {
-    "dpo": "DPO's sigmoid loss on the policy's and reference's log-ratio margin (beta; label_smoothing: cDPO)",
-    "ipo": "IPO: the squared distance of the length-averaged log-ratio margin from 1/(2 beta)",
-    "simpo": "SimPO, reference-free: the length-averaged log-probability margin, beta-scaled, less gamma",
-}
 REFERENCE_FREE = ("simpo",)
 
 
@@ -435,8 +430,8 @@ class Recipe(Strict):
         """Where a preference run's reference log-probabilities come from ("none" without one); see
         PreferenceSettings.reference."""
         p = self.preference
-        if p is None or p.loss in REFERENCE_FREE:
-            return "none" if p is None or p.reference in ("auto", "none") else p.reference
+        if p is None or p.loss in REFERENCE_FREE:  # _preference_checks refuses a reference these would not read
+            return "none"
         if p.reference != "auto":
             return p.reference
         return "adapters" if self.trains_adapters else "copy"
