@@ -26,9 +26,10 @@ from llmray.data.split import Documents
 from llmray.data.template import IGNORE_INDEX
 
 # the columns of a row the model takes (labels and position ids only for conversations and pairs; sequence ids only
-# for pairs: they say which tokens belong to which side of which pair); a row also carries its id: source, epoch,
-# piece, sample
-MODEL_INPUTS = ("input_ids", "labels", "position_ids", "sequence_ids")
+# for pairs: they say which tokens belong to which side of which pair; reference log-probabilities only for pairs
+# whose reference was precomputed); a row also carries its id: source, epoch, piece, sample
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "sequence_ids", "reference_logps")
+PACKED = MODEL_INPUTS[:4]  # what packing makes (sequence ids only when numbered)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class StreamSpec:
     # pair (JSON prompt/chosen/rejected: rows also carry sequence ids)
     documents: Literal["text", "conversations", "pairs"] = "text"
     document_masking: bool = False  # text rows carry position ids restarting at each document (data.document_masking)
+    # pairs: each source's precomputed reference log-probabilities (a Parquet file of `reference_sums`, one per
+    # source; objectives/reference.py writes them), which rows then carry as `reference_logps`
+    reference: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, parts: list[tuple[str, float, Documents]], tokenizer: str, seq_len: int, seed: int, batch_docs: int,
@@ -141,6 +145,9 @@ class Packer:
         source = self.spec.sources[index]
         packed = self.piece(source, source.pieces[piece])
         n = len(packed["input_ids"])
+        if self.spec.reference is not None:
+            packed["reference_logps"] = reference_column(packed["sequence_ids"],
+                                                         reference_sums(self.spec.reference[index]), piece)
         return {**packed, "source": np.full(n, index, dtype=np.int32),
                 "epoch": np.full(n, epoch, dtype=np.int32),
                 "piece": np.full(n, source.first_piece + piece, dtype=np.int64),
@@ -259,7 +266,7 @@ def pack_whole(units: list[list[tuple[np.ndarray, np.ndarray]]], seq_len: int, p
     each sequence and for the padding, which is how transformers keeps packed sequences from attending to each
     other (`find_packed_sequence_indices`). `numbered`: also `sequence_ids`, each sequence's number in its row
     (1, 2, ... in order; 0 for padding)."""
-    keys = MODEL_INPUTS if numbered else MODEL_INPUTS[:3]
+    keys = PACKED if numbered else PACKED[:3]
     rows: dict[str, list] = {k: [] for k in keys}
     row: dict[str, list] = {k: [] for k in keys}
 
@@ -291,3 +298,33 @@ def pack_whole(units: list[list[tuple[np.ndarray, np.ndarray]]], seq_len: int, p
     if not rows["input_ids"]:
         return {k: np.zeros((0, seq_len), dtype=np.int32) for k in keys}
     return {k: np.stack(v) for k, v in rows.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def reference_sums(path: str) -> dict[tuple[int, int], np.ndarray]:
+    """A source's precomputed reference log-probabilities, read once per process: (piece, sample) of a packed row
+    -> the sum over each of its sequences' completion tokens, in sequence-id order (1, 2, ...)."""
+    fs, p = storage.resolve(path)
+    with fs.open_input_file(p) as f:
+        table = pq.read_table(f)
+    return {(int(piece), int(sample)): np.asarray(sums, dtype=np.float32) for piece, sample, sums in
+            zip(table.column("piece").to_pylist(), table.column("sample").to_pylist(), table.column("sums").to_pylist())}
+
+
+def reference_column(sequence_ids: np.ndarray, sums: dict[tuple[int, int], np.ndarray], piece: int) -> np.ndarray:
+    """(n, seq_len) float32: each sequence's reference sum at its first token, 0 elsewhere, so that the loss's
+    per-sequence sums (`objectives.preference.pair_sums`) read it back exactly as if the reference had run."""
+    out = np.zeros(sequence_ids.shape, dtype=np.float32)
+    for sample, ids in enumerate(sequence_ids):
+        try:
+            row = sums[(piece, sample)]
+        except KeyError:
+            raise RuntimeError(f"the precomputed reference log-probabilities hold no row {sample} of piece {piece}: "
+                               "the cache does not match the data (delete the run's reference/ folder)") from None
+        starts = np.flatnonzero(np.diff(ids, prepend=0) != 0)
+        starts = starts[ids[starts] > 0]
+        if len(starts) != len(row):
+            raise RuntimeError(f"piece {piece} row {sample} packs {len(starts)} sequences, its precomputed reference "
+                               f"{len(row)}: the cache does not match the data (delete the run's reference/ folder)")
+        out[sample, starts] = row[ids[starts] - 1]
+    return out

@@ -32,8 +32,10 @@ class NextToken:
         return engine(**inputs).loss, {}
 
 
-def for_recipe(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Objective:
-    """The recipe's objective, built on this rank (`dtype`: the engine's compute precision, for a teacher)."""
+def for_recipe(recipe: Recipe, device: torch.device, dtype: torch.dtype,
+               reference: torch.nn.Module | None = None) -> Objective:
+    """The recipe's objective, built on this rank (`dtype`: the engine's compute precision, for a teacher;
+    `reference`: a preference reference copy training has built, partitioned under ZeRO-3)."""
     if recipe.distill is not None:
         from llmray.objectives.distill import Distillation
 
@@ -41,5 +43,5 @@ def for_recipe(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Obje
     if recipe.preference is not None:
         from llmray.objectives.preference import Preference
 
-        return Preference(recipe, device, dtype)
+        return Preference(recipe, device, dtype, reference)
     return NextToken()

@@ -4,7 +4,8 @@ A micro-batch's rows hold whole pairs (`data.pack.pair_rows`): each side is prom
 sequence, labelled on its completion, numbered in `sequence_ids` (2k+1 chosen, 2k+2 rejected). Chosen and rejected
 go through one forward pass; each side's log-probability is summed over its completion tokens. The reference's
 come from the same rows under no_grad: the base with the LoRA adapters off (no second copy), or a frozen copy of
-model.pretrained on every rank. The formulas and the reported rewards are TRL's (DPOTrainer: sigmoid, ipo;
+model.pretrained on every rank; or they stream with the rows, precomputed once before training
+(`objectives/reference.py`). The formulas and the reported rewards are TRL's (DPOTrainer: sigmoid, ipo;
 CPOTrainer: simpo), checked against it in tests/unit/test_preference.py.
 """
 
@@ -84,17 +85,22 @@ class Preference:
 
     parts = M.PREFERENCE
 
-    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype):
+    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype, copy: torch.nn.Module | None = None):
+        """`copy`: the reference copy where training built it (ZeRO-3: partitioned across the ranks); else, in copy
+        mode, one whole copy is loaded on this rank."""
         self.cfg, self.mode = recipe.preference, recipe.reference
-        self.copy = None
-        if self.mode == "copy":  # replicated on every rank (a partitioned copy is not built)
+        self.copy = copy
+        if self.mode == "copy" and copy is None:
             from llmray.model.build import frozen
 
             self.copy = frozen(recipe.model.pretrained, "model.pretrained", device, dtype)
 
-    def reference_sums(self, engine, inputs: dict, sequence_ids: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def reference_sums(self, engine, inputs: dict, sequence_ids: torch.Tensor,
+                       precomputed: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
         if self.mode == "none":
             return None
+        if self.mode == "precomputed":  # streamed with the rows (objectives/reference.py): no reference here
+            return pair_sums(precomputed, inputs["labels"], sequence_ids)
         with torch.no_grad():
             if self.mode == "copy":
                 return side_sums(self.copy, inputs, sequence_ids)
@@ -103,8 +109,10 @@ class Preference:
 
     def loss(self, engine, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = dict(inputs)
-        sequence_ids = inputs.pop("sequence_ids")
-        reference = self.reference_sums(engine, inputs, sequence_ids)
+        sequence_ids, precomputed = inputs.pop("sequence_ids"), inputs.pop("reference_logps", None)
+        if self.mode == "precomputed" and precomputed is None:
+            raise RuntimeError("preference.reference=precomputed, but the rows carry no reference log-probabilities")
+        reference = self.reference_sums(engine, inputs, sequence_ids, precomputed)
         chosen, rejected, chosen_tokens, rejected_tokens = side_sums(engine, inputs, sequence_ids)
         ref_chosen, ref_rejected = (reference[0], reference[1]) if reference is not None else (None, None)
         return preference_loss(self.cfg, chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)

@@ -345,9 +345,11 @@ class PreferenceSettings(Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # dpo: the share of pairs assumed mislabelled (cDPO)
     simpo_gamma: float = 0.5  # simpo: the target margin gamma
     # where the reference's log-probabilities come from: the base with the adapters off (LoRA/QLoRA: no second
-    # copy), a frozen copy of model.pretrained on every rank, or none (reference-free losses); auto: adapters for
-    # LoRA/QLoRA, copy for full fine-tuning, none for simpo
-    reference: Literal["auto", "adapters", "copy", "none"] = "auto"
+    # copy); a frozen copy of model.pretrained (partitioned across the ranks under ZeRO-3, else on every rank);
+    # precomputed once by a Ray Data pass before training (no reference held while training; cached in the run
+    # folder, reused on resume); or none (reference-free losses). auto: adapters for LoRA/QLoRA, copy for full
+    # fine-tuning, none for simpo
+    reference: Literal["auto", "adapters", "copy", "precomputed", "none"] = "auto"
 
 
 class PruneSettings(Strict):
@@ -451,7 +453,8 @@ class Recipe(Strict):
                              "hold a reference it never reads (set it to none or auto)")
         if p.loss not in REFERENCE_FREE and p.reference == "none":
             raise ValueError(f"preference.loss={p.loss} measures the policy against a reference; "
-                             "preference.reference=none turns it off (use adapters, copy or auto, or loss simpo)")
+                             "preference.reference=none turns it off (use adapters, copy, precomputed or auto, or loss "
+                             "simpo)")
         if p.reference == "adapters" and not self.trains_adapters:
             raise ValueError("preference.reference=adapters is the base with the LoRA adapters off; finetune.method="
                              f"{self.finetune.method} trains no adapters (use copy)")

@@ -19,7 +19,8 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
     no row's last token learns to predict the next row's first: the same loss terms as row by row.
 
     `sequences`: also the rows' `sequence_ids` (preference pairs), for the objective, not the forward; made unique
-    across the rows when they are flattened into one (the parity of each id, chosen or rejected, kept)."""
+    across the rows when they are flattened into one (the parity of each id, chosen or rejected, kept); and their
+    `reference_logps` where the reference was precomputed."""
     def tensor(name: str) -> torch.Tensor:  # a copy: Ray's arrays are read-only
         return torch.from_numpy(np.array(batch[name][rows], dtype=np.int64)).to(device, non_blocking=True)
 
@@ -33,6 +34,9 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
             offset = 2 * ids_of.shape[1] * torch.arange(ids_of.shape[0], device=ids_of.device).unsqueeze(1)
             ids_of = torch.where(ids_of > 0, ids_of + offset, ids_of)
         out["sequence_ids"] = ids_of
+        if "reference_logps" in batch:  # float: each sequence's precomputed reference sum, on its first token
+            out["reference_logps"] = torch.from_numpy(np.array(batch["reference_logps"][rows], dtype=np.float32)).to(
+                device, non_blocking=True)
     if "position_ids" in batch:
         out["position_ids"] = tensor("position_ids")
         if flat:

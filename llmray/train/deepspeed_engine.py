@@ -12,7 +12,7 @@ import torch
 
 from llmray import logs
 from llmray.cuda_arch import fix_arch_list
-from llmray.model.build import build_model
+from llmray.model.build import build_model, frozen
 from llmray.model.flops import count_params, flops_per_token
 from llmray.model.lora import four_bit, prepare_four_bit, trainable, with_lora
 from llmray.prune.sparse import keep_zeros
@@ -89,6 +89,28 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
             lr_scheduler=None if "scheduler" in ds_config else make_scheduler(t))
     fast.gather_lm_head_for_liger(engine, kernels, t.zero_stage == 3)
     return engine, facts
+
+
+def partitioned_reference(recipe: Recipe, device: torch.device, announce: bool) -> torch.nn.Module | None:
+    """Under ZeRO-3, the preference reference's frozen copy of model.pretrained partitioned across the ranks as the
+    policy is (each holds 1/world of it), in a DeepSpeed engine whose forward gathers each layer as it goes (TRL's
+    `prepare_deepspeed` does the same); None elsewhere: the objective holds a whole copy on each rank."""
+    if recipe.reference != "copy" or not builds_partitioned(recipe):
+        return None
+    precision = resolve_precision(recipe, device.type == "cuda" and torch.cuda.is_bf16_supported())
+    ds_config = {k: v for k, v in deepspeed_config(recipe, precision).items() if k not in ("optimizer", "scheduler")}
+    ds_config["zero_optimization"] = {k: v for k, v in ds_config["zero_optimization"].items()
+                                      if not k.startswith("offload_optimizer")}
+    with partitioned_construction(recipe, ds_config):
+        model = frozen(recipe.model.pretrained, "model.pretrained", device,
+                       torch.bfloat16 if precision == "bf16" else torch.float32)
+    with logs.hush_stdout():
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    if announce:
+        held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
+        print(f"[llmray] preference reference: a frozen copy partitioned by ZeRO-3 ({held:,} of "
+              f"{count_params(model):,} weights on this rank)", flush=True)
+    return engine.eval()
 
 
 def builds_partitioned(recipe: Recipe) -> bool:

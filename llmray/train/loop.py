@@ -22,7 +22,7 @@ from llmray.objectives.objective import Objective, for_recipe
 from llmray.recipe.schema import Recipe
 from llmray.train import checkpoint
 from llmray.train.batch import model_inputs
-from llmray.train.deepspeed_engine import build_engine, device_for
+from llmray.train.deepspeed_engine import build_engine, device_for, partitioned_reference
 from llmray.train.downstream import evaluate_tasks
 from llmray.train.metrics import Window, progress_line
 from llmray.train.resume import Restore
@@ -63,7 +63,8 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     restore = Restore(resume_dir, world, t.zero_stage) if resume_dir is not None else None
     engine, facts = build_engine(recipe, len(tokenizer), device, restore is not None and restore.universal, talk)
-    objective = for_recipe(recipe, device, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
+    objective = for_recipe(recipe, device, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32,
+                           partitioned_reference(recipe, device, talk))
     state = TrainState(world_size=world, n_params=facts.n_params, vocab_size=len(tokenizer),
                        recipe=recipe.model_dump(mode="json"))
     if restore is not None:
@@ -213,12 +214,12 @@ def validate(engine, validation: Validation, micro_batch_size: int, device: torc
         for start in range(first, first + per_rank, micro_batch_size):
             inputs = model_inputs(rows, device, slice(start, min(start + micro_batch_size, first + per_rank)), flat,
                                   sequences=pairs)
-            sequence_ids = inputs.pop("sequence_ids", None)
+            for_objective = {k: inputs.pop(k) for k in ("sequence_ids", "reference_logps") if k in inputs}
             nll, n = summed_nll(engine, inputs)
             total, count = total + nll, count + n
-            if sequence_ids is not None:
+            if for_objective:
                 with torch.no_grad():
-                    _, got = objective.loss(engine, {**inputs, "sequence_ids": sequence_ids})
+                    _, got = objective.loss(engine, {**inputs, **for_objective})
                 part_sums = [a + float(got[name]) for a, name in zip(part_sums, objective.parts)]
                 batches += 1
         sums += [total, count]

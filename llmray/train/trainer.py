@@ -31,6 +31,7 @@ from llmray.model import lineage
 from llmray.model.build import build_config
 from llmray.model.lora import check_qlora, check_targets
 from llmray.objectives.distill import check_teacher
+from llmray.objectives.reference import precompute
 from llmray.recipe.load import recipe_from_dict, with_absolute_paths, with_pinned_names
 from llmray.recipe.schema import Recipe, RecipeError
 from llmray.train import checkpoint, resume
@@ -193,6 +194,18 @@ def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]
     return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})}), conversion
 
 
+def with_precomputed_reference(recipe: Recipe, train_spec: StreamSpec, val_specs: list, cpus_per_worker: float
+                               ) -> tuple[StreamSpec, list]:
+    """The streams with the reference's log-probabilities attached, computed first (or found cached in the run
+    folder) by a Ray Data pass whose actors take the resources the Train workers will have once it is done."""
+    s = recipe.scaling
+    specs = precompute(
+        [train_spec] + [spec for _, _, spec in val_specs], recipe.run.folder, recipe.model.pretrained,
+        resolve_precision(recipe, bf16_supported=True), actors=s.num_workers, cpus_per_actor=cpus_per_worker,
+        gpus_per_actor=s.gpus_per_worker if s.use_gpu else 0, batch_rows=recipe.train.micro_batch_size, env=hub.env())
+    return specs[0], [(name, weight, spec) for (name, weight, _), spec in zip(val_specs, specs[1:])]
+
+
 def check_pruned(recipe: Recipe) -> None:
     """Training never prunes: a recipe's `prune:` block is resolved before `fit` (its model.pretrained is the
     pruned copy, whose lineage records the block). Refused otherwise, rather than training the unpruned model."""
@@ -226,6 +239,8 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     per_worker, per_task = cpu_budget(recipe, cpus_available or ray.cluster_resources().get("CPU", 1))
     train_spec = dataclasses.replace(train_spec, cpus_per_task=per_task)
+    if recipe.reference == "precomputed":
+        train_spec, val_specs = with_precomputed_reference(recipe, train_spec, val_specs, per_worker)
 
     d, t, s = recipe.data, recipe.train, recipe.scaling
     validation = []  # (source, weight, samples in the object store)

@@ -71,3 +71,24 @@ def test_killed_worker_resumes_with_the_same_pairs_and_losses(model_dir, pairs, 
     summary = fit_with_a_worker_killed(dpo(model_dir, pairs, tmp_path, "killed", "lora", 2, "train.record_samples=true",
                                            "scaling.max_failures=1"))
     assert_resumed_exactly(read_state(summary.checkpoint), read_state(lora_dpo.checkpoint), step=5)
+
+
+def test_a_precomputed_reference_trains_as_the_adapters_off_and_is_reused_on_resume(model_dir, pairs, lora_dpo,
+                                                                                     tmp_path, capfd):
+    """The Ray Data pass's reference log-probabilities are the LoRA base's own (the policy at step 0): the run's
+    losses and rewards are those of the adapters-off run, to float rounding. Continued, the run reads them back."""
+    recipe = dpo(model_dir, pairs, tmp_path, "pre", "lora", 2, "preference.reference=precomputed")
+    summary = fit(recipe)
+    cached = sorted((tmp_path / "pre" / "reference").glob("*.parquet"))
+    assert len(cached) == 2  # the training pairs and the held-out ones
+    ours, theirs = read_state(summary.checkpoint).history, read_state(lora_dpo.checkpoint).history
+    for a, b in zip(ours, theirs, strict=True):
+        for name in (M.LOSS, M.REWARDS_MARGINS, M.REWARDS_ACCURACIES, M.validation(M.REWARDS_MARGINS)):
+            if name in b:
+                assert abs(a[name] - b[name]) < 1e-4, (name, a, b)
+    written = {p: p.stat().st_mtime_ns for p in cached}
+    capfd.readouterr()
+    more = fit(dpo(model_dir, pairs, tmp_path, "pre", "lora", 2, "preference.reference=precomputed",
+                   "train.max_steps=12"))
+    assert more.steps == 12 and "reference log-probabilities: reusing" in capfd.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in cached} == written

@@ -149,6 +149,34 @@ def tiny_pair(corpus):
     return tok, policy, ref
 
 
+def test_a_precomputed_reference_reads_back_as_if_it_had_run(tiny_pair):
+    """The batch-inference pass's per-sequence sums, put back on the rows by the stream, give the loss the same
+    reference log-probabilities as the reference model run in place (row by row there, as a micro-batch here)."""
+    import numpy as np
+
+    from llmray.data.pack import reference_column
+    from llmray.objectives.reference import sequence_sums
+
+    tok, _, ref = tiny_pair
+    rows = pair_rows(tok, [conversational(*p) for p in PAIRS] * 3, 64)
+    assert len(rows["input_ids"]) > 1  # several rows, so a row's sums cannot land in another's
+    sums = {(7, k): row for k, row in enumerate(sequence_sums(ref, rows, torch.device("cpu")))}
+    column = reference_column(rows["sequence_ids"], sums, 7)
+    inputs = model_inputs({**rows, "reference_logps": column}, torch.device("cpu"), sequences=True)
+    sequence_ids, precomputed = inputs.pop("sequence_ids"), inputs.pop("reference_logps")
+    with torch.no_grad():
+        in_place = side_sums(ref, inputs, sequence_ids)
+    streamed = pair_sums(precomputed, inputs["labels"], sequence_ids)
+    assert len(streamed[0]) > len(PAIRS)
+    for a, b in zip(streamed, in_place):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a, b)
+    with pytest.raises(RuntimeError, match="row 0 of piece 8"):  # a cache that does not match the data
+        reference_column(rows["sequence_ids"], sums, 8)
+    sums[(7, 0)] = np.zeros(1, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="packs .* sequences, its precomputed reference 1"):
+        reference_column(rows["sequence_ids"], sums, 7)
+
+
 @pytest.mark.parametrize("loss", ["dpo", "ipo"])
 def test_loss_and_rewards_equal_trls_dpo_trainer(tiny_pair, loss):
     from datasets import Dataset
