@@ -1,10 +1,11 @@
 """What preference tuning costs, per reference mode, and beside TRL.
 
 1. DPO through the real spine (`llmray.train.trainer.fit`: Ray Data stream of packed pairs, Ray Train, DeepSpeed
-   ZeRO-2, 2 CPU workers) with each way of getting the reference's log-probabilities: LoRA against the base with
-   its adapters off (no second copy), LoRA against a frozen copy, full fine-tuning against a frozen copy, and
-   reference-free SimPO. Per mode: training tokens/s and pairs/s over the last window, a worker's peak memory (its
-   process RSS on CPU).
+   ZeRO-2 or 3, 2 CPU workers) with each way of getting the reference's log-probabilities: LoRA against the base
+   with its adapters off (no second copy), against a frozen copy, and against log-probabilities precomputed by a
+   Ray Data pass; full fine-tuning against a frozen copy (whole under ZeRO-2, partitioned under ZeRO-3) and
+   precomputed; reference-free SimPO. Per mode: training tokens/s and pairs/s over the last window, a worker's
+   peak memory (its process RSS on CPU), and for the precomputed reference what its pass cost (rows, seconds).
 2. TRL's DPOTrainer (LoRA through its peft_config, so its reference is the base with the adapters off too) on the
    same model, pairs and machine, in one process using both cores: pairs/s over the same number of pairs. The
    ratio llmray/TRL is of pairs/s (llmray's rows are packed, TRL's padded, so tokens/s would not compare).
@@ -25,7 +26,10 @@ from common import base_model, emit, stdlib_corpus
 
 SEQ = 256
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024)
-MODES = [("lora", "adapters", "dpo"), ("lora", "copy", "dpo"), ("full", "copy", "dpo"), ("lora", "auto", "simpo")]
+# (finetune, reference, loss, ZeRO stage): each way of getting the reference, for LoRA and for full fine-tuning
+MODES = [("lora", "adapters", "dpo", 2), ("lora", "copy", "dpo", 2), ("lora", "precomputed", "dpo", 2),
+         ("full", "copy", "dpo", 2), ("full", "copy", "dpo", 3), ("full", "precomputed", "dpo", 2),
+         ("lora", "auto", "simpo", 2)]
 
 
 def pairs(n: int, seed: int = 0) -> list[dict]:
@@ -50,7 +54,7 @@ def pairs_per_row(model_dir: str, data: list[dict]) -> float:
     return len(data) / len(rows["input_ids"])
 
 
-def spine(model_dir: str, path: str, storage: str, method: str, reference: str, loss: str, steps: int,
+def spine(model_dir: str, path: str, storage: str, method: str, reference: str, loss: str, stage: int, steps: int,
           per_row: float) -> dict:
     from llmray.recipe.load import load_recipe
     from llmray.train.checkpoint import read_state
@@ -58,16 +62,23 @@ def spine(model_dir: str, path: str, storage: str, method: str, reference: str, 
 
     recipe = load_recipe("jobs/sft_tiny.yaml", [
         f"model.pretrained={model_dir}", f"data.conversations={path}", f"run.storage_path={storage}",
-        f"run.name={method}-{reference}-{loss}", f"data.seq_len={SEQ}", f"finetune.method={method}",
+        f"run.name={method}-{reference}-{loss}-z{stage}", f"data.seq_len={SEQ}", f"finetune.method={method}",
         f"train.max_steps={steps}", "train.log_every=10", "train.eval_every=0", "train.checkpoint_every=0",
         "train.micro_batch_size=4", "train.global_batch_size=16", f"preference.loss={loss}",
-        f"preference.reference={reference}", "data.val_fraction=0.0"])
+        f"preference.reference={reference}", "data.val_fraction=0.0", f"train.zero_stage={stage}"])
     summary = fit(recipe)
     last = read_state(summary.checkpoint).history[-1]
-    return {"finetune": method, "reference": recipe.reference, "loss": loss, "tokens_per_s": round(last["tokens_per_s"]),
-            "pairs_per_s": round(last["tokens_per_s"] / SEQ * per_row, 1),
-            "peak_memory_gb_per_worker": round(last["peak_memory_gb"], 3),
-            "reward_accuracy": round(last["rewards/accuracies"], 3)}
+    where = {"copy": "a frozen copy, " + ("partitioned by ZeRO-3" if stage == 3 else "whole on each worker"),
+             "adapters": "the base with the adapters off", "precomputed": "precomputed by a Ray Data pass",
+             "none": "none (reference-free)"}[recipe.reference]
+    out = {"finetune": method, "reference": where, "loss": loss, "zero_stage": stage,
+           "tokens_per_s": round(last["tokens_per_s"]), "pairs_per_s": round(last["tokens_per_s"] / SEQ * per_row, 1),
+           "peak_memory_gb_per_worker": round(last["peak_memory_gb"], 3),
+           "reward_accuracy": round(last["rewards/accuracies"], 3)}
+    if recipe.reference == "precomputed":  # the pass before training: its cost, paid once per run
+        with open(os.path.join(storage, recipe.run.name, "reference", "pass.json")) as f:
+            out["reference_pass"] = json.load(f)
+    return out
 
 
 def trl_dpo(model_dir: str, data: list[dict], steps: int) -> dict:
@@ -123,8 +134,9 @@ def main() -> None:
         "model": {**MODEL, "seq_len": SEQ}, "workers": 2, "zero_stage": 2, "steps": args.steps, "global_batch": 16,
         "pairs_per_row": round(per_row, 2), "modes": runs, "trl_dpo_lora": trl,
         "llmray_over_trl_pairs_per_s": round(ours["pairs_per_s"] / trl["pairs_per_s"], 2),
-        "copy_over_adapters_peak_memory": round(runs[1]["peak_memory_gb_per_worker"]
-                                                / ours["peak_memory_gb_per_worker"], 2),
+        "peak_memory_over_adapters": {f"{r['finetune']} {r['reference']} ZeRO-{r['zero_stage']}":
+                                      round(r["peak_memory_gb_per_worker"] / ours["peak_memory_gb_per_worker"], 2)
+                                      for r in runs[1:]},
     })
 
 

@@ -30,6 +30,7 @@ from llmray import storage
 from llmray.data.pack import Packer, StreamSpec, tokenize_env
 
 FOLDER = "reference"  # under the run folder
+PASS_RECORD = "pass.json"  # in FOLDER: the last pass's rows, seconds and actors
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -157,6 +158,11 @@ def run_pass(specs: list[StreamSpec], todo: list[tuple[int, int]], paths: list[l
         rows += len(batch["sample"])
     for (k, i), source_rows in out.items():
         write_sums(paths[k][i], source_rows)
-    print(f"[llmray] reference log-probabilities: {rows} rows scored in {time.perf_counter() - started:.0f}s, "
+    seconds = time.perf_counter() - started
+    fs, folder = storage.resolve(posixpath.dirname(paths[todo[0][0]][todo[0][1]]))
+    with fs.open_output_stream(posixpath.join(folder, PASS_RECORD)) as f:  # what the pass cost, for people
+        f.write(json.dumps({"rows": rows, "seconds": round(seconds, 2), "actors": actors,
+                            "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}).encode())
+    print(f"[llmray] reference log-probabilities: {rows} rows scored in {seconds:.0f}s, "
           f"cached in {posixpath.dirname(paths[todo[0][0]][todo[0][1]])}", flush=True)
 
