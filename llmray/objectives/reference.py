@@ -27,7 +27,7 @@ import ray
 import torch
 
 from llmray import storage
-from llmray.data.pack import Packer, StreamSpec, tokenize_env
+from llmray.data.pack import Packer, StreamSpec, tokenize_env, tokenizer_stamp
 
 FOLDER = "reference"  # under the run folder
 PASS_RECORD = "pass.json"  # in FOLDER: the last pass's rows, seconds and actors
@@ -43,12 +43,21 @@ def model_identity(name: str) -> list:
                            for f in os.listdir(name) if f.endswith((".safetensors", ".bin", ".json")))
 
 
+def file_stamp(path: str) -> tuple[int | None, int | None]:
+    """(size, change time) of a shard: conversation shards are rewritten in place when their input files change."""
+    fs, p = storage.resolve(path)
+    info = fs.get_file_info(p)
+    return info.size, info.mtime_ns
+
+
 def fingerprint(spec: StreamSpec, index: int, model: list, precision: str) -> str:
-    """The cache name of source `index`'s reference sums: changes with anything that changes its packed rows or
-    the reference's log-probabilities on them."""
+    """The cache name of source `index`'s reference sums: changes with anything that changes its packed rows (its
+    shards' files, pieces and documents, the tokenizer, seq_len) or the reference's log-probabilities on them (the
+    model's files, the precision)."""
     source = spec.sources[index]
-    fixed = {"shards": list(source.shards), "pieces": source.pieces.tolist(), "documents": repr(source.documents),
-             "tokenizer": spec.tokenizer, "seq_len": spec.seq_len, "model": model, "precision": precision}
+    fixed = {"shards": [(path, *file_stamp(path)) for path in source.shards], "pieces": source.pieces.tolist(),
+             "documents": repr(source.documents), "tokenizer": (spec.tokenizer, tokenizer_stamp(spec.tokenizer)),
+             "seq_len": spec.seq_len, "model": model, "precision": precision}
     return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -1,0 +1,89 @@
+"""GRPO's arithmetic (llmray/objectives/grpo.py) against closed forms and TRL 1.16's GRPOTrainer."""
+
+import tempfile
+
+import pytest
+import torch
+
+from llmray.objectives.grpo import CLIP_HIGH, CLIP_LOW, CLIP_REGION, KL, group_advantages, policy_loss
+
+
+def test_advantages_are_normalised_within_each_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(rewards, 4)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()  # unbiased, as TRL's nanstd
+    assert torch.allclose(adv[:4], (torch.tensor([1.0, 0.0, 0.0, 1.0]) - 0.5) / (std + 1e-4))
+    assert torch.equal(adv[4:], torch.zeros(4))  # a group that all scored the same teaches nothing
+    assert torch.allclose(group_advantages(rewards, 4, "none"), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    assert torch.allclose(group_advantages(rewards, 4, "batch"), (rewards - rewards.view(2, 4).mean(1).repeat_interleave(4))
+                          / (rewards.std() + 1e-4))
+
+
+def test_the_clipped_loss_on_hand_set_ratios():
+    """One token per completion: ratio 1.5 with A > 0 is clipped to 1.2; ratio 0.5 with A < 0 to 0.8."""
+    old = torch.zeros(2, 1)
+    logps = torch.log(torch.tensor([[1.5], [0.5]]))
+    loss, m = policy_loss(logps, old, None, torch.tensor([1.0, -1.0]), torch.ones(2, 1), loss_type="bnpo")
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert m[CLIP_HIGH].item() == 0.5 and m[CLIP_LOW].item() == 0.5 and m[CLIP_REGION].item() == 1.0
+    ref = torch.log(torch.tensor([[1.0], [1.0]]))  # KL k3 of pi_ref/pi = r: r - log r - 1
+    r = torch.tensor([1 / 1.5, 1 / 0.5])
+    for kl_ratio, weight in ((False, 1.0), (True, torch.tensor([1.5, 0.5]))):  # weighted by the ratio pi / pi_old
+        _, m = policy_loss(logps, old, ref, torch.tensor([1.0, -1.0]), torch.ones(2, 1), loss_type="bnpo", beta=0.1,
+                           kl_ratio=kl_ratio)
+        assert m[KL].item() == pytest.approx(((r - torch.log(r) - 1) * weight).mean().item(), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny(corpus):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmray.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(corpus["tokenizer"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         initializer_range=0.2)).float().eval()
+    return tok, model
+
+
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.04), ("bnpo", 0.0), ("dr_grpo", 0.04), ("dapo", 0.04)])
+def test_loss_and_metrics_equal_trls_grpo_trainer(tiny, loss_type, beta):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok, model = tiny
+    g = torch.Generator().manual_seed(1)
+    rows, prompt_len, completion_len = 6, 5, 7
+    prompt_ids = torch.randint(3, len(tok), (rows, prompt_len), generator=g)
+    completion_ids = torch.randint(3, len(tok), (rows, completion_len), generator=g)
+    completion_mask = (torch.arange(completion_len) < torch.tensor([7, 5, 3, 7, 6, 1]).unsqueeze(1)).long()
+    with torch.no_grad():  # the model's own per-token log-probabilities of the completions, as both sides take them
+        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1)).logits[:, prompt_len - 1:-1]
+        logps = torch.log_softmax(logits, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    old = logps + 0.3 * torch.randn(logps.shape, generator=g)  # the sampler's: some ratios beyond the clip
+    ref = logps + 0.1 * torch.randn(logps.shape, generator=g)
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0]), 3)
+    normalizer = float(completion_mask.sum())
+    ours, metrics = policy_loss(logps, old, ref if beta else None, advantages, completion_mask, loss_type=loss_type,
+                                epsilon_low=0.2, epsilon_high=0.28, beta=beta, max_completion_length=completion_len,
+                                normalizer=normalizer)
+
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to=[], loss_type=loss_type,
+                      beta=0.0, epsilon=0.2, epsilon_high=0.28, max_completion_length=completion_len,
+                      num_generations=3, per_device_train_batch_size=6)
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          processing_class=tok, train_dataset=Dataset.from_list([{"prompt": "x"}] * 6))
+    trainer.beta = beta  # after init: with beta > 0 TRL would load a reference by name; its log-probs are given here
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
+              "ref_per_token_logps": ref, "num_items_in_batch": torch.tensor(normalizer)}
+    trainer.model.eval()  # eval: no division by gradient accumulation, which llmray's engine does itself
+    with torch.no_grad():
+        theirs = trainer._compute_loss(trainer.model, inputs)
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    assert abs(ours.item() - theirs.item()) < 1e-5, (ours.item(), theirs.item())
+    for name, value in metrics.items():
+        assert abs(value.item() - logged[name]) < 1e-5, (name, value.item(), logged[name])
+    assert (KL in metrics) == bool(beta) and logged[CLIP_REGION] > 0  # the clip is exercised
