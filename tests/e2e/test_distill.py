@@ -1,13 +1,13 @@
 """Distillation on the real spine: a smaller student learns from a frozen teacher on every rank; the loss's parts
-are reported; a run stopped and continued trains on exactly the samples, with exactly the losses, of one that ran
-through."""
+are reported; a run started from the step-4 checkpoint of one that ran through trains on exactly the samples, with
+exactly the losses, of the rest of that run."""
 
 import numpy as np
 import pytest
 from helpers import tiny
 
 from llmray.recipe.schema import RecipeError
-from llmray.train.checkpoint import read_state
+from llmray.train.checkpoint import list_checkpoints, read_state
 from llmray.train.trainer import fit
 
 pytestmark = pytest.mark.ray
@@ -26,9 +26,11 @@ def test_distilled_student_reports_its_loss_parts_and_resumes_exactly(corpus, mo
         assert h["loss"] == pytest.approx(0.7 * h["distill_kl"] + 0.3 * h["lm_loss"], rel=1e-5)
     assert state.history[-1]["distill_kl"] < state.history[0]["distill_kl"], "the student did not move to its teacher"
 
-    stopped = student(corpus, model_dir, tmp_path / "b", "stopped", "train.max_steps=4")
-    fit(stopped)
-    continued = fit(stopped.model_copy(update={"train": stopped.train.model_copy(update={"max_steps": 8})}))
+    # Stopped at step 4 and continued: a new run from the through run's step-4 checkpoint (two runs where three were:
+    # continuing the same run by rerunning it is tested in test_resume.py).
+    (step, at_4), _ = list_checkpoints(through.run_dir)
+    assert step == 4
+    continued = fit(student(corpus, model_dir, tmp_path / "b", "continued", "train.max_steps=8"), resume_from=at_4)
     again = read_state(continued.checkpoint)
     assert [r["step"] for r in again.resumes] == [4]
     assert [s["samples"] for s in again.trace] == [s["samples"] for s in state.trace]
