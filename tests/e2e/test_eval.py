@@ -81,26 +81,21 @@ def test_folder_and_served_url_give_the_figures_transformers_gives(model_dir, ra
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_eval_tasks_while_training_report_what_llmray_eval_measures_after(corpus, ray_cluster, tmp_path, stage):
+def test_eval_tasks_while_training_report_what_llmray_eval_measures_after(zero_runs, tmp_path, stage):
     """An eval: block runs the tasks on the training ranks (split under ZeRO-2, in step under ZeRO-3); its final
-    figures are those `llmray eval` gives on the exported checkpoint."""
-    from helpers import tiny
-
+    figures are those `llmray eval` gives on the exported checkpoint. The runs, 4 steps on 2 workers evaluating every
+    2 steps, are tests/e2e/conftest.py's, shared with test_train.py's check that the ZeRO stages agree."""
     from llmray.export.folder import export
     from llmray.train.checkpoint import read_state
-    from llmray.train.trainer import fit
 
-    tasks = TASKS[:2] + [str(REPO / "tasks" / "stdlib_qa.yaml")]
-    recipe = tiny(corpus, tmp_path, "train.max_steps=4", "train.log_every=2", f"train.zero_stage={stage}",
-                  "scaling.num_workers=2", f"eval.tasks={tasks}", "eval.every=2")
-    summary = fit(recipe)
+    summary = zero_runs[stage]
     assert set(summary.evals) >= {"eval/stdlib_perplexity/perplexity", "eval/module_of/accuracy", "eval/module_of/f1",
                                   "eval/stdlib_qa/exact_match", "eval/stdlib_qa/token_f1"}
     history = read_state(summary.checkpoint).history
     assert [h["step"] for h in history if "eval/module_of/accuracy" in h] == [2, 4]
     assert all(h["eval_s"] > 0 for h in history if "eval_s" in h)
     export(summary.checkpoint, str(tmp_path / "out"))
-    after = evaluate(str(tmp_path / "out"), tasks, out=None)["tasks"]
+    after = evaluate(str(tmp_path / "out"), zero_runs["eval_tasks"], out=None)["tasks"]
     assert summary.evals["eval/stdlib_perplexity/perplexity"] == pytest.approx(after["stdlib_perplexity"]["perplexity"],
                                                                                rel=1e-4)
     for name, metric in (("module_of", "accuracy"), ("module_of", "f1"), ("stdlib_qa", "token_f1")):

@@ -14,19 +14,15 @@ from llmray.train.trainer import fit
 pytestmark = pytest.mark.ray
 
 
-def test_zero_stages_and_world_sizes_agree(corpus, ray_cluster, tmp_path):
+def test_zero_stages_and_world_sizes_agree(zero_runs):
     """Same seed, same global batch: 1 worker ZeRO-0 and 2 workers ZeRO-2 / ZeRO-3 give the same losses; so do
     compiled decoder blocks with every other block's activations recomputed, and ZeRO-3's partitioned
-    construction (the same initial weights as a whole build)."""
-    common = ["train.max_steps=4", "train.log_every=1", "train.checkpoint_every=0", "train.lr=1e-2"]
-    base = fit(tiny(corpus, tmp_path, "run.name=z0", "scaling.num_workers=1", "train.zero_stage=0", *common))
-    z2 = fit(tiny(corpus, tmp_path, "run.name=z2", "scaling.num_workers=2", "train.zero_stage=2", *common,
-                  "train.kernels.compile=true", "train.activation_checkpointing=2"))
-    z3 = fit(tiny(corpus, tmp_path, "run.name=z3", "scaling.num_workers=2", "train.zero_stage=3", *common))
-    ref = losses(base)
+    construction (the same initial weights as a whole build). The runs (tests/e2e/conftest.py) are shared with
+    test_eval.py: the 2-worker ones also evaluate tasks while training, which must leave the losses as they are."""
+    ref = losses(zero_runs[0])
     assert len(ref) == 4 and ref[-1] < ref[0]  # it learns
-    np.testing.assert_allclose(losses(z2), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(losses(z3), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(losses(zero_runs[2]), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(losses(zero_runs[3]), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_pretrain_end_to_end(corpus, ray_cluster, tmp_path, capsys):
