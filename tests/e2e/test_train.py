@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers import losses, read_run, tiny
 
 from llmray.train.checkpoint import STATE_FILE, TAG, read_state
-from llmray.train.trainer import fit
 
 pytestmark = pytest.mark.ray
 
@@ -69,21 +69,41 @@ def test_pretrain_end_to_end(corpus, ray_cluster, tmp_path, capsys):
     assert steps[-1]["val_ppl"] == pytest.approx(summary["val_ppl"]) and steps[-1]["tokens_per_s"] > 0
 
 
-def test_a_runs_log_is_its_progress_lines_once_each(corpus, ray_cluster, tmp_path):
-    """`llmray train` as a user runs it (joined to this session's cluster): each progress line once, the summary,
-    and none of the frameworks' per-report, per-dataset or per-kernel chatter."""
+@pytest.fixture(scope="module")
+def blend_run(corpus, ray_cluster, tmp_path_factory):
+    """`llmray train` as a user runs it (joined to this session's cluster), on a recipe file blending two weighted
+    sources (3:1), 4 steps, evaluating and checkpointing every 2. One run for the two tests below: one reads its log,
+    the other what it reports of each source."""
     import subprocess
     import sys
 
+    import pyarrow.parquet as pq
+
+    from llmray.data.corpus import list_shards
+
+    tmp_path = tmp_path_factory.mktemp("blend")
+    parts = {}
+    for name, shard in zip(("lib", "mail"), list_shards(corpus["shards"])[:2]):
+        (tmp_path / name).mkdir()
+        pq.write_table(pq.read_table(shard.path), tmp_path / name / "shard-00000.parquet")
+        parts[name] = str(tmp_path / name)
+    raw = tiny(corpus, tmp_path, "run.name=blend", "train.max_steps=4", "train.log_every=2", "train.eval_every=2",
+               "train.checkpoint_every=2", "data.val_fraction=0.2").model_dump(mode="json")
+    raw["data"].pop("shards")
+    raw["data"]["sources"] = [{"name": "lib", "shards": parts["lib"], "weight": 3},
+                              {"name": "mail", "shards": parts["mail"], "weight": 1}]
+    recipe = tmp_path / "blend.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    out = subprocess.run(
-        [sys.executable, "-m", "llmray.cli", "train", "jobs/pretrain_tiny.yaml", f"data.shards={corpus['shards']}",
-         f"data.tokenizer={corpus['tokenizer']}", f"run.storage_path={tmp_path}", "data.seq_len=64",
-         "model.hidden_size=64", "model.num_layers=2", "train.micro_batch_size=4", "train.global_batch_size=8",
-         "train.max_steps=4", "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=2",
-         "data.val_fraction=0.2", "train.sample_prompt=null"],
-        capture_output=True, text=True, timeout=300, env=env)
-    log = out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-m", "llmray.cli", "train", str(recipe)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    return {"out": out, "log": out.stdout + out.stderr, "run": tmp_path / "blend"}
+
+
+def test_a_runs_log_is_its_progress_lines_once_each(blend_run):
+    """Each progress line once, the summary, and none of the frameworks' per-report, per-dataset or per-kernel
+    chatter."""
+    out, log = blend_run["out"], blend_run["log"]
     assert out.returncode == 0, log[-3000:]
     for step in (2, 4):
         assert sum(f"[llmray] step {step}/4 |" in line for line in log.splitlines()) == 1, log[-3000:]
@@ -95,28 +115,16 @@ def test_a_runs_log_is_its_progress_lines_once_each(corpus, ray_cluster, tmp_pat
         assert noise not in log, noise
 
 
-def test_a_blend_trains_and_reports_each_sources_validation(corpus, ray_cluster, tmp_path):
+def test_a_blend_trains_and_reports_each_sources_validation(blend_run):
     """Two weighted sources: the run reports val_loss/<source> for each, beside the weight-averaged val_loss, in its
     reports (what W&B and Tune receive) and its summary."""
-    import pyarrow.parquet as pq
-
-    from llmray.data.corpus import list_shards
-    from llmray.recipe.load import recipe_from_dict
-
-    parts = {}
-    for name, shard in zip(("lib", "mail"), list_shards(corpus["shards"])[:2]):
-        (tmp_path / name).mkdir()
-        pq.write_table(pq.read_table(shard.path), tmp_path / name / "shard-00000.parquet")
-        parts[name] = str(tmp_path / name)
-    raw = tiny(corpus, tmp_path, "run.name=blend", "train.max_steps=4", "train.log_every=2", "train.eval_every=2",
-               "data.val_fraction=0.2", "train.checkpoint_every=0").model_dump(mode="json")
-    raw["data"].pop("shards")
-    raw["data"]["sources"] = [{"name": "lib", "shards": parts["lib"], "weight": 3},
-                              {"name": "mail", "shards": parts["mail"], "weight": 1}]
-    summary = fit(recipe_from_dict(raw))
-    per_source = summary.val_loss_per_source
+    assert blend_run["out"].returncode == 0, blend_run["log"][-3000:]
+    summary = json.loads((blend_run["run"] / "summary.json").read_text())
+    per_source = summary["val_loss_per_source"]
     assert set(per_source) == {"lib", "mail"}
-    assert summary.val_loss == pytest.approx(0.75 * per_source["lib"] + 0.25 * per_source["mail"])
-    history = read_state(summary.checkpoint).history
+    assert summary["val_loss"] == pytest.approx(0.75 * per_source["lib"] + 0.25 * per_source["mail"])
+    history = read_state(summary["checkpoint"]).history
     assert {"val_loss/lib", "val_ppl/lib", "val_loss/mail", "val_ppl/mail"} <= set(history[-1])
-    assert "lib " in summary.text() and "mail " in summary.text()
+    printed = blend_run["out"].stdout
+    text = printed[printed.index("trained    4 steps"):]  # the run's summary, as `llmray train` prints it
+    assert "lib " in text and "mail " in text
