@@ -11,7 +11,7 @@ from helpers import arithmetic_chats, assert_resumed_exactly, fit_with_a_worker_
 from llmray import metric_names as M
 from llmray.recipe.load import load_recipe
 from llmray.train.checkpoint import read_state
-from llmray.train.trainer import fit
+from llmray.train.trainer import absolute_paths, check_inputs, fit, with_conversation_shards, with_precomputed_reference
 
 pytestmark = pytest.mark.ray
 
@@ -76,7 +76,7 @@ def test_killed_worker_resumes_with_the_same_pairs_and_losses(model_dir, pairs, 
 def test_a_precomputed_reference_trains_as_the_adapters_off_and_is_reused_on_resume(model_dir, pairs, lora_dpo,
                                                                                      tmp_path, capfd):
     """The Ray Data pass's reference log-probabilities are the LoRA base's own (the policy at step 0): the run's
-    losses and rewards are those of the adapters-off run, to float rounding. Continued, the run reads them back."""
+    losses and rewards are those of the adapters-off run, to float rounding. A continued run reads them back."""
     recipe = dpo(model_dir, pairs, tmp_path, "pre", "lora", 2, "preference.reference=precomputed")
     summary = fit(recipe)
     cached = sorted((tmp_path / "pre" / "reference").glob("*.parquet"))
@@ -86,9 +86,13 @@ def test_a_precomputed_reference_trains_as_the_adapters_off_and_is_reused_on_res
         for name in (M.LOSS, M.REWARDS_MARGINS, M.REWARDS_ACCURACIES, M.validation(M.REWARDS_MARGINS)):
             if name in b:
                 assert abs(a[name] - b[name]) < 1e-4, (name, a, b)
+    # what a continued run does before its workers start (`fit`'s own steps, without training again): the
+    # conversation shards are found made from the same files, and the cache is read back, not recomputed
     written = {p: p.stat().st_mtime_ns for p in cached}
     capfd.readouterr()
-    more = fit(dpo(model_dir, pairs, tmp_path, "pre", "lora", 2, "preference.reference=precomputed",
-                   "train.max_steps=12"))
-    assert more.steps == 12 and "reference log-probabilities: reusing" in capfd.readouterr().out
+    again, _ = with_conversation_shards(absolute_paths(recipe))
+    train_spec, val_specs, _ = check_inputs(again)
+    train_spec, val_specs = with_precomputed_reference(again, train_spec, val_specs, 0.5)
+    assert "reference log-probabilities: reusing" in capfd.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in cached} == written
+    assert sorted(train_spec.reference + val_specs[0][2].reference) == [str(p) for p in cached]
