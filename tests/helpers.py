@@ -101,6 +101,17 @@ def arithmetic_chats(n: int, seed: int = 0) -> list[list[dict]]:
     return out
 
 
+def tiny_llama(vocab_size: int, positions: int = 128):
+    """A random-init 2-layer Llama in fp32 eval mode (seeded): what the objective-versus-TRL checks run on."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                                        initializer_range=0.2)).float().eval()
+
+
 def losses(summary):
     """The training losses a finished run reported, from its final checkpoint's state."""
     import numpy as np

@@ -4,6 +4,7 @@ import tempfile
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 from llmray.objectives.grpo import CLIP_HIGH, CLIP_LOW, CLIP_REGION, KL, group_advantages, policy_loss
 
@@ -36,16 +37,10 @@ def test_the_clipped_loss_on_hand_set_ratios():
 
 @pytest.fixture(scope="module")
 def tiny(corpus):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llmray.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(corpus["tokenizer"])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                         initializer_range=0.2)).float().eval()
-    return tok, model
+    return tok, tiny_llama(len(tok))
 
 
 @pytest.mark.parametrize("loss_type,beta", [("grpo", 0.04), ("bnpo", 0.0), ("dr_grpo", 0.04), ("dapo", 0.04)])

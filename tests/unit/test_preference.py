@@ -9,6 +9,7 @@ import tempfile
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 from llmray import metric_names as M
 from llmray.data.chat import ChatDataError, read_conversations, shard_conversations
@@ -133,15 +134,10 @@ def test_pairs_are_packed_whole_and_summed_per_side(corpus):
 @pytest.fixture(scope="module")
 def tiny_pair(corpus):
     """A random tiny Llama (the policy) and a perturbed copy (the reference), the corpus tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llmray.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(corpus["tokenizer"])
-    torch.manual_seed(0)
-    ref = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                       initializer_range=0.2)).float().eval()
+    ref = tiny_llama(len(tok))
     policy = copy.deepcopy(ref)
     with torch.no_grad():
         for p in policy.parameters():
