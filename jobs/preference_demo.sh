@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Fine-tune -> DPO on the model's own mistakes -> score -> serve, on a laptop CPU. Takes the tiny model jobs/demo.sh
+# pretrained (pretraining it only when jobs/demo.sh has not run here), fine-tunes it only partly on the word-category
+# task (jobs/sft_tiny.yaml, few steps), lets it answer the training prompts (llmray eval), pairs each wrong answer it
+# gives (rejected) with the right one (chosen) (jobs/preference_pairs.py), trains DPO with LoRA on those pairs
+# (jobs/dpo_tiny.yaml, the reference being the fine-tuned model with the adapters off), prints held-out accuracy
+# before and after DPO, and asks the DPO model one question through the OpenAI chat endpoint. Extra arguments are
+# overrides of the DPO recipe.
+#
+# Measured (2 CPU cores shared with other work, 2026-12-03, demo/export already there): held-out accuracy 28.1% before
+# DPO, 50.9% after (+22.8 points), 3m28s end to end. Read it with care: the partly fine-tuned model answers "fruit"
+# to everything (right only on fruits); after DPO it answers mostly "colour" (17/19 colours, 12/16 fruits, 0 animals
+# and numbers), so the gain is a shift of its default answer, not the word-to-category mapping learned. Longer or
+# faster DPO (and from better SFT models, 53% and 68%) lowered accuracy instead; see docs/finetuning.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+if [ ! -f demo/export/config.json ]; then
+  # the model jobs/demo.sh pretrained, when it has run here (its newest run with a checkpoint); else pretrain it now
+  BASE=$(ls -dt runs/demo-*/checkpoint_* 2>/dev/null | head -n 1 | xargs -r dirname)
+  if [ -z "$BASE" ]; then
+    bash jobs/demo.sh run.name=demo-base
+    BASE=runs/demo-base
+  fi
+  llmray export "$BASE" --out demo/export --overwrite
+fi
+python jobs/chat_task.py demo/chat
+STAMP=$(date +%Y%m%d-%H%M%S)
+echo "== a partly fine-tuned model: full fine-tuning, 25 steps"
+llmray finetune jobs/sft_tiny.yaml "run.name=sft-partial-$STAMP" finetune.method=full train.lr=1e-3 \
+  train.max_steps=25 train.warmup_steps=5 train.eval_every=0 train.checkpoint_every=25
+llmray export "runs/sft-partial-$STAMP" --out demo/sft_partial --overwrite
+echo "== its answers: held-out prompts (before DPO) and training prompts (to pair)"
+python jobs/preference_pairs.py prompts demo/prefs
+llmray eval demo/sft_partial --task tasks/word_category.yaml --task demo/prefs/word_category_train.yaml \
+  --out demo/prefs/answers.json
+rm -rf demo/prefs/pairs
+python jobs/preference_pairs.py pairs demo/prefs/answers.json demo/prefs/pairs
+echo "== DPO with LoRA on its own mistakes"
+RUN="dpo-demo-$STAMP"
+llmray finetune jobs/dpo_tiny.yaml "run.name=$RUN" "$@"
+llmray export "runs/$RUN" --out demo/dpo --overwrite
+echo "== after DPO: held-out prompts"
+llmray eval demo/dpo --task tasks/word_category.yaml --out demo/eval_dpo.json
+python - <<'EOF'
+import json
+before = json.load(open("demo/prefs/answers.json"))["tasks"]["word_category"]["accuracy"]
+after = json.load(open("demo/eval_dpo.json"))["tasks"]["word_category"]["accuracy"]
+print(f"held-out accuracy: {before:.1%} before DPO, {after:.1%} after ({(after - before) * 100:+.1f} points)")
+EOF
+echo "== one question through the OpenAI chat endpoint"
+PORT="${PORT:-8012}"
+llmray serve demo/dpo --name dpo --port "$PORT" > demo/serve_dpo.log 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 120); do curl -sf "http://127.0.0.1:$PORT/healthz" > /dev/null && break; sleep 1; done
+curl -s "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"model": "dpo", "messages": [{"role": "user", "content": "What kind of thing is '"'"'tiger'"'"'?"}], "max_tokens": 8, "temperature": 0}'
+echo
