@@ -23,7 +23,8 @@ def trial_rows(spec: SweepSpec, result_grid) -> list[dict]:
             "trial": metrics.get("trial_id") or Path(result.path).name,
             "status": "failed" if result.error else ("completed" if metrics.get("completed") else "stopped early"),
             **{k: config.get(k) for k in spec.parameters},
-            **{k: metrics.get(k) for k in SHOWN if k in metrics},
+            **{k: metrics.get(k) for k in (spec.metric.name, *SHOWN) if k in metrics},  # the sweep's own metric
+            # too (eval/<task>/<metric>, rewards/accuracies, ...): what it is ranked and its best trial is named by
             "checkpoint_dir": metrics.get("checkpoint_dir"),
             "error": str(result.error).strip().splitlines()[-1][:300] if result.error else None,
             "path": result.path,
@@ -68,7 +69,8 @@ def leaderboard(spec: SweepSpec, rows: list[dict]) -> str:
     from rich.table import Table
 
     table = Table(title=f"sweep {spec.name}: {spec.metric.name} ({spec.metric.goal})")
-    columns = ["#", "trial", "status", *spec.parameters, *[k for k in SHOWN if any(k in r for r in rows)]]
+    shown = dict.fromkeys((spec.metric.name, *SHOWN))
+    columns = ["#", "trial", "status", *spec.parameters, *[k for k in shown if any(k in r for r in rows)]]
     for c in columns:
         table.add_column(c, justify="right" if c not in ("trial", "status") else "left")
     for i, r in enumerate(rows, 1):

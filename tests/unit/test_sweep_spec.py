@@ -140,3 +140,23 @@ def test_trials_get_the_recipe_with_the_drivers_paths(monkeypatch, tmp_path):
     trial = spec.trial_recipe({"train.lr": 1e-3}, str(tmp_path / "trials"), "t", base)
     assert trial.data.shards == str(driver / "shards")
     assert trial.model.pretrained == trial.distill.teacher == trial.data.tokenizer == str(driver / "model")
+
+
+def test_trials_are_ranked_by_a_downstream_metric_and_the_leaderboard_shows_it(tmp_path):
+    """A sweep on eval/<task>/<metric> (not one of the always-shown figures) ranks its trials by it, best first."""
+    from ray.tune import Result
+
+    from llmray.sweep.results import leaderboard, trial_rows
+
+    text = (REPO / "tune" / "sft_accuracy.yaml").read_text().replace("  storage_path: ./sweeps\n",
+                                                                      f"  storage_path: {tmp_path}\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    spec = load_sweep(path)
+    name = spec.metric.name
+    grid = [Result(metrics={name: acc, "completed": True, "trial_id": f"t{i}", "step": 10,
+                            "config": {"train.lr": lr, "finetune.lora.r": 8}}, checkpoint=None, error=None,
+                   path=str(tmp_path / f"t{i}")) for i, (acc, lr) in enumerate([(0.25, 1e-3), (0.75, 3e-3), (0.5, 1e-4)])]
+    rows = trial_rows(spec, grid)
+    assert [r[name] for r in rows] == [0.75, 0.5, 0.25] and rows[0]["trial"] == "t1"
+    assert name in leaderboard(spec, rows)
