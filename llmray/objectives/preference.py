@@ -72,12 +72,15 @@ def preference_loss(cfg: PreferenceSettings, chosen: torch.Tensor, rejected: tor
             eps = cfg.label_smoothing
             losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
         chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    loss = losses.mean()
+    if cfg.sft_weight:  # RPO: the chosen completions' token-mean NLL over the micro-batch
+        loss = loss + cfg.sft_weight * -chosen.sum() / chosen_tokens.sum()
     metrics = {
         M.REWARDS_CHOSEN: chosen_rewards.mean(), M.REWARDS_REJECTED: rejected_rewards.mean(),
         M.REWARDS_ACCURACIES: (chosen_rewards > rejected_rewards).float().mean(),
         M.REWARDS_MARGINS: (chosen_rewards - rejected_rewards).mean(),
         M.LOGPS_CHOSEN: chosen.detach().mean(), M.LOGPS_REJECTED: rejected.detach().mean()}
-    return losses.mean(), {k: v.float() for k, v in metrics.items()}
+    return loss, {k: v.float() for k, v in metrics.items()}
 
 
 class Preference:

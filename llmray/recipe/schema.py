@@ -343,6 +343,9 @@ class PreferenceSettings(Strict):
     loss: Literal["dpo", "ipo", "simpo"] = "dpo"
     beta: float = Field(0.1, gt=0)  # how far the policy may move from the reference (SimPO: the reward's scale)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # dpo: the share of pairs assumed mislabelled (cDPO)
+    # the chosen side's NLL (its completion tokens' mean) added with this weight (RPO; TRL's loss_type [sigmoid, sft]
+    # with loss_weights [1, w]): keeps the chosen answers likely while the margin grows
+    sft_weight: float = Field(0.0, ge=0.0)
     simpo_gamma: float = 0.5  # simpo: the target margin gamma
     # where the reference's log-probabilities come from: the base with the adapters off (LoRA/QLoRA: no second
     # copy); a frozen copy of model.pretrained (partitioned across the ranks under ZeRO-3, else on every rank);

@@ -173,13 +173,13 @@ def test_a_precomputed_reference_reads_back_as_if_it_had_run(tiny_pair):
         reference_column(rows["sequence_ids"], sums, 7)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo"])
-def test_loss_and_rewards_equal_trls_dpo_trainer(tiny_pair, loss):
+@pytest.mark.parametrize("loss,sft_weight", [("dpo", 0.0), ("ipo", 0.0), ("dpo", 0.7)])
+def test_loss_and_rewards_equal_trls_dpo_trainer(tiny_pair, loss, sft_weight):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     tok, policy, ref = tiny_pair
-    cfg = PreferenceSettings(loss=loss, beta=0.1 if loss == "dpo" else 0.5)
+    cfg = PreferenceSettings(loss=loss, beta=0.1 if loss == "dpo" else 0.5, sft_weight=sft_weight)
     rows = pair_rows(tok, [conversational(*p) for p in PAIRS], 128)
     inputs = model_inputs(rows, torch.device("cpu"), sequences=True)
     sequence_ids = inputs.pop("sequence_ids")
@@ -190,7 +190,8 @@ def test_loss_and_rewards_equal_trls_dpo_trainer(tiny_pair, loss):
 
     args = DPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, gradient_checkpointing=False,
                      report_to=[], per_device_train_batch_size=len(PAIRS), beta=cfg.beta,
-                     loss_type="sigmoid" if loss == "dpo" else "ipo", max_length=None)
+                     loss_type=["sigmoid" if loss == "dpo" else "ipo"] + (["sft"] if sft_weight else []),
+                     loss_weights=[1.0, sft_weight] if sft_weight else None, max_length=None)
     trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args, processing_class=tok,
                          train_dataset=Dataset.from_list([conversational(*p) for p in PAIRS]))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
