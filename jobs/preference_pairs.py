@@ -7,9 +7,8 @@ rejected as strings).
 
 A prompt the model already answers right gets the right answer chosen and, rejected, the wrong answer the model
 gives most often on the other prompts, so every rejected side is something the model says; when that is the
-prompt's own right answer too (the demo's model answers "fruit" to everything), the prompt is skipped.
-`--skip-right` skips every prompt answered right. Neither kept held-out accuracy from falling under longer DPO
-on this tiny model (see jobs/dpo_tiny.yaml). The held-out prompts of tasks/word_category.yaml are never used.
+prompt's own right answer too (a model answering one category to everything), the prompt is skipped.
+`--skip-right` skips every prompt answered right. The held-out prompts of tasks/word_category.yaml are never used.
 
     python jobs/preference_pairs.py prompts demo/prefs
     llmray eval demo/sft_partial --task demo/prefs/word_category_train.yaml --out demo/prefs/answers.json
