@@ -7,8 +7,8 @@
 # before and after DPO, and asks the DPO model one question through the OpenAI chat endpoint. Extra arguments are
 # overrides of the DPO recipe.
 #
-# Measured (2 CPU cores shared with other work, 2026-12-03): held-out accuracy 64.9% after the partial fine-tune,
-# 89.5% after DPO (+24.6 points). The partial model confuses animals and colours (8 colours answered "animal", 7
+# Measured (2 CPU cores shared with other work, 2026-12-03, demo/export already there, 9m23s end to end): held-out
+# accuracy 64.9% after the partial fine-tune, 89.5% after DPO (+24.6 points); asked about 'tiger', it says "animal". The partial model confuses animals and colours (8 colours answered "animal", 7
 # animals "colour"); after DPO it gets 6 of 8 animals and 11 of 20 colours right, numbers and fruits as before. The
 # chosen side's NLL (preference.sft_weight: 1, RPO) is what makes it work: plain DPO on this 2M-parameter model
 # lowered the chosen answers' first tokens with the rejected ones until greedy answers were noise (28% -> 51% only

@@ -58,7 +58,7 @@ class Summary:
     plot: str | None
     sample: str | None
     val_loss_per_source: dict[str, float] | None = None  # a blend's sources, each on its own held-out samples
-    conversations: dict[str, int] | None = None  # a fine-tune's data: conversations used, cut, lines skipped
+    conversations: dict | None = None  # a fine-tune's data: conversations (or pairs) used, cut, lines skipped
     evals: dict[str, float] | None = None  # the recipe's eval tasks at the end: eval/<task>/<metric>
 
     def text(self) -> str:
@@ -74,8 +74,8 @@ class Summary:
             lines.append(f"  {name:<9}validation {loss:.4f} (perplexity {perplexity(loss):.1f})")
         if self.conversations:
             c = self.conversations
-            lines.append(f"data       {c['documents']} conversations, {c['longer_than_seq_len']} cut to seq_len, "
-                         f"{c['skipped_lines']} lines skipped")
+            lines.append(f"data       {c['documents']} {c.get('kind', 'conversations')}, {c['longer_than_seq_len']} cut "
+                         f"to seq_len, {c['skipped_lines']} lines skipped")
         for task, figures in eval_by_task(self.evals or {}).items():
             lines.append(f"eval       {task}: " + ", ".join(f"{m} {v:.4f}" for m, v in figures.items()))
         if self.tokens_per_s:
@@ -326,7 +326,7 @@ def summarize(recipe: Recipe, result, wall: float, conversion: Conversion | None
         evals={k: v for k, v in metrics.items() if k.startswith(M.EVAL_PREFIX)} or None,
         conversations=None if conversion is None else {
             "documents": conversion.documents, "longer_than_seq_len": conversion.longer,
-            "skipped_lines": len(conversion.skipped)},
+            "skipped_lines": len(conversion.skipped), "kind": "preference pairs" if conversion.pairs else "conversations"},
     )
     with run_fs.open_output_stream(storage.join(run_dir, "summary.json")) as f:
         f.write(json.dumps(asdict(summary), indent=1).encode())

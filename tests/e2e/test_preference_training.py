@@ -47,7 +47,8 @@ def lora_dpo(model_dir, pairs, ray_cluster, tmp_path_factory):
 
 def learned(summary) -> None:
     """The run ranked the chosen answers first, more at its end than at its start, on its pairs and held-out ones."""
-    assert summary.steps == 10 and summary.conversations["documents"] == 160
+    assert summary.steps == 10 and summary.conversations == {"documents": 160, "longer_than_seq_len": 0, "skipped_lines": 0,
+                                                              "kind": "preference pairs"}
     history = read_state(summary.checkpoint).history
     first, last = history[0], history[-1]
     assert all(name in last for name in M.PREFERENCE)
