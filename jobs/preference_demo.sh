@@ -16,16 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
-if [ ! -f demo/export/config.json ]; then
-  # the model jobs/demo.sh pretrained, when it has run here (its newest run with a checkpoint); else pretrain it now
-  BASE=$(ls -dt runs/demo-*/checkpoint_* 2>/dev/null | head -n 1 | xargs -r dirname)
-  if [ -z "$BASE" ]; then
-    bash jobs/demo.sh run.name=demo-base
-    BASE=runs/demo-base
-  fi
-  llmray export "$BASE" --out demo/export --overwrite
-fi
-python jobs/chat_task.py demo/chat
+. jobs/_demo_steps.sh
+demo_base_and_task
 STAMP=$(date +%Y%m%d-%H%M%S)
 echo "== a partly fine-tuned model: full fine-tuning, 40 steps"
 llmray finetune jobs/sft_tiny.yaml "run.name=sft-partial-$STAMP" finetune.method=full train.lr=1e-3 \
@@ -49,12 +41,4 @@ before = json.load(open("demo/prefs/answers.json"))["tasks"]["word_category"]["a
 after = json.load(open("demo/eval_dpo.json"))["tasks"]["word_category"]["accuracy"]
 print(f"held-out accuracy: {before:.1%} before DPO, {after:.1%} after ({(after - before) * 100:+.1f} points)")
 EOF
-echo "== one question through the OpenAI chat endpoint"
-PORT="${PORT:-8012}"
-llmray serve demo/dpo --name dpo --port "$PORT" > demo/serve_dpo.log 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 120); do curl -sf "http://127.0.0.1:$PORT/healthz" > /dev/null && break; sleep 1; done
-curl -s "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
-  -d '{"model": "dpo", "messages": [{"role": "user", "content": "What kind of thing is '"'"'tiger'"'"'?"}], "max_tokens": 8, "temperature": 0}'
-echo
+ask_served demo/dpo dpo "${PORT:-8012}" tiger
