@@ -87,6 +87,13 @@ def frozen(name: str, what: str, device: torch.device, dtype: torch.dtype) -> to
     return model
 
 
+def frozen_dtype(precision: str) -> torch.dtype:
+    """The dtype a frozen model beside a run of `precision` (fp32, bf16, fp16) is held in: bf16 in a bf16 run, else
+    fp32, whichever way the reference is held (the training loop gives the objective's copy bf16 only when the
+    engine runs bf16)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def inference_device(device: str | None = None) -> torch.device:
     """The device a model is measured or served on: as asked, else the GPU when there is one."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -62,9 +62,10 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.T
             kl = kl * ratio
         per_token = per_token + beta * kl
         metrics[KL] = masked_mean(kl.detach(), mask)
-    summed = (per_token * mask).sum()
+    masked = per_token * mask
+    summed = masked.sum()
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = summed / mask.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":

@@ -29,16 +29,21 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.pad(picked, (1, 0))
 
 
+def sequence_totals(values: torch.Tensor, sequence_ids: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, width) sums of (rows, T) `values` over each row's packed sequences: column j the sequence numbered j
+    (0: the padding)."""
+    rows = sequence_ids.shape[0]
+    index = (sequence_ids + width * torch.arange(rows, device=values.device).unsqueeze(1)).flatten()
+    totals = torch.zeros(rows * width, dtype=values.dtype, device=values.device).index_add(0, index, values.flatten())
+    return totals.view(rows, width)
+
+
 def pair_sums(values: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(chosen sums, rejected sums, chosen token counts, rejected token counts) of `values` over each pair's
     completion tokens, one entry per pair of the micro-batch, in row order."""
-    rows, width = sequence_ids.shape[0], int(sequence_ids.max()) + 2  # + 2: an even number of columns after 0
-    index = (sequence_ids + width * torch.arange(rows, device=values.device).unsqueeze(1)).flatten()
-    counted = (labels != IGNORE_INDEX).flatten()
-    sums = torch.zeros(rows * width, dtype=values.dtype, device=values.device).index_add(0, index, values.flatten())
-    counts = torch.zeros(rows * width, dtype=values.dtype, device=values.device).index_add(
-        0, index, counted.to(values.dtype))
-    sums, counts = sums.view(rows, width), counts.view(rows, width)
+    width = int(sequence_ids.max()) + 2  # + 2: an even number of columns after 0
+    sums = sequence_totals(values, sequence_ids, width)
+    counts = sequence_totals((labels != IGNORE_INDEX).to(values.dtype), sequence_ids, width)
     present = (counts[:, 1:-1:2] > 0) & (counts[:, 2::2] > 0)  # both sides have completion tokens
     return (sums[:, 1:-1:2][present], sums[:, 2::2][present], counts[:, 1:-1:2][present], counts[:, 2::2][present])
 

@@ -14,10 +14,10 @@ run reads them back, a changed one computes anew. The stream then puts each sequ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import posixpath
 import time
 
 import numpy as np
@@ -27,11 +27,10 @@ import ray
 import torch
 
 from llmray import storage
-from llmray.data.pack import Packer, StreamSpec, tokenize_env, tokenizer_stamp
+from llmray.data.pack import PACKED, Packer, StreamSpec, tokenize_env, tokenizer_stamp
 
 FOLDER = "reference"  # under the run folder
 PASS_RECORD = "pass.json"  # in FOLDER: the last pass's rows, seconds and actors
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def model_identity(name: str) -> list:
@@ -69,14 +68,14 @@ def pack_pieces(batch: dict, specs: list[StreamSpec]) -> dict[str, np.ndarray]:
         n = len(rows["input_ids"])
         parts.append({"spec": np.full(n, k, dtype=np.int32), "source": np.full(n, index, dtype=np.int32),
                       "piece": np.full(n, piece, dtype=np.int64), "sample": rows["sample"],
-                      **{c: rows[c] for c in ("input_ids", "labels", "position_ids", "sequence_ids")}})
+                      **{c: rows[c] for c in PACKED}})
     return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
 
 def sequence_sums(model, batch: dict, device: torch.device) -> list[np.ndarray]:
     """Each row's completion log-probability sums, one per packed sequence in id order (the same sums as
     `preference.side_sums`, before they are paired)."""
-    from llmray.objectives.preference import token_log_probs
+    from llmray.objectives.preference import sequence_totals, token_log_probs
 
     def tensor(name):
         return torch.from_numpy(np.array(batch[name], dtype=np.int64)).to(device)
@@ -85,9 +84,7 @@ def sequence_sums(model, batch: dict, device: torch.device) -> list[np.ndarray]:
     with torch.no_grad():
         logits = model(input_ids=ids, position_ids=tensor("position_ids"), use_cache=False).logits
         logps = token_log_probs(logits, labels)
-    width = int(sequence_ids.max()) + 1
-    sums = torch.zeros(len(ids), width, dtype=logps.dtype, device=device)
-    sums.scatter_add_(1, sequence_ids, logps)
+    sums = sequence_totals(logps, sequence_ids, int(sequence_ids.max()) + 1)
     counts = sequence_ids.max(dim=1).values.tolist()
     return [row[1:n + 1].cpu().numpy().astype(np.float32) for row, n in zip(sums, counts)]
 
@@ -96,10 +93,10 @@ class Scorer:
     """A batch-inference actor: the reference model loaded once, scoring batches of packed rows."""
 
     def __init__(self, pretrained: str, precision: str):
-        from llmray.model.build import frozen
+        from llmray.model.build import frozen, frozen_dtype
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = frozen(pretrained, "model.pretrained", self.device, DTYPES[precision])
+        self.model = frozen(pretrained, "model.pretrained", self.device, frozen_dtype(precision))
 
     def __call__(self, batch: dict) -> dict[str, np.ndarray]:
         sums = sequence_sums(self.model, batch, self.device)
@@ -127,22 +124,21 @@ def precompute(specs: list[StreamSpec], run_folder: str, pretrained: str, precis
                cpus_per_actor: float, gpus_per_actor: float, batch_rows: int, env: dict) -> list[StreamSpec]:
     """`specs` with their reference sums attached (`StreamSpec.reference`), computing those not cached yet in one
     Ray Data pass."""
-    import dataclasses
-
-    model = model_identity(pretrained)
-    paths = [[storage.join(run_folder, FOLDER, f"{fingerprint(spec, i, model, precision)}.parquet")
+    model, folder = model_identity(pretrained), storage.join(run_folder, FOLDER)
+    paths = [[storage.join(folder, f"{fingerprint(spec, i, model, precision)}.parquet")
               for i in range(len(spec.sources))] for spec in specs]
     todo = [(k, i) for k, spec in enumerate(specs) for i in range(len(spec.sources))
             if not storage.exists(*storage.resolve(paths[k][i]))]
     if not todo:
-        print(f"[llmray] reference log-probabilities: reusing {storage.join(run_folder, FOLDER)}", flush=True)
+        print(f"[llmray] reference log-probabilities: reusing {folder}", flush=True)
     else:
-        run_pass(specs, todo, paths, pretrained, precision, actors, cpus_per_actor, gpus_per_actor, batch_rows, env)
+        run_pass(specs, todo, paths, folder, pretrained, precision, actors, cpus_per_actor, gpus_per_actor, batch_rows,
+                 env)
     return [dataclasses.replace(spec, reference=tuple(p)) for spec, p in zip(specs, paths)]
 
 
-def run_pass(specs: list[StreamSpec], todo: list[tuple[int, int]], paths: list[list[str]], pretrained: str,
-             precision: str, actors: int, cpus_per_actor: float, gpus_per_actor: float, batch_rows: int,
+def run_pass(specs: list[StreamSpec], todo: list[tuple[int, int]], paths: list[list[str]], folder: str,
+             pretrained: str, precision: str, actors: int, cpus_per_actor: float, gpus_per_actor: float, batch_rows: int,
              env: dict) -> None:
     items = [{"spec": k, "source": i, "piece": p} for k, i in todo for p in range(len(specs[k].sources[i].pieces))]
     spec = specs[0]
@@ -168,10 +164,10 @@ def run_pass(specs: list[StreamSpec], todo: list[tuple[int, int]], paths: list[l
     for (k, i), source_rows in out.items():
         write_sums(paths[k][i], source_rows)
     seconds = time.perf_counter() - started
-    fs, folder = storage.resolve(posixpath.dirname(paths[todo[0][0]][todo[0][1]]))
-    with fs.open_output_stream(posixpath.join(folder, PASS_RECORD)) as f:  # what the pass cost, for people
+    fs, path = storage.resolve(storage.join(folder, PASS_RECORD))
+    with fs.open_output_stream(path) as f:  # what the pass cost, for people
         f.write(json.dumps({"rows": rows, "seconds": round(seconds, 2), "actors": actors,
                             "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}).encode())
     print(f"[llmray] reference log-probabilities: {rows} rows scored in {seconds:.0f}s, "
-          f"cached in {posixpath.dirname(paths[todo[0][0]][todo[0][1]])}", flush=True)
+          f"cached in {folder}", flush=True)
 

@@ -12,7 +12,7 @@ import torch
 
 from llmray import logs
 from llmray.cuda_arch import fix_arch_list
-from llmray.model.build import build_model, frozen
+from llmray.model.build import build_model, frozen, frozen_dtype
 from llmray.model.flops import count_params, flops_per_token
 from llmray.model.lora import four_bit, prepare_four_bit, trainable, with_lora
 from llmray.prune.sparse import keep_zeros
@@ -102,8 +102,7 @@ def partitioned_reference(recipe: Recipe, device: torch.device, announce: bool) 
     ds_config["zero_optimization"] = {k: v for k, v in ds_config["zero_optimization"].items()
                                       if not k.startswith("offload_optimizer")}
     with partitioned_construction(recipe, ds_config):
-        model = frozen(recipe.model.pretrained, "model.pretrained", device,
-                       torch.bfloat16 if precision == "bf16" else torch.float32)
+        model = frozen(recipe.model.pretrained, "model.pretrained", device, frozen_dtype(precision))
     with logs.hush_stdout():
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     if announce:
