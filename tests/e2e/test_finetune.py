@@ -76,7 +76,7 @@ def test_lora_trains_only_the_adapters_and_exports_merged_and_adapter(model_dir,
     loss = losses(summary)
     assert loss[-1] < loss[0] - 0.3, f"the assistant-token loss did not fall: {loss}"
     assert (Path(summary.run_dir) / "conversations" / "_manifest.json").is_file()
-    assert summary.conversations == {"documents": 240, "longer_than_seq_len": 0, "skipped_lines": 0}
+    assert summary.conversations == {"documents": 240, "longer_than_seq_len": 0, "skipped_lines": 0, "kind": "conversations"}
 
     base = load(model_dir)
     merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
