@@ -16,6 +16,37 @@ REWARDS_MARGINS = "rewards/margins"
 LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
 PREFERENCE = (REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_ACCURACIES, REWARDS_MARGINS, LOGPS_CHOSEN, LOGPS_REJECTED)
+# With online RL (GRPO), TRL's names where it has them: the completions' reward (the weighted sum of the reward
+# functions; its std within each prompt's group), each function's mean and how many completions it raised on, the
+# share every correctness reward (exact_match, numeric) scores 1, completion length and the share cut at
+# rl.max_completion_tokens, the loss's KL and clipped shares, the policy's entropy on the completions, the gap between
+# the generator's and the learner's log-probabilities of the sampled tokens, the last weight sync's parity check,
+# and where a step's time goes.
+REWARD = "reward"
+REWARD_STD = "reward_std"
+ACCURACY = "accuracy"
+COMPLETION_LENGTH = "completions/mean_length"
+CLIPPED = "completions/clipped_ratio"
+KL = "kl"
+CLIP_LOW, CLIP_HIGH, CLIP_REGION = "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"
+ENTROPY = "entropy"
+SAMPLING_GAP = "sampling/sampling_logp_difference/mean"
+SAMPLING_GAP_MAX = "sampling/sampling_logp_difference/max"
+SYNC_PARITY = "sync/parity_max_diff"
+GENERATE_S, SCORE_S, SYNC_S, TRAIN_S = "time/generate_s", "time/score_s", "time/sync_s", "time/train_s"
+ROLLOUT_TOKENS_PER_S = "rollout_tokens_per_s"
+
+
+def reward_of(name: str) -> str:
+    """One reward function's mean score, e.g. rewards/exact_match/mean."""
+    return f"rewards/{name}/mean"
+
+
+def reward_errors(name: str) -> str:
+    """Completions one reward function raised on (scored 0) in a step."""
+    return f"rewards/{name}/errors"
+
+
 LR = "lr"
 GRAD_NORM = "grad_norm"
 VAL_LOSS = "val_loss"

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from llmray import storage
 from llmray.data.corpus import CorpusError, list_shards
 from llmray.data.pairs import detect_pair_format, normalize_pair
+from llmray.data.prompts import detect_prompt_format, normalize_prompt
 from llmray.data.shard import ShardReport, ShardWriter, write_manifest
 from llmray.data.template import chat_template
 from llmray.errors import LlmrayError
@@ -30,6 +31,9 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant"}
 SHARD_BYTES = 16 << 20
+# what a record of data.conversations is, by the recipe's objective: a conversation (SFT), a preference pair
+# (preference:) or a prompt (rl:); and what the messages call one
+KINDS = {"conversations": "conversation", "pairs": "preference pair", "prompts": "prompt"}
 INPUTS_RECORD = "_conversations.json"  # which input files (and sizes) and format the shards were made from
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -125,16 +129,19 @@ def in_split(name: str, split: str) -> bool:
 
 
 def read_conversations(path: str, fmt: str = "auto", name: str | None = None, columns: dict[str, str] | None = None,
-                       pairs: bool = False) -> Iterator[tuple[str, list[dict] | dict | None, str | None]]:
+                       kind: str = "conversations", required: tuple[str, ...] = ()
+                       ) -> Iterator[tuple[str, list[dict] | dict | None, str | None]]:
     """(doc_id, messages, None) for each good record of one JSONL or Parquet file, and (doc_id, None, why) for each
     bad one; a doc_id is `name:line` (JSONL) or `name#row` (Parquet), `name` defaulting to `path`. `columns` maps
-    a format's field to the dataset's (`{"messages": "conversation"}`). With `pairs`, the records are preference
-    pairs (`data.pairs`) and each good one yields its pair. A file that is not UTF-8 or holds no record raises
-    ChatDataError, as does a file of pairs read as conversations or the reverse."""
+    a format's field to the dataset's (`{"messages": "conversation"}`). `kind` (KINDS): "pairs" reads preference
+    pairs (`data.pairs`), "prompts" RL prompts (`data.prompts`; `required`: the fields its rewards read), each good
+    record yielding its normalized form. A file that is not UTF-8 or holds no record raises ChatDataError, as does
+    a file of one kind read as another."""
     name = path if name is None else name
     rename = {theirs: ours for ours, theirs in (columns or {}).items()}
-    detect, other = (detect_pair_format, detect_format) if pairs else (detect_format, detect_pair_format)
-    file_format = None if fmt == "auto" or pairs else fmt
+    detectors = {"conversations": detect_format, "pairs": detect_pair_format, "prompts": detect_prompt_format}
+    detect = detectors[kind]
+    file_format = None if fmt == "auto" or kind != "conversations" else fmt
     seen = False
     for where, obj, problem in _records(path, name):
         seen = True
@@ -145,32 +152,42 @@ def read_conversations(path: str, fmt: str = "auto", name: str | None = None, co
             obj = {rename.get(k, k): v for k, v in obj.items()}
         if file_format is None:  # the first object that shows one decides the file's format
             file_format = detect(obj) if isinstance(obj, dict) else None
-            if file_format is None and isinstance(obj, dict) and other(obj):
-                raise ChatDataError(_wrong_kind(path, obj, pairs))
+            # a pair also has a prompt: it is a prompt file's wrong kind only if it is no prompt record
+            if file_format is None or (kind == "prompts" and detect_pair_format(obj)):
+                # (any record with a `prompt` reads as a prompt: TRL's prompt/completion records are not named one)
+                found = next((k for k, d in detectors.items() if k not in (kind, "prompts") and isinstance(obj, dict)
+                              and d(obj)), None)
+                if found is not None:
+                    raise ChatDataError(_wrong_kind(path, obj, kind, found))
             if file_format is None:
                 fields = f" (fields: {', '.join(map(str, obj))})" if isinstance(obj, dict) else ""
-                expected = ("a preference pair: 'prompt', 'chosen' and 'rejected', or 'chosen' and 'rejected'" if pairs
-                            else "a 'messages' list (OpenAI), a 'conversations' list (ShareGPT) or 'instruction' "
-                                 "(Alpaca)")
-                yield where, None, (f"not a known {'preference' if pairs else 'conversation'} format: expected "
-                                    + expected + fields + ("" if pairs else "; set data.format")
+                yield where, None, (f"not a known {KINDS[kind]} format: expected " + EXPECTED[kind] + fields
+                                    + ("; set data.format" if kind == "conversations" else "")
                                     + ", or data.columns to map fields")
                 continue
         try:
-            yield where, (normalize_pair if pairs else normalize)(obj, file_format), None
+            if kind == "prompts":
+                yield where, normalize_prompt(obj, file_format, required), None
+            else:
+                yield where, (normalize_pair if kind == "pairs" else normalize)(obj, file_format), None
         except ValueError as e:
-            yield where, None, f"{e} ({file_format} format)"
+            # a prompt file's records may each be a string or messages: its detected format says nothing of a line
+            yield where, None, str(e) if kind == "prompts" else f"{e} ({file_format} format)"
     if not seen:
-        raise ChatDataError(f"{path}: empty file: no {'pairs' if pairs else 'conversations'}")
+        raise ChatDataError(f"{path}: empty file: no {KINDS[kind]}s")
 
 
-def _wrong_kind(path: str, obj: dict, pairs: bool) -> str:
+EXPECTED = {"conversations": "a 'messages' list (OpenAI), a 'conversations' list (ShareGPT) or 'instruction' (Alpaca)",
+            "pairs": "a preference pair: 'prompt', 'chosen' and 'rejected', or 'chosen' and 'rejected'",
+            "prompts": "a 'prompt' (a string or messages) or a 'messages' list, beside the fields the rewards read"}
+READ_BY = {"conversations": "a recipe without a preference: or rl: block (supervised fine-tuning)",
+           "pairs": "a recipe's preference: block (DPO, IPO, SimPO)", "prompts": "a recipe's rl: block (GRPO)"}
+
+
+def _wrong_kind(path: str, obj: dict, kind: str, found: str) -> str:
     fields = ", ".join(map(str, obj))
-    if pairs:
-        return (f"data.conversations: {path} holds conversations (fields: {fields}), not preference pairs: a "
-                "supervised fine-tuning file; the recipe's preference: block reads prompt/chosen/rejected records")
-    return (f"data.conversations: {path} holds preference pairs (fields: {fields}), not conversations: add a "
-            "preference: block to the recipe to tune on them (DPO, IPO, SimPO)")
+    return (f"data.conversations: {path} holds {KINDS[found]}s (fields: {fields}), not {KINDS[kind]}s: {READ_BY[found]} "
+            f"reads them; this recipe reads {KINDS[kind]}s ({READ_BY[kind]})")
 
 
 def _records(path: str, name: str) -> Iterator[tuple[str, object, str | None]]:
@@ -209,6 +226,23 @@ def _pair_length(tokenizer, pair: dict) -> int:
     return sum(len(encode_completion(tokenizer, pair["prompt"], pair[k])[0]) for k in ("chosen", "rejected"))
 
 
+def _prompt_length(tokenizer, record: dict) -> int:
+    """The tokens a prompt takes, rendered with the generation prompt the policy answers after."""
+    from llmray.data.template import render
+
+    return len(tokenizer(render(tokenizer, record["prompt"], add_generation_prompt=True), add_special_tokens=False
+                         ).input_ids)
+
+
+def _conversation_length(tokenizer, messages: list[dict]) -> int:
+    from llmray.data.template import encode_chat
+
+    return len(encode_chat(tokenizer, messages)[0])
+
+
+RECORD_LENGTH = {"conversations": _conversation_length, "pairs": _pair_length, "prompts": _prompt_length}
+
+
 @dataclass
 class Conversion:
     """What `shard_conversations` made: shards of `documents` conversations; the lines it skipped, with why; how
@@ -221,14 +255,19 @@ class Conversion:
     skipped: list[str] = field(default_factory=list)
     longer: int = 0
     seq_len: int = 0
-    pairs: bool = False  # preference pairs, not conversations
+    kind: str = "conversations"  # KINDS
     reused: bool = False
 
+    @property
+    def what(self) -> str:
+        """What its records are, in the plural: conversations, preference pairs, prompts."""
+        return KINDS[self.kind] + "s"
+
     def text(self) -> str:
-        what = "preference pairs" if self.pairs else "conversations"
-        lines = [f"{what}: {self.documents} from {self.files} files in {self.shards} shards in {self.out}"
+        lines = [f"{self.what}: {self.documents} from {self.files} files in {self.shards} shards in {self.out}"
                  + (" (made earlier from the same files)" if self.reused else "")
-                 + ("" if self.pairs else f"; {self.longer} longer than {self.seq_len} tokens (cut to it)")
+                 + (f"; {self.longer} longer than {self.seq_len} tokens (cut to it)" if self.kind == "conversations"
+                    else "")
                  + f"; {len(self.skipped)} lines skipped"]
         lines += [f"  skipped {why}" for why in self.skipped[:SHOWN_SKIPPED]]
         if len(self.skipped) > SHOWN_SKIPPED:
@@ -241,17 +280,18 @@ SHOWN_SKIPPED = 10
 
 def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: int, fmt: str = "auto",
                         split: str | None = None, columns: dict[str, str] | None = None,
-                        pairs: bool = False) -> Conversion:
+                        kind: str = "conversations", required: tuple[str, ...] = ()) -> Conversion:
     """Write the conversations of `inputs` as shards into `out`, unless `out` already holds those of the same input
     files (same sizes), format, template and `seq_len`. Each conversation is encoded here as the stream will encode
     it (`encode_chat`), so a line the template refuses (a role it does not know, a rendering whose assistant turns
-    cannot be located) is skipped and named like a malformed one, and those longer than `seq_len` are counted."""
-    from llmray.data.template import encode_chat
-
+    cannot be located) is skipped and named like a malformed one, and those longer than `seq_len` are counted. A pair
+or a prompt longer than `seq_len` is skipped (trained on whole or not at all). `kind`, `required`: see
+`read_conversations`."""
     paths = [inputs] if isinstance(inputs, str) else list(inputs)
     files = conversation_files(paths, split)
     record = {"inputs": [list(f) for f in files], "format": fmt, "columns": columns or {}, "seq_len": seq_len,
-              "template": chat_template(tokenizer), "pairs": pairs}
+              "template": chat_template(tokenizer), "kind": kind,
+              "required": list(required)}
     fs, out_path = storage.resolve(out)
     record_path = storage.join(out_path, INPUTS_RECORD)
     if storage.exists(fs, record_path):
@@ -272,14 +312,15 @@ def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: i
     with ShardWriter(fs, out_path, SHARD_BYTES, report) as writer:
         for path, name, _ in files:
             report.files_read += 1
-            for doc_id, messages, problem in read_conversations(path, fmt, name, columns, pairs):
+            for doc_id, messages, problem in read_conversations(path, fmt, name, columns, kind, required):
                 if messages is not None:
                     try:
-                        length = _pair_length(tokenizer, messages) if pairs else len(encode_chat(tokenizer, messages)[0])
+                        length = RECORD_LENGTH[kind](tokenizer, messages)
                     except Exception as e:  # jinja's TemplateError, what the template raises, or ours
                         problem = f"the chat template refused it: {e}"
-                if problem is None and pairs and length > seq_len:  # a pair is trained on whole, or not at all
-                    problem = f"over the length: chosen and rejected take {length} tokens, data.seq_len is {seq_len}"
+                if problem is None and kind != "conversations" and length > seq_len:
+                    problem = (f"over the length: {'chosen and rejected take' if kind == 'pairs' else 'the prompt takes'}"
+                               f" {length} tokens, data.seq_len is {seq_len}")
                 if problem is not None:  # named by the file's full path, which the user can open
                     report.problems.append(f"{path}{doc_id[len(name):]}: {problem}")
                     continue
@@ -287,12 +328,12 @@ def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: i
                 writer.add(json.dumps(messages, ensure_ascii=False), doc_id, path)
                 report.documents += 1
     if report.documents == 0:
-        raise ChatDataError(f"data.conversations: no usable {'pair' if pairs else 'conversation'} in "
+        raise ChatDataError(f"data.conversations: no usable {KINDS[kind]} in "
                             f"{', '.join(paths)}; "
                             + (f"first problem: {report.problems[0]}" if report.problems else "all files empty"))
     write_manifest(fs, out_path, report)
     conversion = Conversion(out, len(files), report.documents, len(report.shards), report.problems, longer, seq_len,
-                            pairs)
+                            kind)
     with fs.open_output_stream(record_path) as f:
         f.write(json.dumps({"made_from": record, "conversion": {k: v for k, v in asdict(conversion).items()
                                                                  if k != "reused"}}).encode())

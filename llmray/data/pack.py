@@ -45,8 +45,9 @@ class StreamSpec:
     cpus_per_task: float = 1.0
     max_epochs: int | None = None  # each source stops before starting epoch max_epochs; None: endless
     # what a document is: text; a conversation (JSON messages: rows carry labels and position ids); a preference
-    # pair (JSON prompt/chosen/rejected: rows also carry sequence ids)
-    documents: Literal["text", "conversations", "pairs"] = "text"
+    # pair (JSON prompt/chosen/rejected: rows also carry sequence ids); an RL prompt (JSON prompt and fields: a row
+    # is one prompt, `prompt_rows`)
+    documents: Literal["text", "conversations", "pairs", "prompts"] = "text"
     document_masking: bool = False  # text rows carry position ids restarting at each document (data.document_masking)
     # pairs: each source's precomputed reference log-probabilities (a Parquet file of `reference_sums`, one per
     # source; objectives/reference.py writes them), which rows then carry as `reference_logps`
@@ -128,6 +129,8 @@ class Packer:
             return chat_rows(self.hf, [json.loads(t) for t in texts], self.spec.seq_len)
         if self.spec.documents == "pairs":
             return pair_rows(self.hf, [json.loads(t) for t in texts], self.spec.seq_len)
+        if self.spec.documents == "prompts":
+            return prompt_rows(self.hf, [json.loads(t) for t in texts], self.spec.seq_len)
         seq_len, flat = self.spec.seq_len, []
         for i in range(0, len(texts), self.spec.batch_docs):
             for enc in self.backend.encode_batch_fast(texts[i:i + self.spec.batch_docs], add_special_tokens=False):
@@ -247,6 +250,30 @@ def pair_rows(tokenizer, pairs: list[dict], seq_len: int) -> dict[str, np.ndarra
         if sum(len(ids) for ids, _ in sides) <= seq_len:
             units.append(sides)
     return pack_whole(units, seq_len, _pad(tokenizer), numbered=True)
+
+
+def prompt_rows(tokenizer, records: list[dict], seq_len: int) -> dict[str, np.ndarray]:
+    """RL prompts, one per row, not packed (each is answered on its own): "input_ids" (n, seq_len) the prompt
+    rendered with the generation prompt, padded after its "prompt_length" tokens; "fields" (n,) the JSON of the
+    record's other fields, for the rewards. A prompt longer than a row (refused when the shards were written) is
+    dropped."""
+    from llmray.data.template import render
+
+    pad = _pad(tokenizer)
+    ids, lengths, fields = [], [], []
+    for record in records:
+        tokens = tokenizer(render(tokenizer, record["prompt"], add_generation_prompt=True), add_special_tokens=False
+                           ).input_ids
+        if len(tokens) > seq_len:
+            continue
+        ids.append(np.array(tokens + [pad] * (seq_len - len(tokens)), dtype=np.int32))
+        lengths.append(len(tokens))
+        fields.append(json.dumps(record["fields"], ensure_ascii=False))
+    if not ids:
+        return {"input_ids": np.zeros((0, seq_len), dtype=np.int32), "prompt_length": np.zeros(0, dtype=np.int32),
+                "fields": np.zeros(0, dtype=object)}
+    return {"input_ids": np.stack(ids), "prompt_length": np.array(lengths, dtype=np.int32),
+            "fields": np.array(fields, dtype=object)}
 
 
 def _labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

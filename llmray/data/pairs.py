@@ -30,7 +30,7 @@ def detect_pair_format(obj: dict) -> str | None:
     return "conversational" if isinstance(obj["prompt"], list) else "standard"
 
 
-def _messages(value, field: str) -> list[dict]:
+def message_list(value, field: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     if not isinstance(value, list) or not value:
@@ -54,9 +54,9 @@ def normalize_pair(obj: dict, fmt: str) -> dict:
             if not shared:
                 raise ValueError("fields 'chosen' and 'rejected' share no prompt")
             prompt = [{"role": "user", "content": shared}]
-            chosen, rejected = _messages(chosen[len(shared):], "chosen"), _messages(rejected[len(shared):], "rejected")
+            chosen, rejected = message_list(chosen[len(shared):], "chosen"), message_list(rejected[len(shared):], "rejected")
         else:
-            chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+            chosen, rejected = message_list(chosen, "chosen"), message_list(rejected, "rejected")
             n = 0
             while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
                 n += 1
@@ -65,10 +65,10 @@ def normalize_pair(obj: dict, fmt: str) -> dict:
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     else:
         prompt = obj.get("prompt")
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else message_list(prompt, "prompt")
         if not prompt or not "".join(m["content"] for m in prompt).strip():
             raise ValueError("field 'prompt' is empty")
-        chosen, rejected = _messages(obj.get("chosen"), "chosen"), _messages(obj.get("rejected"), "rejected")
+        chosen, rejected = message_list(obj.get("chosen"), "chosen"), message_list(obj.get("rejected"), "rejected")
     for key, side in (("chosen", chosen), ("rejected", rejected)):
         if not side or not "".join(m["content"] for m in side).strip():
             raise ValueError(f"field {key!r} is empty")

@@ -376,7 +376,8 @@ class RankStream:
         batch = {}
         for c in runs[0]:
             first = runs[0][c]
-            out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+            # a text column (an RL prompt's fields) as objects: each run's strings have their own width
+            out = np.empty((len(rows), *first.shape[1:]), dtype=object if first.dtype.kind in "OU" else first.dtype)
             for p, run in enumerate(runs):  # each run's rows in one gather
                 mine = which == p
                 out[mine] = run[c][rows[mine]]

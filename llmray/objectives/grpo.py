@@ -19,12 +19,11 @@ from typing import Literal
 
 import torch
 
+from llmray.metric_names import CLIP_HIGH, CLIP_LOW, CLIP_REGION, KL
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4  # added to the std before dividing (TRL's): a group whose rewards are all equal gets advantage 0
 
-# TRL's metric names
-KL = "kl"
-CLIP_LOW, CLIP_HIGH, CLIP_REGION = "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int,

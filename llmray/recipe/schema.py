@@ -355,6 +355,95 @@ class PreferenceSettings(Strict):
     reference: Literal["auto", "adapters", "copy", "precomputed", "none"] = "auto"
 
 
+
+
+class RewardSettings(Strict):
+    """One reward function of an RL run (`rl/rewards.py`); a completion's reward is the weighted sum of its
+    functions' scores."""
+
+    kind: Literal["exact_match", "numeric", "regex", "function"]
+    # exact_match, numeric: the prompt record's field holding the right answer
+    field: str = "answer"
+    # regex: what a well-formed completion matches (re.search), scoring 1, else 0; exact_match, numeric: where in
+    # the completion the answer is (its first group; default: exact_match the whole completion, numeric its last
+    # number)
+    pattern: str | None = None
+    function: str | None = None  # function: "module:function" (signature in docs/rl.md)
+    weight: float = 1.0
+    name: str | None = None  # its metrics' name (rewards/<name>/mean); default: the kind, or the function's name
+
+    @model_validator(mode="after")
+    def _complete(self) -> "RewardSettings":
+        import re
+
+        if self.kind == "function" and (not self.function or ":" not in self.function):
+            raise ValueError("a reward of kind function names it as function: module:function")
+        if self.kind != "function" and self.function:
+            raise ValueError(f"function: names a user reward; this reward is kind {self.kind}")
+        if self.kind == "regex" and not self.pattern:
+            raise ValueError("a reward of kind regex needs pattern: what a well-formed completion matches")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {e}") from None
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return self.function.rsplit(":", 1)[1] if self.kind == "function" else self.kind
+
+
+class RolloutSettings(Strict):
+    """Where an RL run's completions are generated: by llmray's serving engine (`serve/engine.py`), holding the
+    policy's latest weights (synced and checked after every update)."""
+
+    # colocated: an engine in each training worker, on its device, taking turns with training (its KV cache freed
+    # after each generation); separate: `actors` Ray actors of their own (a GPU each with scaling.use_gpu)
+    placement: Literal["colocated", "separate"] = "colocated"
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(1.0, gt=0)
+    max_batch_size: int = Field(64, ge=1)  # rows an engine decodes at once
+    # the largest difference between the generator's and the trainer's log-probabilities of a fixed probe after a
+    # sync; more stops the run. None: 1e-3 in fp32, 5e-2 in bf16
+    parity_tolerance: float | None = Field(None, gt=0)
+
+
+class RlSettings(Strict):
+    """Online RL with verifiable rewards (GRPO and its variants) on data.conversations read as prompts: each
+    prompt's `group_size` completions are scored by `rewards` and trained on their group-normalised advantages."""
+
+    rewards: list[RewardSettings] = Field(min_length=1)
+    group_size: int = 8  # completions per prompt
+    max_completion_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    # how a step's per-token losses are averaged: dapo (over the step's tokens), grpo (per completion, then over
+    # completions), bnpo (over the micro-batch's tokens), dr_grpo (over completions x max_completion_tokens)
+    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # the std advantages are divided by (none: Dr. GRPO)
+    beta: float = Field(0.0, ge=0)  # the KL to the reference's weight; 0: no reference is held
+    epsilon_low: float = Field(0.2, gt=0, lt=1)  # the ratio's clip: [1 - epsilon_low, 1 + epsilon_high]
+    epsilon_high: float | None = Field(None, gt=0)  # None: epsilon_low (DAPO's clip-higher: e.g. 0.28)
+    updates: int = Field(1, ge=1)  # optimizer steps on each batch of rollouts (TRL's num_iterations)
+    # the KL's reference: the base with the adapters off (LoRA), a frozen copy of model.pretrained (partitioned
+    # under ZeRO-3), or none; auto: none when beta is 0, else adapters for LoRA and copy for full fine-tuning
+    reference: Literal["auto", "adapters", "copy", "none"] = "auto"
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+
+    @property
+    def required_fields(self) -> tuple[str, ...]:
+        """The prompt records' fields the built-in rewards read (a record without one is skipped)."""
+        return tuple(dict.fromkeys(r.field for r in self.rewards if r.kind in ("exact_match", "numeric")))
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+
 class PruneSettings(Strict):
     """Pruning of a trained model (`llmray prune`, or a recipe's `prune:` block: model.pretrained is pruned into the
     run folder before training, and the run is its recovery). Which keys a method takes, and the widths a model
@@ -399,6 +488,7 @@ class Recipe(Strict):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     distill: DistillSettings | None = None  # absent: the LM loss alone
     preference: PreferenceSettings | None = None  # present: data.conversations are preference pairs
+    rl: RlSettings | None = None  # present: data.conversations are prompts, trained on by online RL (GRPO)
     prune: PruneSettings | None = None  # absent: model.pretrained as it is
     wandb: WandbSettings = Field(default_factory=WandbSettings)
 
@@ -428,12 +518,18 @@ class Recipe(Strict):
         self._quant_checks()
         self._kernel_checks()
         self._preference_checks()
+        self._rl_checks()
         return self
 
     @property
     def reference(self) -> str:
-        """Where a preference run's reference log-probabilities come from ("none" without one); see
-        PreferenceSettings.reference."""
+        """Where a preference or RL run's reference log-probabilities come from ("none" without one); see
+        PreferenceSettings.reference and RlSettings.reference."""
+        if self.rl is not None:
+            if self.rl.beta == 0:  # _rl_checks refuses a reference the loss would not read
+                return "none"
+            return self.rl.reference if self.rl.reference != "auto" else \
+                "adapters" if self.trains_adapters else "copy"
         p = self.preference
         if p is None or p.loss in REFERENCE_FREE:  # _preference_checks refuses a reference these would not read
             return "none"
@@ -463,6 +559,38 @@ class Recipe(Strict):
                              f"{self.finetune.method} trains no adapters (use copy)")
         if p.label_smoothing and p.loss != "dpo":
             raise ValueError(f"preference.label_smoothing applies to loss dpo, not {p.loss}")
+
+    def _rl_checks(self) -> None:
+        r = self.rl
+        if r is None:
+            return
+        if self.finetune is None:
+            raise ValueError("rl trains a pretrained model: add a finetune: block (method full or lora)")
+        if self.data.conversations is None:
+            raise ValueError("rl reads its prompts from data.conversations (a prompt or messages per record, plus the "
+                             "fields its rewards read)")
+        if self.preference is not None or self.distill is not None:
+            raise ValueError("rl, preference and distill are each an objective; a run has one")
+        if r.group_size < 2:
+            raise ValueError(f"rl.group_size={r.group_size}: a completion's advantage is its reward against its "
+                             "group's; a group of one always has advantage 0 and nothing is learned (use 2 or more)")
+        if self.finetune.method == "qlora":
+            raise ValueError("rl with finetune.method=qlora is not built yet: the generator would run an "
+                             "unquantized base the trainer does not (use lora)")
+        if r.beta == 0 and r.reference not in ("auto", "none"):
+            raise ValueError(f"rl.reference={r.reference} is held for the KL term, which rl.beta=0 turns off "
+                             "(set rl.beta > 0, or rl.reference to auto)")
+        if r.beta > 0 and r.reference == "none":
+            raise ValueError(f"rl.beta={r.beta} weighs a KL to a reference; rl.reference=none holds none")
+        if r.reference == "adapters" and not self.trains_adapters:
+            raise ValueError("rl.reference=adapters is the base with the LoRA adapters off; finetune.method="
+                             f"{self.finetune.method} trains no adapters (use copy)")
+        if self.train.max_steps % r.updates or self.train.checkpoint_every % r.updates:
+            raise ValueError(f"rl.updates={r.updates} optimizer steps are taken on each batch of rollouts; "
+                             "train.max_steps and train.checkpoint_every must be multiples of it")
+        if r.rollout.placement == "colocated" and r.rollout.actors != 1:
+            raise ValueError("rl.rollout.actors counts separate generator actors; with placement colocated each "
+                             "training worker generates (set placement: separate)")
 
     def _kernel_checks(self) -> None:
         k, gpu = self.train.kernels, self.scaling.use_gpu
@@ -521,6 +649,14 @@ class Recipe(Strict):
             if q.zeropp.hpz_partition_size > 1 and s.num_workers % q.zeropp.hpz_partition_size:
                 raise ValueError(f"quant.zeropp.hpz_partition_size={q.zeropp.hpz_partition_size} does not divide "
                                  f"scaling.num_workers={s.num_workers}")
+
+    @property
+    def documents(self) -> Literal["text", "conversations", "pairs", "prompts"]:
+        """What a document of the stream is: text; or a record of data.conversations, read as this recipe's objective
+        reads them (a conversation, a preference pair, an RL prompt)."""
+        if self.data.conversations is None:
+            return "text"
+        return "prompts" if self.rl else "pairs" if self.preference else "conversations"
 
     @property
     def trains_adapters(self) -> bool:

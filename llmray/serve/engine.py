@@ -43,11 +43,21 @@ class Finished:
 
 
 @dataclass
+class Rollout:
+    """One completion of `Engine.generate`: its tokens (the stop token that ended it included, so a policy learns to
+    stop), each one's log-probability as sampled (at the sampling temperature), and why it ended."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    reason: str  # "stop" or "length"
+
+
+@dataclass
 class _Row:
     prompt_ids: list[int]
     sampling: Sampling
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop | None  # None: a rollout row, read back by `generate`, never streamed
+    events: asyncio.Queue | None
     text: TextStream  # what of its generated text has gone out
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
@@ -55,8 +65,11 @@ class _Row:
     adapter: str = BASE  # the LoRA adapter this row generates with
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
+    reason: str | None = None  # once finished
+
     def emit(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 @dataclass
@@ -67,13 +80,14 @@ class _Batch:
 
 class Engine:
     def __init__(self, model_dir: str, max_batch_size: int, batch_wait_s: float, device: str | None,
-                 adapters: dict[str, str] | None = None, cuda_graphs: bool | None = None):
+                 adapters: dict[str, str] | None = None, cuda_graphs: bool | None = None, tokenizer: str | None = None):
         """`adapters`: name -> PEFT adapter folder of this base model; rows of different adapters (and of the
         base) share a batch, peft applying each row's adapter (mixed-batch LoRA). `cuda_graphs`: replay each decode
         shape as a CUDA graph; None: on a GPU. Never with adapters (peft picks each row's adapter on the host,
-        step by step). Without CUDA, true runs the same fixed-buffer path without a capture."""
+        step by step). Without CUDA, true runs the same fixed-buffer path without a capture. `tokenizer`: a folder
+        of its own (default: the model's)."""
         self.device = inference_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model_dir)
         self.backend = self.tokenizer.backend_tokenizer
         self.model = load_for_inference(model_dir, self.device)
         config = self.model.config
@@ -165,6 +179,29 @@ class Engine:
         finally:
             if not done:  # the caller went away (client disconnect, cancelled request): stop computing for it
                 row.cancelled.set()
+
+    # ---- rollouts (online RL): a batch generated in the caller's thread -------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], samplings: list[Sampling]) -> list[Rollout]:
+        """Each prompt's completion, decoded `max_batch_size` rows at a time in order, so the same prompts and seeds
+        give the same batches, and the same tokens, on a rerun. Not beside serving: the engine's batch is the
+        rollouts'."""
+        if self._thread is not None:
+            raise RuntimeError("Engine.generate: this engine is serving requests; rollouts need an engine of their own")
+        rows = [_Row(list(p), s, None, None, TextStream(self.backend, s.stop)) for p, s in zip(prompts, samplings)]
+        for start in range(0, len(rows), self.max_batch_size):
+            batch = self._prefill(None, rows[start:start + self.max_batch_size])
+            while batch is not None:
+                batch = self._decode(batch)
+        self._outbox = []
+        return [Rollout(r.generated, [lp.logprob for lp in r.logprobs], r.reason) for r in rows]
+
+    def release(self) -> None:
+        """Let the KV cache's buffers go (a colocated generator, before training takes the device back)."""
+        self.cache.release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- the compute thread -------------------------------------------------------------------------------
 
@@ -268,7 +305,11 @@ class Engine:
         """Sample each row's next token and hand it to its client: the tokens, and which rows are done."""
         tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         wanted = any(r.sampling.logprobs is not None for r in rows)
-        lps = torch.log_softmax(logits, -1) if wanted else [None] * len(rows)
+        if any(r.loop is None for r in rows):  # rollouts: the distribution each token was drawn from
+            scale = torch.tensor([r.sampling.temperature or 1.0 for r in rows], device=logits.device)
+            lps = torch.log_softmax(logits / scale[:, None], -1)
+        else:
+            lps = torch.log_softmax(logits, -1) if wanted else [None] * len(rows)
         done = [self._advance(r, t, lp) for r, t, lp in zip(rows, tokens.tolist(), lps)]
         self._deliver()
         return tokens, done
@@ -289,7 +330,8 @@ class Engine:
         """This step's events, handed to each event loop in one call rather than one wake-up per row."""
         by_loop: dict = {}
         for r, event in self._outbox:
-            by_loop.setdefault(r.loop, []).append((r.events, event))
+            if r.loop is not None:
+                by_loop.setdefault(r.loop, []).append((r.events, event))
         self._outbox = []
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(lambda items=items: [q.put_nowait(e) for q, e in items])
@@ -314,10 +356,13 @@ class Engine:
         token = int(token)
         self.stats["generated_tokens"] += 1
         if token in self.stops and not r.sampling.ignore_eos:
+            if r.loop is None:  # a rollout keeps its stop token: the policy is trained to stop there
+                r.generated.append(token)
+                r.logprobs.append(token_logprob(logprobs, token, 0))
             return self._finish(r, "stop")
         r.generated.append(token)
-        if r.sampling.logprobs is not None:
-            r.logprobs.append(token_logprob(logprobs, token, r.sampling.logprobs))
+        if r.sampling.logprobs is not None or r.loop is None:  # asked for, or a rollout's
+            r.logprobs.append(token_logprob(logprobs, token, r.sampling.logprobs or 0))
         if r.text.add(token):
             self._send(r, r.text.until_stop())
             return self._finish(r, "stop", flush=False)
@@ -336,5 +381,6 @@ class Engine:
         if flush:
             self._send(r, r.text.complete(self.tokenizer.decode(r.generated, skip_special_tokens=True)))
         logprobs = r.logprobs if r.sampling.logprobs is not None else None
+        r.reason = reason
         self._outbox.append((r, Finished(reason, len(r.generated), logprobs)))
         return True

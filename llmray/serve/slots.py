@@ -79,6 +79,14 @@ class SlotCache(Cache):
         keys = self.layers[0].keys
         return 0 if keys is None else keys.shape[2]
 
+    def release(self) -> None:
+        """Every buffer let go (no row may be running); the next row allocates afresh."""
+        for layer in self.layers:
+            layer.keys = layer.values = None
+        self.lengths = []
+        self._rows = self._write_at = None
+        self.reallocations += 1  # a captured decode step's buffers are gone with them
+
     def reserve(self, rows: int, positions: int, like: DynamicCache | None = None) -> None:
         """Room for `rows` slots of `positions` tokens. Short of it, every buffer is reallocated larger and its
         contents copied (`like`: a prefill cache giving the first allocation its heads, widths, dtype, device)."""
@@ -122,9 +130,7 @@ class SlotCache(Cache):
         for hole, mover in zip(holes, movers):
             order[hole] = mover
         if not rows and self.capacity > self.first_positions:  # idle: let a long request's buffers go
-            for layer in self.layers:
-                layer.keys = layer.values = None
-            self.reallocations += 1
+            self.release()
         if holes:
             device = self.layers[0].keys.device
             to, src = torch.tensor(holes, device=device), torch.tensor(movers, device=device)

@@ -49,11 +49,12 @@ Validation = list[tuple[str, float, dict]]  # per source: name, blend weight, fi
 
 
 def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: Sink, resume_dir: str | None = None,
-          verbose: bool = True, tasks: list | None = None) -> dict:
+          verbose: bool = True, tasks: list | None = None, generators: list | None = None) -> dict:
     """Train until `train.max_steps` (or the stream ends); returns the last metrics reported.
 
     `resume_dir`: a local copy of the checkpoint to continue from; the stream is moved to its position here.
     `tasks`: the recipe's eval tasks (loaded by the driver), run every `eval.every` steps and at the end.
+    `generators`: an RL run's rollout actors (rl.rollout.placement separate); colocated, each rank makes its own.
     """
     t = recipe.train
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -63,8 +64,14 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     restore = Restore(resume_dir, world, t.zero_stage) if resume_dir is not None else None
     engine, facts = build_engine(recipe, len(tokenizer), device, restore is not None and restore.universal, talk)
-    objective = for_recipe(recipe, device, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32,
-                           partitioned_reference(recipe, device, talk))
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    reference = partitioned_reference(recipe, device, talk)
+    if recipe.rl is not None:
+        from llmray.objectives.rl import RlSteps
+
+        rl = objective = RlSteps(recipe, engine, device, tokenizer, dtype, reference, generators)
+    else:
+        rl, objective = None, for_recipe(recipe, device, dtype, reference)
     state = TrainState(world_size=world, n_params=facts.n_params, vocab_size=len(tokenizer),
                        recipe=recipe.model_dump(mode="json"))
     if restore is not None:
@@ -78,8 +85,9 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     metrics: dict = {}
     engine.train()
     while True:
-        trained = state.step < t.max_steps and train_step(engine, stream, recipe, state, window, device, objective,
-                                                          facts.flat_rows)
+        trained = state.step < t.max_steps and (
+            rl.step(engine, stream, state, window) if rl is not None
+            else train_step(engine, stream, recipe, state, window, device, objective, facts.flat_rows))
         if trained:
             if state.step == first_step + 1 and state.resumes:
                 state.resumes[-1]["first_step_at"] = time.time()  # recovery time, for benchmarks/checkpoint.py

@@ -25,12 +25,15 @@ class Window:
     peak_flops_per_worker: float | None
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
+    tokens: int = 0  # trained on in the window's steps
     data_wait: float = 0.0
     loss_sum: object = 0.0  # a device tensor once steps are added: summed without a host sync per step
     part_sums: dict = field(default_factory=dict)  # named parts of the loss (distillation's lm_loss, distill_kl)
 
-    def add_step(self, loss, parts: dict | None = None) -> None:
+    def add_step(self, loss, parts: dict | None = None, tokens: int | None = None) -> None:
+        """`tokens`: the step's, where they vary (RL's completions); default `tokens_per_step`."""
         self.steps += 1
+        self.tokens += self.tokens_per_step if tokens is None else int(tokens)
         self.loss_sum = self.loss_sum + loss
         for name, value in (parts or {}).items():
             self.part_sums[name] = self.part_sums.get(name, 0.0) + value
@@ -47,7 +50,7 @@ class Window:
     def close(self, now: float | None = None) -> dict:
         now = time.perf_counter() if now is None else now
         elapsed = max(now - self.start, 1e-9)
-        tokens_per_s = self.steps * self.tokens_per_step / elapsed
+        tokens_per_s = self.tokens / elapsed
         out = {
             M.STEP_TIME_S: elapsed / max(self.steps, 1),
             M.TOKENS_PER_S: tokens_per_s,
@@ -56,7 +59,7 @@ class Window:
         }
         if self.peak_flops_per_worker:
             out[M.MFU] = self.flops_per_token * tokens_per_s / (self.peak_flops_per_worker * self.world_size)
-        self.start, self.steps, self.data_wait, self.loss_sum, self.part_sums = now, 0, 0.0, 0.0, {}
+        self.start, self.steps, self.tokens, self.data_wait, self.loss_sum, self.part_sums = now, 0, 0, 0.0, 0.0, {}
         return out
 
 

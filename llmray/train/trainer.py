@@ -32,6 +32,8 @@ from llmray.model.build import build_config
 from llmray.model.lora import check_qlora, check_targets
 from llmray.objectives.distill import check_teacher
 from llmray.objectives.reference import precompute
+from llmray.objectives.rewards import Rewards
+from llmray.objectives.rollout import start_generators
 from llmray.recipe.load import recipe_from_dict, with_absolute_paths, with_pinned_names
 from llmray.recipe.schema import Recipe, RecipeError
 from llmray.train import checkpoint, resume
@@ -60,6 +62,7 @@ class Summary:
     val_loss_per_source: dict[str, float] | None = None  # a blend's sources, each on its own held-out samples
     conversations: dict | None = None  # a fine-tune's data: conversations (or pairs) used, cut, lines skipped
     evals: dict[str, float] | None = None  # the recipe's eval tasks at the end: eval/<task>/<metric>
+    rewards: dict | None = None  # an RL run's reward and accuracy at its first and last report
 
     def text(self) -> str:
         lines = [
@@ -76,6 +79,11 @@ class Summary:
             c = self.conversations
             lines.append(f"data       {c['documents']} {c.get('kind', 'conversations')}, {c['longer_than_seq_len']} cut "
                          f"to seq_len, {c['skipped_lines']} lines skipped")
+        if self.rewards:
+            r = self.rewards
+            lines.append(f"reward     {r['first']:.3f} -> {r['last']:.3f} (first and last report)"
+                         + (f", accuracy {100 * r['accuracy_first']:.1f}% -> {100 * r['accuracy_last']:.1f}%"
+                            if r.get("accuracy_last") is not None else ""))
         for task, figures in eval_by_task(self.evals or {}).items():
             lines.append(f"eval       {task}: " + ", ".join(f"{m} {v:.4f}" for m, v in figures.items()))
         if self.tokens_per_s:
@@ -97,7 +105,7 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     d = recipe.data
     splits = split_sources(d)
     common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,
-                  documents="pairs" if recipe.preference else "conversations" if d.conversations else "text",
+                  documents=recipe.documents,
                   document_masking=d.document_masking)
     train_spec = StreamSpec.of([(s.name, s.weight, s.train) for s in splits], max_epochs=d.max_epochs,
                                tasks=d.tokenize_tasks, **common)
@@ -122,6 +130,9 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     check_installed(recipe)
     if recipe.distill is not None:
         check_teacher(recipe.distill, config.vocab_size)
+    if recipe.rl is not None:
+        Rewards(recipe.rl.rewards)  # a user function that does not import is named here
+        val_specs = []  # held-out prompts are not trained on; the recipe's eval tasks measure the policy
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and d.seq_len > positions:
         raise RecipeError(f"data.seq_len={d.seq_len} is larger than the model's {positions} positions")
@@ -189,7 +200,8 @@ def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]
         return recipe, None
     out = d.shards or storage.join(recipe.run.folder, "conversations")
     conversion = shard_conversations(d.conversations, out, load_tokenizer(d.tokenizer), d.seq_len, d.format, d.split,
-                                     d.columns, pairs=recipe.preference is not None)
+                                     d.columns, recipe.documents,
+                                     recipe.rl.required_fields if recipe.rl else ())
     print("[llmray] " + conversion.text(), flush=True)
     return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})}), conversion
 
@@ -237,7 +249,9 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     # Ray Train's preemption watcher (an actor holding the workers' handles, which Ray warns of at every start with
     # an error line) feeds ray.train.get_preemption_info(), which llmray does not read. Set to 1 to have it.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-    per_worker, per_task = cpu_budget(recipe, cpus_available or ray.cluster_resources().get("CPU", 1))
+    generators = start_generators(recipe) if recipe.rl is not None else None
+    generator_cpus = len(generators or ()) * recipe.rl.rollout.cpus_per_actor if generators else 0.0
+    per_worker, per_task = cpu_budget(recipe, (cpus_available or ray.cluster_resources().get("CPU", 1)) - generator_cpus)
     train_spec = dataclasses.replace(train_spec, cpus_per_task=per_task)
     if recipe.reference == "precomputed":
         train_spec, val_specs = with_precomputed_reference(recipe, train_spec, val_specs, per_worker)
@@ -266,7 +280,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": validation,
-                           "eval_tasks": eval_tasks,
+                           "eval_tasks": eval_tasks, "generators": generators,
                            "resume_from": _as_ray_checkpoint(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -289,7 +303,20 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     result = trainer.fit()
     wall = time.perf_counter() - started
     ray.kill(coordinator)
+    for actor in generators or ():
+        ray.kill(actor)
     return summarize(recipe, result, wall, conversion)
+
+
+def reward_summary(history: list[dict]) -> dict | None:
+    """An RL run's reward (and accuracy, where a correctness reward gives one) at its first and last report."""
+    rl = [h for h in history if M.REWARD in h]
+    if not rl:
+        return None
+    out = {"first": rl[0][M.REWARD], "last": rl[-1][M.REWARD]}
+    if rl[-1].get(M.ACCURACY) == rl[-1].get(M.ACCURACY):  # not NaN
+        out.update(accuracy_first=rl[0][M.ACCURACY], accuracy_last=rl[-1][M.ACCURACY])
+    return out
 
 
 def _as_ray_checkpoint(uri: str) -> ray.train.Checkpoint:
@@ -326,7 +353,8 @@ def summarize(recipe: Recipe, result, wall: float, conversion: Conversion | None
         evals={k: v for k, v in metrics.items() if k.startswith(M.EVAL_PREFIX)} or None,
         conversations=None if conversion is None else {
             "documents": conversion.documents, "longer_than_seq_len": conversion.longer,
-            "skipped_lines": len(conversion.skipped), "kind": "preference pairs" if conversion.pairs else "conversations"},
+            "skipped_lines": len(conversion.skipped), "kind": conversion.what},
+        rewards=reward_summary(history),
     )
     with run_fs.open_output_stream(storage.join(run_dir, "summary.json")) as f:
         f.write(json.dumps(asdict(summary), indent=1).encode())

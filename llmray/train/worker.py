@@ -71,5 +71,5 @@ def train_loop_per_worker(config: dict) -> None:
         if resume is not None:
             resume.to_directory(tmp)
         loop.train(recipe, stream, val, sink, resume_dir=tmp if resume is not None else None,
-                   tasks=config.get("eval_tasks"))
+                   tasks=config.get("eval_tasks"), generators=config.get("generators"))
     sink.finish()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import tiny_llama
 
-from llmray.objectives.grpo import CLIP_HIGH, CLIP_LOW, CLIP_REGION, KL, group_advantages, policy_loss
+from llmray.metric_names import CLIP_HIGH, CLIP_LOW, CLIP_REGION, KL
+from llmray.objectives.grpo import group_advantages, policy_loss
 
 
 def test_advantages_are_normalised_within_each_group():

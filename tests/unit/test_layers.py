@@ -2,7 +2,8 @@
 order the README's module map states: each package imports only its own modules and the layers below it.
 
 Training reaches compression through three narrow hooks only: QAT preparation, holding a pruned model's zeros
-(below), and the distillation objective (objectives/, a layer below training)."""
+(below), and the distillation objective (objectives/, a layer below training). RL's rollouts reach the serving
+engine through one more."""
 
 import ast
 import re
@@ -29,7 +30,9 @@ LAYERS = [
     ("command", ["cli"]),
 ]
 # module of a higher layer -> the layer that may import it. Each must itself stand below that layer (checked).
-HOOKS = {"llmray.quantize.qat": "training", "llmray.prune.sparse": "training"}
+# RL's rollouts (objectives/rollout.py) generate on the serving engine.
+HOOKS = {"llmray.quantize.qat": "training", "llmray.prune.sparse": "training",
+         "llmray.serve.engine": "evaluation, objectives", "llmray.serve.sampling": "evaluation, objectives"}
 
 
 def layer_of_package(package: str) -> str:

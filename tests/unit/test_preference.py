@@ -45,11 +45,11 @@ def test_the_formats_people_have_become_one_pair(tmp_path):
                                                               {"role": "assistant", "content": c}],
                                         "rejected": [*conversational(q, c, r)["prompt"],
                                                      {"role": "assistant", "content": r}]} for q, c, r in PAIRS])
-    read = [[pair for _, pair, _ in read_conversations(str(p), pairs=True)] for p in (standard, conv, hh, uf)]
+    read = [[pair for _, pair, _ in read_conversations(str(p), kind="pairs")] for p in (standard, conv, hh, uf)]
     assert read[0] == read[1] == read[2] == read[3] == [conversational(*p) for p in PAIRS]
     text = write(tmp_path / "text_hh.jsonl", [{"chosen": "\n\nHuman: hi\n\nAssistant: hello there",
                                                "rejected": "\n\nHuman: hi\n\nAssistant: go away"}])
-    (_, pair, _), = read_conversations(str(text), pairs=True)
+    (_, pair, _), = read_conversations(str(text), kind="pairs")
     assert pair["prompt"][0]["content"] == "\n\nHuman: hi\n\nAssistant:"  # TRL's extract_prompt: the space stays
     assert pair["chosen"][0]["content"] == " hello there"
 
@@ -60,8 +60,8 @@ def test_bad_pairs_are_named_by_file_line_and_field_and_skipped(tmp_path, corpus
     path = write(tmp_path / "p.jsonl", [conversational(*PAIRS[0]), {"prompt": "q", "chosen": "same", "rejected": "same"},
                                         {"prompt": "q", "chosen": "", "rejected": "x"},
                                         {"prompt": "q", "chosen": "long " * 200, "rejected": "x"}])
-    made = shard_conversations(str(path), str(tmp_path / "out"), load_tokenizer(corpus["tokenizer"]), 128, pairs=True)
-    assert made.documents == 1 and made.pairs
+    made = shard_conversations(str(path), str(tmp_path / "out"), load_tokenizer(corpus["tokenizer"]), 128, kind="pairs")
+    assert made.documents == 1 and made.kind == "pairs"
     problems = [p.split(": ", 1)[1] for p in made.skipped]
     assert [p.split(": ", 1)[0] for p in made.skipped] == [f"{path}:{n}" for n in (2, 3, 4)]
     assert problems[0].startswith("fields 'chosen' and 'rejected' are identical")
@@ -71,7 +71,7 @@ def test_bad_pairs_are_named_by_file_line_and_field_and_skipped(tmp_path, corpus
                                         "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]},
                                        {"chosen": [{"role": "user", "content": "a"}],
                                         "rejected": [{"role": "user", "content": "b"}]}])
-    (_, _, none), (where, _, problem) = read_conversations(str(hh), pairs=True)
+    (_, _, none), (where, _, problem) = read_conversations(str(hh), kind="pairs")
     assert none is None and where == f"{hh}:2" and problem.startswith("fields 'chosen' and 'rejected' share no prompt")
 
 
@@ -82,7 +82,7 @@ def test_a_pair_file_is_not_a_conversation_file_nor_the_reverse(tmp_path):
     with pytest.raises(ChatDataError, match=r"pairs.jsonl holds preference pairs \(fields: prompt, chosen, rejected\)"):
         list(read_conversations(str(pairs)))
     with pytest.raises(ChatDataError, match=r"chats.jsonl holds conversations \(fields: messages\), not preference"):
-        list(read_conversations(str(chats), pairs=True))
+        list(read_conversations(str(chats), kind="pairs"))
 
 
 def test_losses_on_hand_set_log_probabilities():
