@@ -33,6 +33,7 @@ ENTROPY = "entropy"
 SAMPLING_GAP = "sampling/sampling_logp_difference/mean"
 SAMPLING_GAP_MAX = "sampling/sampling_logp_difference/max"
 SYNC_PARITY = "sync/parity_max_diff"
+GENERATOR_RETRIES = "sync/generator_retries"  # calls to a lost generator actor, tried again while Ray restarted it
 GENERATE_S, SCORE_S, SYNC_S, TRAIN_S = "time/generate_s", "time/score_s", "time/sync_s", "time/train_s"
 ROLLOUT_TOKENS_PER_S = "rollout_tokens_per_s"
 

@@ -73,8 +73,10 @@ class RlSteps:
         self.samples: list = []
         self.data_wait = 0.0
         reward_parts = [m for name in self.rewards.names for m in (M.reward_of(name), M.reward_errors(name))]
-        self.parts = (M.REWARD, M.REWARD_STD, M.ACCURACY, *reward_parts, M.COMPLETION_LENGTH, M.CLIPPED, KL,
+        kl = (KL,) if self.rl.beta else ()  # measured only where the loss has the term
+        self.parts = (M.REWARD, M.REWARD_STD, M.ACCURACY, *reward_parts, M.COMPLETION_LENGTH, M.CLIPPED, *kl,
                       CLIP_LOW, CLIP_HIGH, CLIP_REGION, M.ENTROPY, M.SAMPLING_GAP, M.SAMPLING_GAP_MAX, M.SYNC_PARITY,
+                      M.GENERATOR_RETRIES,
                       M.GENERATE_S, M.SCORE_S, M.SYNC_S, M.TRAIN_S, M.ROLLOUT_TOKENS_PER_S)
 
     # ---- rollouts -------------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ class RlSteps:
             if batch is None:
                 return False
             prompt_batches.append(batch)
-        sync_s = 0.0
+        sync_s, retries_before = 0.0, self.rollouts.retries
         if self.rollouts.version != state.step:
             sync_s = self.rollouts.sync(self.engine, state.step)
         g, rl = self.rl.group_size, self.rl
@@ -135,7 +137,8 @@ class RlSteps:
             **{M.reward_errors(n): float(v) for n, v in scores.errors.items()},
             M.COMPLETION_LENGTH: generated / len(rollouts),
             M.CLIPPED: float(np.mean([r.reason == "length" for r in rollouts])),
-            M.SYNC_PARITY: self.rollouts.parity, M.GENERATE_S: generate_s, M.SCORE_S: score_s, M.SYNC_S: sync_s,
+            M.SYNC_PARITY: self.rollouts.parity, M.GENERATOR_RETRIES: self.rollouts.retries - retries_before,
+            M.GENERATE_S: generate_s, M.SCORE_S: score_s, M.SYNC_S: sync_s,
             M.ROLLOUT_TOKENS_PER_S: generated / max(generate_s, 1e-9)}
         return True
 
@@ -199,7 +202,7 @@ class RlSteps:
         completion_tokens = global_sum(float(sum(b.mask.sum() for b in self.batches)))
         normalizer = completion_tokens / (dist.get_world_size() * accum)  # dapo: the step's token mean, all ranks
         step_loss = torch.zeros((), device=self.device)
-        parts = {name: 0.0 for name in (KL, CLIP_LOW, CLIP_HIGH, CLIP_REGION, M.ENTROPY)}
+        parts = {name: 0.0 for name in (CLIP_LOW, CLIP_HIGH, CLIP_REGION, M.ENTROPY, *((KL,) if rl.beta else ()))}
         gap, gap_max = [], 0.0
         train_started = time.perf_counter()
         for batch in self.batches:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from llmray.serve.engine import Engine, Rollout
 from llmray.serve.sampling import Sampling
 
+ACTOR_ATTEMPTS = 30  # calls to a generator actor, a second apart, while Ray restarts it
 PROBE_TOKENS = 32  # the parity check's fixed sequence: token ids 1..32 of the vocabulary, the same on every run
 
 
@@ -187,7 +188,7 @@ class Rollouts:
         self.update_ref = None  # separate: the last update, in the object store (a restarted actor reloads it)
         self.version = -1
         self.parity = float("nan")  # the last check's largest difference
-        self.restarts = 0
+        self.retries = 0  # calls to a lost actor tried again
 
     def sync(self, engine, version: int) -> float:
         """The policy after `version` steps into the generators, checked; returns the seconds it took."""
@@ -199,7 +200,8 @@ class Rollouts:
             if self.rank == 0:
                 update = WeightUpdate(version, *(None if v is None else _to_cpu(v) for v in (update.full, update.lora)))
                 ref = [ray.put(update)]
-                ray.get([a.load.remote(ref[0]) for a in self.actors])
+                for actor in self.actors:
+                    self._on_actor(actor, lambda a: a.load.remote(ref[0]))
             else:
                 ref = [None]
             dist.broadcast_object_list(ref, src=0)  # every rank can reload a restarted actor
@@ -210,7 +212,11 @@ class Rollouts:
 
     def check(self, engine) -> None:
         mine = trainer_probe(engine)
-        theirs = self.local.probe() if self.local is not None else ray.get(self.actor.probe.remote())
+        if self.local is not None:
+            theirs = self.local.probe()
+        else:
+            self.current()
+            theirs = self._on_actor(self.actor, lambda a: a.probe.remote())
         self.parity = float(np.max(np.abs(np.array(mine) - np.array(theirs))))
         if not self.parity <= self.tolerance:
             raise WeightSyncError(
@@ -224,17 +230,36 @@ class Rollouts:
                 return self.local.generate(prompts, samplings)
             finally:
                 self.local.release()
-        for attempt in range(3):
+        for attempt in range(ACTOR_ATTEMPTS):  # lost mid-generation: Ray restarts it, `current` reloads the weights
+            self.current()
             try:
-                if ray.get(self.actor.get_version.remote()) != self.version:  # restarted since the last sync
-                    ray.get(self.actor.load.remote(self.update_ref))
-                    self.restarts += 1
                 return ray.get(self.actor.generate.remote(prompts, samplings))
-            except ray.exceptions.RayActorError:
-                if attempt == 2:
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if attempt == ACTOR_ATTEMPTS - 1:
                     raise
-                time.sleep(1.0)  # Ray restarts it (max_restarts=-1); the next attempt reloads the weights
+                self.retries += 1
         raise AssertionError("unreachable")
+
+    def current(self) -> None:
+        """This rank's actor holding the last update: one that restarted since (Ray restarts a lost actor with the
+        base model's weights) is given it again."""
+        if self._on_actor(self.actor, lambda a: a.get_version.remote()) != self.version:
+            self._on_actor(self.actor, lambda a: a.load.remote(self.update_ref))
+            print(f"[llmray] a generator actor restarted: the weights of step {self.version} reloaded into it",
+                  flush=True)
+
+    def _on_actor(self, actor, call):
+        """`call(actor)`'s result, tried again while Ray restarts the actor."""
+        for attempt in range(ACTOR_ATTEMPTS):
+            try:
+                return ray.get(call(actor))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if attempt == ACTOR_ATTEMPTS - 1:
+                    raise
+                if attempt == 0:
+                    print("[llmray] a generator actor was lost; waiting for Ray to restart it", flush=True)
+                self.retries += 1
+                time.sleep(1.0)
 
 
 def _to_cpu(value):

@@ -92,7 +92,7 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
 
 
 def partitioned_reference(recipe: Recipe, device: torch.device, announce: bool) -> torch.nn.Module | None:
-    """Under ZeRO-3, the preference reference's frozen copy of model.pretrained partitioned across the ranks as the
+    """Under ZeRO-3, the (preference or RL) reference's frozen copy of model.pretrained partitioned across the ranks as the
     policy is (each holds 1/world of it), in a DeepSpeed engine whose forward gathers each layer as it goes (TRL's
     `prepare_deepspeed` does the same); None elsewhere: the objective holds a whole copy on each rank."""
     if recipe.reference != "copy" or not builds_partitioned(recipe):
@@ -107,7 +107,7 @@ def partitioned_reference(recipe: Recipe, device: torch.device, announce: bool) 
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     if announce:
         held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
-        print(f"[llmray] preference reference: a frozen copy partitioned by ZeRO-3 ({held:,} of "
+        print(f"[llmray] reference: a frozen copy partitioned by ZeRO-3 ({held:,} of "
               f"{count_params(model):,} weights on this rank)", flush=True)
     return engine.eval()
 

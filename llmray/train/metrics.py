@@ -92,6 +92,15 @@ def progress_line(m: dict, max_steps: int, started: float, first_step: int) -> s
     ]
     if M.DISTILL_KL in m:
         parts.insert(2, f"lm {m[M.LM_LOSS]:.4f} kl {m[M.DISTILL_KL]:.4f}")
+    if M.REWARD in m:  # online RL
+        rl = f"reward {m[M.REWARD]:.3f}"
+        if m.get(M.ACCURACY) == m.get(M.ACCURACY):  # not NaN: a correctness reward gives one
+            rl += f" acc {100 * m[M.ACCURACY]:.0f}%"
+        rl += f" len {m[M.COMPLETION_LENGTH]:.1f}"
+        if M.KL in m:
+            rl += f" kl {m[M.KL]:.4f}"
+        parts.insert(2, rl)
+        parts.append(f"gen {m[M.ROLLOUT_TOKENS_PER_S]:,.0f} tok/s")
     if M.REWARDS_ACCURACIES in m:
         parts.insert(2, f"reward acc {100 * m[M.REWARDS_ACCURACIES]:.0f}% margin {m[M.REWARDS_MARGINS]:.3f}")
     if m.get(M.GRAD_NORM) is not None:
