@@ -109,27 +109,31 @@ def test_killed_worker_recovers_with_no_sample_lost_or_repeated(small, reference
     assert_exactly_once(samples)
 
 
-def test_rerun_continues_and_resizes_two_workers_to_one(small, reference, tmp_path, capsys):
-    """ZeRO-3 shards of 2 ranks, continued on 1 rank through DeepSpeed's universal checkpoint."""
-    first = fit(recipe(small, tmp_path, "resize", "train.zero_stage=3", "train.max_steps=12"))
+def test_rerun_continues_and_resizes_one_worker_to_two(small, reference, tmp_path, capsys):
+    """ZeRO-3 shards of 1 rank, continued on 2 ranks through DeepSpeed's universal checkpoint (the other way, 2 ranks
+    to 1, is the next test's, under ZeRO-2)."""
+    first = fit(recipe(small, tmp_path, "resize", "train.zero_stage=3", "scaling.num_workers=1", "train.max_steps=12"))
     assert first.steps == 12
     with pytest.raises(CheckpointError, match=r"differs in model: .*'hidden_size': 64.*'hidden_size': 32"):
         fit(recipe(small, tmp_path, "resize", "train.zero_stage=3", "model.hidden_size=32"))
     with pytest.raises(CheckpointError, match="already has 2 checkpoint.*--fresh never overwrites"):
         fit(recipe(small, tmp_path, "resize", "train.zero_stage=3"), fresh=True)
-    second = fit(recipe(small, tmp_path, "resize", "train.zero_stage=3", "scaling.num_workers=1"))
+    second = fit(recipe(small, tmp_path, "resize", "train.zero_stage=3"))
     assert "continuing run resize from its checkpoint at step 12" in capsys.readouterr().out
     state, losses, samples = trace(second)
-    assert resumes(state) == [{"step": 12, "world_size": 1, "from_world_size": 2}]
+    assert resumes(state) == [{"step": 12, "world_size": 2, "from_world_size": 1}]
     np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5, atol=1e-5)
     assert samples == reference["samples"]
 
 
-def test_resume_from_another_runs_checkpoint_one_worker_to_two(small, reference, tmp_path):
-    first = fit(recipe(small, tmp_path, "one", "scaling.num_workers=1", "train.max_steps=12"))
-    second = fit(recipe(small, tmp_path, "two"), resume_from=first.checkpoint)
+def test_resume_from_another_runs_checkpoint_two_workers_to_one(small, reference, tmp_path):
+    """A new run started from the reference run's step-18 checkpoint (ZeRO-2 shards of 2 ranks) on 1 rank: one run of
+    6 steps, where a run of its own to start from would be 12 more."""
+    (step, at_18), _ = list_checkpoints(reference["summary"].run_dir)
+    assert step == 18
+    second = fit(recipe(small, tmp_path, "one", "scaling.num_workers=1"), resume_from=at_18)
     state, losses, samples = trace(second)
-    assert resumes(state) == [{"step": 12, "world_size": 2, "from_world_size": 1}]
+    assert resumes(state) == [{"step": 18, "world_size": 1, "from_world_size": 2}]
     np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5, atol=1e-5)
     assert samples == reference["samples"]
 
