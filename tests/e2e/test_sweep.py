@@ -20,12 +20,14 @@ pytestmark = pytest.mark.ray
 
 @pytest.mark.timeout(900)
 def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster, tmp_path, capsys, monkeypatch):
-    """3 trials; the one with 3 KV heads for 4 attention heads fails inside the workers. The sweep's driver is
-    SIGKILLed once the first trial is done; `llmray tune` again resumes it without rerunning that trial."""
+    """2 trials of the grid's 4 (run_cap); the second, with 3 KV heads for 4 attention heads, fails inside the workers.
+    The sweep's driver is SIGKILLed once the first trial is done; `llmray tune` again resumes it without rerunning that
+    trial. (How completed trials rank, best first, is tests/unit/test_sweep_spec.py's; a second completed trial here
+    would be one more whole trial for that.)"""
     monkeypatch.setenv("WANDB_MODE", "offline")
     path = sweep_file(tmp_path, corpus, **{
         "parameters/train.lr": {"values": [1e-2, 3e-3]}, "parameters/model.num_kv_heads": {"values": [4, 3]},
-        "run_cap": 3})
+        "run_cap": 2})
     spec = load_sweep(path)
     sweep_dir = tmp_path / "sweeps" / "grid"
 
@@ -53,13 +55,14 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
     printed = capsys.readouterr().out
     assert "resuming sweep grid" in printed and "sweep grid: quant_ppl (minimize)" in printed
     rows = json.loads(Path(out["json"]).read_text())
-    assert len(rows) == 3 and out["failed"] == 1
+    assert len(rows) == 2 and out["failed"] == 1
     failed = [r for r in rows if r["status"] == "failed"]
     assert failed[0]["model.num_kv_heads"] == 3 and failed[0]["train.lr"] == 1e-2
     done = [r for r in rows if r["status"] == "completed"]
-    assert [r["quant_ppl"] for r in done] == sorted(r["quant_ppl"] for r in done)  # best first
+    assert [r["status"] for r in rows] == ["completed", "failed"]  # ranked: failed trials last
+    assert len(done) == 1 and done[0]["model.num_kv_heads"] == 4 and done[0]["train.lr"] == 1e-2
     assert all(r["quant_ppl"] > 1 and r["step"] == 8 for r in done)
-    assert Path(out["csv"]).read_text().count("\n") == 4 and Path(out["plot"]).stat().st_size > 5000
+    assert Path(out["csv"]).read_text().count("\n") == 3 and Path(out["plot"]).stat().st_size > 5000
     best = Path(out["best"])
     assert json.loads((best / "quant_report.json").read_text())["scheme"] == "int8-dynamic"
     assert out["best_trial"] == done[0]["trial"]
@@ -71,9 +74,9 @@ def test_grid_sweep_survives_interruption_and_lands_in_wandb(corpus, ray_cluster
     for run in runs:
         assert run["run"]["project"] == "llmray-tests" and run["run"]["group"] == "grid"
         by_trial.setdefault(run["run"]["id"], []).append(run)
-    assert len(by_trial) == 3
+    assert len(by_trial) == 2
     completed = [r for r in runs if "quant_ppl" in r["summary"]]
-    assert len(completed) == 2
+    assert len(completed) == 1  # the first trial ran once: the resumed sweep did not run it again
     for run in completed:
         assert {"train.lr", "model.num_kv_heads", "quant.scheme"} <= set(run["config"])
         row = next(r for r in rows if r["train.lr"] == run["config"]["train.lr"]

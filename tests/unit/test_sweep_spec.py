@@ -160,3 +160,20 @@ def test_trials_are_ranked_by_a_downstream_metric_and_the_leaderboard_shows_it(t
     rows = trial_rows(spec, grid)
     assert [r[name] for r in rows] == [0.75, 0.5, 0.25] and rows[0]["trial"] == "t1"
     assert name in leaderboard(spec, rows)
+
+
+def test_trials_are_ranked_best_first_for_a_metric_to_minimize_failed_ones_last(corpus, tmp_path):
+    """quant_ppl, minimized: the lowest first, a trial that failed (no metric) after every one that reported."""
+    from ray.tune import Result
+
+    from llmray.sweep.results import trial_rows
+
+    spec = load_sweep(sweep_file(tmp_path, corpus))
+    grid = [Result(metrics={"quant_ppl": ppl, "completed": True, "trial_id": f"t{i}", "step": 8,
+                            "config": {"train.lr": lr}}, checkpoint=None, error=None, path=str(tmp_path / f"t{i}"))
+            for i, (ppl, lr) in enumerate([(30.0, 1e-2), (20.0, 3e-3), (25.0, 1e-3)])]
+    grid.insert(1, Result(metrics={"trial_id": "t9", "config": {"train.lr": 1e-4}}, checkpoint=None,
+                          error=RuntimeError("boom"), path=str(tmp_path / "t9")))
+    rows = trial_rows(spec, grid)
+    assert [r["quant_ppl"] for r in rows[:3]] == [20.0, 25.0, 30.0] and rows[0]["trial"] == "t1"
+    assert rows[3]["status"] == "failed" and rows[3]["train.lr"] == 1e-4
