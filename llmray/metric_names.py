@@ -88,5 +88,6 @@ def per_source(metric: str, source: str) -> str:
     return f"{metric}/{source}"
 
 
-WHILE_TRAINING = (LOSS, VAL_LOSS, VAL_PPL, TOKENS_PER_S, MFU)
+RL_WHILE_TRAINING = (REWARD, ACCURACY)  # what an RL run adds to the figures a sweep may rank trials on
+WHILE_TRAINING = (LOSS, VAL_LOSS, VAL_PPL, TOKENS_PER_S, MFU, *RL_WHILE_TRAINING)
 AT_THE_END = (QUANT_PPL, QUANT_LOSS, QUANT_WEIGHTS_BYTES, QUANT_SIZE_RATIO, QUANT_TOKENS_PER_S)

@@ -282,6 +282,8 @@ class SweepSpec(Strict):
                 raise SweepError(f"metric.name={self.metric.name} needs quantized trials, but {params} has quant.method none")
             if self.metric.name.startswith("val_") and not (recipe.data.val_shards or recipe.data.val_fraction > 0):
                 raise SweepError(f"metric.name={self.metric.name} needs a validation split: set data.val_fraction")
+            if self.metric.name in M.RL_WHILE_TRAINING and recipe.rl is None:
+                raise SweepError(f"metric.name={self.metric.name} is an RL run's; the recipe has no rl: block")
             if self.metric.name.startswith(M.EVAL_PREFIX):
                 check_eval_metric(self.metric.name, recipe)
             check_source_metric(self.metric.name, recipe)
