@@ -17,7 +17,8 @@ LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
 PREFERENCE = (REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_ACCURACIES, REWARDS_MARGINS, LOGPS_CHOSEN, LOGPS_REJECTED)
 # With online RL (GRPO), TRL's names where it has them: the completions' reward (the weighted sum of the reward
-# functions; its std within each prompt's group), each function's mean and how many completions it raised on, the
+# functions, over the completions some function scored; its std), each function's mean and how many completions it
+# raised on, the
 # share every correctness reward (exact_match, numeric) scores 1, completion length and the share cut at
 # rl.max_completion_tokens, the loss's KL and clipped shares, the policy's entropy on the completions, the gap between
 # the generator's and the learner's log-probabilities of the sampled tokens, the last weight sync's parity check,

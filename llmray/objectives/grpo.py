@@ -28,13 +28,21 @@ STD_EPS = 1e-4  # added to the std before dividing (TRL's): a group whose reward
 
 def group_advantages(rewards: torch.Tensor, group_size: int,
                      scale: Literal["group", "batch", "none"] = "group") -> torch.Tensor:
-    """(n,) advantages of (n,) rewards laid out group after group (n a multiple of group_size)."""
+    """(n,) advantages of (n,) rewards laid out group after group (n a multiple of group_size). A NaN reward (a
+    completion no reward function scored) is left out of its group's mean and std and gets advantage 0, as TRL's."""
     grouped = rewards.view(-1, group_size)
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
+    centred = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).flatten()
     if scale == "none":
-        return centred
-    std = grouped.std(dim=1, keepdim=True).expand_as(grouped).flatten() if scale == "group" else rewards.std()
-    return centred / (std + STD_EPS)
+        return torch.nan_to_num(centred, nan=0.0)
+    std = nanstd(grouped, dim=1).repeat_interleave(group_size) if scale == "group" else nanstd(rewards)
+    return torch.nan_to_num(centred / (std + STD_EPS), nan=0.0)
+
+
+def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The unbiased std of the values that are not NaN."""
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    count = (~torch.isnan(values)).sum(dim=dim)
+    return (torch.nanmean((values - mean) ** 2, dim=dim) * count / (count - 1)).sqrt()
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,

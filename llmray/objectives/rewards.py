@@ -13,9 +13,10 @@ A user function, `function: module:function`, has TRL's signature:
     def reward(prompts: list[str], completions: list[str], **fields) -> list[float | None]
 
 `prompts` the rendered prompts, `completions` their generated texts, and each field of the prompt records as a
-list (`answer=[...]`), one entry per completion. None scores 0. A function that raises is called again on each
-completion alone; a completion whose call raises scores 0 and is counted (`rewards/<name>/errors`), and the run
-goes on.
+list (`answer=[...]`), one entry per completion. None means "not mine to score", as in TRL: the total sums the
+functions that scored, and a completion no function scored is left out of its group's baseline (advantage 0). A
+function that raises is called again on each completion alone; a completion whose call raises scores 0 and is
+counted (`rewards/<name>/errors`), and the run goes on.
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ BUILT_IN = {"exact_match": exact_match, "numeric": numeric, "regex": regex}
 class Scores:
     """A batch's rewards: the weighted total per completion, each function's scores, and each function's errors."""
 
-    total: np.ndarray  # (n,)
-    by_function: dict[str, np.ndarray]  # name -> (n,) unweighted scores
+    total: np.ndarray  # (n,); NaN where no function scored
+    by_function: dict[str, np.ndarray]  # name -> (n,) unweighted scores, NaN where it returned None
     errors: dict[str, int]  # name -> completions whose scoring raised
     first_error: dict[str, str]  # name -> what the first one raised, for the log
 
@@ -139,14 +140,16 @@ class Rewards:
 
     def score(self, prompts: list[str], completions: list[str], fields: list[dict]) -> Scores:
         columns = {key: [f.get(key) for f in fields] for key in dict.fromkeys(k for f in fields for k in f)}
-        total = np.zeros(len(completions))
         by_function, errors, first_error = {}, {}, {}
-        for name, cfg, fn in zip(self.names, self.settings, self.functions):
+        for name, fn in zip(self.names, self.functions):
             scores, failed, why = _call(fn, prompts, completions, columns)
             by_function[name], errors[name] = scores, failed
             if why:
                 first_error[name] = why
-            total += cfg.weight * scores
+        scored = np.stack(list(by_function.values()))
+        weights = np.array([cfg.weight for cfg in self.settings])[:, None]
+        total = np.nansum(scored * weights, axis=0)
+        total[np.isnan(scored).all(axis=0)] = np.nan
         return Scores(total, by_function, errors, first_error)
 
 
@@ -174,7 +177,5 @@ def _call(fn: Callable, prompts: list[str], completions: list[str], columns: dic
 
 
 def _number(value) -> float:
-    if value is None:
-        return 0.0
-    value = float(value)
-    return value if math.isfinite(value) else 0.0
+    """A score: None (and NaN) is NaN, "not scored"."""
+    return float("nan") if value is None else float(value)

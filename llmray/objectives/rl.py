@@ -24,7 +24,7 @@ import torch.distributed as dist
 from llmray import metric_names as M
 from llmray.data.template import IGNORE_INDEX
 from llmray.metric_names import CLIP_HIGH, CLIP_LOW, CLIP_REGION, KL
-from llmray.objectives.grpo import STD_EPS, group_advantages, policy_loss
+from llmray.objectives.grpo import STD_EPS, group_advantages, nanstd, policy_loss
 from llmray.objectives.preference import token_log_probs
 from llmray.objectives.rewards import Rewards
 from llmray.objectives.rollout import Rollouts, seed_of
@@ -131,9 +131,10 @@ class RlSteps:
         correct = [scores.by_function[n] for n, r in zip(self.rewards.names, rl.rewards)
                    if r.kind in ("exact_match", "numeric")]
         self.rollout_metrics = {
-            M.REWARD: float(rewards.mean()), M.REWARD_STD: float(rewards.view(-1, g).std(dim=1).mean()),
+            M.REWARD: float(torch.nanmean(rewards)), M.REWARD_STD: float(nanstd(rewards)),
             M.ACCURACY: float(np.mean(np.all(np.stack(correct) >= 1.0, axis=0))) if correct else float("nan"),
-            **{M.reward_of(n): float(v.mean()) for n, v in scores.by_function.items()},
+            **{M.reward_of(n): float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")
+               for n, v in scores.by_function.items()},
             **{M.reward_errors(n): float(v) for n, v in scores.errors.items()},
             M.COMPLETION_LENGTH: generated / len(rollouts),
             M.CLIPPED: float(np.mean([r.reason == "length" for r in rollouts])),
@@ -147,9 +148,10 @@ class RlSteps:
         g, scale = self.rl.group_size, self.rl.scale_rewards
         if scale != "batch":
             return group_advantages(rewards, g, scale)
-        n, total, squares = global_sum(float(len(rewards)), float(rewards.sum()), float((rewards ** 2).sum()))
+        scored = rewards[~torch.isnan(rewards)]
+        n, total, squares = global_sum(float(len(scored)), float(scored.sum()), float((scored ** 2).sum()))
         std = max((squares - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
-        return group_advantages(rewards, g, "none") / (std + STD_EPS)
+        return group_advantages(rewards, g, "none") / (std + STD_EPS)  # NaN rewards: advantage 0 either way
 
     def collate(self, prompts: list[list[int]], rollouts: list, advantages: torch.Tensor) -> Batch:
         width = max(len(p) + len(r.tokens) for p, r in zip(prompts, rollouts))

@@ -83,3 +83,43 @@ def test_loss_and_metrics_equal_trls_grpo_trainer(tiny, loss_type, beta):
     for name, value in metrics.items():
         assert abs(value.item() - logged[name]) < 1e-5, (name, value.item(), logged[name])
     assert (KL in metrics) == bool(beta) and logged[CLIP_REGION] > 0  # the clip is exercised
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_rewards_to_advantages_equal_trls_grpo_trainer(tiny, scale, monkeypatch):
+    """TRL's _generate_and_score_completions, fed fixed completions (a rollout_func) and two reward functions that
+    return fixed scores (None where a function does not score; a completion neither scores), against llmray's
+    weighted sum (objectives/rewards.py) and group_advantages."""
+    import sys
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from llmray.objectives.rewards import Rewards
+    from llmray.recipe.schema import RewardSettings
+
+    tok, model = tiny
+    scores = {"a": [1.0, 0.0, None, 1.0, 0.5, 0.5, 0.5, 0.5], "b": [0.0, 1.0, None, 0.0, None, 1.0, 0.0, 1.0]}
+    module = type(sys)("fixed_rewards")
+    module.a = lambda completions, **kw: scores["a"][:len(completions)]
+    module.b = lambda completions, **kw: scores["b"][:len(completions)]
+    monkeypatch.setitem(sys.modules, "fixed_rewards", module)
+    ours = Rewards([RewardSettings(kind="function", function="fixed_rewards:a"),
+                    RewardSettings(kind="function", function="fixed_rewards:b", weight=0.5)])
+    total = ours.score(["x"] * 8, ["c"] * 8, [{}] * 8).total
+    mine = group_advantages(torch.tensor(total, dtype=torch.float32), 4, scale)
+
+    def rollout(prompts, trainer):  # fixed completions, one per row
+        return {"prompt_ids": [[5, 6, 7]] * len(prompts), "completion_ids": [[8 + i, 9, 10] for i in range(len(prompts))],
+                "logprobs": [[-1.0] * 3] * len(prompts)}
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to=[], num_generations=4,
+                      per_device_train_batch_size=8, scale_rewards=scale, reward_weights=[1.0, 0.5],
+                      max_completion_length=3)
+    trainer = GRPOTrainer(model=model, reward_funcs=[module.a, module.b], args=args, processing_class=tok,
+                          train_dataset=Dataset.from_list([{"prompt": "x"}] * 8), rollout_func=rollout)
+    trainer.model.train()
+    theirs = trainer._generate_and_score_completions([{"prompt": "x"}] * 8)["advantages"]
+    assert torch.allclose(mine, theirs, atol=1e-6), (mine, theirs)
+    assert mine[2] == 0 and (mine != 0).sum() >= 5  # the unscored completion teaches nothing; the others do
