@@ -541,12 +541,7 @@ class Recipe(Strict):
         p = self.preference
         if p is None:
             return
-        if self.finetune is None:
-            raise ValueError("preference tunes a pretrained model: add a finetune: block (method full, lora or qlora)")
-        if self.data.conversations is None:
-            raise ValueError("preference reads its pairs from data.conversations (prompt/chosen/rejected records)")
-        if self.distill is not None:
-            raise ValueError("preference and distill are two objectives; a run has one")
+        self._tunes_on_conversations("preference", "its pairs (prompt/chosen/rejected records)")
         if p.loss in REFERENCE_FREE and p.reference not in ("auto", "none"):
             raise ValueError(f"preference.loss={p.loss} is reference-free; preference.reference={p.reference} would "
                              "hold a reference it never reads (set it to none or auto)")
@@ -560,17 +555,21 @@ class Recipe(Strict):
         if p.label_smoothing and p.loss != "dpo":
             raise ValueError(f"preference.label_smoothing applies to loss dpo, not {p.loss}")
 
+    def _tunes_on_conversations(self, block: str, reads: str) -> None:
+        """An objective that tunes model.pretrained on records of data.conversations, and is the run's only one."""
+        if self.finetune is None:
+            raise ValueError(f"{block} tunes a pretrained model: add a finetune: block (method full, lora or qlora)")
+        if self.data.conversations is None:
+            raise ValueError(f"{block} reads {reads} from data.conversations")
+        if sum(x is not None for x in (self.preference, self.rl, self.distill)) > 1:
+            raise ValueError("preference, rl and distill are each an objective; a run has one")
+
     def _rl_checks(self) -> None:
         r = self.rl
         if r is None:
             return
-        if self.finetune is None:
-            raise ValueError("rl trains a pretrained model: add a finetune: block (method full or lora)")
-        if self.data.conversations is None:
-            raise ValueError("rl reads its prompts from data.conversations (a prompt or messages per record, plus the "
-                             "fields its rewards read)")
-        if self.preference is not None or self.distill is not None:
-            raise ValueError("rl, preference and distill are each an objective; a run has one")
+        self._tunes_on_conversations("rl", "its prompts (a prompt or messages per record, plus the fields its "
+                                           "rewards read)")
         if r.group_size < 2:
             raise ValueError(f"rl.group_size={r.group_size}: a completion's advantage is its reward against its "
                              "group's; a group of one always has advantage 0 and nothing is learned (use 2 or more)")
