@@ -4,6 +4,9 @@ trained on; every word is seen in other phrasings) are the eval task tasks/word_
 
     python jobs/chat_task.py demo/chat
     llmray eval demo/sft --task tasks/word_category.yaml
+
+With --prompts it writes the training prompts with their answers instead (prompts.jsonl: prompt, answer), what
+jobs/rl_demo.sh's GRPO run answers and is rewarded on.
 """
 
 import json
@@ -55,5 +58,13 @@ def held_out_task_lines() -> list[dict]:
     return [{"question": c[0]["content"], "category": c[1]["content"]} for c in conversations()[1]]
 
 
+def make_prompts(out_dir: str) -> None:
+    train, _ = conversations()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(out_dir, "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": c[0]["content"], "answer": c[1]["content"]}) + "\n" for c in train))
+    print(f"{len(train)} training prompts with their answers in {out_dir}/prompts.jsonl")
+
+
 if __name__ == "__main__":
-    make(sys.argv[1])
+    (make_prompts if "--prompts" in sys.argv[2:] else make)(sys.argv[1])

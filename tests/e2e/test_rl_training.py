@@ -36,7 +36,8 @@ def grpo(model_dir, prompts, storage, name, *overrides):
         f"run.name={name}", "data.seq_len=48", "data.val_fraction=0.0", "rl.group_size=4", "rl.max_completion_tokens=8",
         # a reward the random-init model can learn in a few steps: a digit anywhere in the answer
         "rl.rewards=[{kind: regex, pattern: '[0-9]'}, {kind: exact_match, field: answer, weight: 0.5}]",
-        "train.max_steps=8", "train.log_every=2", "train.checkpoint_every=4", "train.lr=5e-2", *overrides])
+        "train.global_batch_size=8", "train.max_steps=8", "train.log_every=2", "train.checkpoint_every=4",
+        "train.lr=5e-2", *overrides])
 
 
 @pytest.fixture(scope="module")
