@@ -28,6 +28,8 @@ from common import base_model, emit, stdlib_corpus
 SEQ = 64  # the longest prompt
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024)
 GROUP, COMPLETION, PROMPTS_PER_STEP = 8, 32, 8
+# the right sum, and (so that a random-init model earns some reward and its weights move) any digit, half as much
+REWARDS = "rl.rewards=[{kind: numeric, field: answer}, {kind: regex, pattern: '[0-9]', weight: 0.5}]"
 # (finetune, placement, beta): the two placements, and a KL to each kind of reference
 MODES = [("lora", "colocated", 0.0), ("lora", "separate", 0.0), ("lora", "colocated", 0.04),
          ("full", "colocated", 0.04)]
@@ -55,7 +57,7 @@ def spine(model_dir: str, path: str, storage: str, method: str, placement: str, 
         "train.micro_batch_size=4", f"train.global_batch_size={PROMPTS_PER_STEP}",
         f"train.lr={2e-3 if method == 'lora' else 2e-4}", f"rl.group_size={GROUP}",
         f"rl.max_completion_tokens={COMPLETION}", f"rl.beta={beta}", f"rl.rollout.placement={placement}",
-        "rl.rewards=[{kind: numeric, field: answer}]"]
+        REWARDS]
     if placement == "separate":  # 2 CPUs: two workers, a generator actor and the tokenize task share them
         overrides += ["scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.5", "rl.rollout.cpus_per_actor=0.5"]
     summary = fit(load_recipe("jobs/grpo_tiny.yaml", overrides))
@@ -82,16 +84,17 @@ def trl_grpo(model_dir: str, data: list[dict], steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from llmray.objectives.rewards import numeric
-    from llmray.recipe.schema import RewardSettings
+    from llmray.objectives.rewards import Rewards
+    from llmray.recipe.load import load_recipe
 
     torch.set_num_threads(os.cpu_count() or 2)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    score = numeric(RewardSettings(kind="numeric"))
+    ours = Rewards(load_recipe("jobs/grpo_tiny.yaml", [REWARDS]).rl.rewards)  # the same weighted sum
 
-    def reward(completions, answer, **kw):
-        return score(None, completions, answer=answer)
+    def reward(completions, answer, **kw):  # conversational: each completion is its assistant message
+        texts = [c[0]["content"] for c in completions]
+        return ours.score(texts, texts, [{"answer": a} for a in answer]).total.tolist()
 
     conversational = [{"prompt": [{"role": "user", "content": d["prompt"]}], "answer": d["answer"]} for d in data]
     with tempfile.TemporaryDirectory() as out:
@@ -161,11 +164,11 @@ def main() -> None:
         base_model(tok, model_dir, SEQ + COMPLETION, **MODEL)
         with open(path, "w") as f:
             f.writelines(json.dumps(d) + "\n" for d in data)
+        alone = rollouts_alone(model_dir, data)
+        trl = trl_grpo(model_dir, data, args.steps)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         runs = [spine(model_dir, path, os.path.join(tmp, "runs"), *mode, args.steps) for mode in MODES]
         ray.shutdown()
-        trl = trl_grpo(model_dir, data, args.steps)
-        alone = rollouts_alone(model_dir, data)
     ours = runs[0]
     emit("rl", {
         "model": {**MODEL, "max_prompt": SEQ}, "workers": 2, "zero_stage": 2, "steps": args.steps,

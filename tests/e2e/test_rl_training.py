@@ -3,7 +3,8 @@ on CPU, rollouts on llmray's serving engine. Colocated with LoRA: the reward the
 is reported, the weight sync's parity and the sampler-learner gap stay at float rounding, a bad prompt line is
 skipped and named, and a worker SIGKILLed after the first checkpoint resumes with the same prompts and losses.
 Separate generator actors with full fine-tuning under ZeRO-3 and a KL to a partitioned reference copy: a generator
-actor killed mid-run is restarted by Ray, synced again, and the run finishes."""
+actor killed mid-run is restarted by Ray and given the weights again, and the run makes the rollouts and losses of
+an uninterrupted one."""
 
 import json
 import threading
@@ -90,10 +91,16 @@ def kill_a_generator_when_checkpointed(run_dir, killed: list) -> None:
         killed.append(found[0].pid)
 
 
+SEPARATE = ("finetune.method=full", "train.zero_stage=3", "train.lr=1e-3", "rl.beta=0.04",
+            "rl.rollout.placement=separate", "rl.rollout.actors=1", "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.5",
+            "rl.rollout.cpus_per_actor=0.5", "train.record_samples=true")
+
+
 def test_separate_generators_with_zero3_full_weights_survive_a_killed_generator(model_dir, prompts, ray_cluster, tmp_path):
-    recipe = grpo(model_dir, prompts, tmp_path, "separate", "finetune.method=full", "train.zero_stage=3",
-                  "train.lr=1e-3", "rl.beta=0.04", "rl.rollout.placement=separate", "rl.rollout.actors=1",
-                  "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.5", "rl.rollout.cpus_per_actor=0.5")
+    """The generator actor SIGKILLed after the first checkpoint: the run waits for Ray to restart it, gives it the
+    weights again, and makes the rollouts, rewards and losses of an uninterrupted run."""
+    through = fit(grpo(model_dir, prompts, tmp_path, "separate-through", *SEPARATE))
+    recipe = grpo(model_dir, prompts, tmp_path, "separate-killed", *SEPARATE)
     assert recipe.reference == "copy"
     killed: list = []
     killer = threading.Thread(target=kill_a_generator_when_checkpointed, args=(recipe.run.folder, killed), daemon=True)
@@ -103,5 +110,9 @@ def test_separate_generators_with_zero3_full_weights_survive_a_killed_generator(
     assert killed and summary.steps == 8
     history = read_state(summary.checkpoint).history
     assert max(h[M.SYNC_PARITY] for h in history) < 1e-4 and all(M.KL in h for h in history)
-    assert sum(h[M.GENERATOR_RETRIES] for h in history) > 0  # the lost actor was waited for, not given up on
     assert history[-1][M.KL] > 0  # the policy moved from its reference, and the KL says how far
+    assert sum(h[M.GENERATOR_RETRIES] for h in history) > 0  # the lost actor was waited for, not given up on
+    mine, theirs = read_state(summary.checkpoint).trace, read_state(through.checkpoint).trace
+    assert [s["samples"] for s in mine] == [s["samples"] for s in theirs]
+    assert [s["reward"] for s in mine] == [s["reward"] for s in theirs]  # the same rollouts, scored the same
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(mine, theirs)) < 1e-6
