@@ -1,5 +1,5 @@
-# Steps the word-category demos share (sourced by jobs/finetune_demo.sh and jobs/preference_demo.sh, from the
-# repository root).
+# Steps the word-category demos share (sourced by jobs/finetune_demo.sh, jobs/preference_demo.sh and
+# jobs/rl_demo.sh, from the repository root).
 
 # demo/export: the model jobs/demo.sh pretrained, when it has run here (its newest run with a checkpoint); else
 # pretrain it now. Then the task's conversations in demo/chat.
@@ -14,6 +14,19 @@ demo_base_and_task() {
     llmray export "$base" --out demo/export --overwrite
   fi
   python jobs/chat_task.py demo/chat
+}
+
+# demo/sft_partial: the demo model fine-tuned only partly on the task (full fine-tuning, 40 steps), what the
+# preference and RL demos start from; made once, reused after (the same recipe and seed make the same model).
+demo_partial_model() {
+  if [ ! -f demo/sft_partial/config.json ]; then
+    local run
+    run="sft-partial-$(date +%Y%m%d-%H%M%S)"
+    echo "== a partly fine-tuned model: full fine-tuning, 40 steps"
+    llmray finetune jobs/sft_tiny.yaml "run.name=$run" finetune.method=full train.lr=1e-3 \
+      train.max_steps=40 train.warmup_steps=5 train.eval_every=0 train.checkpoint_every=40
+    llmray export "runs/$run" --out demo/sft_partial --overwrite
+  fi
 }
 
 # ask_served FOLDER NAME PORT WORD: serve FOLDER as NAME on PORT, ask what kind of thing WORD is through the OpenAI

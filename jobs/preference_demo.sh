@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fine-tune -> DPO on the model's own mistakes -> score -> serve, on a laptop CPU. Takes the tiny model jobs/demo.sh
 # pretrained (pretraining it only when jobs/demo.sh has not run here), fine-tunes it only partly on the word-category
-# task (jobs/sft_tiny.yaml, few steps), lets it answer the training prompts (llmray eval), pairs each wrong answer it
+# task (jobs/sft_tiny.yaml, 40 steps; reused when demo/sft_partial exists), lets it answer the training prompts (llmray eval), pairs each wrong answer it
 # gives (rejected) with the right one (chosen) (jobs/preference_pairs.py), trains DPO with LoRA on those pairs
 # (jobs/dpo_tiny.yaml, the reference being the fine-tuned model with the adapters off), prints held-out accuracy
 # before and after DPO, and asks the DPO model one question through the OpenAI chat endpoint. Extra arguments are
@@ -18,11 +18,8 @@ cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 . jobs/_demo_steps.sh
 demo_base_and_task
+demo_partial_model
 STAMP=$(date +%Y%m%d-%H%M%S)
-echo "== a partly fine-tuned model: full fine-tuning, 40 steps"
-llmray finetune jobs/sft_tiny.yaml "run.name=sft-partial-$STAMP" finetune.method=full train.lr=1e-3 \
-  train.max_steps=40 train.warmup_steps=5 train.eval_every=0 train.checkpoint_every=40
-llmray export "runs/sft-partial-$STAMP" --out demo/sft_partial --overwrite
 echo "== its answers: held-out prompts (before DPO) and training prompts (to pair)"
 python jobs/preference_pairs.py prompts demo/prefs
 llmray eval demo/sft_partial --task tasks/word_category.yaml --task demo/prefs/word_category_train.yaml \

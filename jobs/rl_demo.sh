@@ -5,18 +5,20 @@
 # (jobs/grpo_tiny.yaml: LoRA, 8 completions per training prompt generated on llmray's serving engine inside each
 # worker, rewarded 1 for the right category), prints held-out accuracy before and after, and asks the GRPO model one
 # question through the OpenAI chat endpoint. Extra arguments are overrides of the GRPO recipe.
+#
+# Measured (2 CPU cores, 2026-12-03, demo/export and demo/sft_partial already there, 2m18s end to end): held-out
+# accuracy 64.9% after the partial fine-tune, 80.7% after 40 GRPO steps (+15.8 points; the issue's goal is +20);
+# the sampled completions' reward 0.16 -> 0.23 (at temperature 1 most completions trail extra tokens after the
+# category, which the exact-match reward does not credit). Asked about 'tiger' it says "colour". Other settings did
+# worse: 80 steps +14.0; lr 5e-3 collapsed to no reward after 10 steps (0.0%); temperature 0.7 with a one-word format
+# reward +3.5; lr 3e-3 with 32 prompts a step +3.5. See docs/rl.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 . jobs/_demo_steps.sh
 demo_base_and_task
+demo_partial_model
 STAMP=$(date +%Y%m%d-%H%M%S)
-if [ ! -f demo/sft_partial/config.json ]; then
-  echo "== a partly fine-tuned model: full fine-tuning, 40 steps"
-  llmray finetune jobs/sft_tiny.yaml "run.name=sft-partial-$STAMP" finetune.method=full train.lr=1e-3 \
-    train.max_steps=40 train.warmup_steps=5 train.eval_every=0 train.checkpoint_every=40
-  llmray export "runs/sft-partial-$STAMP" --out demo/sft_partial --overwrite
-fi
 python jobs/chat_task.py demo/rl --prompts
 echo "== before GRPO: held-out prompts"
 llmray eval demo/sft_partial --task tasks/word_category.yaml --out demo/rl/before.json
