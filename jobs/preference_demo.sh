@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fine-tune -> DPO on the model's own mistakes -> score -> serve, on a laptop CPU. Takes the tiny model jobs/demo.sh
 # pretrained (pretraining it only when jobs/demo.sh has not run here), fine-tunes it only partly on the word-category
-# task (jobs/sft_tiny.yaml, 40 steps; reused when demo/sft_partial exists), lets it answer the training prompts (llmray eval), pairs each wrong answer it
+# task (jobs/sft_tiny.yaml, 40 steps; reused when demo/sft_partial exists), lets it answer the training prompts
+# (llmray eval), pairs each wrong answer it
 # gives (rejected) with the right one (chosen) (jobs/preference_pairs.py), trains DPO with LoRA on those pairs
 # (jobs/dpo_tiny.yaml, the reference being the fine-tuned model with the adapters off), prints held-out accuracy
 # before and after DPO, and asks the DPO model one question through the OpenAI chat endpoint. Extra arguments are
