@@ -11,7 +11,7 @@
 # the sampled completions' reward 0.16 -> 0.23 (at temperature 1 most completions trail extra tokens after the
 # category, which the exact-match reward does not credit). Asked about 'tiger' it says "colour". Other settings did
 # worse: 80 steps +14.0; lr 5e-3 collapsed to no reward after 10 steps (0.0%); temperature 0.7 with a one-word format
-# reward +3.5; lr 3e-3 with 32 prompts a step +3.5; top_p 0.9 +12.3. See docs/rl.md.
+# reward +3.5; lr 3e-3 with 32 prompts a step +3.5; top_p 0.9 +12.3; loss grpo +15.8. See docs/rl.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
