@@ -17,8 +17,10 @@ demo_base_and_task() {
 }
 
 # demo/sft_partial: the demo model fine-tuned only partly on the task (full fine-tuning, 40 steps), what the
-# preference and RL demos start from; made once, reused after (the same recipe and seed make the same model).
+# preference and RL demos start from; made once, reused after (the same recipe and seed make the same model). Its
+# base and the task's conversations first (demo_base_and_task).
 demo_partial_model() {
+  demo_base_and_task
   if [ ! -f demo/sft_partial/config.json ]; then
     local run
     run="sft-partial-$(date +%Y%m%d-%H%M%S)"

@@ -16,7 +16,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 . jobs/_demo_steps.sh
-demo_base_and_task
 demo_partial_model
 STAMP=$(date +%Y%m%d-%H%M%S)
 python jobs/chat_task.py demo/rl --prompts

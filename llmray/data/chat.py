@@ -228,10 +228,9 @@ def _pair_length(tokenizer, pair: dict) -> int:
 
 def _prompt_length(tokenizer, record: dict) -> int:
     """The tokens a prompt takes, rendered with the generation prompt the policy answers after."""
-    from llmray.data.template import render
+    from llmray.data.template import encode_prompt
 
-    return len(tokenizer(render(tokenizer, record["prompt"], add_generation_prompt=True), add_special_tokens=False
-                         ).input_ids)
+    return len(encode_prompt(tokenizer, record["prompt"]))
 
 
 def _conversation_length(tokenizer, messages: list[dict]) -> int:

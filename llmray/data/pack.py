@@ -257,13 +257,12 @@ def prompt_rows(tokenizer, records: list[dict], seq_len: int) -> dict[str, np.nd
     rendered with the generation prompt, padded after its "prompt_length" tokens; "fields" (n,) the JSON of the
     record's other fields, for the rewards. A prompt longer than a row (refused when the shards were written) is
     dropped."""
-    from llmray.data.template import render
+    from llmray.data.template import encode_prompt
 
     pad = _pad(tokenizer)
     ids, lengths, fields = [], [], []
     for record in records:
-        tokens = tokenizer(render(tokenizer, record["prompt"], add_generation_prompt=True), add_special_tokens=False
-                           ).input_ids
+        tokens = encode_prompt(tokenizer, record["prompt"])
         if len(tokens) > seq_len:
             continue
         ids.append(np.array(tokens + [pad] * (seq_len - len(tokens)), dtype=np.int32))

@@ -64,6 +64,11 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray
     return ids, mask
 
 
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of a prompt as the policy answers it: rendered with the generation prompt (an RL prompt)."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False).input_ids
+
+
 def encode_completion(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(token ids of prompt + completion, True on the completion's tokens): a preference pair's side, whose loss is
     on its completion only (earlier assistant turns in the prompt are context). The completion starts where the

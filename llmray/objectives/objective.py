@@ -32,6 +32,19 @@ class NextToken:
         return engine(**inputs).loss, {}
 
 
+def reference_copy(recipe: Recipe, device: torch.device, dtype: torch.dtype,
+                   built: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The frozen copy of model.pretrained a preference or RL reference of mode "copy" reads: the one training built
+    (partitioned under ZeRO-3), else a whole copy loaded on this rank; None in any other mode."""
+    if recipe.reference != "copy":
+        return None
+    if built is not None:
+        return built
+    from llmray.model.build import frozen
+
+    return frozen(recipe.model.pretrained, "model.pretrained", device, dtype)
+
+
 def for_recipe(recipe: Recipe, device: torch.device, dtype: torch.dtype,
                reference: torch.nn.Module | None = None) -> Objective:
     """The recipe's objective, built on this rank (`dtype`: the engine's compute precision, for a teacher;

@@ -96,12 +96,10 @@ class Preference:
     def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype, copy: torch.nn.Module | None = None):
         """`copy`: the reference copy where training built it (ZeRO-3: partitioned across the ranks); else, in copy
         mode, one whole copy is loaded on this rank."""
-        self.cfg, self.mode = recipe.preference, recipe.reference
-        self.copy = copy
-        if self.mode == "copy" and copy is None:
-            from llmray.model.build import frozen
+        from llmray.objectives.objective import reference_copy
 
-            self.copy = frozen(recipe.model.pretrained, "model.pretrained", device, dtype)
+        self.cfg, self.mode = recipe.preference, recipe.reference
+        self.copy = reference_copy(recipe, device, dtype, copy)
 
     def reference_sums(self, engine, inputs: dict, sequence_ids: torch.Tensor,
                        precomputed: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:

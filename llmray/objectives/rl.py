@@ -25,9 +25,11 @@ from llmray import metric_names as M
 from llmray.data.template import IGNORE_INDEX
 from llmray.metric_names import CLIP_HIGH, CLIP_LOW, CLIP_REGION, KL
 from llmray.objectives.grpo import STD_EPS, group_advantages, nanstd, policy_loss
+from llmray.objectives.objective import reference_copy
 from llmray.objectives.preference import token_log_probs
 from llmray.objectives.rewards import Rewards
 from llmray.objectives.rollout import Rollouts, seed_of
+from llmray.ranks import across_ranks, gathered, mean_across_ranks
 from llmray.recipe.schema import Recipe
 from llmray.serve.sampling import Sampling
 
@@ -56,14 +58,10 @@ class RlSteps:
 
     def __init__(self, recipe: Recipe, engine, device: torch.device, tokenizer, dtype: torch.dtype,
                  reference: torch.nn.Module | None = None, actors: list | None = None):
-        from llmray.model.build import frozen
-
         self.recipe, self.rl, self.engine, self.device, self.tokenizer = recipe, recipe.rl, engine, device, tokenizer
         self.rewards = Rewards(self.rl.rewards)
         self.mode = recipe.reference
-        self.reference = reference
-        if self.mode == "copy" and reference is None:
-            self.reference = frozen(recipe.model.pretrained, "model.pretrained", device, dtype)
+        self.reference = reference_copy(recipe, device, dtype, reference)
         tolerance = self.rl.rollout.parity_tolerance or PARITY_TOLERANCE.get(dtype, 5e-2)
         self.rollouts = Rollouts(recipe, dist.get_rank(), device, tolerance, actors)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -73,10 +71,10 @@ class RlSteps:
         self.samples: list = []
         self.data_wait = 0.0
         reward_parts = [m for name in self.rewards.names for m in (M.reward_of(name), M.reward_errors(name))]
-        kl = (KL,) if self.rl.beta else ()  # measured only where the loss has the term
-        self.parts = (M.REWARD, M.REWARD_STD, M.ACCURACY, *reward_parts, M.COMPLETION_LENGTH, M.CLIPPED, *kl,
-                      CLIP_LOW, CLIP_HIGH, CLIP_REGION, M.ENTROPY, M.SAMPLING_GAP, M.SAMPLING_GAP_MAX, M.SYNC_PARITY,
-                      M.GENERATOR_RETRIES,
+        # what the loss reports, averaged over a step's micro-batches (KL only where the loss has the term)
+        self.loss_parts = (CLIP_LOW, CLIP_HIGH, CLIP_REGION, M.ENTROPY, *((KL,) if self.rl.beta else ()))
+        self.parts = (M.REWARD, M.REWARD_STD, M.ACCURACY, *reward_parts, M.COMPLETION_LENGTH, M.CLIPPED,
+                      *self.loss_parts, M.SAMPLING_GAP, M.SAMPLING_GAP_MAX, M.SYNC_PARITY, M.GENERATOR_RETRIES,
                       M.GENERATE_S, M.SCORE_S, M.SYNC_S, M.TRAIN_S, M.ROLLOUT_TOKENS_PER_S)
 
     # ---- rollouts -------------------------------------------------------------------------------------------
@@ -94,15 +92,17 @@ class RlSteps:
         if self.rollouts.version != state.step:
             sync_s = self.rollouts.sync(self.engine, state.step)
         g, rl = self.rl.group_size, self.rl
-        prompts, samplings, fields, ids = [], [], [], []
+        prompts, prompt_texts, samplings, fields, ids = [], [], [], [], []
         for batch in prompt_batches:
             for i in range(len(batch["input_ids"])):
                 prompt = batch["input_ids"][i, :int(batch["prompt_length"][i])].tolist()
+                text = self.tokenizer.decode(prompt, skip_special_tokens=False)  # what a user reward reads
                 record = json.loads(batch["fields"][i])
                 key = (int(batch["epoch"][i]), int(batch["piece"][i]), int(batch["sample"][i]))
                 ids.append(list(key))
                 for j in range(g):
                     prompts.append(prompt)
+                    prompt_texts.append(text)
                     fields.append(record)
                     samplings.append(Sampling(max_tokens=rl.max_completion_tokens, temperature=rl.temperature,
                                               top_p=rl.top_p, seed=seed_of(self.recipe.run.seed, *key, j)))
@@ -113,7 +113,6 @@ class RlSteps:
 
         started = time.perf_counter()
         texts = [self.tokenizer.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
-        prompt_texts = [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
         scores = self.rewards.score(prompt_texts, texts, fields)
         for name, why in scores.first_error.items():
             print(f"[llmray] warning: reward {name} raised on {scores.errors[name]} of {len(texts)} completions at step "
@@ -149,7 +148,7 @@ class RlSteps:
         if scale != "batch":
             return group_advantages(rewards, g, scale)
         scored = rewards[~torch.isnan(rewards)]
-        n, total, squares = global_sum(float(len(scored)), float(scored.sum()), float((scored ** 2).sum()))
+        n, total, squares = across_ranks([float(len(scored)), float(scored.sum()), float((scored ** 2).sum())])
         std = max((squares - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
         return group_advantages(rewards, g, "none") / (std + STD_EPS)  # NaN rewards: advantage 0 either way
 
@@ -201,10 +200,10 @@ class RlSteps:
             return False
         rl, accum = self.rl, len(self.batches)
         first = self.updates_left == rl.updates
-        completion_tokens = global_sum(float(sum(b.mask.sum() for b in self.batches)))
+        (completion_tokens,) = across_ranks([float(sum(b.mask.sum() for b in self.batches))])
         normalizer = completion_tokens / (dist.get_world_size() * accum)  # dapo: the step's token mean, all ranks
         step_loss = torch.zeros((), device=self.device)
-        parts = {name: 0.0 for name in (CLIP_LOW, CLIP_HIGH, CLIP_REGION, M.ENTROPY, *((KL,) if rl.beta else ()))}
+        parts = dict.fromkeys(self.loss_parts, 0.0)
         gap, gap_max = [], 0.0
         train_started = time.perf_counter()
         for batch in self.batches:
@@ -224,7 +223,7 @@ class RlSteps:
                 gap_max = max(gap_max, float(diff.max()))
         self.updates_left -= 1
         state.step += 1
-        sequence_tokens = global_sum(float(sum(b.attention_mask.sum() for b in self.batches)))
+        (sequence_tokens,) = across_ranks([float(sum(b.attention_mask.sum() for b in self.batches))])
         state.tokens += int(sequence_tokens)
         state.stream = stream.state_dict()  # the position after the prompts these rollouts answered
         metrics = dict(self.rollout_metrics)
@@ -236,24 +235,10 @@ class RlSteps:
             metrics.update({M.GENERATE_S: 0.0, M.SCORE_S: 0.0, M.SYNC_S: 0.0, M.SAMPLING_GAP: 0.0,
                             M.SAMPLING_GAP_MAX: 0.0})
         if self.recipe.train.record_samples:  # the audit trail: every rank's prompts, the step's mean loss
-            mean_loss = step_loss.detach().clone() / accum
-            dist.all_reduce(mean_loss)
-            mean_loss = float(mean_loss) / dist.get_world_size()
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, self.samples)
-            state.trace.append({"step": state.step, "loss": mean_loss, "samples": [s for r in everyone for s in r],
+            (mean_loss,) = mean_across_ranks([step_loss.item() / accum])
+            state.trace.append({"step": state.step, "loss": mean_loss, "samples": gathered(self.samples),
                                 "reward": metrics[M.REWARD]})
         window.add_step(step_loss / accum, {k: v for k, v in metrics.items() if k in self.parts}, tokens=sequence_tokens)
         window.data_wait += self.data_wait
         self.data_wait = 0.0
         return True
-
-
-def global_sum(*values: float):
-    """`values` summed over every rank (one value: a float; several: a list)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_world_size() > 1:
-        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t)
-    out = t.cpu().tolist()
-    return out[0] if len(out) == 1 else out

@@ -6,7 +6,7 @@ Two placements (rl.rollout.placement):
 - separate: `rl.rollout.actors` Ray actors (`GeneratorActor`, a GPU each with scaling.use_gpu), made by the driver
   and restarted by Ray if one dies; each rank generates on actor `rank % actors`.
 
-Weight sync after every update (`Sync`): whole weights gathered from the ZeRO partitions, or for LoRA only the
+Weight sync after every update (`Rollouts.sync`): whole weights gathered from the ZeRO partitions, or for LoRA only the
 adapters (A, B and scale per layer), which the generator merges into its copy of the base. Each sync is checked:
 the generator's log-probabilities of a fixed probe must equal the trainer's within rl.rollout.parity_tolerance,
 or the run stops saying so. A generator that restarted (its version behind) is synced again before it generates.
@@ -89,9 +89,6 @@ class Generator:
         ids = probe_ids(self.engine.model.config.vocab_size).to(self.engine.device)
         logits = self.engine.model(input_ids=ids, use_cache=False).logits.float()
         return probe_logps(logits, ids).tolist()
-
-    def stats(self) -> dict:
-        return dict(self.engine.stats)
 
 
 GeneratorActor = ray.remote(max_restarts=-1)(Generator)

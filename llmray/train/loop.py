@@ -19,6 +19,7 @@ from llmray.data.tokenizer import load_tokenizer
 from llmray.evals.perplexity import perplexity, summed_nll
 from llmray.model.flops import peak_flops
 from llmray.objectives.objective import Objective, for_recipe
+from llmray.ranks import across_ranks, gathered, max_across_ranks, mean_across_ranks
 from llmray.recipe.schema import Recipe
 from llmray.train import checkpoint
 from llmray.train.batch import model_inputs
@@ -172,24 +173,6 @@ def save_and_report(sink: Sink, metrics: dict, engine, state: TrainState, rank: 
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def across_ranks(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    """`values` reduced element-wise over every rank (on the GPU under NCCL, which reduces no CPU tensor)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=op)
-    return t.cpu().tolist()
-
-
-def mean_across_ranks(values: list[float]) -> list[float]:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return [v / world for v in across_ranks(values)]
-
-
-def max_across_ranks(value: float) -> float:
-    return across_ranks([value], dist.ReduceOp.MAX)[0]
-
-
 def peak_memory_gb(device: torch.device) -> float:
     """This process's peak so far: GPU memory allocated on a GPU; on CPU its resident set."""
     if device.type == "cuda":
@@ -260,7 +243,4 @@ def generate_sample(engine, tokenizer, prompt: str, n_tokens: int, seed: int, ze
 
 def gather_ids(batch: dict) -> list[list[int]]:
     """Every rank's (epoch, piece, sample) ids of this micro-batch, in rank order."""
-    mine = np.stack([batch["epoch"], batch["piece"], batch["sample"]], axis=1).tolist()
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return [row for part in out for row in part]
+    return gathered(np.stack([batch["epoch"], batch["piece"], batch["sample"]], axis=1).tolist())

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "llmray"
 # lower layers only; the ground floor's shared utilities may also import each other.
 LAYERS = [
     ("ground", ["__init__", "errors", "storage", "hub", "outdir", "cluster", "cuda_arch", "logs", "metric_names",
-                "recipe"]),
+                "ranks", "recipe"]),
     ("data", ["data"]),
     ("model", ["model"]),
     ("evaluation, objectives", ["evals", "objectives"]),
