@@ -4,7 +4,8 @@ Two placements (rl.rollout.placement):
 - colocated: each training worker holds a `Generator` on its own device and takes turns with training: it
   generates its ranks' completions, lets its KV cache go, then training runs;
 - separate: `rl.rollout.actors` Ray actors (`GeneratorActor`, a GPU each with scaling.use_gpu), made by the driver
-  and restarted by Ray if one dies; each rank generates on actor `rank % actors`.
+  and restarted by Ray if one dies; each rank generates on actor `rank % actors`. With rl.rollout.engine vllm
+  they are `vllm_rollout.VllmGeneratorActor`s, the same interface over vLLM.
 
 Weight sync after every update (`Rollouts.sync`): whole weights gathered from the ZeRO partitions, or for LoRA only the
 adapters (A, B and scale per layer), which the generator merges into its copy of the base. Each sync is checked:
@@ -105,9 +106,18 @@ def start_generators(recipe) -> list | None:
     options = {"num_cpus": r.cpus_per_actor, "runtime_env": {"env_vars": hub.env()}}
     if s.use_gpu:
         options["num_gpus"] = r.gpus_per_actor
-    return [GeneratorActor.options(**options).remote(recipe.model.pretrained, recipe.data.tokenizer,
-                                                     r.max_batch_size, "cuda" if s.use_gpu else "cpu")
-            for _ in range(r.actors)]
+    if r.engine == "vllm":
+        from llmray.objectives.vllm_rollout import VllmGeneratorActor as actor_class
+    else:
+        actor_class = GeneratorActor
+    actors = [actor_class.options(**options).remote(recipe.model.pretrained, recipe.data.tokenizer, r.max_batch_size,
+                                                    "cuda" if s.use_gpu else "cpu")
+              for _ in range(r.actors)]
+    try:  # one that cannot start (no vllm on its node) says so here, not as a dead actor mid-run
+        ray.get([a.get_version.remote() for a in actors])
+    except ray.exceptions.RayActorError as e:
+        raise RuntimeError(f"a generator actor did not start: {str(e).strip().splitlines()[-1]}") from None
+    return actors
 
 
 def probe_ids(vocab_size: int) -> torch.Tensor:

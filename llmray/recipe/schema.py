@@ -403,6 +403,9 @@ class RolloutSettings(Strict):
     # colocated: an engine in each training worker, on its device, taking turns with training (its KV cache freed
     # after each generation); separate: `actors` Ray actors of their own (a GPU each with scaling.use_gpu)
     placement: Literal["colocated", "separate"] = "colocated"
+    # llmray: the serving engine; vllm: vLLM (`objectives/vllm_rollout.py`), in separate actors with a GPU each, on
+    # nodes where it is installed
+    engine: Literal["llmray", "vllm"] = "llmray"
     actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(1.0, gt=0)
@@ -590,6 +593,9 @@ class Recipe(Strict):
         if r.rollout.placement == "colocated" and r.rollout.actors != 1:
             raise ValueError("rl.rollout.actors counts separate generator actors; with placement colocated each "
                              "training worker generates (set placement: separate)")
+        if r.rollout.engine == "vllm" and (r.rollout.placement != "separate" or not self.scaling.use_gpu):
+            raise ValueError("rl.rollout.engine=vllm generates in actors of its own, a GPU each: set "
+                             "rl.rollout.placement: separate and scaling.use_gpu: true (engine llmray runs anywhere)")
 
     def _kernel_checks(self) -> None:
         k, gpu = self.train.kernels, self.scaling.use_gpu

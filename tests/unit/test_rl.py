@@ -69,9 +69,19 @@ def test_the_recipe_refuses_what_cannot_learn(model_dir, corpus):
         recipe(model_dir, corpus["tokenizer"], reference="copy")
     with pytest.raises(ValueError, match="qlora is not built yet"):
         recipe(model_dir, corpus["tokenizer"], method="qlora")
+    with pytest.raises(ValueError, match="rl.rollout.engine=vllm generates in actors of its own"):
+        recipe(model_dir, corpus["tokenizer"], rollout={"engine": "vllm"})
     assert recipe(model_dir, corpus["tokenizer"]).reference == "none"
     assert recipe(model_dir, corpus["tokenizer"], beta=0.04).reference == "adapters"
     assert recipe(model_dir, corpus["tokenizer"], beta=0.04, method="full").reference == "copy"
+
+
+def test_a_vllm_generator_says_what_it_lacks_where_it_cannot_run(model_dir, corpus):
+    from llmray.objectives.vllm_rollout import VllmGenerator, VllmUnavailable
+
+    # here: no vllm package (or, if one is installed, no GPU); either way one line naming the setting
+    with pytest.raises(VllmUnavailable, match="rl.rollout.engine: vllm"):
+        VllmGenerator(str(model_dir), corpus["tokenizer"], 8, "cpu")
 
 
 def test_prompts_are_read_with_their_fields_and_bad_lines_named(tmp_path, corpus):
