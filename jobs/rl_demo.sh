@@ -11,7 +11,13 @@
 # the sampled completions' reward 0.16 -> 0.23 (at temperature 1 most completions trail extra tokens after the
 # category, which the exact-match reward does not credit). Asked about 'tiger' it says "colour". Other settings did
 # worse: 80 steps +14.0; lr 5e-3 collapsed to no reward after 10 steps (0.0%); temperature 0.7 with a one-word format
-# reward +3.5; lr 3e-3 with 32 prompts a step +3.5; top_p 0.9 +12.3; loss grpo +15.8. See docs/rl.md.
+# reward +3.5; lr 3e-3 with 32 prompts a step +3.5; top_p 0.9 +12.3; top_p 0.95 +15.8; loss grpo +15.8; temperature
+# 0.7 +5.3; group 16 +10.5; lr 1e-3 for 80 steps +12.3; the first word rewarded (+0.5 for the whole) +8.8. Full
+# fine-tuning learns the sampled reward faster (0.10 -> 0.53 at lr 1e-3) but reaches +17.5 at best (lr 5e-4 or 1e-3;
+# 1e-4 +15.8; 60 steps +14.0; group 16 -19.3). What holds it: the held-out animals (9 of 57). "animal" is three
+# tokens and at temperature 1 the partly tuned model trails junk after it ("animal\ufffd"), which exact match scores 0
+# like a wrong category, so GRPO pushes the word down; every run ends with all nine animals wrong (48/57, +19.3, is
+# the ceiling without them). See docs/rl.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
