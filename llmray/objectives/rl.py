@@ -105,7 +105,7 @@ class RlSteps:
                     prompt_texts.append(text)
                     fields.append(record)
                     samplings.append(Sampling(max_tokens=rl.max_completion_tokens, temperature=rl.temperature,
-                                              top_p=rl.top_p, seed=seed_of(self.recipe.run.seed, *key, j)))
+                                              top_p=rl.top_p, top_k=rl.top_k, seed=seed_of(self.recipe.run.seed, *key, j)))
         started = time.perf_counter()
         rollouts = self.rollouts.generate(prompts, samplings)
         generate_s = time.perf_counter() - started

@@ -86,7 +86,8 @@ class VllmGenerator:
     def generate(self, prompts: list[list[int]], samplings: list[Sampling]) -> list[Rollout]:
         from vllm import SamplingParams
 
-        params = [SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+        params = [SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                 top_k=s.top_k if s.top_k > 0 else -1, seed=s.seed,
                                  logprobs=0, stop_token_ids=self.stops) for s in samplings]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         rollouts = []

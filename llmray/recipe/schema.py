@@ -424,6 +424,7 @@ class RlSettings(Strict):
     max_completion_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # sample among the k most likely tokens (0: all), as TRL's and vLLM's top_k
     # how a step's per-token losses are averaged: dapo (over the step's tokens), grpo (per completion, then over
     # completions), bnpo (over the micro-batch's tokens), dr_grpo (over completions x max_completion_tokens)
     loss: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"

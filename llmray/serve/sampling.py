@@ -1,4 +1,4 @@
-"""Each request's sampling: its parameters, the next token drawn from a row's logits (greedy, temperature, top-p,
+"""Each request's sampling: its parameters, the next token drawn from a row's logits (greedy, temperature, top-k, top-p,
 with the request's own seeded generator), and the log-probabilities a request may ask for."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # each generated token's log-probability, and this many of the most likely
+    top_k: int = 0  # draw among the k most likely tokens only (0: all)
 
 
 @dataclass
@@ -46,6 +47,9 @@ def sample(logits: torch.Tensor, samplings: list[Sampling], generators: list[tor
             out[i] = logits[i].argmax()
             continue
         probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+        if 0 < s.top_k < probs.numel():
+            kept = probs.topk(s.top_k)
+            probs = torch.zeros_like(probs).scatter(0, kept.indices, kept.values)
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest prefix reaching top_p

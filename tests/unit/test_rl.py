@@ -175,3 +175,21 @@ def test_a_sync_makes_the_generator_run_the_trained_weights_and_a_missed_one_is_
     rollouts.sync(trainer, 1)
     assert rollouts.parity < 1e-4 and rollouts.local.version == 1
     np.testing.assert_allclose(rollouts.local.probe(), trainer_probe(trainer), atol=1e-4)
+
+
+def test_top_k_draws_only_among_the_k_most_likely_tokens():
+    from llmray.serve.sampling import sample
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    allowed = logits.topk(3, dim=-1).indices
+    drawn = {row: set() for row in range(4)}
+    for seed in range(200):
+        gens = [torch.Generator().manual_seed(seed * 4 + row) for row in range(4)]
+        tokens = sample(logits, [Sampling(temperature=1.0, top_k=3)] * 4, gens)
+        for row, token in enumerate(tokens.tolist()):
+            drawn[row].add(token)
+    for row in range(4):
+        assert drawn[row] == set(allowed[row].tolist())  # each of the three drawn, nothing else
+    untruncated = {sample(logits[:1], [Sampling(temperature=1.0)], [torch.Generator().manual_seed(s)]).item()
+                   for s in range(200)}
+    assert len(untruncated) > 3  # without top_k the same row draws beyond its three most likely
