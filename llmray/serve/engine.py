@@ -137,7 +137,7 @@ class Engine:
             kv_cache_bytes = int(psutil.virtual_memory().available * CPU_KV_SHARE)
         self.kv_cache_bytes = kv_cache_bytes
         self.metrics = EngineMetrics()
-        self.in_flight = 0  # rows streaming now, running or waiting (the event loop's count)
+        self.in_flight = 0  # rows taken (`take`) and not given back: running, waiting, or about to arrive
         self.last_admitted = 1
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -193,7 +193,6 @@ class Engine:
         row = _Row(list(prompt_ids), sampling, asyncio.get_running_loop(), asyncio.Queue(),
                    TextStream(self.backend, sampling.stop), adapter=adapter or BASE)
         self.stats["requests"] += 1
-        self.in_flight += 1
         self.incoming.put(row)
         done = False
         try:
@@ -204,7 +203,6 @@ class Engine:
                 done = isinstance(event, Finished)
                 yield event
         finally:
-            self.in_flight -= 1
             if not done:  # the caller went away (client disconnect, cancelled request, deadline): stop computing
                 row.cancelled.set()
 
@@ -234,6 +232,17 @@ class Engine:
     # ---- the compute thread -------------------------------------------------------------------------------
 
     # ---- admission: slots, and memory for the KV cache ------------------------------------------------------
+
+    def take(self, rows: int, limit: int) -> bool:
+        """Count `rows` more rows in flight, if that keeps them within `limit` (the event loop's calls, so a check
+        and its count are one step: a burst cannot slip past the bound)."""
+        if self.in_flight + rows > limit:
+            return False
+        self.in_flight += rows
+        return True
+
+    def give_back(self, rows: int = 1) -> None:
+        self.in_flight -= rows
 
     @property
     def waiting(self) -> int:
