@@ -32,3 +32,21 @@ def test_two_replicas_figures_are_labelled_and_sum_as_prometheus_would():
     assert total(ttft, ttft + "_count") == 3 and abs(total(ttft, ttft + "_sum") - 30.203) < 1e-9
     assert total(ttft, ttft + "_bucket", le="0.005") == 1 and total(ttft, ttft + "_bucket", le="0.25") == 2
     assert total(ttft, ttft + "_bucket", le="+Inf") == 3  # buckets are cumulative
+
+
+def test_the_dashboard_reads_only_metrics_the_app_exports():
+    """serve/grafana_dashboard.json: every llmray: series its queries name is one GET /metrics writes (a renamed
+    metric would leave a panel empty)."""
+    import json
+    import re
+
+    from llmray.serve.metrics import METRICS
+
+    exported = {f"llmray:{n}{suffix}" for n, (kind, _) in METRICS.items()
+                for suffix in (("_bucket", "_sum", "_count") if kind == "histogram" else ("",))}
+    dashboard = json.load(open("serve/grafana_dashboard.json"))
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {m for q in queries for m in re.findall(r"llmray:[a-z0-9_]+", q)}
+    assert named and named <= exported, named - exported
+    assert {"llmray:time_to_first_token_seconds_bucket", "llmray:num_requests_waiting",
+            "llmray:request_rejected_total"} <= named
