@@ -134,7 +134,11 @@ def test_a_replica_killed_mid_generation(server):
     asker.join(60)
     assert whole["r"].status_code == 200 and whole["r"].json()["choices"][0]["text"] == expected
     later = httpx.post(f"{server}/v1/completions", json=long(tokens=8), timeout=60)
-    assert later.status_code == 200 and replica_actors("limits") != [victim]
+    [restarted] = replica_actors("limits")
+    assert later.status_code == 200 and restarted != victim
+    replica = restarted.rsplit("#", 1)[1]  # /metrics labels each replica's series with its id
+    wait_for(lambda: total(metrics(server), "llmray:generation_tokens_total", replica=replica) >= 8, 10,
+             "the restarted replica's figures in /metrics")
 
 
 def test_a_new_version_deployed_under_load_drops_no_request(server, model_b):
