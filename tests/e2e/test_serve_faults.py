@@ -45,8 +45,8 @@ def server(model_dir, ray_cluster):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app(model_dir), name="limits", route_prefix="/")
-    serve.run(app(model_dir, request_timeout_s=0.3), name="deadline", route_prefix="/deadline")
+    serve.run_many([serve.RunTarget(app(model_dir), "limits", "/"),  # both at once: their replicas start together
+                    serve.RunTarget(app(model_dir, request_timeout_s=0.3), "deadline", "/deadline")])
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
