@@ -316,6 +316,12 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
                    help="requests sharing one forward pass")
     p.add_argument("--batch-wait-ms", type=float, default=fields["batch_wait_ms"].default,
                    help="how long a batch waits to fill")
+    p.add_argument("--max-waiting-requests", type=int, default=fields["max_waiting_requests"].default,
+                   help="rows queued per model and replica beyond the batch; past them, 429 with Retry-After")
+    p.add_argument("--request-timeout-s", type=float, default=fields["request_timeout_s"].default,
+                   help="a request unfinished this long after reaching its replica gets 408")
+    p.add_argument("--kv-cache-bytes", type=int, default=fields["kv_cache_bytes"].default,
+                   help="KV cache budget per model (default: GPU free memory, or half the host's available)")
 
 
 def _serve(args) -> None:
@@ -323,7 +329,9 @@ def _serve(args) -> None:
 
     serve_models(args.models, args.name, host=args.host, port=args.port, api_key=args.api_key,
                  replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                 max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, adapters=args.adapter)
+                 max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, adapters=args.adapter,
+                 max_waiting_requests=args.max_waiting_requests, request_timeout_s=args.request_timeout_s,
+                 kv_cache_bytes=args.kv_cache_bytes)
 
 
 # (path of words, one-line help, description, options, run)

@@ -10,20 +10,23 @@ Routes: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/comple
 # not a string, or it takes `request` for a query parameter and answers 422.
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
 from typing import AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.serve._private.http_util import make_fastapi_class_based_view
 
 from llmray import hub, storage
 from llmray.errors import LlmrayError
 from llmray.serve.engine import Engine, Finished
-from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, error
+from llmray.serve.metrics import render
+from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, error, error_body, overloaded, timed_out
 from llmray.serve.sampling import Sampling, TokenLogprob
 
 
@@ -60,6 +63,21 @@ class ServeArgs(BaseModel):
     # Streamed text is written at most this often (the first piece at once): each write costs Serve ~1-2 ms
     # of CPU between replica and proxy, which token-by-token writes multiply under load.
     stream_interval_ms: float = Field(50.0, ge=0)
+    # Rows a model's engine queues beyond its running batch on one replica; past them a request gets 429 with
+    # Retry-After (each of a request's prompts times n is a row).
+    max_waiting_requests: int = Field(64, ge=0)
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After a 429 carries
+    # A request still unfinished this long after it reached its replica ends with a 408 (a stream: an error event);
+    # its rows leave the batch. null: no deadline.
+    request_timeout_s: float | None = Field(600.0, gt=0)
+    # Bytes the KV cache of each model may take; a row that would pass it waits to be admitted. null: on a GPU,
+    # the device's free memory (less a tenth), on CPU half the memory available when the replica starts.
+    kv_cache_bytes: int | None = Field(None, ge=1)
+
+    @property
+    def max_rows(self) -> int:
+        """Rows one model's engine takes on one replica, running and waiting; past them, 429."""
+        return self.max_batch_size + self.max_waiting_requests
 
 
 def _local(path: str, marker: str = "config.json") -> str:
@@ -137,20 +155,90 @@ def _chat_logprobs(engine: Engine, generated: list[TokenLogprob] | None) -> dict
 app = FastAPI(title="llmray", description="OpenAI-compatible completions and chat over llmray exports")
 
 
-@serve.deployment(name="OpenAIServer", max_ongoing_requests=64)
-@serve.ingress(app)
-class OpenAIServer:
-    def __init__(self, args: ServeArgs):  # validated once, by build_app
+ROUTE_HEADROOM = 8  # requests a replica takes beyond its engines' rows: /healthz, /v1/models, refusals
+DRAIN_WITHOUT_DEADLINE_S = 600.0  # with request_timeout_s null, how long a deploy waits for a replica's requests
+METRICS_PUSH_S = 1.0  # how often each replica sends its figures to the MetricsBoard
+METRICS_STALE_S = 10.0  # a replica silent this long is gone (killed, or replaced by a deploy): its series too
+
+
+@serve.deployment(name="MetricsBoard", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                  logging_config={"enable_access_log": False})
+class MetricsBoard:
+    """Every live replica's latest figures, so GET /metrics on any ingress shows them all (each series labelled
+    with its replica)."""
+
+    def __init__(self):
+        self.figures: dict[str, tuple[float, dict]] = {}  # replica -> (when, {model id: snapshot})
+
+    def put(self, replica: str, figures: dict) -> None:
+        self.figures[replica] = (time.monotonic(), figures)
+
+    def render(self) -> str:
+        now = time.monotonic()
+        self.figures = {r: f for r, f in self.figures.items() if now - f[0] < METRICS_STALE_S}
+        return render({(replica, model): snap for replica, (_, by_model) in self.figures.items()
+                       for model, snap in by_model.items()})
+
+
+class Server:
+    """The engines and the OpenAI routes (`app`, bound to the replica's instance as @serve.ingress binds them); HTTP
+    reaches them through OpenAIIngress (`relay`): Serve takes one FastAPI ingress per application."""
+
+    def __init__(self, args: ServeArgs, board=None):  # validated once, by build_app
         self.args = args
         self.api_key = self.args.api_key or os.environ.get("LLMRAY_API_KEY")
         self.engines, self.routes = {}, {}  # model id -> Engine; model id -> (base model id, adapter or None)
         for m in self.args.models:
             adapters = {name: _local(path, ADAPTER_CONFIG) for name, path in m.adapters.items()}
             self.engines[m.id] = Engine(_local(m.path), self.args.max_batch_size, self.args.batch_wait_ms / 1000,
-                                        self.args.device, adapters, self.args.cuda_graphs)
+                                        self.args.device, adapters, self.args.cuda_graphs,
+                                        kv_cache_bytes=self.args.kv_cache_bytes)
             self.routes[m.id] = (m.id, None)
             self.routes.update({name: (m.id, name) for name in adapters})
         self.created = int(time.time())
+        self.board, self._pusher = board, None
+        if board is not None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        replica = serve.get_replica_context().replica_id.unique_id
+        while True:
+            try:
+                await self.board.put.remote(replica, {name: e.metrics_snapshot() for name, e in self.engines.items()})
+            except Exception as e:  # noqa: BLE001 - the board restarting; figures are sent again next time
+                logging.getLogger(__name__).warning("metrics not sent to the MetricsBoard: %s", e)
+            await asyncio.sleep(METRICS_PUSH_S)
+
+    async def relay(self, method: str, path: str, query: bytes, headers: list, body: bytes) -> AsyncIterator[dict]:
+        """An HTTP request OpenAIIngress forwards, answered by this replica's routes: the ASGI messages of the
+        answer. Closing the iterator (the client went away) cancels the request, and with it its rows."""
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query,
+                 "headers": [(k.encode(), v.encode()) for k, v in headers], "server": ("127.0.0.1", 80),
+                 "client": ("127.0.0.1", 0)}
+        out: asyncio.Queue = asyncio.Queue()
+        sent = False
+
+        async def receive() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # no disconnect: closing this iterator cancels the request instead
+
+        async def run():
+            try:
+                await app(scope, receive, out.put)
+            finally:
+                await out.put(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (message := await out.get()) is not None:
+                yield message
+            await task  # an exception the app raised, raised here
+        finally:
+            task.cancel()
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
 
@@ -193,11 +281,9 @@ class OpenAIServer:
         return wanted
 
     @staticmethod
-    async def _merge(streams: list[AsyncIterator], every_s: float = 0.0) -> AsyncIterator[list[tuple[int, str | Finished]]]:
-        """Events of several engine streams as (choice index, event), in lists of whatever is ready, at most one
-        list per `every_s` after the first: one list is one write to the client, so tokens do not each pay Serve's
-        per-chunk streaming cost (~1-2 ms). Consecutive text of one choice is joined. Closing the iterator
-        cancels every stream."""
+    def _pump(streams: list[AsyncIterator], engine: Engine) -> tuple[asyncio.Queue, list[asyncio.Task]]:
+        """Each stream run by a task of its own into one queue of (choice index, event). Each row `engine.take`
+        counted is given back when its task ends, however it ends (even cancelled before it began)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, s):
@@ -208,6 +294,18 @@ class OpenAIServer:
                 await queue.put((i, e))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        for t in tasks:
+            t.add_done_callback(lambda _: engine.give_back())
+        return queue, tasks
+
+    @staticmethod
+    async def _merge(pumped: tuple[asyncio.Queue, list[asyncio.Task]], every_s: float = 0.0
+                     ) -> AsyncIterator[list[tuple[int, str | Finished]]]:
+        """The pumped streams' events as (choice index, event), in lists of whatever is ready, at most one
+        list per `every_s` after the first: one list is one write to the client, so tokens do not each pay Serve's
+        per-chunk streaming cost (~1-2 ms). Consecutive text of one choice is joined. Closing the iterator
+        cancels every stream."""
+        queue, tasks = pumped
         left, last = len(tasks), None
         try:
             while left:
@@ -237,7 +335,7 @@ class OpenAIServer:
             for t in tasks:
                 t.cancel()
 
-    async def _generate(self, body, kind: str):
+    async def _generate(self, body, kind: str, deadline: float | None):
         routed = self._engine(body.model)
         if isinstance(routed, JSONResponse):
             return routed
@@ -257,6 +355,11 @@ class OpenAIServer:
             if isinstance(budget, JSONResponse):
                 return budget
             budgets.append(budget)
+        if not all(engine.fits_alone(len(ids), budget) for ids, budget in zip(encoded, budgets)):
+            engine.metrics.add("request_rejected_total", reason="kv_cache")
+            return error(400, f"the KV cache of prompt plus max_tokens would not fit this replica's kv_cache_bytes "
+                              f"({engine.kv_cache_bytes}); ask for fewer tokens", param="max_tokens",
+                         code="context_length_exceeded")
         echo = kind == "completion" and body.echo
         scored = [await engine.prompt_logprobs(ids, top or 0, adapter) if echo and top is not None else None
                   for ids in encoded]  # the prompt's own logprobs, when echoed with logprobs
@@ -269,18 +372,29 @@ class OpenAIServer:
                 streams.append(engine.stream(ids, sampling, adapter) if budget else _nothing(top))
                 sources.append(k)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        events = self._merge(streams, self.args.stream_interval_ms / 1000 if body.stream else 0.0)
+        if not engine.take(len(streams), self.args.max_rows):
+            engine.metrics.add("request_rejected_total", reason="queue_full")
+            return overloaded(f"this replica has {engine.in_flight} rows of {body.model} running or queued, at most "
+                              f"{self.args.max_rows} (max_batch_size + max_waiting_requests); retry later",
+                              self.args.retry_after_s)
+        events = self._merge(self._pump(streams, engine), self.args.stream_interval_ms / 1000 if body.stream else 0.0)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._chunks(events, rid, body.model, kind, len(streams), prompt_tokens,
-                                                  include_usage), media_type="text/event-stream")
+                                                  include_usage, engine, deadline), media_type="text/event-stream")
         texts, finished = [""] * len(streams), [None] * len(streams)
-        async for ready in events:
-            for i, ev in ready:
-                if isinstance(ev, Finished):
-                    finished[i] = ev
-                else:
-                    texts[i] += ev
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for ready in events:
+                    for i, ev in ready:
+                        if isinstance(ev, Finished):
+                            finished[i] = ev
+                        else:
+                            texts[i] += ev
+        except TimeoutError:
+            await events.aclose()  # its rows leave the batch
+            engine.metrics.add("request_timeout_total")
+            return JSONResponse(timed_out(self.args.request_timeout_s), status_code=408)
         completion_tokens = sum(f.completion_tokens for f in finished)
         if kind == "chat":
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f.reason,
@@ -299,7 +413,7 @@ class OpenAIServer:
                           "total_tokens": prompt_tokens + completion_tokens}}
 
     async def _chunks(self, events, rid: str, model: str, kind: str, n: int, prompt_tokens: int,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, engine: Engine, deadline: float | None) -> AsyncIterator[str]:
         created, completion_tokens = int(time.time()), 0
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -314,7 +428,21 @@ class OpenAIServer:
         if kind == "chat":
             for i in range(n):
                 yield _sse(chunk(i, "", None, first=True))
-        async for ready in events:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                ready = await asyncio.wait_for(anext(events), left)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                await events.aclose()  # its rows leave the batch
+                engine.metrics.add("request_timeout_total")
+                yield _sse(timed_out(self.args.request_timeout_s)) + _sse("[DONE]")
+                return
+            except Exception as e:  # noqa: BLE001 - the engine failed: the client hears it, the stream ends cleanly
+                yield _sse(error_body(f"generation failed: {e}", "server_error")) + _sse("[DONE]")
+                return
             out = []
             for i, ev in ready:
                 if isinstance(ev, Finished):
@@ -345,10 +473,12 @@ class OpenAIServer:
             for name, (base, adapter) in self.routes.items()]}
 
     async def _answer(self, request: Request, shape, kind: str):
+        timeout = self.args.request_timeout_s
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         if (denied := self._unauthorized(request)) is not None:
             return denied
         body = await self._parse(request, shape)
-        return body if isinstance(body, JSONResponse) else await self._generate(body, kind)
+        return body if isinstance(body, JSONResponse) else await self._generate(body, kind, deadline)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -359,9 +489,88 @@ class OpenAIServer:
         return await self._answer(request, ChatCompletionRequest, "chat")
 
 
+make_fastapi_class_based_view(app, Server)  # as @serve.ingress does: each route's `self` is the replica's instance
+OpenAIServer = serve.deployment(name="OpenAIServer")(Server)
+
+# The ingress's own routes: /metrics, and the rest relayed (the engines' app answers /docs and /openapi.json)
+front = FastAPI(title="llmray", docs_url=None, redoc_url=None, openapi_url=None)
+RELAY_TRIES = 2  # a request whose replica died before answering anything is sent once more (to another, or its restart)
+
+
+def _replica_lost(e: BaseException) -> bool:
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(e, (RayActorError, ActorUnavailableError))
+
+
+def _is_stream(start: dict) -> bool:
+    return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in start["headers"])
+
+
+def _headers(start: dict) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in start["headers"] if k != b"content-length"}
+
+
+async def _rest_of_stream(answer) -> AsyncIterator[bytes]:
+    """A relayed stream's events; if its replica dies mid-way, an error event and the stream's end."""
+    try:
+        async for message in answer:
+            if message.get("body"):
+                yield message["body"]
+    except Exception as e:
+        if not _replica_lost(e):
+            raise
+        yield _sse(error_body(f"the replica serving this stream stopped ({type(e).__name__}); the text above is all "
+                              "that was generated", "server_error", code="replica_unavailable")) + _sse("[DONE]")
+
+
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+@serve.ingress(front)
+class OpenAIIngress:
+    """What HTTP reaches: GET /metrics, and every other request relayed to an OpenAIServer replica. It outlives
+    them, so a replica that dies does not cut its clients off: a request it had not begun to answer goes to
+    another replica (or the restarted one); a stream it had begun gets an error event, then its end."""
+
+    def __init__(self, server, board, retry_after_s: int):
+        self.server, self.board, self.retry_after_s = server, board, retry_after_s
+
+    @front.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(await self.board.render.remote(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @front.api_route("/{path:path}", methods=["GET", "POST"])
+    async def forward(self, request: Request, path: str):
+        from ray.serve.exceptions import BackPressureError
+
+        body = await request.body()
+        headers = [(k, v) for k, v in request.headers.items() if k != "host"]
+        for attempt in range(RELAY_TRIES):
+            answer = self.server.relay.options(stream=True).remote(
+                request.method, "/" + path, request.url.query.encode(), headers, body)
+            try:
+                start = await anext(answer)
+                if not _is_stream(start):  # a whole answer: taken in full before anything goes out
+                    content = b"".join([m.get("body", b"") async for m in answer])
+                    return Response(content, start["status"], _headers(start))
+            except BackPressureError:  # Serve's own queue for the replicas (max_queued_requests) is full
+                return overloaded("every replica is busy and Serve's queue for them is full; retry later",
+                                  self.retry_after_s)
+            except Exception as e:
+                if _replica_lost(e) and attempt + 1 < RELAY_TRIES:
+                    continue
+                if _replica_lost(e):
+                    return error(503, f"the replica serving this request stopped ({type(e).__name__}); nothing was "
+                                      "generated for it", "server_error", code="replica_unavailable")
+                raise
+            return StreamingResponse(_rest_of_stream(answer), start["status"], _headers(start))
+
+
 def build_app(args: dict | ServeArgs, **deployment_options) -> serve.Application:
     """`import_path: llmray.serve.app:build_app` in a Serve config; `args` as in `ServeArgs`. Keyword options
-    (num_replicas, ray_actor_options, autoscaling_config, ...) go to the deployment, as `deployments:` would."""
+    (num_replicas, ray_actor_options, autoscaling_config, ...) go to the OpenAIServer deployment (the engines), as
+    `deployments:` would. Unless given there, its max_ongoing_requests lets every row the engines take
+    (max_batch_size + max_waiting_requests per model) reach it, so the 429 past them is the app's, and its
+    graceful_shutdown_timeout_s outlasts request_timeout_s, so a deploy lets running requests finish."""
     try:
         parsed = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     except ValidationError as e:
@@ -379,8 +588,13 @@ def build_app(args: dict | ServeArgs, **deployment_options) -> serve.Application
         raise ServeConfigError(f"serve args: model ids must be unique; got {', '.join(ids)}")
     local = [m.model_copy(update={"path": here(m.path), "adapters": {n: here(p) for n, p in m.adapters.items()}})
              for m in parsed.models]
-    deployment = OpenAIServer.options(**deployment_options) if deployment_options else OpenAIServer
-    return deployment.bind(parsed.model_copy(update={"models": local}))
+    options = {"max_ongoing_requests": len(parsed.models) * parsed.max_rows + ROUTE_HEADROOM,
+               "graceful_shutdown_timeout_s": (parsed.request_timeout_s or DRAIN_WITHOUT_DEADLINE_S) + 5,
+               **deployment_options}
+    board = MetricsBoard.bind()
+    server = OpenAIServer.options(**options).bind(parsed.model_copy(update={"models": local}), board)
+    return OpenAIIngress.options(graceful_shutdown_timeout_s=options["graceful_shutdown_timeout_s"]).bind(
+        server, board, parsed.retry_after_s)
 
 
 def _vllm_app(args: ServeArgs) -> serve.Application:

@@ -19,6 +19,7 @@ import inspect
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -28,11 +29,22 @@ from transformers import AutoTokenizer, DynamicCache
 from llmray.data.template import render, stop_token_ids
 from llmray.model.build import inference_device, load_for_inference
 from llmray.serve.graphs import DecodeGraphs
+from llmray.serve.metrics import EngineMetrics
 from llmray.serve.sampling import Sampling, TokenLogprob, sample, token_logprob
 from llmray.serve.slots import MaskLayout, SlotCache, batch_bucket
 from llmray.serve.text import TextStream
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+CPU_KV_SHARE = 0.5  # on CPU without kv_cache_bytes: the KV cache may take this share of the memory free at start
+GPU_HEADROOM = 0.1  # on a GPU: this share of the device's memory is left free for activations and logits
+MEMORY_WAIT_S = 0.05  # how often an idle engine whose waiting rows do not fit looks at free memory again
+
+
+def kv_position_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes one position of one slot takes in the KV cache: keys and values of every layer."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -64,6 +76,8 @@ class _Row:
     generator: torch.Generator | None = None
     adapter: str = BASE  # the LoRA adapter this row generates with
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
 
     reason: str | None = None  # once finished
 
@@ -80,12 +94,15 @@ class _Batch:
 
 class Engine:
     def __init__(self, model_dir: str, max_batch_size: int, batch_wait_s: float, device: str | None,
-                 adapters: dict[str, str] | None = None, cuda_graphs: bool | None = None, tokenizer: str | None = None):
+                 adapters: dict[str, str] | None = None, cuda_graphs: bool | None = None, tokenizer: str | None = None,
+                 kv_cache_bytes: int | None = None):
         """`adapters`: name -> PEFT adapter folder of this base model; rows of different adapters (and of the
         base) share a batch, peft applying each row's adapter (mixed-batch LoRA). `cuda_graphs`: replay each decode
         shape as a CUDA graph; None: on a GPU. Never with adapters (peft picks each row's adapter on the host,
         step by step). Without CUDA, true runs the same fixed-buffer path without a capture. `tokenizer`: a folder
-        of its own (default: the model's)."""
+        of its own (default: the model's). `kv_cache_bytes`: what the KV cache may take (`admission_budget`);
+        None: on a GPU, the device's free memory at each admission; on CPU, CPU_KV_SHARE of the memory available
+        at start."""
         self.device = inference_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model_dir)
         self.backend = self.tokenizer.backend_tokenizer
@@ -112,13 +129,22 @@ class Engine:
         use_graphs = (self.device.type == "cuda" if cuda_graphs is None else cuda_graphs) and not self.adapters
         self.graphs = DecodeGraphs(self._decode_step, self.device) if use_graphs else None
         self.incoming: queue.Queue[_Row] = queue.Queue()
+        self.pending: deque[_Row] = deque()  # taken from `incoming`, waiting for a slot (or for memory)
+        self.kv_position_bytes = kv_position_bytes(config, self.model.dtype)
+        if kv_cache_bytes is None and self.device.type != "cuda":
+            import psutil
+
+            kv_cache_bytes = int(psutil.virtual_memory().available * CPU_KV_SHARE)
+        self.kv_cache_bytes = kv_cache_bytes
+        self.metrics = EngineMetrics()
+        self.in_flight = 0  # rows taken (`take`) and not given back: running, waiting, or about to arrive
         self.last_admitted = 1
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._model_lock = threading.Lock()  # the compute thread's forwards and prompt scoring take turns
         self._outbox: list[tuple[_Row, object]] = []
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "forward_passes": 0, "active": 0,
-                      "largest_batch": 0, "kv_slots": 0, "kv_positions": 0, "decode_graphs": 0}
+                      "largest_batch": 0, "kv_slots": 0, "kv_positions": 0, "decode_graphs": 0, "kv_bytes_peak": 0}
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
@@ -177,7 +203,7 @@ class Engine:
                 done = isinstance(event, Finished)
                 yield event
         finally:
-            if not done:  # the caller went away (client disconnect, cancelled request): stop computing for it
+            if not done:  # the caller went away (client disconnect, cancelled request, deadline): stop computing
                 row.cancelled.set()
 
     # ---- rollouts (online RL): a batch generated in the caller's thread -------------------------------------
@@ -205,35 +231,102 @@ class Engine:
 
     # ---- the compute thread -------------------------------------------------------------------------------
 
-    def _admit(self, room: int, idle: bool) -> list[_Row]:
-        """New rows for the batch: blocks while idle; under load, may wait `batch_wait_s` for company."""
-        rows = []
-        if idle:
-            rows.append(self.incoming.get())
+    # ---- admission: slots, and memory for the KV cache ------------------------------------------------------
+
+    def take(self, rows: int, limit: int) -> bool:
+        """Count `rows` more rows in flight, if that keeps them within `limit` (the event loop's calls, so a check
+        and its count are one step: a burst cannot slip past the bound)."""
+        if self.in_flight + rows > limit:
+            return False
+        self.in_flight += rows
+        return True
+
+    def give_back(self, rows: int = 1) -> None:
+        self.in_flight -= rows
+
+    @property
+    def waiting(self) -> int:
+        """Rows that arrived and are not yet in the batch."""
+        return self.incoming.qsize() + len(self.pending)
+
+    def positions(self, prompt_tokens: int, max_tokens: int) -> int:
+        """The KV positions a row of this prompt may come to hold."""
+        return min(self.context, prompt_tokens + max_tokens + 1)
+
+    def admission_budget(self) -> int | None:
+        """Bytes the KV cache may come to take now: `kv_cache_bytes` when set (CPU: always); on a GPU, what the
+        cache holds plus the device's free memory (the allocator's unused reserve counted free), less GPU_HEADROOM
+        of the device. None: no limit."""
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        if self.device.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(self.device)
+        unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return int(free + unused + self.cache.nbytes - GPU_HEADROOM * total)
+
+    def kv_needed(self, running: list[_Row], fresh: list[_Row], empty: bool = False) -> int:
+        """The most memory the KV cache takes while `fresh` rows join `running` ones and all run to their
+        max_tokens: the grown buffers, the old ones while they are copied over, and the newcomers' prefill."""
+        every = running + fresh
+        after = self.cache.planned_bytes(len(every), max(self.positions(len(r.prompt_ids), r.sampling.max_tokens)
+                                                         for r in every), self.kv_position_bytes, empty)
+        now = 0 if empty else self.cache.nbytes
+        prefill = len(fresh) * max((len(r.prompt_ids) for r in fresh), default=0) * self.kv_position_bytes
+        return after + (now if after > now else 0) + prefill
+
+    def fits_alone(self, prompt_tokens: int, max_tokens: int) -> bool:
+        """Whether a request of one row could ever be admitted under `kv_cache_bytes` (False: refuse it, rather
+        than let it wait forever)."""
+        if self.kv_cache_bytes is None:
+            return True
+        row = _Row([0] * prompt_tokens, Sampling(max_tokens), None, None, None)
+        return self.kv_needed([], [row], empty=True) <= self.kv_cache_bytes
+
+    def _admit(self, running: list[_Row]) -> list[_Row]:
+        """New rows for the batch, first come first served, while slots and the KV budget allow: blocks while
+        idle; under load, may wait `batch_wait_s` for company. A row that does not fit waits, and the rows behind
+        it with it."""
+        room = self.max_batch_size - len(running)
+        if not running and not self.pending:
+            self.pending.append(self.incoming.get())
             if self.last_admitted > 1:  # a burst is likely: let it gather (a lone client would only wait)
                 deadline = time.monotonic() + self.batch_wait_s
-                while len(rows) < room and (left := deadline - time.monotonic()) > 0:
+                while len(self.pending) < room and (left := deadline - time.monotonic()) > 0:
                     try:
-                        rows.append(self.incoming.get(timeout=left))
+                        self.pending.append(self.incoming.get(timeout=left))
                     except queue.Empty:
                         break
-        while len(rows) < room:
+        while True:
             try:
-                rows.append(self.incoming.get_nowait())
+                self.pending.append(self.incoming.get_nowait())
             except queue.Empty:
                 break
-        live = [r for r in rows if not r.cancelled.is_set()]
-        self.stats["cancelled"] += len(rows) - len(live)
+        live = [r for r in self.pending if not r.cancelled.is_set()]
+        if len(live) < len(self.pending):  # gone before they started: client away, or past their deadline
+            self.stats["cancelled"] += len(self.pending) - len(live)
+            self.pending = deque(live)
+        budget = self.admission_budget()
+        rows: list[_Row] = []
+        while self.pending and len(rows) < room:
+            if budget is not None and self.kv_needed(running, rows + [self.pending[0]]) > budget:
+                if running or rows or not self.cache.slots:
+                    break
+                self.cache.release()  # idle: buffers sized for an earlier burst give way to the waiting row
+                continue
+            rows.append(self.pending.popleft())
+        if not rows and not running and self.pending:
+            time.sleep(MEMORY_WAIT_S)  # idle, and the first waiting row does not fit the free memory yet
         if rows:
-            self.last_admitted = len(live)
-        return live
+            self.last_admitted = len(rows)
+        return rows
 
     def _serve_forever(self) -> None:
         batch: _Batch | None = None
         while True:
             fresh: list[_Row] = []
             try:
-                fresh = self._admit(self.max_batch_size - (len(batch.rows) if batch else 0), idle=batch is None)
+                fresh = self._admit(batch.rows if batch else [])
                 with torch.no_grad():
                     if fresh:
                         batch = self._prefill(batch, fresh)
@@ -245,7 +338,18 @@ class Engine:
                 batch = None
                 self.cache.keep([])
             self.stats.update(active=len(batch.rows) if batch else 0, kv_slots=self.cache.slots,
-                              kv_positions=self.cache.capacity, decode_graphs=len(self.graphs or ()))
+                              kv_positions=self.cache.capacity, decode_graphs=len(self.graphs or ()),
+                              kv_bytes_peak=max(self.stats["kv_bytes_peak"], self.cache.nbytes))
+
+    def metrics_snapshot(self) -> dict:
+        """What GET /metrics shows of this engine (`metrics.py`)."""
+        budget = self.admission_budget()
+        gauges = {"num_requests_running": self.stats["active"], "num_requests_waiting": self.waiting,
+                  "kv_cache_usage_bytes": self.cache.nbytes, "kv_cache_budget_bytes": budget or 0}
+        snap = self.metrics.snapshot(gauges)
+        snap["counters"] += [["generation_tokens_total", {}, self.stats["generated_tokens"]],
+                             ["request_cancelled_total", {}, self.stats["cancelled"]]]
+        return snap
 
     def _prefill(self, batch: "_Batch | None", fresh: list[_Row]) -> "_Batch | None":
         """The newcomers' prompts in one forward, their caches into the slots after the running rows'."""
@@ -262,6 +366,7 @@ class Engine:
         prefill = DynamicCache()
         logits = self._forward(ids, mask, prefill, fresh)
         self.cache.admit(prefill, [len(r.prompt_ids) for r in fresh])
+        self.metrics.add("prompt_tokens_total", sum(len(r.prompt_ids) for r in fresh))
         tokens, done = self._take(fresh, logits)
         running = batch.rows if batch else []
         if batch:
@@ -355,6 +460,9 @@ class Engine:
             return True
         token = int(token)
         self.stats["generated_tokens"] += 1
+        if r.first_token_at is None:
+            r.first_token_at = time.monotonic()
+            self.metrics.observe("time_to_first_token_seconds", r.first_token_at - r.arrived)
         if token in self.stops and not r.sampling.ignore_eos:
             if r.loop is None:  # a rollout keeps its stop token: the policy is trained to stop there
                 r.generated.append(token)
@@ -382,5 +490,10 @@ class Engine:
             self._send(r, r.text.complete(self.tokenizer.decode(r.generated, skip_special_tokens=True)))
         logprobs = r.logprobs if r.sampling.logprobs is not None else None
         r.reason = reason
+        now, count = time.monotonic(), len(r.generated)
+        self.metrics.observe("e2e_request_latency_seconds", now - r.arrived)
+        if count > 1:
+            self.metrics.observe("time_per_output_token_seconds", (now - r.first_token_at) / (count - 1))
+        self.metrics.add("request_success_total", finished_reason=reason)
         self._outbox.append((r, Finished(reason, len(r.generated), logprobs)))
         return True

@@ -86,7 +86,23 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-          code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+          code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(message, type_, param, code), headers=headers)
+
+
+def overloaded(message: str, retry_after_s: int) -> JSONResponse:
+    """429: more requests than this replica queues; the client may retry after `retry_after_s` (as OpenAI's
+    rate limits answer, which its clients retry with back-off)."""
+    return error(429, message, "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after_s)})
+
+
+def timed_out(timeout_s: float) -> dict:
+    """A request that ran past `request_timeout_s`: the body of a 408, or of a stream's error event."""
+    return error_body(f"the request did not finish within request_timeout_s ({timeout_s:g} s); what it generated "
+                      "was discarded", "timeout_error", code="request_timeout")

@@ -87,14 +87,32 @@ class SlotCache(Cache):
         self._rows = self._write_at = None
         self.reallocations += 1  # a captured decode step's buffers are gone with them
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.layers for t in (layer.keys, layer.values) if t is not None)
+
+    def _plan(self, rows: int, positions: int, empty: bool = False) -> tuple[int, int]:
+        """The (slots, positions) `reserve` allocates for `rows` rows of `positions` tokens (`empty`: from no
+        buffers, as after `release`)."""
+        slots, capacity = (0, 0) if empty else (self.slots, self.capacity)
+        if rows <= slots and positions <= capacity:
+            return slots, capacity
+        return (max(slots, batch_bucket(rows, self.max_slots), rows),
+                max(capacity, positions, min(self.max_positions, self.first_positions << max(
+                    0, math.ceil(math.log2(positions / self.first_positions))))))
+
+    def planned_bytes(self, rows: int, positions: int, position_bytes: int, empty: bool = False) -> int:
+        """What the buffers take once they hold `rows` rows of up to `positions` tokens each; `position_bytes`:
+        one slot's one position over every layer, keys and values."""
+        slots, length = self._plan(rows, positions, empty)
+        return slots * length * position_bytes
+
     def reserve(self, rows: int, positions: int, like: DynamicCache | None = None) -> None:
         """Room for `rows` slots of `positions` tokens. Short of it, every buffer is reallocated larger and its
         contents copied (`like`: a prefill cache giving the first allocation its heads, widths, dtype, device)."""
         if rows <= self.slots and positions <= self.capacity:
             return
-        slots = max(self.slots, batch_bucket(rows, self.max_slots), rows)
-        length = max(self.capacity, positions, min(self.max_positions, self.first_positions << max(
-            0, math.ceil(math.log2(positions / self.first_positions)))))
+        slots, length = self._plan(rows, positions)
         for layer, template in zip(self.layers, like.layers if like is not None else self.layers):
             for name in ("keys", "values"):
                 old, shape_of = getattr(layer, name), getattr(template, name)

@@ -25,6 +25,12 @@ def test_bad_app_args_and_missing_vllm_are_refused_clearly(model_dir):
 
     with pytest.raises(ServeConfigError, match="max_batch_sise"):
         build_app({"models": [{"path": str(model_dir)}], "max_batch_sise": 4})
+    with pytest.raises(ServeConfigError, match="max_waiting_request"):  # the queue's bound, misspelt
+        build_app({"models": [{"path": str(model_dir)}], "max_waiting_request": 4})
+    with pytest.raises(ServeConfigError, match="request_timeout_s"):
+        build_app({"models": [{"path": str(model_dir)}], "request_timeout_s": 0})
+    with pytest.raises(ServeConfigError, match="kv_cache_bytes"):
+        build_app({"models": [{"path": str(model_dir)}], "kv_cache_bytes": -1})
     if importlib.util.find_spec("vllm") is not None:
         return  # vLLM is here: the refusal cannot happen
     with pytest.raises(ServeConfigError, match="engine: vllm needs the vllm package"):

@@ -122,3 +122,24 @@ def test_sliding_window_layers_attend_within_their_window(corpus, tmp_path, arch
     prompts = ["def long_running_function(a, b, c):", "x", "import os, sys\nfrom pathlib import"]
     reference = greedy_reference(tmp_path)
     assert staggered(engine, prompts, 40) == [reference(p, 40) for p in prompts]
+
+
+def test_kv_budget_holds_rows_back_instead_of_running_out(gqa_model_dir):
+    """A KV budget of two slots' worth of positions: rows that would grow the cache past it wait, and run one after
+    another, each with transformers' greedy text; the cache never holds more than the budget. Without the budget
+    the same three requests share a batch of four slots, over it. A request that could never fit is told so."""
+    from llmray.serve.engine import Engine
+
+    prompts = ["def long_running_function(a, b, c):", "x", "import os, sys\nfrom pathlib import"]
+    reference = greedy_reference(gqa_model_dir)
+    free = Engine(str(gqa_model_dir), max_batch_size=4, batch_wait_s=0.05, device=None)
+    slot = free.cache.first_positions * free.kv_position_bytes  # one slot of the first allocation
+    assert staggered(free, prompts, 40) == [reference(p, 40) for p in prompts]
+    assert free.stats["largest_batch"] == 3 and free.stats["kv_bytes_peak"] == 4 * slot  # 3 rows: 4 slots
+
+    held = Engine(str(gqa_model_dir), max_batch_size=4, batch_wait_s=0.05, device=None, kv_cache_bytes=2 * slot)
+    assert staggered(held, prompts, 40) == [reference(p, 40) for p in prompts]
+    assert held.stats["largest_batch"] == 1 and held.stats["kv_bytes_peak"] <= 2 * slot
+    assert held.fits_alone(200, 55)  # the model's whole context: one slot, and its prefill
+    held.kv_cache_bytes = slot  # one slot, and no room for the prefill's copy of the prompt
+    assert not held.fits_alone(10, 40)
