@@ -61,3 +61,24 @@ def steady(history: list[dict]) -> dict:
         if values:
             out[key] = max(values)
     return out
+
+
+def serve_locally(model_dir: str, gpu: bool, **args) -> str:
+    """A local Ray with every CPU, and the OpenAI app serving `model_dir` as "bench" (`args`: ServeArgs beyond
+    the model) on a free port of 127.0.0.1, the replica taking every CPU (and the GPU); returns its URL."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from llmray.serve.app import build_app
+
+    cpus = os.cpu_count() or 2
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"models": [{"path": model_dir, "name": "bench"}], **args},
+                        ray_actor_options={"num_cpus": cpus, "num_gpus": int(gpu)}), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}"

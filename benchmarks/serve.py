@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
-from common import CACHE, emit, stdlib_corpus
+from common import CACHE, emit, serve_locally, stdlib_corpus
 
 PROMPTS = [f"def handler_{i}(request, *args):\n    " for i in range(64)]
 
@@ -174,25 +173,14 @@ def main() -> None:
     in_process_p50 = engine_in_process(model_dir, args.tokens, 16, args.max_batch_size)["p50_latency_ms"] / 1e3
     graphs = graphs_on_and_off(model_dir, args.tokens, args.levels, args.max_batch_size) if gpu else None
 
-    import ray
-    from ray import serve
-
-    from llmray.serve.app import build_app
-
-    cpus = os.cpu_count() or 2
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": [{"path": model_dir, "name": "bench"}], "max_batch_size": args.max_batch_size,
-                         "batch_wait_ms": 5}, ray_actor_options={"num_cpus": cpus, "num_gpus": int(gpu)}),
-              name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    url = serve_locally(model_dir, gpu, max_batch_size=args.max_batch_size, batch_wait_ms=5)
     asyncio.run(load(url, 1, args.tokens, 4, 30))  # warm-up
     levels = [asyncio.run(load(url, c, args.tokens, args.requests, args.seconds)) for c in args.levels]
     whole = [asyncio.run(load(url, c, args.tokens, args.requests, args.seconds, stream=False))
              for c in (args.levels[0], args.levels[-1])]
+    import ray
+    from ray import serve
+
     serve.shutdown()
     ray.shutdown()
     after = baseline(model_dir, args.tokens, min(args.requests, 24))
@@ -202,7 +190,7 @@ def main() -> None:
         level["ratio_tokens_per_s_vs_baseline"] = round(level["tokens_per_s"] / base["tokens_per_s"], 2)
     figures = {
         "model": {"hidden": args.hidden, "layers": args.layers, "path": model_dir},
-        "device": torch.cuda.get_device_name(0) if gpu else f"cpu x{cpus}", "tokens_per_request": args.tokens,
+        "device": torch.cuda.get_device_name(0) if gpu else f"cpu x{os.cpu_count() or 2}", "tokens_per_request": args.tokens,
         "max_batch_size": args.max_batch_size,
         "baseline_one_by_one_in_process": base, "baseline_runs_tokens_per_s": [first["tokens_per_s"], after["tokens_per_s"]],
         "served": levels, "served_not_streamed": whole,

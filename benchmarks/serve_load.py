@@ -23,12 +23,11 @@ import asyncio
 import json
 import os
 import random
-import socket
 import sys
 import time
 from pathlib import Path
 
-from common import emit, stdlib_corpus
+from common import emit, serve_locally, stdlib_corpus
 
 from serve import PROMPTS, build_model, pct
 
@@ -120,37 +119,27 @@ def main() -> None:
     p.add_argument("--ttft-target-ms", type=float, default=500)
     p.add_argument("--tpot-target-ms", type=float, default=100)
     args = p.parse_args()
-    import ray
     import torch
-    from ray import serve
-
-    from llmray.serve.app import build_app
 
     gpu = torch.cuda.is_available()
     _, tok = stdlib_corpus()
     model_dir = build_model(tok, args.hidden, args.layers)
-    cpus = os.cpu_count() or 2
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": [{"path": model_dir, "name": "bench"}], "max_batch_size": args.max_batch_size,
-                         "max_waiting_requests": args.max_waiting_requests, "batch_wait_ms": 5,
-                         "stream_interval_ms": 0},
-                        ray_actor_options={"num_cpus": cpus, "num_gpus": int(gpu)}), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    url = serve_locally(model_dir, gpu, max_batch_size=args.max_batch_size,
+                        max_waiting_requests=args.max_waiting_requests, batch_wait_ms=5, stream_interval_ms=0)
     ttft_s, tpot_s = args.ttft_target_ms / 1e3, args.tpot_target_ms / 1e3
     asyncio.run(at_rate(url, 2, 2, args.tokens, ttft_s, tpot_s))  # warm-up
     levels = []
     for rate in args.rates:
         levels.append(asyncio.run(at_rate(url, rate, args.seconds, args.tokens, ttft_s, tpot_s)))
         print(json.dumps(levels[-1]), flush=True)
+    import ray
+    from ray import serve
+
     serve.shutdown()
     ray.shutdown()
     emit("serve_load_gpu" if gpu else "serve_load", {
         "model": {"hidden": args.hidden, "layers": args.layers},
-        "device": torch.cuda.get_device_name(0) if gpu else f"cpu x{cpus}", "tokens_per_request": args.tokens,
+        "device": torch.cuda.get_device_name(0) if gpu else f"cpu x{os.cpu_count() or 2}", "tokens_per_request": args.tokens,
         "max_batch_size": args.max_batch_size, "max_waiting_requests": args.max_waiting_requests,
         "seconds_per_rate": args.seconds, "ttft_target_ms": args.ttft_target_ms, "tpot_target_ms": args.tpot_target_ms,
         "rates": levels, "p99_ttft_crosses_target": crossing(levels, args.ttft_target_ms)})
