@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmray.data.corpus import list_shards
-from llmray.data.pack import StreamSpec, first_samples
+from llmray.data.pack import Packer, StreamSpec, first_samples
 from llmray.data.split import Documents, is_val_doc
 from llmray.data.stream import RankStream, StreamCoordinator
 from llmray.data.tokenizer import load_tokenizer
@@ -162,3 +162,47 @@ def test_a_source_too_short_for_one_sample_is_an_error_not_an_endless_stream(cor
     stream = RankStream(StreamCoordinator.remote(spec), uuid.uuid4().hex, 0, 1, 4, prefetch=4)
     with pytest.raises(Exception, match="yield no 1000000-token sample"):
         next(stream)
+
+
+def todays_order(spec, world, rows):
+    """The ids (source, epoch, piece, sample) of every global micro-batch as the single-coordinator stream routed
+    them before issue 31, rebuilt here without Ray: the blend walked row by row (the largest deficit first, ties to
+    the first source), each source's blocks in order, each block's rows in its seeded order, and the stream ending
+    at the first global micro-batch a source that has ended cannot fill. Kept as the reference the distributed
+    routing must equal."""
+    packer, weights = Packer(spec), np.array(spec.weights)
+    counts = np.zeros(len(weights), dtype=np.int64)
+    blocks = [[(e, b) for e in range(spec.max_epochs) for b in range(s.n_blocks)] for s in spec.sources]
+    rows_of = [[] for _ in spec.sources]  # per source: ids of its rows made so far, in stream order
+
+    def row(i, j):
+        while len(rows_of[i]) <= j:
+            if not blocks[i]:
+                return None
+            made = packer.block(i, *blocks[i].pop(0))
+            rows_of[i] += list(zip(made["source"], made["epoch"], made["piece"], made["sample"]))
+        return rows_of[i][j]
+
+    batches = []
+    while True:
+        batch = []
+        for _ in range(world * rows):
+            s = int(np.argmax(weights * (counts.sum() + 1) - counts))
+            counts[s] += 1
+            batch.append(row(s, counts[s] - 1))
+        if any(r is None for r in batch):
+            return batches
+        batches.append([tuple(int(x) for x in r) for r in batch])
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (0.5, 0.3, 0.2)])
+def test_sample_ids_equal_todays_order_at_1_2_and_8_ranks(corpus, ray_cluster, weights):
+    """At a fixed seed, every global micro-batch holds the samples, in the order, of the stream before issue 31."""
+    spec = StreamSpec.of([(f"s{i}", w, Documents(corpus["shards"])) for i, w in enumerate(weights)],
+                         corpus["tokenizer"], SEQ, 7, batch_docs=512, max_epochs=1)
+    for world, rows in ((1, 8), (2, 4), (8, 1)):
+        expected = todays_order(spec, world, rows)
+        got = [[tuple(int(x) for x in r) for r in zip(s["source"], s["epoch"], s["piece"], s["sample"])]
+               for s in drain(spec, world, rows)]
+        assert len(got) == len(expected) > 10
+        assert got == expected, world
