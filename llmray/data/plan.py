@@ -15,7 +15,9 @@ re-tokenizes one block per source, not a shard. See docs/training.md for the alt
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -122,8 +124,7 @@ class Blend:
         return s
 
 
-SCHEDULE_MARK = 4096  # rows between the counts a walked Schedule keeps (three or more sources)
-SCHEDULE_MARKS = 256  # walked counts kept per Schedule, the latest
+SCHEDULE_MARKS = 1024  # counts a walked Schedule keeps (three or more sources): where its latest walks stopped
 
 
 class Schedule:
@@ -134,8 +135,8 @@ class Schedule:
     w·n − c ≥ (1 − w)·n − (n − 1 − c), i.e. c ≤ w·n − 1/2, so from counts (0, 0) its count after n rows is
     floor(w·n + 1/2) (rounding, as Sainte-Laguë apportions). Each jump is checked against the rule's own float test
     over the rows it covers, and an origin off that path (another blend's counts) walks instead. Three or more
-    sources have no such form (the rule is then a piecewise rotation of the deficits): it is walked, keeping the
-    counts every SCHEDULE_MARK rows, so a rank walks at most the rows since its last global micro-batch."""
+    sources have no such form (the rule is then a piecewise rotation of the deficits): it is walked from the nearest
+    counts kept where earlier walks stopped, so a rank walks about the rows since its last global micro-batch."""
 
     def __init__(self, weights: tuple[float, ...], origin: tuple[int, ...]):
         self.weights = np.asarray(weights, dtype=np.float64)
@@ -143,7 +144,8 @@ class Schedule:
         self.n0 = int(self.origin.sum())
         self.closed = len(weights) == 1 or (len(weights) == 2 and int(self._rounded(np.array([self.n0]))[0])
                                             == self.origin[0])
-        self.marks = {0: self.origin.copy()}  # walked: rows from the origin -> counts after them
+        self.marks = OrderedDict({0: self.origin.copy()})  # walked: rows from the origin -> counts after, by use
+        self.at = [0]  # the marks' rows, sorted
 
     def _rounded(self, n: np.ndarray) -> np.ndarray:
         """The first source's count after n rows from (0, 0) (two sources), vectorised."""
@@ -179,7 +181,8 @@ class Schedule:
     def _walk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(counts after `stop` rows, sources of rows [start, stop)), walked from the latest mark at or before
         `start`."""
-        at = max(k for k in self.marks if k <= start)
+        at = self.at[bisect.bisect_right(self.at, start) - 1]
+        self.marks.move_to_end(at)
         counts, w = [int(c) for c in self.marks[at]], [float(x) for x in self.weights]
         total, k = self.n0 + at, len(w)
         picks = []
@@ -193,11 +196,15 @@ class Schedule:
             counts[s] += 1
             if row >= start:
                 picks.append(s)
-            if (row + 1) % SCHEDULE_MARK == 0 and row + 1 not in self.marks:
-                self.marks[row + 1] = np.array(counts, dtype=np.int64)
-                if len(self.marks) > SCHEDULE_MARKS:
-                    del self.marks[min(k for k in self.marks if k)]
-        return np.array(counts, dtype=np.int64), np.array(picks, dtype=np.int64)
+        done = np.array(counts, dtype=np.int64)
+        if stop not in self.marks:
+            self.marks[stop] = done
+            bisect.insort(self.at, stop)
+            if len(self.at) > SCHEDULE_MARKS:  # the least recently used, but the origin
+                old = next(k for k in self.marks if k)
+                del self.marks[old]
+                self.at.remove(old)
+        return done, np.array(picks, dtype=np.int64)
 
 
 def plan_sources(parts: list[tuple[str, float, Documents]], seq_len: int) -> tuple[Source, ...]:

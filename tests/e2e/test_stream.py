@@ -8,10 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from llmray.data.catalog import CatalogActor
 from llmray.data.corpus import list_shards
 from llmray.data.pack import Packer, StreamSpec, first_samples
 from llmray.data.split import Documents, is_val_doc
-from llmray.data.stream import RankStream, StreamCoordinator
+from llmray.data.stream import RankStream
 from llmray.data.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.ray
@@ -41,8 +42,8 @@ def reference_rows(spec):
 
 def drain(spec, world, rows, start=None, coord=None):
     """Every global micro-batch of a group of `world` ranks, each with the stream's position after it."""
-    coord = coord or StreamCoordinator.remote(spec)
-    session = uuid.uuid4().hex  # a new group: the coordinator restarts the stream where the group starts
+    coord = coord or CatalogActor.remote(spec)
+    session = uuid.uuid4().hex  # a new group: the catalog restarts the pipeline where the group starts
     streams = [RankStream(coord, session, r, world, rows, prefetch=4) for r in range(world)]
     for stream in streams:
         stream.load_state_dict(start or {})
@@ -114,7 +115,7 @@ def test_stream_resumes_exactly_at_a_position_for_any_world_size(corpus, ray_clu
     spec = spec_for(corpus, max_epochs=2)
     full = drain(spec, world=1, rows=8)
     ids = np.concatenate([s["input_ids"] for s in full])
-    coord = StreamCoordinator.remote(spec)  # one coordinator, restarted in place as a recovered run does
+    coord = CatalogActor.remote(spec)  # one catalog, restarted in place as a recovered run does
     boundary = max(k for k, s in enumerate(full) if s["epoch"][0] == 0)  # the batch that ends epoch 0
     for k in (0, 5, boundary):
         cursor = full[k]["cursor"]
@@ -140,7 +141,7 @@ def test_a_blend_keeps_each_source_at_its_weight_and_cycles_a_small_source(corpu
     spec = StreamSpec.of([("big", 0.7, Documents(corpus["shards"])), ("small", 0.3, Documents(str(small)))],
                          corpus["tokenizer"], SEQ, 7, batch_docs=512)
     batches, rows = 220, 8
-    coord = StreamCoordinator.remote(spec)
+    coord = CatalogActor.remote(spec)
     stream = RankStream(coord, uuid.uuid4().hex, 0, 1, rows, prefetch=16)
     steps = [next(stream) for _ in range(batches)]
     source = np.array([s["source"] for s in steps])  # (batches, rows)
@@ -159,7 +160,7 @@ def test_a_blend_keeps_each_source_at_its_weight_and_cycles_a_small_source(corpu
 def test_a_source_too_short_for_one_sample_is_an_error_not_an_endless_stream(corpus, ray_cluster):
     spec = StreamSpec.of([("corpus", 1.0, Documents(corpus["shards"]))], corpus["tokenizer"], 1_000_000, 7,
                          batch_docs=512)  # no piece holds a million tokens; with no max_epochs it would cycle forever
-    stream = RankStream(StreamCoordinator.remote(spec), uuid.uuid4().hex, 0, 1, 4, prefetch=4)
+    stream = RankStream(CatalogActor.remote(spec), uuid.uuid4().hex, 0, 1, 4, prefetch=4)
     with pytest.raises(Exception, match="yield no 1000000-token sample"):
         next(stream)
 
