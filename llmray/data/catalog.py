@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -89,6 +88,7 @@ class Session:
     world_size: int
     blocks: dict = field(default_factory=dict)  # (source, epoch, block) -> [(ref, rows) of each run]
     oldest: dict = field(default_factory=dict)  # rank -> per source, the earliest (epoch, block) it may still read
+    reports: int = 0  # requests since blocks were last dropped
 
 
 class BlockCatalog:
@@ -104,7 +104,7 @@ class BlockCatalog:
         {} for its beginning): the pipeline starts there at once, so tokenizing overlaps the workers' start-up."""
         logs.quiet_here()
         self.spec, self.horizon = spec, horizon_rows
-        self.incarnation = uuid.uuid4().hex  # the refs it lists are owned by this process
+        self.incarnation = time.time_ns()  # the refs it lists are owned by this process; a restart's is later
         self.session: Session | None = None
         self.pipeline: Pipeline | None = None
         self.early: Pipeline | None = None  # begun before any session, used by one that starts there
@@ -164,8 +164,10 @@ class BlockCatalog:
     def _drop_passed(self) -> None:
         """Forget blocks every rank of the session has passed: their rows are in the ranks' caches or done with."""
         session = self.session
-        if len(session.oldest) < session.world_size:
-            return
+        session.reports += 1
+        if len(session.oldest) < session.world_size or session.reports < session.world_size:
+            return  # recomputed once per world_size requests: O(1) a request
+        session.reports = 0
         floor = [min(o[i] for o in session.oldest.values()) for i in range(len(self.spec.sources))]
         for key in [k for k in session.blocks if k[1:] < floor[k[0]]]:
             del session.blocks[key]

@@ -72,22 +72,27 @@ class Layout:
                          f"{spec.seq_len}-token sample" for s in spec.sources))
 
 
+@lru_cache(maxsize=64)
+def shared_order(seed: int, index: int, epoch: int, block: int, rows: int) -> np.ndarray:
+    """A block's row order, drawn once per process: ranks (threads) of one process read the same blocks."""
+    order = block_row_order(seed, index, epoch, block, rows)
+    order.flags.writeable = False
+    return order
+
+
 class KnownBlock:
     """A packed block as the catalog reported it: (ref, rows) of each run of its pieces, in block order, and the
     catalog incarnation that owns the refs."""
 
-    def __init__(self, seed: int, index: int, epoch: int, block: int, parts: list[tuple], incarnation: str):
+    def __init__(self, seed: int, index: int, epoch: int, block: int, parts: list[tuple], incarnation: int):
         self.seed, self.index, self.epoch, self.block, self.incarnation = seed, index, epoch, block, incarnation
         self.refs = [ref for ref, _ in parts]
         self.starts = np.cumsum([0] + [rows for _, rows in parts])
         self.rows = int(self.starts[-1])
-        self._order = None
 
     @property
     def order(self) -> np.ndarray:
-        if self._order is None:
-            self._order = block_row_order(self.seed, self.index, self.epoch, self.block, self.rows)
-        return self._order
+        return shared_order(self.seed, self.index, self.epoch, self.block, self.rows)
 
 
 class SourceRows:
@@ -112,7 +117,7 @@ class SourceRows:
         """The source's rows known from the session's start."""
         return int(self.starts[-1])
 
-    def add(self, epoch: int, block: int, parts: list[tuple], incarnation: str) -> None:
+    def add(self, epoch: int, block: int, parts: list[tuple], incarnation: int) -> None:
         """The next block, or new refs for a known one (its catalog was restarted: the rows are the same)."""
         for known in self.blocks:
             if (known.epoch, known.block) == (epoch, block):

@@ -19,6 +19,7 @@ asks the new one, which packs those blocks again: the same rows, so no sample is
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from typing import Iterator
 
@@ -29,6 +30,7 @@ from llmray.data.plan import BLOCK_PIECES, PIECE_SAMPLES
 from llmray.data.route import Routed, Router
 
 RANK_CACHE_ROWS = 4 * BLOCK_PIECES * PIECE_SAMPLES  # packed rows a rank keeps fetched: about its last few blocks
+LOST_RETRIES = 3  # a micro-batch's packed runs found lost, listed again and fetched again before the stream fails
 
 
 class RankStream:
@@ -48,11 +50,15 @@ class RankStream:
         self.router: Router | None = None  # made at the first batch
         self.g = 0  # the next global micro-batch, from the session's start
         self.request = None  # a catalog request in flight
+        self.incarnation = 0  # the newest catalog incarnation heard from
         self.pending: deque = deque()  # routed micro-batches, not yet gathered
         self.runs: OrderedDict = OrderedDict()  # fetched packed runs of pieces, most recent last
         self.cached_rows = 0
         self.ended = False
-        self.catalog_calls = 0
+        # for benchmarks: catalog requests, blocks re-listed after a lost catalog, seconds spent routing (Ray calls
+        # excluded) and rows routed
+        self.catalog_calls = self.renewals = 0
+        self.route_s, self.rows_routed = 0.0, 0
 
     def state_dict(self) -> dict:
         return self.position
@@ -73,9 +79,25 @@ class RankStream:
                                           [s.next for s in sources], [i in wait for i in range(len(sources))])
 
     def _learn(self, reply: dict) -> None:
+        """Take in a catalog reply; if a newer catalog incarnation sent it (the one before was lost, and the refs it
+        owned with it), list again the known blocks whose refs an older one owned."""
         for source, blocks in zip(self.router.sources, reply["blocks"]):
             for epoch, block, parts in blocks:
                 source.add(epoch, block, parts, reply["incarnation"])
+        self.incarnation = max(self.incarnation, reply["incarnation"])
+        while stale := [next(((b.epoch, b.block) for b in s.blocks if b.incarnation < self.incarnation), None)
+                        for s in self.router.sources]:
+            if not any(stale):
+                break
+            self.renewals += 1
+            sources = self.router.sources
+            reply = ray.get(self.catalog.blocks.remote(self.session, self.world_size, self.rank,
+                                                       [s.oldest() for s in sources], stale,
+                                                       [w is not None for w in stale]))
+            for source, blocks in zip(sources, reply["blocks"]):
+                for epoch, block, parts in blocks:
+                    source.add(epoch, block, parts, reply["incarnation"])
+            self.incarnation = max(self.incarnation, reply["incarnation"])
 
     def _landed(self) -> None:
         """Take in the reply of the request in flight, if it has come."""
@@ -89,19 +111,24 @@ class RankStream:
         known: what a benchmark times as routing."""
         router = self.router
         self._landed()
+        started = time.perf_counter()
         while missing := router.missing(self.g):
             if self.request is None:
                 self.request = self._ask(missing)
+            self.route_s += time.perf_counter() - started  # the wait for the catalog left out
             reply, self.request = ray.get(self.request), None
-            known = [s.rows() for s in router.sources]
+            started = time.perf_counter()
             self._learn(reply)
-            if [s.rows() for s in router.sources] == known and not any(router.sources[i].ended for i in missing):
-                if not any(reply["blocks"]):
-                    raise RuntimeError(f"the stream's catalog has no block {router.sources[missing[0]].next} of "
-                                       f"source {missing[0]}")
+            if not any(reply["blocks"]):
+                raise RuntimeError(f"the stream's catalog has no block {router.sources[missing[0]].next} of "
+                                   f"source {missing[0]}")
         routed = router.route(self.g)
         self.g += 1
-        if self.request is None and routed is not None and (ahead := router.missing(self.g + self.prefetch)):
+        ahead = router.missing(self.g + self.prefetch) if self.request is None and routed is not None else None
+        self.route_s += time.perf_counter() - started
+        if routed is not None:
+            self.rows_routed += len(routed.rows)
+        if ahead:
             self.request = self._ask(ahead)  # answered while this micro-batch trains
         return routed
 
@@ -121,27 +148,18 @@ class RankStream:
             self.cached_rows -= len(dropped["sample"])
         return [self.runs[ref] for ref in refs]
 
-    def _renew(self, lost: set) -> None:
-        """The catalog that owned the `lost` refs is gone: list the blocks holding them again (the restarted catalog
-        packs them again: the same rows, under new refs)."""
-        if self.request is not None:  # its reply may carry old refs too: take it in first
-            reply, self.request = ray.get(self.request), None
-            self._learn(reply)
-        sources = self.router.sources
-        stale = [next((b for b in s.blocks if lost & set(b.refs)), None) for s in sources]
-        wanted = [(b.epoch, b.block) if b is not None else None for b in stale]
-        self.catalog_calls += 1
-        self._learn(ray.get(self.catalog.blocks.remote(self.session, self.world_size, self.rank,
-                                                       [s.oldest() for s in sources], wanted,
-                                                       [w is not None for w in wanted])))
-
     def _gather(self, routed: Routed) -> dict:
-        while True:
+        for attempt in range(LOST_RETRIES + 1):
             try:
                 runs = self._fetch(routed.refs)
                 break
-            except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
-                self._renew({ref for ref in routed.refs if ref not in self.runs})
+            except ray.exceptions.ObjectLostError:  # its owner, the catalog, was lost: a new one lists it again
+                if attempt == LOST_RETRIES:
+                    raise
+                if self.request is None:
+                    self.request = self._ask([])
+                reply, self.request = ray.get(self.request), None
+                self._learn(reply)
                 routed = self.router.route(self.g - 1)  # the same rows, under the new refs
         which, rows = routed.which, routed.rows
         batch = {}

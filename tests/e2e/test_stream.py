@@ -207,3 +207,26 @@ def test_sample_ids_equal_todays_order_at_1_2_and_8_ranks(corpus, ray_cluster, w
                for s in drain(spec, world, rows)]
         assert len(got) == len(expected) > 10
         assert got == expected, world
+
+
+def test_a_lost_catalog_is_recovered_without_a_wrong_or_repeated_sample(corpus, ray_cluster):
+    """The catalog actor killed mid-stream (Ray restarts it; the refs its pipeline owned are lost with it): the ranks
+    re-list the blocks they still need from the new incarnation, which packs them again, and the stream goes on with
+    exactly the samples of an uninterrupted one."""
+    import ray
+
+    spec = spec_for(corpus, max_epochs=3)
+    ids = lambda step: list(zip(step["epoch"].tolist(), step["piece"].tolist(), step["sample"].tolist()))  # noqa: E731
+    expected = [ids(s) for s in drain(spec, world=2, rows=4)]
+    catalog, session = CatalogActor.remote(spec), uuid.uuid4().hex
+    streams = [RankStream(catalog, session, r, 2, 4, prefetch=4) for r in range(2)]
+    # killed 2 micro-batches before epoch 1's first: the ranks have listed its block (they ask 4 ahead), not fetched it
+    kill_at = next(k for k, step in enumerate(expected) if step[-1][0] == 1) - 2
+    got = []
+    for k, batches in enumerate(zip(*streams)):
+        got.append([x for b in batches for x in ids(b)])
+        if k == kill_at:
+            ray.wait([s.request for s in streams if s.request is not None], num_returns=2)  # listed, then lost
+            ray.kill(catalog, no_restart=False)
+    assert got == expected
+    assert all(s.renewals > 0 for s in streams)  # refs owned by the lost catalog were listed again
