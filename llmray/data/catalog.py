@@ -112,14 +112,16 @@ class BlockCatalog:
         if expected_start is not None:
             cursors, _ = read_position(expected_start, len(spec.sources))
             self.early = self._start([(c.epoch, c.block) for c in cursors])
+            self.waiting_s = 0.0  # begun before any request: not within one
 
     def layout(self) -> Layout:
         return Layout.of(self.spec)
 
     def blocks(self, session: str, world_size: int, rank: int, oldest: list[tuple[int, int]], wanted: list[Start],
-               wait: list[bool]) -> dict:
+               wait: list[int]) -> dict:
         """The listed blocks of each source from its `wanted` (epoch, block) on, consecutive; for each source with
-        `wait`, after pulling the pipeline until its wanted block is listed. `oldest`: the earliest block of each
+        `wait` > 0, after pulling the pipeline until that many blocks from its wanted one are listed (or the source
+        has no more): a rank reading ahead gets several blocks a request. `oldest`: the earliest block of each
         source the rank may still read: blocks every rank has passed are dropped, and a pipeline (re)started for
         this request starts there. {"incarnation", "blocks": per source [(epoch, block, parts), ...]}."""
         started = time.perf_counter()
@@ -136,8 +138,10 @@ class BlockCatalog:
             self.pipeline = None
             self.pipeline = self._start([need[i] if s is None else min(need[i], tuple(s)) for i, s in enumerate(starts)])
         for i, w in enumerate(wanted):
-            while w is not None and wait[i] and (i, *w) not in self.session.blocks and self._pull():
-                pass
+            for _ in range(wait[i]):
+                while w is not None and (i, *w) not in self.session.blocks and self._pull():
+                    pass
+                w = None if w is None else next_block(self.spec.sources[i].n_blocks, self.spec.max_epochs, *w)
         out = []
         for i, w in enumerate(wanted):
             mine = []
@@ -156,10 +160,12 @@ class BlockCatalog:
         self.pipeline = early if early is not None and early.starts == starts else self._start(starts)
 
     def _start(self, starts: list[Start]) -> Pipeline:
+        started = time.perf_counter()
         items = deque(work_items(self.spec, starts, self.horizon))
         last_item = {item["source"]: (item["epoch"], item["block"]) for item in items}
-        return Pipeline(list(starts), items, last_item,
-                        build_dataset(self.spec, list(items)).iter_internal_ref_bundles() if items else None)
+        outputs = build_dataset(self.spec, list(items)).iter_internal_ref_bundles() if items else None
+        self.waiting_s += time.perf_counter() - started  # the pipeline's start, not serving
+        return Pipeline(list(starts), items, last_item, outputs)
 
     def _drop_passed(self) -> None:
         """Forget blocks every rank of the session has passed: their rows are in the ranks' caches or done with."""

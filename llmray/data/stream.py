@@ -30,6 +30,9 @@ from llmray.data.plan import BLOCK_PIECES, PIECE_SAMPLES
 from llmray.data.route import Routed, Router
 
 RANK_CACHE_ROWS = 4 * BLOCK_PIECES * PIECE_SAMPLES  # packed rows a rank keeps fetched: about its last few blocks
+# blocks of a source a rank's read-ahead request waits for: fewer requests (at 1,024 ranks a block lasts ~2 global
+# micro-batches of 4 rows a rank), for ~4 packed blocks held ahead in the object store (16 MB each at seq 512)
+LOOKAHEAD_BLOCKS = 4
 LOST_RETRIES = 3  # a micro-batch's packed runs found lost, listed again and fetched again before the stream fails
 
 
@@ -71,12 +74,13 @@ class RankStream:
     def __iter__(self) -> Iterator[dict]:
         return self
 
-    def _ask(self, wait: list[int]):
-        """A catalog request for every source's blocks after those known, waiting for the sources `wait`."""
+    def _ask(self, wait: list[int], blocks: int = 1):
+        """A catalog request for every source's blocks after those known, waiting for `blocks` blocks of the sources
+        `wait`."""
         self.catalog_calls += 1
         sources = self.router.sources
         return self.catalog.blocks.remote(self.session, self.world_size, self.rank, [s.oldest() for s in sources],
-                                          [s.next for s in sources], [i in wait for i in range(len(sources))])
+                                          [s.next for s in sources], [blocks if i in wait else 0 for i in range(len(sources))])
 
     def _learn(self, reply: dict) -> None:
         """Take in a catalog reply; if a newer catalog incarnation sent it (the one before was lost, and the refs it
@@ -93,7 +97,7 @@ class RankStream:
             sources = self.router.sources
             reply = ray.get(self.catalog.blocks.remote(self.session, self.world_size, self.rank,
                                                        [s.oldest() for s in sources], stale,
-                                                       [w is not None for w in stale]))
+                                                       [int(w is not None) for w in stale]))
             for source, blocks in zip(sources, reply["blocks"]):
                 for epoch, block, parts in blocks:
                     source.add(epoch, block, parts, reply["incarnation"])
@@ -129,7 +133,7 @@ class RankStream:
         if routed is not None:
             self.rows_routed += len(routed.rows)
         if ahead:
-            self.request = self._ask(ahead)  # answered while this micro-batch trains
+            self.request = self._ask(ahead, LOOKAHEAD_BLOCKS)  # answered while this micro-batch trains
         return routed
 
     def _fetch(self, refs: list) -> list[dict[str, np.ndarray]]:
