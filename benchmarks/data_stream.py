@@ -122,6 +122,30 @@ def many_ranks(spec, world: int, steps: int, rows: int = 4, take_rows: bool = Tr
             "catalog_calls_per_rank_per_step": round(stats["calls"] / world / steps, 3)}
 
 
+def router_alone(world: int, steps: int = 300, rows: int = 4, block_rows: int = 8192) -> dict:
+    """One rank alone in its process (as under Ray Train: no other rank to share a block's drawn row order with),
+    routing `steps` micro-batches of a world of `world` ranks over listed blocks of `block_rows` rows (8 runs each),
+    no Ray: samples/s it could route per CPU second, per-block work included."""
+    from llmray.data.route import Layout, Router, shared_order
+
+    shared_order.cache_clear()
+    router = Router(Layout(0, (1.0,), (1,), None, ("",)), {}, world, rows, world // 2)
+    source, listed = router.sources[0], [0]
+
+    def listing(g):  # the catalog's replies, made up: block k of 8 runs
+        while source.rows() < router.needs(g)[0]:
+            source.add(listed[0], 0, [(f"{listed[0]}-{j}", block_rows // 8) for j in range(8)], 1)
+            listed[0] += 1
+
+    listing(0)
+    router.route(0)
+    start = time.process_time()  # CPU seconds: on a shared machine, wall time counts the neighbours' work too
+    for g in range(1, steps + 1):
+        listing(g)
+        router.route(g)
+    return {"ranks": world, "router_alone_samples_per_s": round(steps * rows / (time.process_time() - start))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpus", type=int, default=2)
@@ -129,7 +153,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--large-copies", type=int, default=4)
     p.add_argument("--ranks", default="8,64,512,1024,4096")
+    p.add_argument("--router-alone", action="store_true", help="only one rank's routing alone in a process, no Ray")
     args = p.parse_args()
+    if args.router_alone:
+        print(json.dumps([router_alone(int(w)) for w in args.ranks.split(",")]))
+        return
     import ray
 
     from llmray.data.corpus import list_shards

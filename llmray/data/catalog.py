@@ -112,7 +112,6 @@ class BlockCatalog:
         if expected_start is not None:
             cursors, _ = read_position(expected_start, len(spec.sources))
             self.early = self._start([(c.epoch, c.block) for c in cursors])
-            self.waiting_s = 0.0  # begun before any request: not within one
 
     def layout(self) -> Layout:
         return Layout.of(self.spec)
@@ -128,6 +127,7 @@ class BlockCatalog:
         self.calls += 1
         if self.session is None or self.session.id != session:
             self._open(session, world_size, oldest)
+            self.waiting_s += time.perf_counter() - started  # the pipeline's start, not serving
         self.session.oldest[rank] = [tuple(o) for o in oldest]
         self._drop_passed()
         need = [tuple(o) for o in oldest]
@@ -136,7 +136,9 @@ class BlockCatalog:
                for i in range(len(need))):
             # a rank still reads blocks from before the pipeline's start (this catalog was restarted mid-session)
             self.pipeline = None
+            restarted = time.perf_counter()
             self.pipeline = self._start([need[i] if s is None else min(need[i], tuple(s)) for i, s in enumerate(starts)])
+            self.waiting_s += time.perf_counter() - restarted
         for i, w in enumerate(wanted):
             for _ in range(wait[i]):
                 while w is not None and (i, *w) not in self.session.blocks and self._pull():
@@ -160,12 +162,10 @@ class BlockCatalog:
         self.pipeline = early if early is not None and early.starts == starts else self._start(starts)
 
     def _start(self, starts: list[Start]) -> Pipeline:
-        started = time.perf_counter()
         items = deque(work_items(self.spec, starts, self.horizon))
         last_item = {item["source"]: (item["epoch"], item["block"]) for item in items}
-        outputs = build_dataset(self.spec, list(items)).iter_internal_ref_bundles() if items else None
-        self.waiting_s += time.perf_counter() - started  # the pipeline's start, not serving
-        return Pipeline(list(starts), items, last_item, outputs)
+        return Pipeline(list(starts), items, last_item,
+                        build_dataset(self.spec, list(items)).iter_internal_ref_bundles() if items else None)
 
     def _drop_passed(self) -> None:
         """Forget blocks every rank of the session has passed: their rows are in the ranks' caches or done with."""
