@@ -1,29 +1,37 @@
 """The token stream's throughput, and what its path to the workers could carry.
 
-1. Tokens/s a Train worker receives over one epoch, start-up included (Ray Data tokenize+pack, the coordinator,
-   the rank's fetches), against the same tokenizer's `encode_batch` over the same texts in one process with the
-   same CPUs (texts already in memory: the stream also reads Parquet), and the marginal rate over more epochs.
-   Start-up (Ray Data's executor and actor pool, and the first block: a block must be whole before its rows can
-   be shuffled) is a fixed cost, so the ratio is also taken over one epoch of a corpus `--large-copies` times
-   larger (each source file repeated).
-2. The stream feeding 8 and 64 simulated ranks (consumers that only take batches): the samples/s delivered on
-   this machine, and the samples/s the coordinator could route (rows / seconds it spends routing, the wait for
-   tokenization left out), against what 64 H100s training a 1B model consume (~200k tokens/s each).
+1. Tokens/s a Train worker receives over one epoch, start-up included (Ray Data tokenize+pack, the catalog, the
+   rank's routing and fetches), against the same tokenizer's `encode_batch` over the same texts in one process with
+   the same CPUs (texts already in memory: the stream also reads Parquet), and the marginal rate over more epochs.
+   Every epoch is tokenized again (a block is an (epoch, block) work item; nothing is cached across epochs). The
+   marginal rate compares two runs taken after a warm-up run: measured cold, the one-epoch run also paid the start of
+   the tokenize worker processes (and their tokenizer load) that the later run reused, which inflated it (2.99x).
+   Start-up (Ray Data's executor, the first block: a block must be whole before its rows can be shuffled) is a fixed
+   cost, so the ratio is also taken over one epoch of a corpus `--large-copies` times larger.
+2. The stream feeding 8 to 4,096 simulated ranks (consumers that only take batches, spread over up to 8 processes;
+   from 512 ranks they take where their rows are, not the rows, which one machine could not copy 4,096 times): the
+   samples/s a rank could route (its rows / the seconds it spends working out where they are, the waits for the
+   catalog and for tokenization left out), the total over all ranks, and what the catalog could serve (rows routed /
+   the seconds it spent answering, waits for the pipeline left out). Against what training consumes: a rank takes
+   MFU x peak FLOP/s / (6 x parameters) tokens/s; 1B parameters on an H100 (989 TFLOP/s dense bf16) at 45% MFU:
+   ~74k tokens/s, at 1,024 ranks and 512-token rows ~148k rows/s.
 
-    python benchmarks/data_stream.py [--cpus 2] [--large-copies 4]
+    python benchmarks/data_stream.py [--cpus 2] [--large-copies 4] [--ranks 8,64,512,1024,4096]
 """
 
 from __future__ import annotations
 
 import argparse
-import threading
+import json
 import time
 import uuid
 
 from common import emit, stdlib_corpus
 
 SEQ = 512
-H100_TOKENS_PER_S_1B = 200_000  # one H100 training a 1B model, roughly
+H100_FLOPS, MFU, PARAMS = 989e12, 0.45, 1e9  # dense bf16 peak, a good MFU, a 1B model
+RANK_TOKENS_PER_S = MFU * H100_FLOPS / (6 * PARAMS)  # what one rank consumes: ~74k tokens/s
+NEED_RANKS = 1024
 
 
 def baseline(shards: list[str], tokenizer: str, cpus: int) -> tuple[int, float]:
@@ -54,48 +62,88 @@ def spec_of(shard_dir: str, tokenizer: str, cpus: int, tasks: int, epochs: int |
 
 def one_rank(spec) -> tuple[int, float]:
     """Tokens one rank receives over the spec's epochs, and the seconds from start to its last batch."""
-    from llmray.data.stream import RankStream, StreamCoordinator
+    from llmray.data.catalog import CatalogActor
+    from llmray.data.stream import RankStream
 
     start = time.perf_counter()
-    coord = StreamCoordinator.remote(spec)
-    tokens = sum(b["input_ids"].size for b in RankStream(coord, uuid.uuid4().hex, 0, 1, 64, prefetch=8))
+    catalog = CatalogActor.remote(spec)
+    tokens = sum(b["input_ids"].size for b in RankStream(catalog, uuid.uuid4().hex, 0, 1, 64, prefetch=8))
     return tokens, time.perf_counter() - start
 
 
-def many_ranks(spec, world: int, steps: int, rows: int = 4) -> dict:
-    """`world` ranks (threads in a few consumer actors) take `steps` micro-batches each."""
+def many_ranks(spec, world: int, steps: int, rows: int = 4, take_rows: bool = True) -> dict:
+    """`world` ranks, spread over up to 8 consumer processes, each take `steps` micro-batches of `rows` rows, in
+    step (a process serves its ranks in turn); `take_rows` False: each takes where its rows are, not the rows."""
     import ray
 
-    from llmray.data.stream import RankStream, StreamCoordinator
+    from llmray.data.catalog import CatalogActor
+    from llmray.data.stream import RankStream
 
     @ray.remote(num_cpus=0)
     class Consumers:
-        def run(self, coord, session, ranks, world, steps, rows):
-            def take(rank):
-                stream = RankStream(coord, session, rank, world, rows, prefetch=8)
-                for _ in range(steps):
-                    next(stream)
+        def run(self, catalog, session, ranks, world, steps, rows, take_rows):
+            streams = [RankStream(catalog, session, rank, world, rows, prefetch=4) for rank in ranks]
+            for _ in range(steps):
+                for stream in streams:
+                    if take_rows:
+                        next(stream)
+                    else:
+                        if stream.router is None:
+                            stream.router = stream_router(stream)
+                        stream.route()
+            return [(s.rows_routed, s.route_s, s.catalog_calls) for s in streams]
 
-            threads = [threading.Thread(target=take, args=(r,)) for r in ranks]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+    def stream_router(stream):
+        from llmray.data.route import Router
 
-    coord = StreamCoordinator.remote(spec)
+        return Router(ray.get(stream.catalog.layout.remote()), {}, stream.world_size, stream.micro_batch_size,
+                      stream.rank)
+
+    catalog = CatalogActor.remote(spec)
     session, groups = uuid.uuid4().hex, min(8, world)
     start = time.perf_counter()
-    ray.get([Consumers.remote().run.remote(coord, session, list(range(g, world, groups)), world, steps, rows)
-             for g in range(groups)])
+    per_rank = [r for part in ray.get([
+        Consumers.remote().run.remote(catalog, session, list(range(g, world, groups)), world, steps, rows, take_rows)
+        for g in range(groups)]) for r in part]
     wall = time.perf_counter() - start
-    stats = ray.get(coord.stats.remote())
-    samples = world * steps * rows
-    need = 64 * H100_TOKENS_PER_S_1B / SEQ
-    return {"ranks": world, "samples": samples, "wall_s": round(wall, 2),
-            "delivered_samples_per_s": round(samples / wall), "coordinator_route_s": round(stats["route_s"], 3),
-            "routable_samples_per_s": round(stats["rows"] / max(stats["route_s"], 1e-9)),
-            "needed_by_64_h100_1b_samples_per_s": round(need),
-            "routable_over_needed": round(stats["rows"] / max(stats["route_s"], 1e-9) / need, 1)}
+    stats = ray.get(catalog.stats.remote())
+    ray.kill(catalog)
+    samples = sum(r for r, _, _ in per_rank)
+    rank_rates = sorted(r / max(s, 1e-9) for r, s, _ in per_rank)
+    per_rank_rate = samples / max(sum(s for _, s, _ in per_rank), 1e-9)
+    return {"ranks": world, "rows_per_rank": rows, "steps": steps, "took": "rows" if take_rows else "where rows are",
+            "samples": samples, "wall_s": round(wall, 2), "delivered_samples_per_s": round(samples / wall),
+            "routable_samples_per_s_per_rank": round(per_rank_rate),
+            "routable_per_rank_p10_p90": [round(rank_rates[len(rank_rates) // 10]),
+                                          round(rank_rates[len(rank_rates) * 9 // 10])],
+            "routable_samples_per_s_total": round(per_rank_rate * world),
+            "catalog_calls": stats["calls"], "catalog_serve_s": round(stats["serve_s"], 3),
+            "catalog_servable_samples_per_s": round(samples / max(stats["serve_s"], 1e-9)),
+            "catalog_calls_per_rank_per_step": round(stats["calls"] / world / steps, 3)}
+
+
+def router_alone(world: int, steps: int = 300, rows: int = 4, block_rows: int = 8192) -> dict:
+    """One rank alone in its process (as under Ray Train: no other rank to share a block's drawn row order with),
+    routing `steps` micro-batches of a world of `world` ranks over listed blocks of `block_rows` rows (8 runs each),
+    no Ray: samples/s it could route per CPU second, per-block work included."""
+    from llmray.data.route import Layout, Router, shared_order
+
+    shared_order.cache_clear()
+    router = Router(Layout(0, (1.0,), (1,), None, ("",)), {}, world, rows, world // 2)
+    source, listed = router.sources[0], [0]
+
+    def listing(g):  # the catalog's replies, made up: block k of 8 runs
+        while source.rows() < router.needs(g)[0]:
+            source.add(listed[0], 0, [(f"{listed[0]}-{j}", block_rows // 8) for j in range(8)], 1)
+            listed[0] += 1
+
+    listing(0)
+    router.route(0)
+    start = time.process_time()  # CPU seconds: on a shared machine, wall time counts the neighbours' work too
+    for g in range(1, steps + 1):
+        listing(g)
+        router.route(g)
+    return {"ranks": world, "router_alone_samples_per_s": round(steps * rows / (time.process_time() - start))}
 
 
 def main() -> None:
@@ -104,7 +152,12 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--large-copies", type=int, default=4)
+    p.add_argument("--ranks", default="8,64,512,1024,4096")
+    p.add_argument("--router-alone", action="store_true", help="only one rank's routing alone in a process, no Ray")
     args = p.parse_args()
+    if args.router_alone:
+        print(json.dumps([router_alone(int(w)) for w in args.ranks.split(",")]))
+        return
     import ray
 
     from llmray.data.corpus import list_shards
@@ -116,16 +169,24 @@ def main() -> None:
     large_dir, _ = stdlib_corpus(copies=args.large_copies)
     large_base_tokens, large_base_s = baseline([s.path for s in list_shards(large_dir)], tok, args.cpus)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    one_rank(spec_of(shard_dir, tok, args.cpus, args.tasks, 1))  # warm-up: tokenize workers started, tokenizer loaded
     one_tokens, one_s = one_rank(spec_of(shard_dir, tok, args.cpus, args.tasks, 1))
     many_tokens, many_s = one_rank(spec_of(shard_dir, tok, args.cpus, args.tasks, args.epochs))
     marginal = (many_tokens - one_tokens) / (many_s - one_s)
     large_tokens, large_s = one_rank(spec_of(large_dir, tok, args.cpus, args.tasks, 1))
     large_ratio = (large_tokens / large_s) / (large_base_tokens / large_base_s)
-    ranks = [many_ranks(spec_of(shard_dir, tok, args.cpus, args.tasks, None), world, steps=40 if world == 8 else 6)
-             for world in (8, 64)]
+    ranks = []
+    for world in [int(w) for w in args.ranks.split(",")]:
+        ranks.append(many_ranks(spec_of(shard_dir, tok, args.cpus, args.tasks, None), world,
+                                steps=max(3, 320 // world), take_rows=world <= 64))
+        print(json.dumps(ranks[-1]), flush=True)
     ray.shutdown()
+    need = NEED_RANKS * RANK_TOKENS_PER_S / SEQ
+    at = min(ranks, key=lambda r: abs(r["ranks"] - NEED_RANKS))
+    routable = min(at["routable_samples_per_s_total"] * NEED_RANKS / at["ranks"], at["catalog_servable_samples_per_s"])
     emit("data_stream", {
         "corpus_shards": len(shards), "cpus": args.cpus, "tokenize_tasks": args.tasks, "seq_len": SEQ,
+        "marginal_note": "every epoch is tokenized again; the one- and three-epoch runs follow a warm-up run",
         "baseline_encode_batch_tokens_per_s": round(base_tps), "baseline_tokens": base_tokens,
         "ray_stream_one_epoch_tokens_per_s": round(one_tokens / one_s), "ray_stream_one_epoch_s": round(one_s, 2),
         "ray_stream_marginal_tokens_per_s": round(marginal), "epochs_for_marginal": args.epochs,
@@ -135,6 +196,11 @@ def main() -> None:
                          "baseline_encode_batch_tokens_per_s": round(large_base_tokens / large_base_s),
                          "ratio_one_epoch_incl_startup": round(large_ratio, 3)},
         "simulated_ranks": ranks,
+        "per_rank_routable_max_over_min": round(max(r["routable_samples_per_s_per_rank"] for r in ranks)
+                                                / min(r["routable_samples_per_s_per_rank"] for r in ranks), 2),
+        "need": {"rank_tokens_per_s": round(RANK_TOKENS_PER_S), "inputs": "45% MFU x 989 TFLOP/s (H100 dense bf16) / "
+                 "(6 x 1e9 parameters)", "ranks": NEED_RANKS, "samples_per_s": round(need),
+                 "stream_routable_samples_per_s": round(routable), "routable_over_needed": round(routable / need, 2)},
     })
 
 

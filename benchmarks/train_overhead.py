@@ -48,7 +48,7 @@ def bare_worker(recipe_overrides: list[str], out: str) -> None:
         if sum(len(r) for r in rows) >= need:
             break
     data = np.concatenate(rows)[:need]
-    per_micro = world * m  # the coordinator's layout: rank r takes rows [r*m, (r+1)*m) of each global micro-batch
+    per_micro = world * m  # the stream's layout: rank r takes rows [r*m, (r+1)*m) of each global micro-batch
     batches = iter({"input_ids": data[j * per_micro + rank * m: j * per_micro + (rank + 1) * m]}
                    for j in range(len(data) // per_micro))
 

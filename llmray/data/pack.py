@@ -181,7 +181,7 @@ def pack_run(item: dict, spec: StreamSpec) -> dict[str, np.ndarray]:
 def tokenize_env(spec: StreamSpec) -> dict[str, str]:
     """A tokenize worker's environment: the tokenizer's thread pool gets the CPUs its task was budgeted, no more (it
     would steal from training). Set when the process starts, before the tokenizer starts its pool. With the Hub
-    settings of the process that starts them (the coordinator, started with the driver's), for hf:// shards and a
+    settings of the process that starts them (the catalog actor, started with the driver's), for hf:// shards and a
     tokenizer named by its Hub id."""
     return {**hub.env(), "TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(max(1, int(spec.cpus_per_task)))}
 

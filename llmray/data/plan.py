@@ -15,7 +15,9 @@ re-tokenizes one block per source, not a shard. See docs/training.md for the alt
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -108,7 +110,8 @@ def block_row_order(seed: int, index: int, epoch: int, block: int, n: int) -> np
 
 class Blend:
     """Which source each global row comes from: the one whose weighted share is furthest ahead of what it has
-    given so far (ties to the first). `counts` is the whole state, so a resumed stream continues the schedule."""
+    given so far (ties to the first). `counts` is the whole state, so a resumed stream continues the schedule.
+    The definition, row by row; `Schedule` gives the same picks and counts without walking every row."""
 
     def __init__(self, weights: list[float], counts: list[int] | None = None):
         self.weights = np.asarray(weights, dtype=np.float64)
@@ -119,6 +122,89 @@ class Blend:
         s = int(np.argmax(self.weights * n - self.counts))
         self.counts[s] += 1
         return s
+
+
+SCHEDULE_MARKS = 1024  # counts a walked Schedule keeps (three or more sources): where its latest walks stopped
+
+
+class Schedule:
+    """`Blend` from a position (its counts, the `origin`): the source of any later row, and the counts after any
+    number of rows, each as a jump rather than a walk where a closed form holds.
+
+    One source: every row. Two sources of weights w, 1 - w: the greedy rule picks the first at row n (1-based) iff
+    w·n − c ≥ (1 − w)·n − (n − 1 − c), i.e. c ≤ w·n − 1/2, so from counts (0, 0) its count after n rows is
+    floor(w·n + 1/2) (rounding, as Sainte-Laguë apportions). Each jump is checked against the rule's own float test
+    over the rows it covers, and an origin off that path (another blend's counts) walks instead. Three or more
+    sources have no such form (the rule is then a piecewise rotation of the deficits): it is walked from the nearest
+    counts kept where earlier walks stopped, so a rank walks about the rows since its last global micro-batch."""
+
+    def __init__(self, weights: tuple[float, ...], origin: tuple[int, ...]):
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.origin = np.asarray(origin, dtype=np.int64)
+        self.n0 = int(self.origin.sum())
+        self.closed = len(weights) == 1 or (len(weights) == 2 and int(self._rounded(np.array([self.n0]))[0])
+                                            == self.origin[0])
+        self.marks = OrderedDict({0: self.origin.copy()})  # walked: rows from the origin -> counts after, by use
+        self.at = [0]  # the marks' rows, sorted
+
+    def _rounded(self, n: np.ndarray) -> np.ndarray:
+        """The first source's count after n rows from (0, 0) (two sources), vectorised."""
+        return np.floor(self.weights[0] * n + 0.5).astype(np.int64)
+
+    def counts(self, rows: int) -> np.ndarray:
+        """Each source's count after `rows` rows from the origin."""
+        if self.closed:
+            n = self.n0 + rows
+            if len(self.weights) == 1:
+                return np.array([n], dtype=np.int64)
+            c = int(self._rounded(np.array([n]))[0])
+            return np.array([c, n - c], dtype=np.int64)
+        return self._walk(rows, rows)[0]
+
+    def sources(self, start: int, stop: int) -> np.ndarray:
+        """The source of each row in [start, stop) counted from the origin."""
+        if not self.closed:
+            return self._walk(start, stop)[1]
+        if len(self.weights) == 1:
+            return np.zeros(stop - start, dtype=np.int64)
+        n = np.arange(self.n0 + start, self.n0 + stop + 1)  # rows before each row, and after the last
+        c = self._rounded(n)
+        picks = np.where(np.diff(c) == 1, 0, 1)
+        # the rule's own float test at each row, from the counts before it
+        step, before = n[1:], c[:-1]
+        rule = np.where(self.weights[0] * step - before >= self.weights[1] * step - (step - 1 - before), 0, 1)
+        if not (np.array_equal(picks, rule) and np.isin(np.diff(c), (0, 1)).all()):
+            self.closed = False  # a float edge: walk instead (never seen)
+            return self._walk(start, stop)[1]
+        return picks
+
+    def _walk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(counts after `stop` rows, sources of rows [start, stop)), walked from the latest mark at or before
+        `start`."""
+        at = self.at[bisect.bisect_right(self.at, start) - 1]
+        self.marks.move_to_end(at)
+        counts, w = [int(c) for c in self.marks[at]], [float(x) for x in self.weights]
+        total, k = self.n0 + at, len(w)
+        picks = []
+        for row in range(at, stop):
+            total += 1
+            best, s = w[0] * total - counts[0], 0
+            for j in range(1, k):
+                d = w[j] * total - counts[j]
+                if d > best:
+                    best, s = d, j
+            counts[s] += 1
+            if row >= start:
+                picks.append(s)
+        done = np.array(counts, dtype=np.int64)
+        if stop not in self.marks:
+            self.marks[stop] = done
+            bisect.insort(self.at, stop)
+            if len(self.at) > SCHEDULE_MARKS:  # the least recently used, but the origin
+                old = next(k for k in self.marks if k)
+                del self.marks[old]
+                self.at.remove(old)
+        return done, np.array(picks, dtype=np.int64)
 
 
 def plan_sources(parts: list[tuple[str, float, Documents]], seq_len: int) -> tuple[Source, ...]:

@@ -20,10 +20,10 @@ from ray.train.torch import TorchTrainer
 from llmray import hub, logs, storage
 from llmray import metric_names as M
 from llmray.cluster import ensure_ray
+from llmray.data.catalog import CatalogActor
 from llmray.data.chat import Conversion, shard_conversations
 from llmray.data.pack import StreamSpec, first_rows
 from llmray.data.split import split_sources
-from llmray.data.stream import StreamCoordinator
 from llmray.data.tokenizer import load_tokenizer
 from llmray.evals.perplexity import perplexity
 from llmray.evals.tasks import load_task
@@ -266,7 +266,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
         else:
             validation.append((name, weight, ray.put(val)))
     # tokenizing begins while the workers start
-    coordinator = StreamCoordinator.options(runtime_env={"env_vars": hub.env()}).remote(
+    catalog = CatalogActor.options(runtime_env={"env_vars": hub.env()}).remote(
         train_spec, horizon_rows=t.max_steps * t.global_batch_size, expected_start=start)
 
     resources = {"CPU": per_worker}
@@ -279,7 +279,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     run_fs, run_root = storage.resolve(recipe.run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"recipe": recipe.model_dump(mode="json"), "coordinator": coordinator, "val": validation,
+        train_loop_config={"recipe": recipe.model_dump(mode="json"), "catalog": catalog, "val": validation,
                            "eval_tasks": eval_tasks, "generators": generators,
                            "resume_from": _as_ray_checkpoint(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
@@ -302,7 +302,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     started = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - started
-    ray.kill(coordinator)
+    ray.kill(catalog)
     for actor in generators or ():
         ray.kill(actor)
     return summarize(recipe, result, wall, conversion)

@@ -57,11 +57,11 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     val = [(name, weight, ray.get(ref)) for name, weight, ref in config["val"]] or None
-    # One stream session per worker group: a restarted or resized group gets a new one, and the coordinator
-    # restarts the stream at the position the group resumes from.
+    # One stream session per worker group: a restarted or resized group gets a new one, and the catalog
+    # restarts the pipeline where the group resumes.
     session = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(session, src=0)
-    stream = RankStream(config["coordinator"], session[0], rank, world, recipe.train.micro_batch_size,
+    stream = RankStream(config["catalog"], session[0], rank, world, recipe.train.micro_batch_size,
                         recipe.data.prefetch_batches)
     resume = ray.train.get_checkpoint()
     if resume is None:

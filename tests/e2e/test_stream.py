@@ -8,10 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from llmray.data.catalog import CatalogActor
 from llmray.data.corpus import list_shards
-from llmray.data.pack import StreamSpec, first_samples
+from llmray.data.pack import Packer, StreamSpec, first_samples
 from llmray.data.split import Documents, is_val_doc
-from llmray.data.stream import RankStream, StreamCoordinator
+from llmray.data.stream import RankStream
 from llmray.data.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.ray
@@ -41,8 +42,8 @@ def reference_rows(spec):
 
 def drain(spec, world, rows, start=None, coord=None):
     """Every global micro-batch of a group of `world` ranks, each with the stream's position after it."""
-    coord = coord or StreamCoordinator.remote(spec)
-    session = uuid.uuid4().hex  # a new group: the coordinator restarts the stream where the group starts
+    coord = coord or CatalogActor.remote(spec)
+    session = uuid.uuid4().hex  # a new group: the catalog restarts the pipeline where the group starts
     streams = [RankStream(coord, session, r, world, rows, prefetch=4) for r in range(world)]
     for stream in streams:
         stream.load_state_dict(start or {})
@@ -114,7 +115,7 @@ def test_stream_resumes_exactly_at_a_position_for_any_world_size(corpus, ray_clu
     spec = spec_for(corpus, max_epochs=2)
     full = drain(spec, world=1, rows=8)
     ids = np.concatenate([s["input_ids"] for s in full])
-    coord = StreamCoordinator.remote(spec)  # one coordinator, restarted in place as a recovered run does
+    coord = CatalogActor.remote(spec)  # one catalog, restarted in place as a recovered run does
     boundary = max(k for k, s in enumerate(full) if s["epoch"][0] == 0)  # the batch that ends epoch 0
     for k in (0, 5, boundary):
         cursor = full[k]["cursor"]
@@ -140,7 +141,7 @@ def test_a_blend_keeps_each_source_at_its_weight_and_cycles_a_small_source(corpu
     spec = StreamSpec.of([("big", 0.7, Documents(corpus["shards"])), ("small", 0.3, Documents(str(small)))],
                          corpus["tokenizer"], SEQ, 7, batch_docs=512)
     batches, rows = 220, 8
-    coord = StreamCoordinator.remote(spec)
+    coord = CatalogActor.remote(spec)
     stream = RankStream(coord, uuid.uuid4().hex, 0, 1, rows, prefetch=16)
     steps = [next(stream) for _ in range(batches)]
     source = np.array([s["source"] for s in steps])  # (batches, rows)
@@ -159,6 +160,73 @@ def test_a_blend_keeps_each_source_at_its_weight_and_cycles_a_small_source(corpu
 def test_a_source_too_short_for_one_sample_is_an_error_not_an_endless_stream(corpus, ray_cluster):
     spec = StreamSpec.of([("corpus", 1.0, Documents(corpus["shards"]))], corpus["tokenizer"], 1_000_000, 7,
                          batch_docs=512)  # no piece holds a million tokens; with no max_epochs it would cycle forever
-    stream = RankStream(StreamCoordinator.remote(spec), uuid.uuid4().hex, 0, 1, 4, prefetch=4)
+    stream = RankStream(CatalogActor.remote(spec), uuid.uuid4().hex, 0, 1, 4, prefetch=4)
     with pytest.raises(Exception, match="yield no 1000000-token sample"):
         next(stream)
+
+
+def todays_order(spec, world, rows):
+    """The ids (source, epoch, piece, sample) of every global micro-batch as the single-coordinator stream routed
+    them before issue 31, rebuilt here without Ray: the blend walked row by row (the largest deficit first, ties to
+    the first source), each source's blocks in order, each block's rows in its seeded order, and the stream ending
+    at the first global micro-batch a source that has ended cannot fill. Kept as the reference the distributed
+    routing must equal."""
+    packer, weights = Packer(spec), np.array(spec.weights)
+    counts = np.zeros(len(weights), dtype=np.int64)
+    blocks = [[(e, b) for e in range(spec.max_epochs) for b in range(s.n_blocks)] for s in spec.sources]
+    rows_of = [[] for _ in spec.sources]  # per source: ids of its rows made so far, in stream order
+
+    def row(i, j):
+        while len(rows_of[i]) <= j:
+            if not blocks[i]:
+                return None
+            made = packer.block(i, *blocks[i].pop(0))
+            rows_of[i] += list(zip(made["source"], made["epoch"], made["piece"], made["sample"]))
+        return rows_of[i][j]
+
+    batches = []
+    while True:
+        batch = []
+        for _ in range(world * rows):
+            s = int(np.argmax(weights * (counts.sum() + 1) - counts))
+            counts[s] += 1
+            batch.append(row(s, counts[s] - 1))
+        if any(r is None for r in batch):
+            return batches
+        batches.append([tuple(int(x) for x in r) for r in batch])
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (0.5, 0.3, 0.2)])
+def test_sample_ids_equal_todays_order_at_1_2_and_8_ranks(corpus, ray_cluster, weights):
+    """At a fixed seed, every global micro-batch holds the samples, in the order, of the stream before issue 31."""
+    spec = StreamSpec.of([(f"s{i}", w, Documents(corpus["shards"])) for i, w in enumerate(weights)],
+                         corpus["tokenizer"], SEQ, 7, batch_docs=512, max_epochs=1)
+    for world, rows in ((1, 8), (2, 4), (8, 1)):
+        expected = todays_order(spec, world, rows)
+        got = [[tuple(int(x) for x in r) for r in zip(s["source"], s["epoch"], s["piece"], s["sample"])]
+               for s in drain(spec, world, rows)]
+        assert len(got) == len(expected) > 10
+        assert got == expected, world
+
+
+def test_a_lost_catalog_is_recovered_without_a_wrong_or_repeated_sample(corpus, ray_cluster):
+    """The catalog actor killed mid-stream (Ray restarts it; the refs its pipeline owned are lost with it): the ranks
+    re-list the blocks they still need from the new incarnation, which packs them again, and the stream goes on with
+    exactly the samples of an uninterrupted one."""
+    import ray
+
+    spec = spec_for(corpus, max_epochs=6)  # blocks after the kill beyond what the ranks have listed (4 ahead)
+    ids = lambda step: list(zip(step["epoch"].tolist(), step["piece"].tolist(), step["sample"].tolist()))  # noqa: E731
+    expected = [ids(s) for s in drain(spec, world=2, rows=4)]
+    catalog, session = CatalogActor.remote(spec), uuid.uuid4().hex
+    streams = [RankStream(catalog, session, r, 2, 4, prefetch=4) for r in range(2)]
+    # killed 2 micro-batches before epoch 1's first: the ranks have listed its block (they ask 4 ahead), not fetched it
+    kill_at = next(k for k, step in enumerate(expected) if step[-1][0] == 1) - 2
+    got = []
+    for k, batches in enumerate(zip(*streams)):
+        got.append([x for b in batches for x in ids(b)])
+        if k == kill_at:
+            ray.wait([s.request for s in streams if s.request is not None], num_returns=2)  # listed, then lost
+            ray.kill(catalog, no_restart=False)
+    assert got == expected
+    assert all(s.renewals > 0 for s in streams)  # refs owned by the lost catalog were listed again

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llmray.data.corpus import CorpusError, Shard
-from llmray.data.plan import PIECE_SAMPLES, Blend, plan_pieces
+from llmray.data.plan import PIECE_SAMPLES, Blend, Schedule, plan_pieces
 from llmray.recipe.load import recipe_from_dict
 from llmray.recipe.schema import RecipeError
 from llmray.train.checkpoint import CheckpointError
@@ -34,6 +34,22 @@ def test_blend_holds_every_window_within_a_row_of_its_weights(weights):
             assert np.abs(counts - np.array(weights) * size).max() <= 2
     resumed = Blend(weights, list(np.bincount(picks[:1234], minlength=len(weights))))
     assert [resumed.next() for _ in range(100)] == picks[1234:1334].tolist()  # the counts are its whole state
+
+
+@pytest.mark.parametrize("weights", [[1.0], [0.5, 0.5], [0.7, 0.3], [0.97, 0.03], [1 / 3, 2 / 3], [0.35001488, 0.64998512],
+                                     [0.5, 0.3, 0.2], [0.7, 0.2, 0.1]])
+def test_schedule_jumps_to_the_blends_picks_and_counts(weights):
+    """Schedule (a closed form for one or two sources, a walk with marks for more) gives Blend's row-by-row picks
+    and counts at any row, from the beginning and from a resumed position."""
+    blend, rows = Blend(weights), 20_000
+    picks = np.array([blend.next() for _ in range(rows)])
+    schedule = Schedule(tuple(weights), (0,) * len(weights))
+    assert schedule.closed == (len(weights) <= 2)
+    for start, stop in ((0, rows), (12_345, 12_400), (19_990, rows), (5, 6)):
+        np.testing.assert_array_equal(schedule.sources(start, stop), picks[start:stop])
+        np.testing.assert_array_equal(schedule.counts(start), np.bincount(picks[:start], minlength=len(weights)))
+    origin = tuple(np.bincount(picks[:1234], minlength=len(weights)).tolist())
+    np.testing.assert_array_equal(Schedule(tuple(weights), origin).sources(100, 600), picks[1334:1834])
 
 
 @pytest.mark.parametrize("sources, message", [
