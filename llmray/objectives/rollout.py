@@ -73,8 +73,7 @@ class Generator:
             weight = params[f"{name}.weight"]
             if name not in self.base:
                 self.base[name] = weight.detach().clone()
-            delta = (b.to(torch.float32) @ a.to(torch.float32)) * scale
-            weight.copy_((self.base[name].float() + delta.to(weight.device)).to(weight.dtype))
+            weight.copy_(merged(self.base[name], a, b, scale).to(weight.device))
         self.version = update.version
         return self.version
 
@@ -118,6 +117,12 @@ def start_generators(recipe) -> list | None:
     except ray.exceptions.RayActorError as e:
         raise RuntimeError(f"a generator actor did not start: {str(e).strip().splitlines()[-1]}") from None
     return actors
+
+
+def merged(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """A LoRA-adapted layer's weight: its base plus B @ A x scale, summed in fp32, in the base's dtype and device."""
+    delta = (b.to(torch.float32) @ a.to(torch.float32)) * scale
+    return (base.float() + delta.to(base.device)).to(base.dtype)
 
 
 def probe_ids(vocab_size: int) -> torch.Tensor:

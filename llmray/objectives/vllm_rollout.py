@@ -16,6 +16,7 @@ import ray
 import torch
 
 from llmray.errors import LlmrayError
+from llmray.objectives.rollout import merged, probe_ids
 from llmray.serve.engine import Rollout
 from llmray.serve.sampling import Sampling
 
@@ -75,9 +76,7 @@ class VllmGenerator:
         else:
             weights = []
             for name, (a, b, scale) in (update.lora or {}).items():
-                base = self._base_weight(f"{name}.weight")
-                delta = (b.to(torch.float32) @ a.to(torch.float32)) * scale
-                weights.append((f"{name}.weight", (base.float() + delta.cpu()).to(base.dtype)))
+                weights.append((f"{name}.weight", merged(self._base_weight(f"{name}.weight"), a, b, scale)))
         self.llm.apply_model(lambda model: model.load_weights(iter(weights)))
         self.llm.reset_prefix_cache()
         self.version = update.version
@@ -103,8 +102,6 @@ class VllmGenerator:
 
     def probe(self) -> list[float]:
         from vllm import SamplingParams
-
-        from llmray.objectives.rollout import probe_ids
 
         ids = probe_ids(self.vocab_size)[0].tolist()
         out = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),

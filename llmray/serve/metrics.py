@@ -73,11 +73,6 @@ class EngineMetrics:
         with self._lock:
             self.histograms[name].observe(value)
 
-    def count(self, name: str, **labels) -> float:
-        """A counter's value (summed over the labels not given)."""
-        with self._lock:
-            return sum(v for (n, ls), v in self.counters.items() if n == name and set(labels.items()) <= set(ls))
-
     def snapshot(self, gauges: dict[str, float]) -> dict:
         with self._lock:
             return {"gauges": dict(gauges),
