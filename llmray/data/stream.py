@@ -58,8 +58,8 @@ class RankStream:
         self.runs: OrderedDict = OrderedDict()  # fetched packed runs of pieces, most recent last
         self.cached_rows = 0
         self.ended = False
-        # for benchmarks: catalog requests, blocks re-listed after a lost catalog, CPU seconds spent routing (the
-        # waits for the catalog excluded) and rows routed
+        # for benchmarks: catalog requests (re-listings included), re-listings after a lost catalog, CPU seconds
+        # spent routing (the waits for the catalog excluded) and rows routed
         self.catalog_calls = self.renewals = 0
         self.route_s, self.rows_routed = 0.0, 0
 
@@ -74,34 +74,31 @@ class RankStream:
     def __iter__(self) -> Iterator[dict]:
         return self
 
-    def _ask(self, wait: list[int], blocks: int = 1):
-        """A catalog request for every source's blocks after those known, waiting for `blocks` blocks of the sources
-        `wait`."""
+    def _ask(self, wait: list[int], blocks: int = 1, wanted: list | None = None):
+        """A catalog request for every source's blocks from `wanted` on (default: after those known), waiting for
+        `blocks` blocks of the sources `wait`."""
         self.catalog_calls += 1
         sources = self.router.sources
         return self.catalog.blocks.remote(self.session, self.world_size, self.rank, [s.oldest() for s in sources],
-                                          [s.next for s in sources], [blocks if i in wait else 0 for i in range(len(sources))])
+                                          [s.next for s in sources] if wanted is None else wanted,
+                                          [blocks if i in wait else 0 for i in range(len(sources))])
 
     def _learn(self, reply: dict) -> None:
         """Take in a catalog reply; if a newer catalog incarnation sent it (the one before was lost, and the refs it
         owned with it), list again the known blocks whose refs an older one owned."""
-        for source, blocks in zip(self.router.sources, reply["blocks"]):
-            for epoch, block, parts in blocks:
-                source.add(epoch, block, parts, reply["incarnation"])
-        self.incarnation = max(self.incarnation, reply["incarnation"])
+        self._add(reply)
         while stale := [next(((b.epoch, b.block) for b in s.blocks if b.incarnation < self.incarnation), None)
                         for s in self.router.sources]:
             if not any(stale):
                 break
             self.renewals += 1
-            sources = self.router.sources
-            reply = ray.get(self.catalog.blocks.remote(self.session, self.world_size, self.rank,
-                                                       [s.oldest() for s in sources], stale,
-                                                       [int(w is not None) for w in stale]))
-            for source, blocks in zip(sources, reply["blocks"]):
-                for epoch, block, parts in blocks:
-                    source.add(epoch, block, parts, reply["incarnation"])
-            self.incarnation = max(self.incarnation, reply["incarnation"])
+            self._add(ray.get(self._ask([i for i, w in enumerate(stale) if w is not None], wanted=stale)))
+
+    def _add(self, reply: dict) -> None:
+        for source, blocks in zip(self.router.sources, reply["blocks"]):
+            for epoch, block, parts in blocks:
+                source.add(epoch, block, parts, reply["incarnation"])
+        self.incarnation = max(self.incarnation, reply["incarnation"])
 
     def _landed(self) -> None:
         """Take in the reply of the request in flight, if it has come."""
