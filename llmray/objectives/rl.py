@@ -57,13 +57,13 @@ class RlSteps:
     """GRPO's optimizer steps on rollouts of the stream's prompts; `parts`: the metrics each step reports."""
 
     def __init__(self, recipe: Recipe, engine, device: torch.device, tokenizer, dtype: torch.dtype,
-                 reference: torch.nn.Module | None = None, actors: list | None = None):
+                 reference: torch.nn.Module | None = None, generators=None):
         self.recipe, self.rl, self.engine, self.device, self.tokenizer = recipe, recipe.rl, engine, device, tokenizer
         self.rewards = Rewards(self.rl.rewards)
         self.mode = recipe.reference
         self.reference = reference_copy(recipe, device, dtype, reference)
         tolerance = self.rl.rollout.parity_tolerance or PARITY_TOLERANCE.get(dtype, 5e-2)
-        self.rollouts = Rollouts(recipe, dist.get_rank(), device, tolerance, actors)
+        self.rollouts = Rollouts(recipe, dist.get_rank(), device, tolerance, generators)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.batches: list[Batch] = []
         self.updates_left = 0

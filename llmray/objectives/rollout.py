@@ -94,9 +94,38 @@ class Generator:
 GeneratorActor = ray.remote(max_restarts=-1)(Generator)
 
 
-def start_generators(recipe) -> list | None:
-    """rl.rollout.placement separate: the generator actors (a GPU each with scaling.use_gpu), made by the driver so
-    they outlive a restarted worker group; colocated: None (each training worker makes its own)."""
+@ray.remote(num_cpus=0)
+class UpdateBoard:
+    """The last weight update's object ref, for any rank to reload a restarted generator with. Rank 0 puts the update
+    in the object store; a ref handed to the other ranks outside Ray (torch.distributed) would have no known owner
+    and could not be passed to an actor, so it travels through this actor's calls, which Ray tracks."""
+
+    def __init__(self):
+        self.version, self.boxed = -1, [None]
+
+    def put(self, version: int, boxed: list) -> None:  # boxed: [ref], so Ray keeps the ref rather than its value
+        self.version, self.boxed = version, boxed
+
+    def get(self) -> tuple[int, list]:
+        return self.version, self.boxed
+
+
+@dataclass
+class Generators:
+    """rl.rollout.placement separate: the generator actors and the board of their last update, made by the driver
+    so they outlive a restarted worker group."""
+
+    actors: list
+    board: ray.actor.ActorHandle
+
+    def kill(self) -> None:
+        for actor in (*self.actors, self.board):
+            ray.kill(actor)
+
+
+def start_generators(recipe) -> Generators | None:
+    """rl.rollout.placement separate: the generator actors (a GPU each with scaling.use_gpu); colocated: None (each
+    training worker makes its own)."""
     from llmray import hub
 
     r, s = recipe.rl.rollout, recipe.scaling
@@ -116,7 +145,7 @@ def start_generators(recipe) -> list | None:
         ray.get([a.get_version.remote() for a in actors])
     except ray.exceptions.RayActorError as e:
         raise RuntimeError(f"a generator actor did not start: {str(e).strip().splitlines()[-1]}") from None
-    return actors
+    return Generators(actors, UpdateBoard.remote())
 
 
 def merged(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -188,16 +217,15 @@ def trainer_probe(engine) -> list[float]:
 class Rollouts:
     """This rank's generator, local or an actor: synced, checked, asked for completions, with the time each took."""
 
-    def __init__(self, recipe, rank: int, device: torch.device, tolerance: float, actors: list | None = None):
+    def __init__(self, recipe, rank: int, device: torch.device, tolerance: float, generators: Generators | None = None):
         self.recipe, self.rank, self.tolerance = recipe, rank, tolerance
         self.adapters = recipe.trains_adapters
-        self.actors = actors
-        if actors:
-            self.local, self.actor = None, actors[rank % len(actors)]
+        self.generators = generators
+        if generators:
+            self.local, self.actor = None, generators.actors[rank % len(generators.actors)]
         else:
             self.local = Generator(recipe.model.pretrained, recipe.data.tokenizer, recipe.rl.rollout.max_batch_size,
                                    str(device))
-        self.update_ref = None  # separate: the last update, in the object store (a restarted actor reloads it)
         self.version = -1
         self.parity = float("nan")  # the last check's largest difference
         self.retries = 0  # calls to a lost actor tried again
@@ -211,13 +239,11 @@ class Rollouts:
         else:
             if self.rank == 0:
                 update = WeightUpdate(version, *(None if v is None else _to_cpu(v) for v in (update.full, update.lora)))
-                ref = [ray.put(update)]
-                for actor in self.actors:
-                    self._on_actor(actor, lambda a: a.load.remote(ref[0]))
-            else:
-                ref = [None]
-            dist.broadcast_object_list(ref, src=0)  # every rank can reload a restarted actor
-            self.update_ref = ref[0]
+                ref = ray.put(update)
+                for actor in self.generators.actors:
+                    self._on_actor(actor, lambda a: a.load.remote(ref))
+                ray.get(self.generators.board.put.remote(version, [ref]))
+            dist.barrier()  # the board holds this update before any rank may reload an actor from it
         self.version = version
         self.check(engine)
         return time.perf_counter() - started
@@ -256,7 +282,9 @@ class Rollouts:
         """This rank's actor holding the last update: one that restarted since (Ray restarts a lost actor with the
         base model's weights) is given it again."""
         if self._on_actor(self.actor, lambda a: a.get_version.remote()) != self.version:
-            self._on_actor(self.actor, lambda a: a.load.remote(self.update_ref))
+            version, (ref,) = ray.get(self.generators.board.get.remote())
+            assert version == self.version, (version, self.version)  # sync's barrier: rank 0 posted it first
+            self._on_actor(self.actor, lambda a: a.load.remote(ref))
             print(f"[llmray] a generator actor restarted: the weights of step {self.version} reloaded into it",
                   flush=True)
 

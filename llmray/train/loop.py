@@ -50,12 +50,13 @@ Validation = list[tuple[str, float, dict]]  # per source: name, blend weight, fi
 
 
 def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: Sink, resume_dir: str | None = None,
-          verbose: bool = True, tasks: list | None = None, generators: list | None = None) -> dict:
+          verbose: bool = True, tasks: list | None = None, generators=None) -> dict:
     """Train until `train.max_steps` (or the stream ends); returns the last metrics reported.
 
     `resume_dir`: a local copy of the checkpoint to continue from; the stream is moved to its position here.
     `tasks`: the recipe's eval tasks (loaded by the driver), run every `eval.every` steps and at the end.
-    `generators`: an RL run's rollout actors (rl.rollout.placement separate); colocated, each rank makes its own.
+    `generators`: an RL run's rollout actors and their update board (rl.rollout.placement separate); colocated,
+    each rank makes its own.
     """
     t = recipe.train
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -250,7 +250,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     # an error line) feeds ray.train.get_preemption_info(), which llmray does not read. Set to 1 to have it.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     generators = start_generators(recipe) if recipe.rl is not None else None
-    generator_cpus = len(generators or ()) * recipe.rl.rollout.cpus_per_actor if generators else 0.0
+    generator_cpus = len(generators.actors) * recipe.rl.rollout.cpus_per_actor if generators else 0.0
     per_worker, per_task = cpu_budget(recipe, (cpus_available or ray.cluster_resources().get("CPU", 1)) - generator_cpus)
     train_spec = dataclasses.replace(train_spec, cpus_per_task=per_task)
     if recipe.reference == "precomputed":
@@ -303,8 +303,8 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     result = trainer.fit()
     wall = time.perf_counter() - started
     ray.kill(catalog)
-    for actor in generators or ():
-        ray.kill(actor)
+    if generators:
+        generators.kill()
     return summarize(recipe, result, wall, conversion)
 
 
