@@ -244,7 +244,11 @@ class ScalingSettings(Strict):
     cpus_per_worker: float | Literal["auto"] = "auto"
     gpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float | Literal["auto"] = "auto"  # CPUs kept free for the tokenize tasks
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1)  # worker-group failures recovered from the latest checkpoint (-1: always)
+    # The fewest workers a run goes on with after losing some (Ray Train's elastic group, num_workers=(min, max)):
+    # it resumes from its last checkpoint on what is left, and grows back when nodes return. Unset: a restarted
+    # run waits for all num_workers (a replacement node).
+    min_workers: int | None = Field(None, ge=1)
 
 
 class ZeroPPSettings(Strict):
@@ -512,6 +516,7 @@ class Recipe(Strict):
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size * scaling.num_workers = {t.micro_batch_size} * {s.num_workers} = {per_step}"
             )
+        self._elastic_checks()
         if self.model.pretrained is None and self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is larger than "
@@ -668,6 +673,29 @@ class Recipe(Strict):
     def trains_adapters(self) -> bool:
         """LoRA adapters train on a frozen base (finetune.method lora or qlora), not the model's own weights."""
         return self.finetune is not None and self.finetune.adapters
+
+    def _elastic_checks(self) -> None:
+        t, s = self.train, self.scaling
+        if s.min_workers is None:
+            return
+        if s.min_workers > s.num_workers:
+            raise ValueError(f"scaling.min_workers={s.min_workers} is more than scaling.num_workers={s.num_workers}")
+        if s.max_failures == 0:
+            raise ValueError("scaling.min_workers: a run goes on with fewer workers only by recovering from the loss, "
+                             "which scaling.max_failures=0 forbids (set it to how many losses to recover from, or -1)")
+        # the global batch stays the same at every size the group may take; only the accumulation steps change
+        uneven = [w for w in range(s.min_workers, s.num_workers + 1) if t.global_batch_size % (t.micro_batch_size * w)]
+        if uneven:
+            raise ValueError(
+                f"scaling.min_workers={s.min_workers}: train.global_batch_size={t.global_batch_size} is not a multiple "
+                f"of train.micro_batch_size={t.micro_batch_size} x {uneven[0]} workers, a size the run may shrink to")
+
+    def at_world_size(self, workers: int) -> "Recipe":
+        """This recipe on the worker group Ray Train started, which under scaling.min_workers may be smaller than
+        scaling.num_workers: the same global batch in more accumulation steps."""
+        if workers == self.scaling.num_workers:
+            return self
+        return self.model_copy(update={"scaling": self.scaling.model_copy(update={"num_workers": workers})})
 
     @property
     def grad_accum_steps(self) -> int:

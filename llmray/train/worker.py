@@ -13,6 +13,7 @@ import ray.train
 from llmray import logs
 from llmray.data.stream import RankStream
 from llmray.recipe.load import recipe_from_dict
+from llmray.train.checkpoint import CheckpointUploadError
 from llmray.train.wandb_log import WandbSink
 
 REPORT_MIN_INTERVAL_S = 2.5  # Ray Train's controller polls workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
@@ -24,8 +25,8 @@ class RaySink:
     controller collects it every couple of seconds, so a second report inside that interval blocks the
     training step until then. Rank 0 decides, for all."""
 
-    def __init__(self):
-        self.last = 0.0
+    def __init__(self, run_folder: str):
+        self.run_folder, self.last = run_folder, 0.0
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         import torch
@@ -40,8 +41,16 @@ class RaySink:
             if not due.item():
                 return
         self.last = time.monotonic()
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        try:  # Ray Train uploads each rank's part here, and records the checkpoint once every rank's is in
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+        except Exception as e:
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise CheckpointUploadError(
+                f"the checkpoint of step {metrics.get(M.STEP)} could not be written to {self.run_folder}: {cause}. "
+                "The run's earlier checkpoints are intact, and this one is never resumed from") from e
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -53,9 +62,9 @@ def train_loop_per_worker(config: dict) -> None:
     with logs.hush_stdout():  # DeepSpeed prints which optional kernels (triton) it lacks
         from llmray.train import loop  # imported here: the driver that pickles this function needs no DeepSpeed
 
-    recipe = recipe_from_dict(config["recipe"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    recipe = recipe_from_dict(config["recipe"]).at_world_size(world)  # an elastic group may have shrunk
     val = [(name, weight, ray.get(ref)) for name, weight, ref in config["val"]] or None
     # One stream session per worker group: a restarted or resized group gets a new one, and the catalog
     # restarts the pipeline where the group resumes.
@@ -66,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
     resume = ray.train.get_checkpoint()
     if resume is None:
         resume = config.get("resume_from")  # a ray.train.Checkpoint carrying the driver's filesystem
-    sink = WandbSink(RaySink(), recipe, rank)
+    sink = WandbSink(RaySink(recipe.run.folder), recipe, rank)
     with tempfile.TemporaryDirectory(prefix="llmray-resume-") as tmp:
         if resume is not None:
             resume.to_directory(tmp)

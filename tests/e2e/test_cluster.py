@@ -53,16 +53,33 @@ class TwoNodeCluster:
                                            env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                            start_new_session=True))
 
+    COMMON = ["--num-cpus=2", "--num-gpus=0", "--object-store-memory=150000000"]
+
     def start(self) -> None:
-        common = ["--num-cpus=2", "--num-gpus=0", "--object-store-memory=150000000", f"--temp-dir={self.root}"]
         self._start(["--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                      f"--ray-client-server-port={free_port()}", "--include-dashboard=true",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                     *common, *node_ports()], "head.log")
+                     *self.COMMON, f"--temp-dir={self.root}", *node_ports()], "head.log")
         self.wait_nodes(1)
-        self._start([f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1",
-                     *common, *node_ports()], "node2.log")
+        self.add_node()
         self.wait_nodes(2)
+
+    def add_node(self, log: str = "node2.log") -> None:
+        self._start([f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1", *self.COMMON,
+                     f"--temp-dir={self.root}", *node_ports()], log)
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL node `index`'s every process (its raylet, and the workers and actors on it): a lost machine."""
+        import psutil
+
+        node = self.procs.pop(index)
+        tree = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+        for proc in tree:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        node.wait()
 
     def logs(self) -> str:
         return "\n".join(Path(self.root, f).read_text()[-3000:] for f in ("head.log", "node2.log")
@@ -148,7 +165,7 @@ def tiny_args(corpus, name: str, steps: int) -> list[str]:
             "model.hidden_size=64", "model.num_layers=2", "train.micro_batch_size=4", "train.global_batch_size=8",
             "train.warmup_steps=2", "train.eval_every=0", "train.sample_prompt=null", f"train.max_steps={steps}",
             "train.log_every=1", "train.checkpoint_every=0", "scaling.num_workers=2", "scaling.cpus_per_worker=1.5",
-            "scaling.data_cpus=1"]
+            "scaling.data_cpus=1", "train.record_samples=true"]
 
 
 def submit(cluster, s3_env, submission_id: str, entry: list[str]) -> subprocess.CompletedProcess:
@@ -229,3 +246,69 @@ def test_checkpoint_restores_in_later_jobs(cluster, pretrained, corpus, tmp_path
     exported = {o["Key"].rsplit("/", 1)[-1] for o in
                 client.list_objects_v2(Bucket=BUCKET, Prefix="exports/a/").get("Contents", [])}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= exported, exported
+
+
+def recorded(client, run: str) -> bool:
+    """Ray Train has recorded one of the run's checkpoints (a folder still uploading, or one it never recorded,
+    is not what a restarted group resumes from)."""
+    try:
+        body = client.get_object(Bucket=BUCKET, Key=f"runs/{run}/checkpoint_manager_snapshot.json")["Body"].read()
+        return bool(json.loads(body)["checkpoint_results"])
+    except (client.exceptions.NoSuchKey, ValueError, KeyError):
+        return False
+
+
+def test_a_lost_node_mid_run_goes_on_from_its_checkpoint_on_what_is_left(cluster, pretrained, corpus, monkeypatch):
+    """scaling.min_workers=1: the second node SIGKILLed (raylet, Train worker and all) once Ray Train has recorded a
+    checkpoint of the run. The group restarts on the head alone, resumes from that checkpoint on 1 worker, and trains
+    the samples of the uninterrupted 2-worker run cluster-a (the global batch does not depend on the world size).
+    Last in this module: it leaves the cluster one node short."""
+    import threading
+
+    from llmray.train.checkpoint import read_state
+
+    s3_env, client = pretrained["s3_env"], pretrained["client"]
+    killed = []
+
+    def kill_once_checkpointed():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not recorded(client, "cluster-lost"):
+            time.sleep(0.1)
+        if recorded(client, "cluster-lost"):
+            cluster.kill_node(1)
+            killed.append(time.monotonic())
+
+    killer = threading.Thread(target=kill_once_checkpointed, daemon=True)
+    killer.start()
+    # Ray Train first asks for both workers again (the lost node is not yet known dead) and waits this long for them
+    # before it settles for what is left (its default, 60 s, would be most of this test)
+    env = {**s3_env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+    # one tokenize task of 0.5 CPU: the head alone must hold it beside the 1.5-CPU worker
+    entry = ["jobs/pretrain.py", *tiny_args(corpus, "cluster-lost", 6), "train.checkpoint_every=2",
+             "scaling.min_workers=1", "scaling.max_failures=1", "data.tokenize_tasks=1", "scaling.data_cpus=0.5"]
+    try:
+        out = cluster.job("submit", "--no-wait", "--submission-id", "pretrain-lost", "--working-dir", str(REPO),
+                          "--runtime-env-json", runtime_env_json(env), "--", "python", *entry)
+        assert out.returncode == 0, out.stderr
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and status(cluster, "pretrain-lost") in ("PENDING", "RUNNING"):
+            time.sleep(1)
+        killer.join()
+        logs = cluster.job("logs", "pretrain-lost").stdout
+        assert killed, "the run finished before Ray Train recorded a checkpoint"
+        assert status(cluster, "pretrain-lost") == "SUCCEEDED", logs[-6000:]
+        assert "re-partitioned from 2 to 1 ranks" in logs, logs[-3000:]
+    finally:
+        cluster.job("stop", "pretrain-lost")
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    lost = read_state(f"s3://{BUCKET}/runs/cluster-lost/{checkpoints(client, 'cluster-lost')[-1]}")
+    reference = read_state(f"s3://{BUCKET}/runs/cluster-a/{checkpoints(client, 'cluster-a')[-1]}")
+    (resume,) = lost.resumes
+    assert resume["world_size"] == 1 and resume["from_world_size"] == 2 and lost.step == 6
+    assert [s["step"] for s in lost.trace] == list(range(1, 7))
+    assert len(reference.trace) == 6, "cluster-a is extended to 6 steps by test_checkpoint_restores_in_later_jobs"
+    # cluster-a trained 4 steps, then 2 more in a rerun (another lr schedule, so other losses); the samples of each
+    # step are the stream's, whatever the schedule or the world size
+    assert [s["samples"] for s in lost.trace] == [s["samples"] for s in reference.trace[:6]]

@@ -40,6 +40,22 @@ def test_batch_arithmetic_must_divide():
         recipe("train.global_batch_size=20", "train.micro_batch_size=8", "scaling.num_workers=2")
 
 
+def test_min_workers_keeps_the_global_batch_at_every_size_the_group_may_take():
+    r = recipe("train.global_batch_size=48", "train.micro_batch_size=4", "scaling.num_workers=4",
+               "scaling.min_workers=2", "scaling.max_failures=-1")
+    assert r.grad_accum_steps == 3
+    shrunk = r.at_world_size(3)
+    assert shrunk.grad_accum_steps == 4 and shrunk.train.global_batch_size == 48 and r.scaling.num_workers == 4
+    with pytest.raises(RecipeError, match=r"scaling\.min_workers=2: .* x 3 workers, a size the run may shrink to"):
+        recipe("train.global_batch_size=32", "train.micro_batch_size=4", "scaling.num_workers=4",
+               "scaling.min_workers=2", "scaling.max_failures=-1")
+    with pytest.raises(RecipeError, match=r"scaling\.min_workers: .* scaling\.max_failures=0 forbids"):
+        recipe("train.global_batch_size=48", "train.micro_batch_size=4", "scaling.num_workers=4", "scaling.min_workers=2")
+    with pytest.raises(RecipeError, match=r"scaling\.min_workers=5 is more than scaling\.num_workers=4"):
+        recipe("train.global_batch_size=48", "train.micro_batch_size=4", "scaling.num_workers=4",
+               "scaling.min_workers=5", "scaling.max_failures=1")
+
+
 def test_seq_len_beyond_positions():
     with pytest.raises(RecipeError, match=r"data\.seq_len=1024 is larger than model\.max_position_embeddings=512"):
         recipe("data.seq_len=1024")
