@@ -39,6 +39,11 @@ class CheckpointError(LlmrayError):
     pass
 
 
+class CheckpointUploadError(CheckpointError):
+    """A checkpoint could not be written to the run's storage. It is never resumed from: its ranks' completion
+    markers or the files they list are missing, which `verify` refuses."""
+
+
 # ---- writing ---------------------------------------------------------------------------------------------
 
 def save(directory: str, rank: int, engine, state: TrainState, tokenizer=None) -> None:

@@ -25,6 +25,7 @@ from llmray.data.chat import Conversion, shard_conversations
 from llmray.data.pack import StreamSpec, first_rows
 from llmray.data.split import split_sources
 from llmray.data.tokenizer import load_tokenizer
+from llmray.errors import LlmrayError
 from llmray.evals.perplexity import perplexity
 from llmray.evals.tasks import load_task
 from llmray.model import lineage
@@ -282,7 +283,8 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
         train_loop_config={"recipe": recipe.model_dump(mode="json"), "catalog": catalog, "val": validation,
                            "eval_tasks": eval_tasks, "generators": generators,
                            "resume_from": _as_ray_checkpoint(resume_from) if resume_from else None},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
+                                     use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=recipe.run.name,
             # The filesystem is resolved here and shipped to the workers, so an endpoint or credentials set in
@@ -300,12 +302,35 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
           f"{' + ' + format(s.gpus_per_worker, 'g') + ' GPU' if s.use_gpu else ''}, ZeRO-{t.zero_stage}, "
           f"{describe_sources(train_spec)}, tokenize tasks {d.tokenize_tasks} x {per_task:g} CPU", flush=True)
     started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        said = worker_said(e)
+        if said is None and isinstance(getattr(e, "controller_failure", None), OSError):
+            # Ray Train records its checkpoints in a file beside them; storage failing there stops the controller
+            said = checkpoint.CheckpointUploadError(
+                f"Ray Train could not record the run's checkpoints in {recipe.run.folder}: "
+                f"{str(e.controller_failure).strip().splitlines()[-1]}. The checkpoints written before are intact; "
+                "rerun to continue from the latest")
+        if said is None:
+            raise
+        raise said from None  # what the worker said, in one line, not Ray's dump of each rank's traceback
+    finally:
+        ray.kill(catalog)
+        if generators:
+            generators.kill()
     wall = time.perf_counter() - started
-    ray.kill(catalog)
-    if generators:
-        generators.kill()
     return summarize(recipe, result, wall, conversion)
+
+
+def worker_said(error: Exception) -> LlmrayError | None:
+    """The llmray error a training worker stopped on (a checkpoint that could not be written, ...), if one did."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        while failure is not None:
+            if isinstance(failure, LlmrayError):
+                return failure
+            failure = failure.__cause__
+    return None
 
 
 def reward_summary(history: list[dict]) -> dict | None:

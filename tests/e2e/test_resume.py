@@ -6,6 +6,7 @@ the interrupted run saw exactly the samples of an uninterrupted one, in the same
 
 import json
 import os
+import re
 import shutil
 import threading
 from collections import Counter
@@ -18,7 +19,7 @@ from helpers import kill_worker_when_checkpointed
 from llmray.data.corpus import list_shards
 from llmray.data.shard import shard_corpus
 from llmray.recipe.load import load_recipe
-from llmray.train.checkpoint import CheckpointError, list_checkpoints, read_state
+from llmray.train.checkpoint import CheckpointError, CheckpointUploadError, list_checkpoints, read_state, verify
 from llmray.train.trainer import fit
 
 pytestmark = pytest.mark.ray
@@ -246,3 +247,64 @@ def test_checkpoint_with_pickled_code_is_refused_not_run(small, reference, tmp_p
     with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle"):
         export(str(evil), str(tmp_path / "out"))
     assert not (tmp_path / "llmray-was-exploited").exists() and not (tmp_path / "out").exists()
+
+
+class RefuseACheckpointMidUpload:
+    """FaultyStorage's cue: the uploads into the run's `nth` checkpoint folder (0-based, in the order uploads reach
+    them) are refused once `let_through` of its requests went in, so that checkpoint is left half-written."""
+
+    def __init__(self, nth: int, let_through: int = 2):
+        self.nth, self.let_through = nth, let_through
+        self.folders: list[str] = []
+        self.passed = Counter()
+
+    def __call__(self, method: str, path: str) -> bool:
+        folder = next((part for part in path.split("/") if re.fullmatch(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", part)), None)
+        if method not in ("PUT", "POST") or folder is None:
+            return False
+        if folder not in self.folders:
+            self.folders.append(folder)
+        if self.folders.index(folder) != self.nth or self.passed[folder] < self.let_through:
+            self.passed[folder] += 1
+            return False
+        return True
+
+
+@pytest.fixture
+def faulty_s3(monkeypatch):
+    """moto's S3 behind a FaultyStorage proxy, which the run's AWS environment points at."""
+    from helpers import FaultyStorage, moto_s3
+
+    with moto_s3("llmray") as env:
+        proxy = FaultyStorage(env["AWS_ENDPOINT_URL"])
+        for key, value in {**env, "AWS_ENDPOINT_URL": proxy.url}.items():
+            monkeypatch.setenv(key, value)
+        try:
+            yield proxy
+        finally:
+            proxy.close()
+
+
+def test_a_checkpoint_upload_failing_midway_is_retried_from_the_previous_one(small, reference, faulty_s3):
+    """The step-12 checkpoint's upload refused halfway (scaling.max_failures=1): the run restarts from step 6's and
+    trains what the uninterrupted run did; the half-written folder stays behind, never resumed from."""
+    cue = faulty_s3.fail = RefuseACheckpointMidUpload(nth=1)
+    summary = fit(recipe(small, "s3://llmray/runs", "upload-retried", "scaling.max_failures=1"))
+    assert faulty_s3.refused > 0 and len(cue.folders) >= 3
+    state, losses, samples = trace(summary)
+    assert resumes(state) == [{"step": 6, "world_size": 2, "from_world_size": 2}]
+    np.testing.assert_allclose(losses, reference["losses"], rtol=0, atol=1e-6)
+    assert samples == reference["samples"]
+    half_written = f"s3://llmray/runs/upload-retried/{cue.folders[1]}"
+    with pytest.raises(CheckpointError, match="incomplete|truncated|does not exist"):
+        verify(half_written)
+    assert half_written not in [uri for _, uri in list_checkpoints("s3://llmray/runs/upload-retried")]
+
+
+def test_a_checkpoint_upload_failing_midway_stops_the_run_saying_so(small, faulty_s3, capsys):
+    """The same fault with no failures allowed: the run stops with one line naming the step and the storage; the
+    step-6 checkpoint is intact and is where a rerun would continue."""
+    faulty_s3.fail = RefuseACheckpointMidUpload(nth=1)
+    with pytest.raises(CheckpointUploadError, match=r"the checkpoint of step 12 could not be written to s3://llmray/runs"):
+        fit(recipe(small, "s3://llmray/runs", "upload-stopped", "train.max_steps=12"))
+    assert [step for step, _ in list_checkpoints("s3://llmray/runs/upload-stopped")] == [6]
