@@ -71,9 +71,12 @@ def one_rank(spec) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
-def many_ranks(spec, world: int, steps: int, rows: int = 4, take_rows: bool = True) -> dict:
+def many_ranks(spec, world: int, steps: int, rows: int = 4, take_rows: bool = True, step_s: float = 0.0) -> dict:
     """`world` ranks, spread over up to 8 consumer processes, each take `steps` micro-batches of `rows` rows, in
-    step (a process serves its ranks in turn); `take_rows` False: each takes where its rows are, not the rows."""
+    step (a process serves its ranks in turn); `take_rows` False: each takes where its rows are, not the rows.
+    `step_s` > 0: a global micro-batch at most every `step_s` seconds, a training pace the tokenizers keep ahead of
+    (the steady state of a run that is not data-bound); 0: as fast as the stream goes (its start-up, and a
+    tokenizer-bound frontier on this machine)."""
     import ray
 
     from llmray.data.catalog import CatalogActor
@@ -81,9 +84,10 @@ def many_ranks(spec, world: int, steps: int, rows: int = 4, take_rows: bool = Tr
 
     @ray.remote(num_cpus=0)
     class Consumers:
-        def run(self, catalog, session, ranks, world, steps, rows, take_rows):
+        def run(self, catalog, session, ranks, world, steps, rows, take_rows, step_s, start):
             streams = [RankStream(catalog, session, rank, world, rows, prefetch=4) for rank in ranks]
-            for _ in range(steps):
+            for step in range(steps):
+                time.sleep(max(0.0, start + step * step_s - time.time()))
                 for stream in streams:
                     if take_rows:
                         next(stream)
@@ -99,11 +103,13 @@ def many_ranks(spec, world: int, steps: int, rows: int = 4, take_rows: bool = Tr
         return Router(ray.get(stream.catalog.layout.remote()), {}, stream.world_size, stream.micro_batch_size,
                       stream.rank)
 
-    catalog = CatalogActor.remote(spec)
+    catalog = CatalogActor.remote(spec, expected_start={} if step_s else None)  # paced: tokenizing from the start
     session, groups = uuid.uuid4().hex, min(8, world)
     start = time.perf_counter()
+    paced_from = time.time() + (2 * step_s if step_s else 0)  # paced: the tokenizers get a lead first
     per_rank = [r for part in ray.get([
-        Consumers.remote().run.remote(catalog, session, list(range(g, world, groups)), world, steps, rows, take_rows)
+        Consumers.remote().run.remote(catalog, session, list(range(g, world, groups)), world, steps, rows, take_rows,
+                                      step_s, paced_from)
         for g in range(groups)]) for r in part]
     wall = time.perf_counter() - start
     stats = ray.get(catalog.stats.remote())
@@ -112,6 +118,7 @@ def many_ranks(spec, world: int, steps: int, rows: int = 4, take_rows: bool = Tr
     rank_rates = sorted(r / max(s, 1e-9) for r, s, _ in per_rank)
     per_rank_rate = samples / max(sum(s for _, s, _ in per_rank), 1e-9)
     return {"ranks": world, "rows_per_rank": rows, "steps": steps, "took": "rows" if take_rows else "where rows are",
+            "paced_step_s": step_s,
             "samples": samples, "wall_s": round(wall, 2), "delivered_samples_per_s": round(samples / wall),
             "routable_samples_per_s_per_rank": round(per_rank_rate),
             "routable_per_rank_p10_p90": [round(rank_rates[len(rank_rates) // 10]),
@@ -153,12 +160,25 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--large-copies", type=int, default=4)
     p.add_argument("--ranks", default="8,64,512,1024,4096")
+    p.add_argument("--paced-steps", type=int, default=32, help="micro-batches of the paced run at 1,024 ranks (0: none)")
+    p.add_argument("--paced-step-s", type=float, default=2.5,
+                   help="its seconds a global micro-batch: slower than 2 cores tokenize 1,024 x 4 rows of 512")
     p.add_argument("--router-alone", action="store_true", help="only one rank's routing alone in a process, no Ray")
+    p.add_argument("--paced-only", action="store_true", help="only the paced run at 1,024 ranks (data_stream_paced.json)")
     args = p.parse_args()
     if args.router_alone:
         print(json.dumps([router_alone(int(w)) for w in args.ranks.split(",")]))
         return
     import ray
+
+    if args.paced_only:
+        shard_dir, tok = stdlib_corpus()
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        paced = many_ranks(spec_of(shard_dir, tok, args.cpus, args.tasks, None), NEED_RANKS, steps=args.paced_steps,
+                           take_rows=False, step_s=args.paced_step_s)
+        ray.shutdown()
+        emit("data_stream_paced", {"paced_at_need_ranks": paced, "need": need_figures(paced)})
+        return
 
     from llmray.data.corpus import list_shards
 
@@ -180,10 +200,13 @@ def main() -> None:
         ranks.append(many_ranks(spec_of(shard_dir, tok, args.cpus, args.tasks, None), world,
                                 steps=max(3, 320 // world), take_rows=world <= 64))
         print(json.dumps(ranks[-1]), flush=True)
+    paced = None
+    if args.paced_steps:
+        paced = many_ranks(spec_of(shard_dir, tok, args.cpus, args.tasks, None), NEED_RANKS, steps=args.paced_steps,
+                           take_rows=False, step_s=args.paced_step_s)
+        print(json.dumps(paced), flush=True)
     ray.shutdown()
-    need = NEED_RANKS * RANK_TOKENS_PER_S / SEQ
-    at = min(ranks, key=lambda r: abs(r["ranks"] - NEED_RANKS))
-    routable = min(at["routable_samples_per_s_total"] * NEED_RANKS / at["ranks"], at["catalog_servable_samples_per_s"])
+    at = paced or min(ranks, key=lambda r: abs(r["ranks"] - NEED_RANKS))
     emit("data_stream", {
         "corpus_shards": len(shards), "cpus": args.cpus, "tokenize_tasks": args.tasks, "seq_len": SEQ,
         "marginal_note": "every epoch is tokenized again; the one- and three-epoch runs follow a warm-up run",
@@ -195,13 +218,22 @@ def main() -> None:
         "large_corpus": {"copies": args.large_copies, "tokens": large_tokens, "one_epoch_s": round(large_s, 2),
                          "baseline_encode_batch_tokens_per_s": round(large_base_tokens / large_base_s),
                          "ratio_one_epoch_incl_startup": round(large_ratio, 3)},
-        "simulated_ranks": ranks,
+        "simulated_ranks": ranks, "paced_at_need_ranks": paced,
         "per_rank_routable_max_over_min": round(max(r["routable_samples_per_s_per_rank"] for r in ranks)
                                                 / min(r["routable_samples_per_s_per_rank"] for r in ranks), 2),
-        "need": {"rank_tokens_per_s": round(RANK_TOKENS_PER_S), "inputs": "45% MFU x 989 TFLOP/s (H100 dense bf16) / "
-                 "(6 x 1e9 parameters)", "ranks": NEED_RANKS, "samples_per_s": round(need),
-                 "stream_routable_samples_per_s": round(routable), "routable_over_needed": round(routable / need, 2)},
+        "need": need_figures(at),
     })
+
+
+def need_figures(at: dict) -> dict:
+    """What 1,024 H100s training a 1B model consume, against what the stream could route in the run `at`: the ranks'
+    routing (scaled to 1,024 ranks) or the catalog, whichever is less."""
+    need = NEED_RANKS * RANK_TOKENS_PER_S / SEQ
+    routable = min(at["routable_samples_per_s_total"] * NEED_RANKS / at["ranks"], at["catalog_servable_samples_per_s"])
+    return {"rank_tokens_per_s": round(RANK_TOKENS_PER_S), "inputs": "45% MFU x 989 TFLOP/s (H100 dense bf16) / "
+            "(6 x 1e9 parameters)", "ranks": NEED_RANKS, "samples_per_s": round(need),
+            "stream_routable_samples_per_s": round(routable), "routable_over_needed": round(routable / need, 2),
+            "measured_on": "a paced run (steady state)" if at.get("paced_step_s") else f"{at['ranks']} ranks, unpaced"}
 
 
 if __name__ == "__main__":
