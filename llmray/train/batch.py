@@ -18,6 +18,8 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
     position ids as flash-attn's varlen sequences only in a batch of one. Each row's first label is dropped, so
     no row's last token learns to predict the next row's first: the same loss terms as row by row.
 
+    Image conversations' rows also give their images, as one `pixel_values` of every row's images in order.
+
     `sequences`: also the rows' `sequence_ids` (preference pairs), for the objective, not the forward; made unique
     across the rows when they are flattened into one (the parity of each id, chosen or rejected, kept); and their
     `reference_logps` where the reference was precomputed."""
@@ -37,6 +39,13 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
         if "reference_logps" in batch:  # float: each sequence's precomputed reference sum, on its first token
             out["reference_logps"] = torch.from_numpy(np.array(batch["reference_logps"][rows], dtype=np.float32)).to(
                 device, non_blocking=True)
+    if "pixel_values" in batch:  # each row's images, in row order: the model fills its image tokens with them
+        counts = np.asarray(batch["image_count"][rows])
+        pixels = np.asarray(batch["pixel_values"][rows])
+        held = np.arange(pixels.shape[1])[None, :] < counts[:, None]
+        if held.any():
+            out["pixel_values"] = torch.from_numpy(np.array(pixels[held], dtype=np.float32)).to(device,
+                                                                                              non_blocking=True)
     if "position_ids" in batch:
         out["position_ids"] = tensor("position_ids")
         if flat:

@@ -12,7 +12,7 @@ import torch
 
 from llmray import logs
 from llmray.cuda_arch import fix_arch_list
-from llmray.model.build import build_model, frozen, frozen_dtype
+from llmray.model.build import build_model, freeze_tower, frozen, frozen_dtype
 from llmray.model.flops import count_params, flops_per_token
 from llmray.model.lora import four_bit, prepare_four_bit, trainable, with_lora
 from llmray.prune.sparse import keep_zeros
@@ -64,8 +64,13 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
             whole = sum(p.numel() for p in model.parameters())  # a partitioned parameter holds none here
             print(f"[llmray] ZeRO-3: the model was built partitioned ({whole:,} of {count_params(model):,} weights "
                   "held whole by a rank)", flush=True)
+    train_tower = recipe.vision is not None and recipe.vision.train_tower
+    if recipe.vision is not None and not train_tower:  # before peft: its adapters then skip the tower too
+        held = freeze_tower(model)
+        if announce:
+            print(f"[llmray] vision tower frozen ({held:,} weights; vision.train_tower=true trains it)", flush=True)
     if adapters:
-        model = with_lora(model, f.lora)
+        model = with_lora(model, f.lora, train_tower)
         if announce:
             n_train, n_all = trainable(model)
             base = f"a {f.qlora.quant_type} 4-bit base" if f.method == "qlora" else "a frozen base"

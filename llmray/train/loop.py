@@ -64,6 +64,12 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     device = device_for(recipe.scaling.use_gpu)
     torch.manual_seed(recipe.run.seed)
     tokenizer = load_tokenizer(recipe.data.tokenizer)
+    if recipe.vision is not None:  # what a checkpoint keeps: its processor, the tokenizer within it
+        from llmray.data.pixels import load_processor
+
+        saved = load_processor(recipe.data.tokenizer)
+    else:
+        saved = tokenizer
     restore = Restore(resume_dir, world, t.zero_stage) if resume_dir is not None else None
     engine, facts = build_engine(recipe, len(tokenizer), device, restore is not None and restore.universal, talk)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
@@ -127,7 +133,7 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
             metrics[M.SAMPLE] = generate_sample(engine, tokenizer, t.sample_prompt, t.sample_tokens, recipe.run.seed,
                                                 t.zero_stage == 3, device)
         if final or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
-            save_and_report(sink, metrics, engine, state, rank, tokenizer)
+            save_and_report(sink, metrics, engine, state, rank, saved)
         else:
             sink.report(metrics)
         if final:
@@ -167,7 +173,8 @@ def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState
 
 
 def save_and_report(sink: Sink, metrics: dict, engine, state: TrainState, rank: int, tokenizer) -> None:
-    """Each rank writes its part into its own folder; the sink (Ray Train) merges them into one checkpoint."""
+    """Each rank writes its part into its own folder; the sink (Ray Train) merges them into one checkpoint.
+    `tokenizer`: what export needs beside the weights (a vision-language model's processor)."""
     tmp = checkpoint.scratch_dir()
     checkpoint.save(tmp, rank, engine, state, tokenizer)
     sink.report(metrics, checkpoint_dir=tmp)
