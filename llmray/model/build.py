@@ -49,11 +49,13 @@ def freeze_tower(model: torch.nn.Module) -> int:
     towers, _ = vision_parts(model)
     if not towers:
         raise ModelError(f"no vision tower (a module named {', '.join(TOWER_NAMES)}) in {type(model).__name__}")
+    from llmray.model.flops import weights_in
+
     frozen_weights = 0
     for name in towers:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(False)
-            frozen_weights += p.numel()
+            frozen_weights += weights_in(p)  # a ZeRO-3 partitioned parameter holds none here
     return frozen_weights
 
 

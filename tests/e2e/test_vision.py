@@ -116,3 +116,34 @@ def test_a_tiny_vlm_learns_the_colours_and_exports_for_plain_transformers(colour
           f"{untrained[1]:.2f} -> {trained[1]:.2f}")
     assert trained[1] > untrained[1] + 1.0
     assert trained[0] >= 0.6 and trained[0] > untrained[0] + 0.25
+
+
+@pytest.mark.slow  # ZeRO-3's partitioned start-up: ~100 s on 2 busy cores
+def test_lora_under_zero3_trains_adapters_and_the_projector_and_exports_merged(colour_set, ray_cluster, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.export.folder import export
+    from llmray.train.checkpoint import read_state
+
+    base = tiny_vlm(tmp_path / "vlm")
+    recipe = load_recipe("jobs/vision_tiny.yaml", [
+        f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=vision-lora", "finetune.method=lora", "finetune.lora.r=8", "finetune.lora.dropout=0.0",
+        "train.zero_stage=3", "train.max_steps=12", "train.log_every=4", "train.lr=3e-2", "data.val_fraction=0.1"])
+    summary = fit(recipe)
+    loss = losses(summary)
+    assert summary.steps == 12 and loss[-1] < loss[0] - 0.3, loss  # LoRA on a random-init LM learns slowly
+    history = read_state(summary.checkpoint).history
+    # held-out image conversations, validated with their pixels
+    assert history[-1]["val_loss"] < loss[0] - 0.3, history[-1]
+
+    out = tmp_path / "merged"
+    export(summary.run_dir, str(out))
+    AutoModelForImageTextToText.from_pretrained(out)
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(before) == set(after)  # merged: no adapter or modules_to_save copies left
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any("vision_tower" in k for k in changed), "the frozen vision tower changed"
+    assert any("multi_modal_projector" in k for k in changed), "the projector did not train"
+    assert any("language_model" in k and "proj" in k for k in changed), "the adapters were not merged into the LM"
