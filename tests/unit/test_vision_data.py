@@ -4,6 +4,7 @@ loss on the assistant's tokens only, pixels with the row) and their forward thro
 
 import base64
 import json
+import re
 
 import numpy as np
 import pytest
@@ -164,3 +165,36 @@ def test_the_mask_is_carried_over_the_expansion(vlm):
     taught = processor.tokenizer.decode(np.where(labels != IGNORE_INDEX, ids, processor.tokenizer.pad_token_id),
                                         skip_special_tokens=False).replace("<pad>", "|")
     assert "It is red." in taught and "It is blue." in taught and "<image>" not in taught
+
+
+@pytest.mark.parametrize("override, message", [
+    ("vision.max_image=2", "vision.max_image: unknown key"),
+    ("vision.max_images=0", "vision.max_images"),
+    ("finetune=null", "vision tunes a pretrained model: add a finetune: block"),
+    ("preference={loss: simpo}", "preference with vision is not built yet"),
+])
+def test_a_wrong_vision_recipe_names_the_key(override, message):
+    from llmray.recipe.load import load_recipe
+    from llmray.recipe.schema import RecipeError
+
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe("jobs/vision_tiny.yaml", [override])
+
+
+def test_a_text_model_with_a_vision_block_is_refused_before_ray(tmp_path, vlm):
+    from helpers import tiny_llama
+
+    from llmray.recipe.load import load_recipe
+    from llmray.recipe.schema import RecipeError
+    from llmray.train.trainer import check_inputs
+
+    folder = tmp_path / "llama"
+    tiny_llama(320).save_pretrained(folder)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": str(tmp_path / "red.png"), "text": "a red square"}) + "\n")
+    (tmp_path / "red.png").write_bytes(RED)
+    r = load_recipe("jobs/vision_tiny.yaml", [f"model.pretrained={folder}", f"data.tokenizer={vlm}",
+                                              f"data.shards={tmp_path / 'shards'}", f"data.conversations={tmp_path / 'c.jsonl'}"])
+    shard_conversations(r.data.conversations, r.data.shards, load_processor(vlm).tokenizer, 64, kind="images",
+                        max_images=1)
+    with pytest.raises(RecipeError, match="is a llama model, not a vision-language one"):
+        check_inputs(r)
