@@ -50,6 +50,30 @@ def colour_set(tmp_path_factory):
     return root
 
 
+def square_colour(folder, pixels) -> str:
+    """The colour of the square in prepared `pixels` (3, H, W): the sign of each channel where they differ from a
+    plain grey image's, matched to the colours'."""
+    import numpy as np
+    from PIL import Image
+
+    from llmray.data.pixels import load_processor
+
+    grey = Image.new("RGB", (16, 16), (128, 128, 128))
+    ground = np.asarray(load_processor(str(folder)).image_processor(images=[grey], return_tensors="np")["pixel_values"][0])
+    diff = pixels - ground
+    square = np.abs(diff).sum(0) > 1e-3
+    signs = tuple(np.sign(diff[c][square].mean()) for c in range(3))
+    return next(c for c, rgb in COLOURS.items() if tuple(np.sign(np.array(rgb) - 128.0)) == signs)
+
+
+def answered_colour(folder, labels) -> str:
+    from llmray.data.pixels import load_processor
+    from llmray.data.template import IGNORE_INDEX
+
+    text = load_processor(str(folder)).tokenizer.decode(labels[labels != IGNORE_INDEX])
+    return next(c for c in COLOURS if answer(c) in text)
+
+
 @torch.no_grad()
 def held_out_accuracy(folder, n: int = 40) -> tuple[float, float]:
     """(accuracy, mean log-likelihood of the right answer) on `n` unseen images: the answer is the colour whose
@@ -147,3 +171,48 @@ def test_lora_under_zero3_trains_adapters_and_the_projector_and_exports_merged(c
     assert not any("vision_tower" in k for k in changed), "the frozen vision tower changed"
     assert any("multi_modal_projector" in k for k in changed), "the projector did not train"
     assert any("language_model" in k and "proj" in k for k in changed), "the adapters were not merged into the LM"
+
+
+def test_image_rows_stream_with_their_pixels_and_resume_exactly_on_another_world_size(colour_set, ray_cluster,
+                                                                                       tmp_path):
+    """The stream's Ray Data tasks run the processor: each row comes with its own image's pixels, and a stream
+    restarted at a position (on 2 ranks, from a run of 1) yields exactly the rest, pixels included."""
+    import uuid
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from llmray.data.catalog import CatalogActor
+    from llmray.data.chat import shard_conversations
+    from llmray.data.pack import StreamSpec
+    from llmray.data.split import Documents
+    from llmray.data.stream import RankStream
+
+    vlm = tiny_vlm(tmp_path / "vlm")
+    shards = str(tmp_path / "shards")
+    shard_conversations(str(colour_set), shards, AutoTokenizer.from_pretrained(vlm), 64, kind="images", max_images=1)
+    spec = StreamSpec.of([("corpus", 1.0, Documents(shards, "all", 0.0))], str(vlm), 64, seed=7, batch_docs=64,
+                         max_epochs=2, documents="images", max_images=1)
+
+    def drain(world, rows, start=None, catalog=None):
+        catalog = catalog or CatalogActor.remote(spec)
+        session = uuid.uuid4().hex  # a new group: the catalog restarts its pipeline where the group starts
+        streams = [RankStream(catalog, session, r, world, rows, prefetch=2) for r in range(world)]
+        for stream in streams:
+            stream.load_state_dict(start or {})
+        return [({k: np.concatenate([b[k] for b in batches]) for k in batches[0]}, streams[0].state_dict())
+                for batches in zip(*streams)]
+
+    full = drain(1, 8)
+    ids = np.concatenate([b["input_ids"] for b, _ in full])
+    pixels = np.concatenate([b["pixel_values"] for b, _ in full])
+    assert len(ids) == 2 * 192 and pixels.shape == (384, 1, 3, 16, 16)
+    assert all((b["image_count"] == 1).all() for b, _ in full)
+    # each row's pixels are its own conversation's image: the colour its answer names is the square's
+    labels = np.concatenate([b["labels"] for b, _ in full])
+    assert [square_colour(vlm, p[0]) for p in pixels[:64]] == [answered_colour(vlm, row) for row in labels[:64]]
+    catalog = CatalogActor.remote(spec)
+    for k in (3, 30):
+        rest = drain(2, 4, start=full[k][1], catalog=catalog)
+        np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b, _ in rest]), ids[(k + 1) * 8:])
+        np.testing.assert_array_equal(np.concatenate([b["pixel_values"] for b, _ in rest]), pixels[(k + 1) * 8:])
