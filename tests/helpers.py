@@ -131,25 +131,14 @@ def colour_png(colour: str, size: int = 16, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def tiny_vlm(out, image_size: int = 16, positions: int = 128) -> Path:
-    """A random-init tiny LLaVA (1-layer CLIP tower, 2-layer Llama) with a BPE tokenizer trained on the colour words
-    and its processor (CLIP image processor, `<image>` expanded to 4 tokens), saved where `out` says: what
-    `AutoModelForImageTextToText` and `AutoProcessor` load. Nothing downloaded; ~1 s."""
-    import torch
+def colour_tokenizer():
+    """A byte-level BPE of 300-odd tokens trained on the colour task's words, with ChatML and a pad token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import PreTrainedTokenizerFast
 
     from llmray.data.template import CHAT_TOKENS, CHATML
 
-    special = ["<|endoftext|>", *CHAT_TOKENS, "<pad>", "<image>"]
+    special = ["<|endoftext|>", *CHAT_TOKENS, "<pad>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -157,9 +146,30 @@ def tiny_vlm(out, image_size: int = 16, positions: int = 128) -> Path:
     tok.train_from_iterator(words * 20 + ["user assistant system"] * 20, trainer=trainers.BpeTrainer(
         vocab_size=320, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[0], eos_token=special[0], pad_token="<pad>",
-                                 extra_special_tokens={"image_token": "<image>"})
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[0], eos_token=special[0], pad_token="<pad>")
     hf.chat_template = CHATML
+    return hf
+
+
+def tiny_vlm(out, image_size: int = 16, positions: int = 128) -> Path:
+    """A random-init tiny LLaVA (1-layer CLIP tower, 2-layer Llama) with a BPE tokenizer trained on the colour words
+    and its processor (CLIP image processor, `<image>` expanded to 4 tokens), saved where `out` says: what
+    `AutoModelForImageTextToText` and `AutoProcessor` load. Nothing downloaded; ~1 s."""
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from llmray.data.template import CHATML
+
+    hf = colour_tokenizer()
+    hf.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    hf.image_token = "<image>"
     patch = image_size // 2
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},

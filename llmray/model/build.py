@@ -59,6 +59,21 @@ def freeze_tower(model: torch.nn.Module) -> int:
     return frozen_weights
 
 
+def freeze_language_model(model: torch.nn.Module) -> int:
+    """Every weight but the vision tower's and the projector's frozen (LLaVA's stage 1: the projector learns to
+    speak the language model's language); returns how many."""
+    from llmray.model.flops import weights_in
+
+    towers, projectors = vision_parts(model)
+    keep = tuple(f"{name}." for name in towers + projectors)
+    frozen_weights = 0
+    for name, p in model.named_parameters():
+        if not name.startswith(keep):
+            p.requires_grad_(False)
+            frozen_weights += weights_in(p)
+    return frozen_weights
+
+
 def pretrained_folder(name: str, config_only: bool = False) -> str:
     """model.pretrained as a local folder on this node (downloaded once per node); `config_only`: its config and
     tokenizer files, not its weights (what the driver needs)."""

@@ -328,6 +328,8 @@ class VisionSettings(Strict):
     # the vision encoder trains too; by default it is frozen and only the projector and the language model train
     # (in full, or LoRA on the language model with the projector trained in full)
     train_tower: bool = False
+    # false: the language model is frozen too and the projector trains alone (LLaVA's stage 1, on captions)
+    train_language_model: bool = True
 
 
 class DistillSettings(Strict):
@@ -537,6 +539,9 @@ class Recipe(Strict):
         if self.vision is not None:
             self._tunes_on_conversations("vision", "its image conversations (OpenAI image_url parts, LLaVA records "
                                                    "with images, or image/text caption tables)")
+            if not self.vision.train_language_model and self.finetune.method != "full":
+                raise ValueError(f"vision.train_language_model=false trains the projector alone; finetune.method="
+                                 f"{self.finetune.method} would put adapters on the language model (use full)")
         return self
 
     @property

@@ -12,7 +12,7 @@ import torch
 
 from llmray import logs
 from llmray.cuda_arch import fix_arch_list
-from llmray.model.build import build_model, freeze_tower, frozen, frozen_dtype
+from llmray.model.build import build_model, freeze_language_model, freeze_tower, frozen, frozen_dtype
 from llmray.model.flops import count_params, flops_per_token
 from llmray.model.lora import four_bit, prepare_four_bit, trainable, with_lora
 from llmray.prune.sparse import keep_zeros
@@ -69,6 +69,10 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
         held = freeze_tower(model)
         if announce:
             print(f"[llmray] vision tower frozen ({held:,} weights; vision.train_tower=true trains it)", flush=True)
+    if recipe.vision is not None and not recipe.vision.train_language_model:
+        held = freeze_language_model(model)
+        if announce:
+            print(f"[llmray] language model frozen ({held:,} weights): the projector trains alone", flush=True)
     if adapters:
         model = with_lora(model, f.lora, train_tower)
         if announce:

@@ -216,3 +216,41 @@ def test_image_rows_stream_with_their_pixels_and_resume_exactly_on_another_world
         rest = drain(2, 4, start=full[k][1], catalog=catalog)
         np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b, _ in rest]), ids[(k + 1) * 8:])
         np.testing.assert_array_equal(np.concatenate([b["pixel_values"] for b, _ in rest]), pixels[(k + 1) * 8:])
+
+
+@pytest.mark.slow  # a third Train run: ~40 s
+def test_llava_stage_one_trains_the_projector_alone_on_captions(colour_set, ray_cluster, tmp_path):
+    """A CLIP tower and a language model composed with a new projector (`llmray vision compose`), then LLaVA's stage
+    1 on a caption table: the projector learns, the tower and the language model come out bit-identical."""
+    from helpers import colour_tokenizer, tiny_llama
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    from llmray.export.folder import export
+    from llmray.model.compose import compose_llava
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=16, patch_size=8)).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        tmp_path / "clip")
+    tokenizer = colour_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    base = tmp_path / "llava"
+    compose_llava(str(tmp_path / "clip"), str(tmp_path / "lm"), str(base))
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    (captions / "captions.jsonl").write_text("".join(
+        json.dumps({"image": str(colour_set / "img" / f"{i}.png"), "text": f"a {list(COLOURS)[i % 4]} square"}) + "\n"
+        for i in range(1, 192, 2)))
+    recipe = load_recipe("jobs/vision_tiny.yaml", [
+        f"model.pretrained={base}", f"data.conversations={captions}", f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=stage1", "vision.train_language_model=false", "train.max_steps=12", "train.log_every=4",
+        "data.val_fraction=0.0"])
+    summary = fit(recipe)
+    loss = losses(summary)
+    assert loss[-1] < loss[0], loss
+    export(summary.run_dir, str(tmp_path / "stage1"))
+    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "stage1" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("multi_modal_projector" in k for k in changed), sorted(changed)
