@@ -174,19 +174,23 @@ def test_lora_under_zero3_trains_adapters_and_the_projector_and_exports_merged(c
 
 
 def test_image_rows_stream_with_their_pixels_and_resume_exactly_on_another_world_size(colour_set, ray_cluster,
-                                                                                       tmp_path):
+                                                                                       tmp_path, monkeypatch):
     """The stream's Ray Data tasks run the processor: each row comes with its own image's pixels, and a stream
-    restarted at a position (on 2 ranks, from a run of 1) yields exactly the rest, pixels included."""
+    restarted at a position (on 2 ranks, from a run of 1) yields exactly the rest, pixels included, with each
+    rank's cache of fetched rows held to its byte bound (dropped runs fetched again when needed)."""
     import uuid
 
     import numpy as np
     from transformers import AutoTokenizer
 
+    from llmray.data import stream as stream_module
     from llmray.data.catalog import CatalogActor
     from llmray.data.chat import shard_conversations
     from llmray.data.pack import StreamSpec
     from llmray.data.split import Documents
     from llmray.data.stream import RankStream
+
+    monkeypatch.setattr(stream_module, "RANK_CACHE_BYTES", 200_000)
 
     vlm = tiny_vlm(tmp_path / "vlm")
     shards = str(tmp_path / "shards")
@@ -200,8 +204,11 @@ def test_image_rows_stream_with_their_pixels_and_resume_exactly_on_another_world
         streams = [RankStream(catalog, session, r, world, rows, prefetch=2) for r in range(world)]
         for stream in streams:
             stream.load_state_dict(start or {})
-        return [({k: np.concatenate([b[k] for b in batches]) for k in batches[0]}, streams[0].state_dict())
-                for batches in zip(*streams)]
+        out = [({k: np.concatenate([b[k] for b in batches]) for k in batches[0]}, streams[0].state_dict())
+               for batches in zip(*streams)]
+        # a run here (a block: 2 pieces) holds ~0.7 MB, over the bound: epoch 0's was dropped once epoch 1's came
+        assert all(len(s.runs) == 1 for s in streams)
+        return out
 
     full = drain(1, 8)
     ids = np.concatenate([b["input_ids"] for b, _ in full])
