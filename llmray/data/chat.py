@@ -297,14 +297,16 @@ SHOWN_SKIPPED = 10
 
 def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: int, fmt: str = "auto",
                         split: str | None = None, columns: dict[str, str] | None = None,
-                        kind: str = "conversations", required: tuple[str, ...] = (), max_images: int = 0) -> Conversion:
+                        kind: str = "conversations", required: tuple[str, ...] = (), max_images: int = 0,
+                        processor=None) -> Conversion:
     """Write the conversations of `inputs` as shards into `out`, unless `out` already holds those of the same input
     files (same sizes), format, template and `seq_len`. Each conversation is encoded here as the stream will encode
     it (`encode_chat`), so a line the template refuses (a role it does not know, a rendering whose assistant turns
     cannot be located) is skipped and named like a malformed one, and those longer than `seq_len` are counted. A pair
 or a prompt longer than `seq_len` is skipped (trained on whole or not at all). `kind`, `required`: see
-`read_conversations`. An image conversation longer than `seq_len` in its text alone is skipped (its images only
-add tokens, and a row is never cut through an image)."""
+`read_conversations`. An image conversation longer than `seq_len` is skipped (a row is never cut through an image):
+its length with its images expanded when the model's `processor` can say it (`pixels.expanded_length`), else its
+text's alone."""
     paths = [inputs] if isinstance(inputs, str) else list(inputs)
     files = conversation_files(paths, split)
     record = {"inputs": [list(f) for f in files], "format": fmt, "columns": columns or {}, "seq_len": seq_len,
@@ -334,10 +336,15 @@ add tokens, and a row is never cut through an image)."""
                 if messages is not None:
                     try:
                         length = RECORD_LENGTH[kind](tokenizer, messages)
+                        if kind == "images" and processor is not None:
+                            from llmray.data.pixels import expanded_length
+
+                            length = expanded_length(processor, messages) or length
                     except Exception as e:  # jinja's TemplateError, what the template raises, or ours
                         problem = f"the chat template refused it: {e}"
                 if problem is None and kind != "conversations" and length > seq_len:
-                    takes = {"pairs": "chosen and rejected take", "prompts": "the prompt takes", "images": "its text takes"}
+                    takes = {"pairs": "chosen and rejected take", "prompts": "the prompt takes",
+                             "images": "with its images it takes" if processor is not None else "its text takes"}
                     problem = f"over the length: {takes[kind]} {length} tokens, data.seq_len is {seq_len}"
                 if problem is not None:  # named by the file's full path, which the user can open
                     report.problems.append(f"{path}{doc_id[len(name):]}: {problem}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import io
 
 import numpy as np
 
@@ -86,6 +87,29 @@ def encode_image_chat(processor, messages: list[dict], pictures: list[bytes]
     labels = np.where(mask, expanded, IGNORE_INDEX).astype(np.int32)
     labels[:1] = IGNORE_INDEX
     return expanded, labels, pixels
+
+
+def expanded_length(processor, record: dict) -> int | None:
+    """The tokens `record` takes once each placeholder is expanded, from its text and its images' sizes (read from
+    their headers, not decoded), as the processor counts them for vLLM (`_get_num_multimodal_tokens`); None for a
+    processor that does not say."""
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    if count is None:
+        return None
+    from PIL import Image
+
+    token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+    messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, token)}
+                for m in record["messages"]]
+    text = len(encode_chat(processor.tokenizer, messages)[0])
+    sizes = []
+    for data in record["images"]:
+        with Image.open(io.BytesIO(images.from_text(data))) as img:
+            sizes.append((img.height, img.width))
+    if not sizes:
+        return text
+    per_image = count(image_sizes=sizes).num_image_tokens
+    return text + sum(n - 1 for n in per_image)  # each placeholder token becomes n
 
 
 def carried_mask(ids: np.ndarray, mask: np.ndarray, expanded: np.ndarray) -> np.ndarray:

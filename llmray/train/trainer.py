@@ -23,6 +23,7 @@ from llmray.cluster import ensure_ray
 from llmray.data.catalog import CatalogActor
 from llmray.data.chat import Conversion, shard_conversations
 from llmray.data.pack import StreamSpec, first_rows
+from llmray.data.pixels import load_processor
 from llmray.data.split import split_sources
 from llmray.data.tokenizer import load_tokenizer
 from llmray.evals.perplexity import perplexity
@@ -206,7 +207,8 @@ def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]
     conversion = shard_conversations(d.conversations, out, load_tokenizer(d.tokenizer), d.seq_len, d.format, d.split,
                                      d.columns, recipe.documents,
                                      recipe.rl.required_fields if recipe.rl else (),
-                                     recipe.vision.max_images if recipe.vision else 0)
+                                     recipe.vision.max_images if recipe.vision else 0,
+                                     load_processor(d.tokenizer) if recipe.vision else None)
     print("[llmray] " + conversion.text(), flush=True)
     return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})}), conversion
 

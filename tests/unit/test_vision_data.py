@@ -198,3 +198,22 @@ def test_a_text_model_with_a_vision_block_is_refused_before_ray(tmp_path, vlm):
                         max_images=1)
     with pytest.raises(RecipeError, match="is a llama model, not a vision-language one"):
         check_inputs(r)
+
+
+def test_a_conversation_too_long_with_its_images_expanded_is_skipped_and_named(tmp_path, vlm):
+    from llmray.data.pixels import expanded_length
+
+    processor = load_processor(vlm)
+    record = {"messages": [{"role": "user", "content": "<image>What colour is the square?"},
+                           {"role": "assistant", "content": "It is red."}], "images": [images.to_text(RED)]}
+    ids, _, _ = encode_image_chat(processor, [{**m} for m in record["messages"]], [RED])
+    assert expanded_length(processor, record) == len(ids)  # the processor's count, before any image is prepared
+    (tmp_path / "red.png").write_bytes(RED)
+    short = {"messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "red"}],
+             "images": ["red.png"]}
+    path = write_jsonl(tmp_path / "chats.jsonl", [{**record, "images": ["red.png"]}, short])
+    made = shard_conversations(str(path), str(tmp_path / "shards"), processor.tokenizer, len(ids) - 1,
+                               kind="images", max_images=1, processor=processor)
+    assert made.documents == 1 and len(made.skipped) == 1
+    assert made.skipped[0] == (f"{path}:1: over the length: with its images it takes {len(ids)} tokens, "
+                               f"data.seq_len is {len(ids) - 1}")
