@@ -191,6 +191,37 @@ def tiny_vlm(out, image_size: int = 16, positions: int = 128) -> Path:
     return out
 
 
+def tiny_idefics3(out) -> Path:
+    """A random-init tiny Idefics3 (SmolVLM's architecture), no image splitting: 4 image tokens an image."""
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    from llmray.data.template import CHATML
+
+    tok = colour_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
+    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}),
+        tokenizer=tok, image_seq_len=4, chat_template=CHATML)
+    torch.manual_seed(0)
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=256),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    Idefics3ForConditionalGeneration(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
+
+
 def losses(summary):
     """The training losses a finished run reported, from its final checkpoint's state."""
     import numpy as np

@@ -24,6 +24,11 @@ TOWER_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder")
 PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector")
 
 
+# models whose forward takes pixel values per row, (rows, images, C, H, W), padding images all zero (their
+# processors return them so); the others (LLaVA, ...) take every row's images in one list, (images, C, H, W)
+PIXELS_PER_ROW = ("idefics2", "idefics3", "smolvlm")
+
+
 def is_vision_language(config: PretrainedConfig) -> bool:
     return getattr(config, "vision_config", None) is not None
 

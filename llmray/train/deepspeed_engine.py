@@ -12,7 +12,7 @@ import torch
 
 from llmray import logs
 from llmray.cuda_arch import fix_arch_list
-from llmray.model.build import build_model, freeze_language_model, freeze_tower, frozen, frozen_dtype
+from llmray.model.build import PIXELS_PER_ROW, build_model, freeze_language_model, freeze_tower, frozen, frozen_dtype
 from llmray.model.flops import count_params, flops_per_token
 from llmray.model.lora import four_bit, prepare_four_bit, trainable, with_lora
 from llmray.prune.sparse import keep_zeros
@@ -30,6 +30,7 @@ class ModelFacts:
     n_params: int
     flops_per_token: float
     flat_rows: bool = False  # packed rows go in as one row (flash attention's varlen path; `batch.model_inputs`)
+    pixels_per_row: bool = False  # a VLM that takes pixel values per row (`build.PIXELS_PER_ROW`; `batch.model_inputs`)
 
 
 def device_for(use_gpu: bool) -> torch.device:
@@ -91,7 +92,8 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     fast.apply(model, kernels, adapters)
     facts = ModelFacts(count_params(model),
                        flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len),
-                       flat_rows=kernels.flat_rows)
+                       flat_rows=kernels.flat_rows,
+                       pixels_per_row=getattr(model.config, "model_type", None) in PIXELS_PER_ROW)
     with logs.hush_stdout():  # DeepSpeed prints the ops it builds and the kernels it lacks
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,

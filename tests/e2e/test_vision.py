@@ -261,3 +261,29 @@ def test_llava_stage_one_trains_the_projector_alone_on_captions(colour_set, ray_
     before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "stage1" / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("multi_modal_projector" in k for k in changed), sorted(changed)
+
+
+@pytest.mark.slow  # another Train run: ~45 s
+def test_an_idefics3_fine_tunes_with_its_pixels_per_row_and_exports(colour_set, ray_cluster, tmp_path):
+    """SmolVLM's architecture (Idefics3, no image splitting) through the same path: its forward takes the pixels
+    per row; the vision tower (`vision_model`) stays frozen, the connector trains."""
+    from helpers import tiny_idefics3
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llmray.export.folder import export
+
+    base = tiny_idefics3(tmp_path / "idefics3")
+    recipe = load_recipe("jobs/vision_tiny.yaml", [
+        f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=idefics3", "train.max_steps=8", "train.log_every=4", "data.val_fraction=0.0"])
+    summary = fit(recipe)
+    loss = losses(summary)
+    assert loss[-1] < loss[0] - 1.0, loss
+    export(summary.run_dir, str(tmp_path / "out"))
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "out")).__name__ == \
+        "Idefics3ForConditionalGeneration"
+    AutoProcessor.from_pretrained(tmp_path / "out")
+    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any("vision_model" in k for k in changed) and any("connector" in k for k in changed)

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import colour_png, s3_client, tiny_vlm
+from helpers import colour_png, s3_client, tiny_idefics3, tiny_vlm
 
 from llmray.data import images
 from llmray.data.chat import read_conversations, shard_conversations
@@ -217,3 +217,29 @@ def test_a_conversation_too_long_with_its_images_expanded_is_skipped_and_named(t
     assert made.documents == 1 and len(made.skipped) == 1
     assert made.skipped[0] == (f"{path}:1: over the length: with its images it takes {len(ids)} tokens, "
                                f"data.seq_len is {len(ids) - 1}")
+
+
+def test_an_idefics3_takes_its_pixels_per_row(tmp_path):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.model.build import PIXELS_PER_ROW
+    from llmray.train.batch import model_inputs
+
+    folder = str(tiny_idefics3(tmp_path / "idefics3"))
+    processor = load_processor(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert model.config.model_type in PIXELS_PER_ROW
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
+               for c, png in (("red", RED), ("blue", BLUE))]
+    records.append({"messages": [{"role": "user", "content": "Describe it."},
+                                 {"role": "assistant", "content": "a red square"}], "images": []})
+    rows = image_rows(processor, records, seq_len=64, max_images=2)
+    assert rows["image_count"].tolist() == [1, 1, 0]
+    inputs = model_inputs(rows, torch.device("cpu"), pixels_per_row=True)
+    assert inputs["pixel_values"].shape == (3, 2, 3, 32, 32)  # zero slots: dropped by the model
+    with torch.no_grad():
+        loss = model(**inputs).loss
+        swapped = model(**{**inputs, "pixel_values": inputs["pixel_values"][[1, 0, 2]]}).loss
+    assert torch.isfinite(loss) and not torch.isclose(loss, swapped)
