@@ -243,3 +243,14 @@ def test_an_idefics3_takes_its_pixels_per_row(tmp_path):
         loss = model(**inputs).loss
         swapped = model(**{**inputs, "pixel_values": inputs["pixel_values"][[1, 0, 2]]}).loss
     assert torch.isfinite(loss) and not torch.isclose(loss, swapped)
+
+
+def test_image_records_read_as_text_conversations_point_to_the_vision_block(tmp_path):
+    from llmray.data.chat import ChatDataError
+
+    (tmp_path / "red.png").write_bytes(RED)
+    path = write_jsonl(tmp_path / "llava.jsonl", [
+        {"conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "red"}],
+         "images": ["red.png"]}])
+    with pytest.raises(ChatDataError, match=r"holds image conversations .* vision: block \(image-text fine-tuning\) reads"):
+        list(read_conversations(str(path)))
