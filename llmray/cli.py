@@ -334,6 +334,25 @@ def _serve(args) -> None:
                  kv_cache_bytes=args.kv_cache_bytes)
 
 
+def _compose_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vision", required=True, help="a CLIP or SigLIP vision encoder folder (or URI) with its image "
+                                                   "processor")
+    p.add_argument("--language-model", required=True, help="a causal LM folder (or URI) with its tokenizer, e.g. "
+                                                           "an `llmray export`")
+    p.add_argument("--out", required=True, help="the LLaVA folder to write (whole, or not at all)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _compose(args) -> None:
+    from llmray.model.compose import compose_llava
+
+    print(f"composing {args.vision} + a new projector + {args.language_model} into {args.out} (LLaVA)")
+    made = compose_llava(args.vision, args.language_model, args.out, args.overwrite)
+    print(f"wrote {made['out']}: {', '.join(made['files'])}; projector {made['projector_parameters']:,} parameters "
+          f"(new), {made['image_tokens']} tokens an image. Stage 1: llmray finetune with vision.train_language_model="
+          "false on captions; stage 2: the stage-1 export, full or LoRA, on instructions (docs/vision.md)")
+
+
 # (path of words, one-line help, description, options, run)
 COMMANDS = [
     (("data", "shard"), "write Parquet shards (text, doc_id, source) of a target size",
@@ -351,6 +370,10 @@ COMMANDS = [
      "Supervised fine-tuning of model.pretrained on data.conversations (OpenAI messages, Alpaca or ShareGPT JSONL), "
      "loss on the assistant's tokens only, conversations packed without attending to each other; finetune.method "
      "full or lora (the default). Same options and cluster behaviour as `llmray train`.", _train_options, _finetune),
+    (("vision", "compose"), "a LLaVA model from a vision encoder folder and a language model folder",
+     "Join a CLIP or SigLIP vision encoder and a causal LM (one llmray pretrained included) with a new projector into "
+     "one folder that transformers.AutoModelForImageTextToText and AutoProcessor load, `<image>` added to the "
+     "tokenizer; then fine-tune it in LLaVA's two stages (docs/vision.md).", _compose_options, _compose),
     (("export",), "a checkpoint into a Hugging Face model folder",
      "Consolidate a checkpoint's ZeRO shards (any stage, local or s3://) into a folder that "
      "transformers.AutoModelForCausalLM.from_pretrained loads: config.json, model.safetensors, tokenizer, "
@@ -381,7 +404,7 @@ COMMANDS = [
      "Start Ray Serve on a local Ray (or the cluster in RAY_ADDRESS) with GET /v1/models, POST /v1/completions and "
      "/v1/chat/completions. For clusters and autoscaling use `serve run serve/config.yaml`.", _serve_options, _serve),
 ]
-GROUPS = {"data": "corpus preparation", "tokenizer": "tokenizers"}
+GROUPS = {"data": "corpus preparation", "tokenizer": "tokenizers", "vision": "vision-language models"}
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -112,6 +112,116 @@ def tiny_llama(vocab_size: int, positions: int = 128):
                                         initializer_range=0.2)).float().eval()
 
 
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def colour_png(colour: str, size: int = 16, seed: int = 0) -> bytes:
+    """A PNG of a square of `colour` on a grey ground, placed by `seed`: a captioning task only the pixels answer."""
+    import io
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    img = Image.new("RGB", (size, size), (128, 128, 128))
+    x, y = rng.randrange(size // 3), rng.randrange(size // 3)
+    ImageDraw.Draw(img).rectangle([x, y, x + size // 2, y + size // 2], fill=COLOURS[colour])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def colour_tokenizer():
+    """A byte-level BPE of 300-odd tokens trained on the colour task's words, with ChatML and a pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmray.data.template import CHAT_TOKENS, CHATML
+
+    special = ["<|endoftext|>", *CHAT_TOKENS, "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = [f"a {c} square. What colour is the square? It is {c}. Describe the image." for c in COLOURS]
+    tok.train_from_iterator(words * 20 + ["user assistant system"] * 20, trainer=trainers.BpeTrainer(
+        vocab_size=320, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[0], eos_token=special[0], pad_token="<pad>")
+    hf.chat_template = CHATML
+    return hf
+
+
+def tiny_vlm(out, image_size: int = 16, positions: int = 128) -> Path:
+    """A random-init tiny LLaVA (1-layer CLIP tower, 2-layer Llama) with a BPE tokenizer trained on the colour words
+    and its processor (CLIP image processor, `<image>` expanded to 4 tokens), saved where `out` says: what
+    `AutoModelForImageTextToText` and `AutoProcessor` load. Nothing downloaded; ~1 s."""
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from llmray.data.template import CHATML
+
+    hf = colour_tokenizer()
+    hf.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    hf.image_token = "<image>"
+    patch = image_size // 2
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                              crop_size={"height": image_size, "width": image_size}),
+        tokenizer=hf, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHATML)
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=image_size, patch_size=patch, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(hf), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=positions,
+                                bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id),
+        image_token_id=hf.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default")
+    out = Path(out)
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def tiny_idefics3(out) -> Path:
+    """A random-init tiny Idefics3 (SmolVLM's architecture), no image splitting: 4 image tokens an image."""
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    from llmray.data.template import CHATML
+
+    tok = colour_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
+    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}),
+        tokenizer=tok, image_seq_len=4, chat_template=CHATML)
+    torch.manual_seed(0)
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=256),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    Idefics3ForConditionalGeneration(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
+
+
 def losses(summary):
     """The training losses a finished run reported, from its final checkpoint's state."""
     import numpy as np

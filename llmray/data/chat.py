@@ -33,7 +33,8 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 SHARD_BYTES = 16 << 20
 # what a record of data.conversations is, by the recipe's objective: a conversation (SFT), a preference pair
 # (preference:) or a prompt (rl:); and what the messages call one
-KINDS = {"conversations": "conversation", "pairs": "preference pair", "prompts": "prompt"}
+# an image conversation (vision:, `vision.py`)
+KINDS = {"conversations": "conversation", "pairs": "preference pair", "prompts": "prompt", "images": "image conversation"}
 INPUTS_RECORD = "_conversations.json"  # which input files (and sizes) and format the shards were made from
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -129,17 +130,21 @@ def in_split(name: str, split: str) -> bool:
 
 
 def read_conversations(path: str, fmt: str = "auto", name: str | None = None, columns: dict[str, str] | None = None,
-                       kind: str = "conversations", required: tuple[str, ...] = ()
+                       kind: str = "conversations", required: tuple[str, ...] = (), max_images: int = 0
                        ) -> Iterator[tuple[str, list[dict] | dict | None, str | None]]:
     """(doc_id, messages, None) for each good record of one JSONL or Parquet file, and (doc_id, None, why) for each
     bad one; a doc_id is `name:line` (JSONL) or `name#row` (Parquet), `name` defaulting to `path`. `columns` maps
     a format's field to the dataset's (`{"messages": "conversation"}`). `kind` (KINDS): "pairs" reads preference
     pairs (`data.pairs`), "prompts" RL prompts (`data.prompts`; `required`: the fields its rewards read), each good
-    record yielding its normalized form. A file that is not UTF-8 or holds no record raises ChatDataError, as does
-    a file of one kind read as another."""
+    record yielding its normalized form; "images" image conversations (`vision.py`; `max_images`: the most a record
+    may hold). A file that is not UTF-8 or holds no record raises ChatDataError, as does a file of one kind read as
+    another."""
+    from llmray.data.vision import detect_vision_format, normalize_vision
+
     name = path if name is None else name
     rename = {theirs: ours for ours, theirs in (columns or {}).items()}
-    detectors = {"conversations": detect_format, "pairs": detect_pair_format, "prompts": detect_prompt_format}
+    detectors = {"conversations": detect_format, "pairs": detect_pair_format, "prompts": detect_prompt_format,
+                 "images": detect_vision_format}
     detect = detectors[kind]
     file_format = None if fmt == "auto" or kind != "conversations" else fmt
     seen = False
@@ -153,10 +158,11 @@ def read_conversations(path: str, fmt: str = "auto", name: str | None = None, co
         if file_format is None:  # the first object that shows one decides the file's format
             file_format = detect(obj) if isinstance(obj, dict) else None
             # a pair also has a prompt: it is a prompt file's wrong kind only if it is no prompt record
-            if file_format is None or (kind == "prompts" and detect_pair_format(obj)):
+            if file_format is None or (kind == "prompts" and detect_pair_format(obj)) or \
+                    (kind == "conversations" and detect_vision_format(obj) not in (None, "openai")):
                 # (any record with a `prompt` reads as a prompt: TRL's prompt/completion records are not named one)
                 found = next((k for k, d in detectors.items() if k not in (kind, "prompts") and isinstance(obj, dict)
-                              and d(obj)), None)
+                              and d(obj) and (k != "conversations" or kind != "images")), None)
                 if found is not None:
                     raise ChatDataError(_wrong_kind(path, obj, kind, found))
             if file_format is None:
@@ -168,6 +174,8 @@ def read_conversations(path: str, fmt: str = "auto", name: str | None = None, co
         try:
             if kind == "prompts":
                 yield where, normalize_prompt(obj, file_format, required), None
+            elif kind == "images":  # relative image paths are read from the file's folder
+                yield where, normalize_vision(obj, file_format, posixpath.dirname(path), max_images), None
             else:
                 yield where, (normalize_pair if kind == "pairs" else normalize)(obj, file_format), None
         except ValueError as e:
@@ -179,9 +187,12 @@ def read_conversations(path: str, fmt: str = "auto", name: str | None = None, co
 
 EXPECTED = {"conversations": "a 'messages' list (OpenAI), a 'conversations' list (ShareGPT) or 'instruction' (Alpaca)",
             "pairs": "a preference pair: 'prompt', 'chosen' and 'rejected', or 'chosen' and 'rejected'",
-            "prompts": "a 'prompt' (a string or messages) or a 'messages' list, beside the fields the rewards read"}
+            "prompts": "a 'prompt' (a string or messages) or a 'messages' list, beside the fields the rewards read",
+            "images": "'messages' with image_url parts (OpenAI), 'messages' or 'conversations' with 'images' (LLaVA), "
+                      "or 'image' and 'text' (a caption table)"}
 READ_BY = {"conversations": "a recipe without a preference: or rl: block (supervised fine-tuning)",
-           "pairs": "a recipe's preference: block (DPO, IPO, SimPO)", "prompts": "a recipe's rl: block (GRPO)"}
+           "pairs": "a recipe's preference: block (DPO, IPO, SimPO)", "prompts": "a recipe's rl: block (GRPO)",
+           "images": "a recipe's vision: block (image-text fine-tuning)"}
 
 
 def _wrong_kind(path: str, obj: dict, kind: str, found: str) -> str:
@@ -239,7 +250,14 @@ def _conversation_length(tokenizer, messages: list[dict]) -> int:
     return len(encode_chat(tokenizer, messages)[0])
 
 
-RECORD_LENGTH = {"conversations": _conversation_length, "pairs": _pair_length, "prompts": _prompt_length}
+def _image_conversation_length(tokenizer, record: dict) -> int:
+    """The tokens of its text, each image one placeholder token: fewer than the row takes once the processor
+    expands the placeholders (a row over `seq_len` then is dropped where it is made, `pixels.image_rows`)."""
+    return _conversation_length(tokenizer, record["messages"])
+
+
+RECORD_LENGTH = {"conversations": _conversation_length, "pairs": _pair_length, "prompts": _prompt_length,
+                 "images": _image_conversation_length}
 
 
 @dataclass
@@ -279,18 +297,21 @@ SHOWN_SKIPPED = 10
 
 def shard_conversations(inputs: str | list[str], out: str, tokenizer, seq_len: int, fmt: str = "auto",
                         split: str | None = None, columns: dict[str, str] | None = None,
-                        kind: str = "conversations", required: tuple[str, ...] = ()) -> Conversion:
+                        kind: str = "conversations", required: tuple[str, ...] = (), max_images: int = 0,
+                        processor=None) -> Conversion:
     """Write the conversations of `inputs` as shards into `out`, unless `out` already holds those of the same input
     files (same sizes), format, template and `seq_len`. Each conversation is encoded here as the stream will encode
     it (`encode_chat`), so a line the template refuses (a role it does not know, a rendering whose assistant turns
     cannot be located) is skipped and named like a malformed one, and those longer than `seq_len` are counted. A pair
 or a prompt longer than `seq_len` is skipped (trained on whole or not at all). `kind`, `required`: see
-`read_conversations`."""
+`read_conversations`. An image conversation longer than `seq_len` is skipped (a row is never cut through an image):
+its length with its images expanded when the model's `processor` can say it (`pixels.expanded_length`), else its
+text's alone."""
     paths = [inputs] if isinstance(inputs, str) else list(inputs)
     files = conversation_files(paths, split)
     record = {"inputs": [list(f) for f in files], "format": fmt, "columns": columns or {}, "seq_len": seq_len,
               "template": chat_template(tokenizer), "kind": kind,
-              "required": list(required)}
+              "required": list(required), "max_images": max_images}
     fs, out_path = storage.resolve(out)
     record_path = storage.join(out_path, INPUTS_RECORD)
     if storage.exists(fs, record_path):
@@ -311,15 +332,20 @@ or a prompt longer than `seq_len` is skipped (trained on whole or not at all). `
     with ShardWriter(fs, out_path, SHARD_BYTES, report) as writer:
         for path, name, _ in files:
             report.files_read += 1
-            for doc_id, messages, problem in read_conversations(path, fmt, name, columns, kind, required):
+            for doc_id, messages, problem in read_conversations(path, fmt, name, columns, kind, required, max_images):
                 if messages is not None:
                     try:
                         length = RECORD_LENGTH[kind](tokenizer, messages)
+                        if kind == "images" and processor is not None:
+                            from llmray.data.pixels import expanded_length
+
+                            length = expanded_length(processor, messages) or length
                     except Exception as e:  # jinja's TemplateError, what the template raises, or ours
                         problem = f"the chat template refused it: {e}"
                 if problem is None and kind != "conversations" and length > seq_len:
-                    problem = (f"over the length: {'chosen and rejected take' if kind == 'pairs' else 'the prompt takes'}"
-                               f" {length} tokens, data.seq_len is {seq_len}")
+                    takes = {"pairs": "chosen and rejected take", "prompts": "the prompt takes",
+                             "images": "with its images it takes" if processor is not None else "its text takes"}
+                    problem = f"over the length: {takes[kind]} {length} tokens, data.seq_len is {seq_len}"
                 if problem is not None:  # named by the file's full path, which the user can open
                     report.problems.append(f"{path}{doc_id[len(name):]}: {problem}")
                     continue

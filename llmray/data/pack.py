@@ -27,8 +27,9 @@ from llmray.data.template import IGNORE_INDEX
 
 # the columns of a row the model takes (labels and position ids only for conversations and pairs; sequence ids only
 # for pairs: they say which tokens belong to which side of which pair; reference log-probabilities only for pairs
-# whose reference was precomputed); a row also carries its id: source, epoch, piece, sample
-MODEL_INPUTS = ("input_ids", "labels", "position_ids", "sequence_ids", "reference_logps")
+# whose reference was precomputed; pixels and their count only for image conversations); a row also carries its id:
+# source, epoch, piece, sample
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "sequence_ids", "reference_logps", "pixel_values", "image_count")
 PACKED = MODEL_INPUTS[:4]  # what packing makes (sequence ids only when numbered)
 
 
@@ -46,8 +47,10 @@ class StreamSpec:
     max_epochs: int | None = None  # each source stops before starting epoch max_epochs; None: endless
     # what a document is: text; a conversation (JSON messages: rows carry labels and position ids); a preference
     # pair (JSON prompt/chosen/rejected: rows also carry sequence ids); an RL prompt (JSON prompt and fields: a row
-    # is one prompt, `prompt_rows`)
-    documents: Literal["text", "conversations", "pairs", "prompts"] = "text"
+    # is one prompt, `prompt_rows`); an image conversation (JSON messages and images: a row is one conversation with
+    # its pixels, `pixels.image_rows`)
+    documents: Literal["text", "conversations", "pairs", "prompts", "images"] = "text"
+    max_images: int = 0  # image conversations: the images a row has room for (vision.max_images)
     document_masking: bool = False  # text rows carry position ids restarting at each document (data.document_masking)
     # pairs: each source's precomputed reference log-probabilities (a Parquet file of `reference_sums`, one per
     # source; objectives/reference.py writes them), which rows then carry as `reference_logps`
@@ -131,6 +134,11 @@ class Packer:
             return pair_rows(self.hf, [json.loads(t) for t in texts], self.spec.seq_len)
         if self.spec.documents == "prompts":
             return prompt_rows(self.hf, [json.loads(t) for t in texts], self.spec.seq_len)
+        if self.spec.documents == "images":
+            from llmray.data.pixels import image_rows, load_processor
+
+            return image_rows(load_processor(self.spec.tokenizer), [json.loads(t) for t in texts], self.spec.seq_len,
+                              self.spec.max_images)
         seq_len, flat = self.spec.seq_len, []
         for i in range(0, len(texts), self.spec.batch_docs):
             for enc in self.backend.encode_batch_fast(texts[i:i + self.spec.batch_docs], add_special_tokens=False):

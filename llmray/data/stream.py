@@ -30,6 +30,9 @@ from llmray.data.plan import BLOCK_PIECES, PIECE_SAMPLES
 from llmray.data.route import Routed, Router
 
 RANK_CACHE_ROWS = 4 * BLOCK_PIECES * PIECE_SAMPLES  # packed rows a rank keeps fetched: about its last few blocks
+# and at most this many bytes of them: an image row carries its pixels (a 336 px image: 1.35 MB in fp32), which
+# RANK_CACHE_ROWS of would be tens of GB; token rows stay under it (32k rows of 2,048 tokens, 3 int32 columns: 0.8 GB)
+RANK_CACHE_BYTES = 2 << 30
 # blocks of a source a rank's read-ahead request waits for: fewer requests (at 1,024 ranks a block lasts ~2 global
 # micro-batches of 4 rows a rank), for ~4 packed blocks held ahead in the object store (16 MB each at seq 512)
 LOOKAHEAD_BLOCKS = 4
@@ -56,7 +59,7 @@ class RankStream:
         self.incarnation = 0  # the newest catalog incarnation heard from
         self.pending: deque = deque()  # routed micro-batches, not yet gathered
         self.runs: OrderedDict = OrderedDict()  # fetched packed runs of pieces, most recent last
-        self.cached_rows = 0
+        self.cached_rows = self.cached_bytes = 0
         self.ended = False
         # for benchmarks: catalog requests (re-listings included), re-listings after a lost catalog, CPU seconds
         # spent routing (the waits for the catalog excluded) and rows routed
@@ -142,11 +145,14 @@ class RankStream:
             columns = BlockAccessor.for_block(table).to_numpy()
             self.runs[ref] = {c: np.array(v) for c, v in columns.items()}  # copied: the ref's owner may be lost
             self.cached_rows += len(self.runs[ref]["sample"])
+            self.cached_bytes += sum(v.nbytes for v in self.runs[ref].values())
         for ref in refs:
             self.runs.move_to_end(ref)
-        while self.cached_rows > RANK_CACHE_ROWS and len(self.runs) > len(refs):  # oldest first, never these
+        while (self.cached_rows > RANK_CACHE_ROWS or self.cached_bytes > RANK_CACHE_BYTES) and \
+                len(self.runs) > len(refs):  # oldest first, never these (a dropped run still needed is fetched again)
             _, dropped = self.runs.popitem(last=False)
             self.cached_rows -= len(dropped["sample"])
+            self.cached_bytes -= sum(v.nbytes for v in dropped.values())
         return [self.runs[ref] for ref in refs]
 
     def _gather(self, routed: Routed) -> dict:

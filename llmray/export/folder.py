@@ -1,5 +1,6 @@
 """`llmray export`: a training checkpoint (ZeRO shards of any stage, local or in object storage) into a plain
-Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads without llmray: config.json,
+Hugging Face folder that `AutoModelForCausalLM.from_pretrained` (a vision-language model's:
+`AutoModelForImageTextToText` and `AutoProcessor`) loads without llmray: config.json,
 model.safetensors (sharded when large), tokenizer files, generation_config.json, and its lineage. The folder may
 be local or in object storage (s3://, gs://); either way it is written whole or not at all."""
 
@@ -16,7 +17,7 @@ from llmray import hub, logs, storage
 from llmray.data.split import HeldOut
 from llmray.errors import LlmrayError
 from llmray.model import lineage
-from llmray.model.build import build_config, pretrained_folder
+from llmray.model.build import build_config, model_class, pretrained_folder
 from llmray.model.lora import with_lora
 from llmray.outdir import free_target, staged
 from llmray.quantize.folder import quantize_folder
@@ -56,13 +57,11 @@ def consolidated_state_dict(directory: str, zero_stage: int) -> dict[str, torch.
 def full_precision_base(recipe, ckpt: str):
     """The folder a QLoRA run quantized to 4 bits as it loaded: its adapters are merged into (or named with) the
     full-precision weights, as QLoRA exports do."""
-    from transformers import AutoModelForCausalLM
-
     base = storage.local_folder(recipe.model.pretrained, "model.pretrained")  # a Hub id: the commit it trained on
     if not Path(base, "config.json").is_file():
         raise ExportError(f"checkpoint {ckpt} trained QLoRA adapters over model.pretrained {recipe.model.pretrained}, "
                           "whose full-precision weights the export merges them into; that folder is not there")
-    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return model_class(build_config(recipe.model, 0)).from_pretrained(base, dtype=torch.float32)
 
 
 def _pretrained_lineage(name: str | None) -> dict | None:
@@ -92,7 +91,7 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
     `full_precision`. A LoRA fine-tune is exported with its adapters merged into the base weights, or with
     `adapter` as the PEFT adapter folder alone (`PeftModel.from_pretrained(base, out)`). `ckpt` may also be a
     run folder: its latest complete checkpoint is exported."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -107,22 +106,25 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
         if not tok_dir.is_dir():
             raise ExportError(f"checkpoint {ckpt} holds no tokenizer/ folder (written by an older llmray?)")
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        # a vision-language run's checkpoint holds the processor (image processor and tokenizer): exported whole
+        processor = AutoProcessor.from_pretrained(str(tok_dir)) if recipe.vision is not None else None
         config = build_config(recipe.model, state.vocab_size)
         with logs.hush_stdout():  # DeepSpeed prints each step of gathering the ZeRO partitions
             weights = consolidated_state_dict(local, recipe.train.zero_stage)
     lora = recipe.trains_adapters
+    train_tower = recipe.vision is not None and recipe.vision.train_tower
     if adapter and not lora:
         raise ExportError(f"--adapter: checkpoint {ckpt} is not a LoRA fine-tune (its recipe has "
                           f"finetune.method={recipe.finetune.method if recipe.finetune else 'none'})")
     # QAT's fake-quantized layers keep nn.Linear's parameters, so their weights load into the plain model as they
     # are; quantizing that model with the same scheme is torchao's QAT "convert" step.
     if lora and recipe.finetune.method == "qlora":
-        model = with_lora(full_precision_base(recipe, ckpt), recipe.finetune.lora)
+        model = with_lora(full_precision_base(recipe, ckpt), recipe.finetune.lora, train_tower)
         load_adapters(model, weights, ckpt)
     else:
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config).from_config(config)
         if lora:  # the engine trained the peft-wrapped model: its state dict loads into the same wrapping
-            model = with_lora(model, recipe.finetune.lora)
+            model = with_lora(model, recipe.finetune.lora, train_tower)
         model.load_state_dict(weights, strict=True)
     if lora:  # what PeftModel.from_pretrained loads the adapter onto: a folder, or a Hub id and its commit
         base = recipe.model.pretrained
@@ -147,7 +149,7 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
             model.save_pretrained(folder, safe_serialization=True)
         else:
             model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(folder)
+        (processor or tokenizer).save_pretrained(folder)
         lineage.write(folder, info)
         return sorted(p.name for p in folder.iterdir())
 

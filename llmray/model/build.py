@@ -1,12 +1,13 @@
 """The model: any `transformers` causal-LM config built from scratch (Llama-style by default), or a Hugging Face
-model (a local or s3:// folder, or a Hub id) to continue training; and a folder loaded for inference."""
+model (a local or s3:// folder, or a Hub id) to continue training, a vision-language one included (its config has a
+`vision_config`: loaded as `AutoModelForImageTextToText`); and a folder loaded for inference."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
 from llmray import hub, storage
 from llmray.errors import LlmrayError
@@ -15,6 +16,67 @@ from llmray.recipe.schema import ModelSettings
 
 class ModelError(LlmrayError):
     pass
+
+
+# where a vision-language model keeps its vision encoder and its projector, by the names transformers' models give
+# them (LLaVA, Idefics3/SmolVLM, Gemma 3, Qwen2-VL's `visual` holds its merger)
+TOWER_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder")
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector")
+
+
+# models whose forward takes pixel values per row, (rows, images, C, H, W), padding images all zero (their
+# processors return them so); the others (LLaVA, ...) take every row's images in one list, (images, C, H, W)
+PIXELS_PER_ROW = ("idefics2", "idefics3", "smolvlm")
+
+
+def is_vision_language(config: PretrainedConfig) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def model_class(config: PretrainedConfig):
+    """The transformers auto class a config's model loads with: image-text-to-text for a VLM, else causal LM."""
+    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+
+
+def vision_parts(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(qualified names of the vision tower's modules, of the projector's): the first module named as each."""
+    found: dict[str, list[str]] = {"tower": [], "projector": []}
+    for name, _ in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        for part, names in (("tower", TOWER_NAMES), ("projector", PROJECTOR_NAMES)):
+            if last in names and not any(name.startswith(f + ".") for f in found[part]):
+                found[part].append(name)
+    return found["tower"], found["projector"]
+
+
+def freeze_tower(model: torch.nn.Module) -> int:
+    """The vision tower's weights frozen (requires_grad False); returns how many."""
+    towers, _ = vision_parts(model)
+    if not towers:
+        raise ModelError(f"no vision tower (a module named {', '.join(TOWER_NAMES)}) in {type(model).__name__}")
+    from llmray.model.flops import weights_in
+
+    frozen_weights = 0
+    for name in towers:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(False)
+            frozen_weights += weights_in(p)  # a ZeRO-3 partitioned parameter holds none here
+    return frozen_weights
+
+
+def freeze_language_model(model: torch.nn.Module) -> int:
+    """Every weight but the vision tower's and the projector's frozen (LLaVA's stage 1: the projector learns to
+    speak the language model's language); returns how many."""
+    from llmray.model.flops import weights_in
+
+    towers, projectors = vision_parts(model)
+    keep = tuple(f"{name}." for name in towers + projectors)
+    frozen_weights = 0
+    for name, p in model.named_parameters():
+        if not name.startswith(keep):
+            p.requires_grad_(False)
+            frozen_weights += weights_in(p)
+    return frozen_weights
 
 
 def pretrained_folder(name: str, config_only: bool = False) -> str:
@@ -59,7 +121,7 @@ def build_model(cfg: ModelSettings, vocab_size: int, dtype: torch.dtype = torch.
     if cfg.pretrained is not None:
         quantized = {} if quantization_config is None else {"quantization_config": quantization_config,
                                                              "device_map": {"": device}}
-        model = AutoModelForCausalLM.from_pretrained(pretrained_folder(cfg.pretrained), dtype=dtype, **quantized)
+        model = model_class(config).from_pretrained(pretrained_folder(cfg.pretrained), dtype=dtype, **quantized)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings, "
                              f"fewer than the tokenizer's {vocab_size} tokens")
@@ -82,7 +144,8 @@ def frozen(name: str, what: str, device: torch.device, dtype: torch.dtype) -> to
     """A model held fixed beside the one training (a distillation teacher, a preference reference copy): loaded
     (a Hub id or s3:// folder once per node) in the training's precision onto this rank's device, in eval mode,
     with no gradients."""
-    model = AutoModelForCausalLM.from_pretrained(storage.local_folder(name, what), dtype=dtype).to(device).eval()
+    folder = storage.local_folder(name, what)
+    model = model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     return model
 
@@ -106,4 +169,4 @@ def load_for_inference(folder: str, device: torch.device, quantization_config=No
     kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
     if device.type == "cuda":
         kwargs["device_map"] = str(device)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
+    return model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()

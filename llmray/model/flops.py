@@ -27,7 +27,8 @@ def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> in
 def flops_per_token(config: PretrainedConfig, n_params_non_embedding: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights (forward + backward) plus 12·L·H·T for attention scores
     (Kaplan et al. 2020; PaLM appendix B). The LM head counts as a weight matrix."""
-    layers, hidden = config.num_hidden_layers, config.hidden_size
+    text = config.get_text_config()  # a vision-language model's language model
+    layers, hidden = text.num_hidden_layers, text.hidden_size
     return 6.0 * n_params_non_embedding + 12.0 * layers * hidden * seq_len
 
 

@@ -9,18 +9,32 @@ import torch
 from llmray.recipe.schema import LoraSettings, QloraSettings, RecipeError
 
 
-def lora_config(cfg: LoraSettings):
+def lora_config(cfg: LoraSettings, model: torch.nn.Module | None = None, train_tower: bool = False):
+    """peft's config. For a vision-language `model`, the adapters go on the language model only: the projector (and
+    with `train_tower` the vision tower) trains in full beside them (peft's modules_to_save), a frozen tower stays
+    as it is."""
+    import re
+
     from peft import LoraConfig as PeftLoraConfig
 
+    from llmray.model.build import is_vision_language, vision_parts
+
+    extra = {}
+    if model is not None and is_vision_language(model.config):
+        towers, projectors = vision_parts(model)
+        full = [n.rsplit(".", 1)[-1] for n in projectors + (towers if train_tower else [])]
+        names = "|".join(re.escape(n) for n in towers + projectors)
+        extra = {"exclude_modules": rf"^({names})(\..*)?$", "modules_to_save": sorted(set(full)) or None}
     return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
-                          target_modules=cfg.target_modules)
+                          target_modules=cfg.target_modules, **extra)
 
 
-def with_lora(model: torch.nn.Module, cfg: LoraSettings) -> torch.nn.Module:
-    """`model` wrapped with fresh LoRA adapters; every other parameter frozen (requires_grad False)."""
+def with_lora(model: torch.nn.Module, cfg: LoraSettings, train_tower: bool = False) -> torch.nn.Module:
+    """`model` wrapped with fresh LoRA adapters; every other parameter frozen (requires_grad False), but a VLM's
+    projector (and with `train_tower` its vision tower): see `lora_config`."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(cfg))
+    return get_peft_model(model, lora_config(cfg, model, train_tower))
 
 
 def four_bit(cfg: QloraSettings, compute_dtype: torch.dtype):
@@ -60,10 +74,10 @@ def trainable(model: torch.nn.Module) -> tuple[int, int]:
 def linear_names(config) -> list[str]:
     """The distinct names (last dotted part) of a model's Linear layers, the LM head aside: what
     `target_modules` may name. The model is built on the meta device: no memory, no weights read."""
-    from transformers import AutoModelForCausalLM
+    from llmray.model.build import model_class
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config).from_config(config)
     head = model.get_output_embeddings()
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and module is not head})

@@ -324,6 +324,18 @@ class FinetuneSettings(Strict):
         return self.method in ("lora", "qlora")
 
 
+class VisionSettings(Strict):
+    """Image-text fine-tuning of a vision-language model.pretrained (any `AutoModelForImageTextToText` folder) on
+    image conversations in data.conversations (`llmray.data.vision`)."""
+
+    max_images: int = Field(1, gt=0)  # images a conversation may hold (room for them is in every row)
+    # the vision encoder trains too; by default it is frozen and only the projector and the language model train
+    # (in full, or LoRA on the language model with the projector trained in full)
+    train_tower: bool = False
+    # false: the language model is frozen too and the projector trains alone (LLaVA's stage 1, on captions)
+    train_language_model: bool = True
+
+
 class DistillSettings(Strict):
     """Knowledge distillation: the student trains on alpha * T^2 * KL(teacher || student) over temperature-softened
     next-token distributions plus (1 - alpha) * its LM loss. The teacher is frozen and shares the tokenizer."""
@@ -498,6 +510,7 @@ class Recipe(Strict):
     preference: PreferenceSettings | None = None  # present: data.conversations are preference pairs
     rl: RlSettings | None = None  # present: data.conversations are prompts, trained on by online RL (GRPO)
     prune: PruneSettings | None = None  # absent: model.pretrained as it is
+    vision: VisionSettings | None = None  # present: data.conversations are image conversations for a VLM
     wandb: WandbSettings = Field(default_factory=WandbSettings)
 
     @model_validator(mode="after")
@@ -528,6 +541,12 @@ class Recipe(Strict):
         self._kernel_checks()
         self._preference_checks()
         self._rl_checks()
+        if self.vision is not None:
+            self._tunes_on_conversations("vision", "its image conversations (OpenAI image_url parts, LLaVA records "
+                                                   "with images, or image/text caption tables)")
+            if not self.vision.train_language_model and self.finetune.method != "full":
+                raise ValueError(f"vision.train_language_model=false trains the projector alone; finetune.method="
+                                 f"{self.finetune.method} would put adapters on the language model (use full)")
         return self
 
     @property
@@ -572,6 +591,9 @@ class Recipe(Strict):
             raise ValueError(f"{block} reads {reads} from data.conversations")
         if sum(x is not None for x in (self.preference, self.rl, self.distill)) > 1:
             raise ValueError("preference, rl and distill are each an objective; a run has one")
+        if self.vision is not None and any(x is not None for x in (self.preference, self.rl, self.distill)):
+            raise ValueError(f"{block} with vision is not built yet: image conversations train with the next-token "
+                             "loss only")
 
     def _rl_checks(self) -> None:
         r = self.rl
@@ -662,11 +684,13 @@ class Recipe(Strict):
                                  f"scaling.num_workers={s.num_workers}")
 
     @property
-    def documents(self) -> Literal["text", "conversations", "pairs", "prompts"]:
+    def documents(self) -> Literal["text", "conversations", "pairs", "prompts", "images"]:
         """What a document of the stream is: text; or a record of data.conversations, read as this recipe's objective
-        reads them (a conversation, a preference pair, an RL prompt)."""
+        reads them (a conversation, a preference pair, an RL prompt, an image conversation)."""
         if self.data.conversations is None:
             return "text"
+        if self.vision is not None:
+            return "images"
         return "prompts" if self.rl else "pairs" if self.preference else "conversations"
 
     @property

@@ -9,7 +9,7 @@ from llmray.data.template import IGNORE_INDEX
 
 
 def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), flat: bool = False,
-                 sequences: bool = False) -> dict[str, torch.Tensor]:
+                 sequences: bool = False, pixels_per_row: bool = False) -> dict[str, torch.Tensor]:
     """The forward's arguments for `rows` of a batch: input ids, labels (the ids themselves for plain text; the
     assistant's tokens only for conversations), and position ids where documents are packed (conversations,
     data.document_masking).
@@ -17,6 +17,9 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
     `flat` (flash attention): rows with position ids go in as one row, because transformers reads restarting
     position ids as flash-attn's varlen sequences only in a batch of one. Each row's first label is dropped, so
     no row's last token learns to predict the next row's first: the same loss terms as row by row.
+
+    Image conversations' rows also give their images, as one `pixel_values` of every row's images in order, or
+    with `pixels_per_row` (Idefics3's forward) as (rows, max_images, C, H, W), the model dropping the all-zero slots.
 
     `sequences`: also the rows' `sequence_ids` (preference pairs), for the objective, not the forward; made unique
     across the rows when they are flattened into one (the parity of each id, chosen or rejected, kept); and their
@@ -37,6 +40,13 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
         if "reference_logps" in batch:  # float: each sequence's precomputed reference sum, on its first token
             out["reference_logps"] = torch.from_numpy(np.array(batch["reference_logps"][rows], dtype=np.float32)).to(
                 device, non_blocking=True)
+    if "pixel_values" in batch:  # each row's images, in row order: the model fills its image tokens with them
+        counts = np.asarray(batch["image_count"][rows])
+        pixels = np.asarray(batch["pixel_values"][rows])
+        held = np.arange(pixels.shape[1])[None, :] < counts[:, None]
+        if held.any():
+            chosen = pixels if pixels_per_row else pixels[held]
+            out["pixel_values"] = torch.from_numpy(np.array(chosen, dtype=np.float32)).to(device, non_blocking=True)
     if "position_ids" in batch:
         out["position_ids"] = tensor("position_ids")
         if flat:

@@ -12,7 +12,7 @@ import torch
 
 from llmray import logs
 from llmray.cuda_arch import fix_arch_list
-from llmray.model.build import build_model, frozen, frozen_dtype
+from llmray.model.build import PIXELS_PER_ROW, build_model, freeze_language_model, freeze_tower, frozen, frozen_dtype
 from llmray.model.flops import count_params, flops_per_token
 from llmray.model.lora import four_bit, prepare_four_bit, trainable, with_lora
 from llmray.prune.sparse import keep_zeros
@@ -30,6 +30,7 @@ class ModelFacts:
     n_params: int
     flops_per_token: float
     flat_rows: bool = False  # packed rows go in as one row (flash attention's varlen path; `batch.model_inputs`)
+    pixels_per_row: bool = False  # a VLM that takes pixel values per row (`build.PIXELS_PER_ROW`; `batch.model_inputs`)
 
 
 def device_for(use_gpu: bool) -> torch.device:
@@ -64,8 +65,17 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
             whole = sum(p.numel() for p in model.parameters())  # a partitioned parameter holds none here
             print(f"[llmray] ZeRO-3: the model was built partitioned ({whole:,} of {count_params(model):,} weights "
                   "held whole by a rank)", flush=True)
+    train_tower = recipe.vision is not None and recipe.vision.train_tower
+    if recipe.vision is not None and not train_tower:  # before peft: its adapters then skip the tower too
+        held = freeze_tower(model)
+        if announce:
+            print(f"[llmray] vision tower frozen ({held:,} weights; vision.train_tower=true trains it)", flush=True)
+    if recipe.vision is not None and not recipe.vision.train_language_model:
+        held = freeze_language_model(model)
+        if announce:
+            print(f"[llmray] language model frozen ({held:,} weights): the projector trains alone", flush=True)
     if adapters:
-        model = with_lora(model, f.lora)
+        model = with_lora(model, f.lora, train_tower)
         if announce:
             n_train, n_all = trainable(model)
             base = f"a {f.qlora.quant_type} 4-bit base" if f.method == "qlora" else "a frozen base"
@@ -82,7 +92,8 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     fast.apply(model, kernels, adapters)
     facts = ModelFacts(count_params(model),
                        flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len),
-                       flat_rows=kernels.flat_rows)
+                       flat_rows=kernels.flat_rows,
+                       pixels_per_row=getattr(model.config, "model_type", None) in PIXELS_PER_ROW)
     with logs.hush_stdout():  # DeepSpeed prints the ops it builds and the kernels it lacks
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,

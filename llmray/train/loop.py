@@ -64,6 +64,12 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     device = device_for(recipe.scaling.use_gpu)
     torch.manual_seed(recipe.run.seed)
     tokenizer = load_tokenizer(recipe.data.tokenizer)
+    if recipe.vision is not None:  # what a checkpoint keeps: its processor, the tokenizer within it
+        from llmray.data.pixels import load_processor
+
+        saved = load_processor(recipe.data.tokenizer)
+    else:
+        saved = tokenizer
     restore = Restore(resume_dir, world, t.zero_stage) if resume_dir is not None else None
     engine, facts = build_engine(recipe, len(tokenizer), device, restore is not None and restore.universal, talk)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
@@ -89,7 +95,8 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
     while True:
         trained = state.step < t.max_steps and (
             rl.step(engine, stream, state, window) if rl is not None
-            else train_step(engine, stream, recipe, state, window, device, objective, facts.flat_rows))
+            else train_step(engine, stream, recipe, state, window, device, objective, facts.flat_rows,
+                            facts.pixels_per_row))
         if trained:
             if state.step == first_step + 1 and state.resumes:
                 state.resumes[-1]["first_step_at"] = time.time()  # recovery time, for benchmarks/checkpoint.py
@@ -117,7 +124,8 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
         metrics.update({M.STEP: state.step, M.TOKENS: state.tokens, M.LOSS: loss, M.LR: engine.get_lr()[0],
                         M.GRAD_NORM: float(gnorm) if gnorm is not None else None})
         if (final or (t.eval_every and state.step % t.eval_every == 0)) and validation:
-            metrics.update(validate(engine, validation, t.micro_batch_size, device, facts.flat_rows, objective))
+            metrics.update(validate(engine, validation, t.micro_batch_size, device, facts.flat_rows, objective,
+                                    facts.pixels_per_row))
         if tasks and (final or (recipe.eval.every and state.step % recipe.eval.every == 0)):
             metrics.update(evaluate_tasks(engine, tokenizer, tasks, device, t.zero_stage == 3))
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -127,7 +135,7 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
             metrics[M.SAMPLE] = generate_sample(engine, tokenizer, t.sample_prompt, t.sample_tokens, recipe.run.seed,
                                                 t.zero_stage == 3, device)
         if final or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
-            save_and_report(sink, metrics, engine, state, rank, tokenizer)
+            save_and_report(sink, metrics, engine, state, rank, saved)
         else:
             sink.report(metrics)
         if final:
@@ -135,9 +143,9 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
 
 
 def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState, window: Window,
-               device: torch.device, objective: Objective, flat: bool = False) -> bool:
+               device: torch.device, objective: Objective, flat: bool = False, pixels_per_row: bool = False) -> bool:
     """One optimizer step over `grad_accum_steps` micro-batches of the objective's loss; False when the stream
-    ended first. `flat`: see `batch.model_inputs`."""
+    ended first. `flat`, `pixels_per_row`: see `batch.model_inputs`."""
     accum = recipe.grad_accum_steps
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
     parts = {name: torch.zeros_like(step_loss) for name in objective.parts}
@@ -148,7 +156,8 @@ def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState
         window.data_wait += time.perf_counter() - t0
         if batch is None:
             return False
-        loss, got = objective.loss(engine, model_inputs(batch, device, flat=flat, sequences=True))
+        loss, got = objective.loss(engine, model_inputs(batch, device, flat=flat, sequences=True,
+                                                        pixels_per_row=pixels_per_row))
         for name, value in got.items():
             parts[name] += value
         engine.backward(loss)
@@ -167,7 +176,8 @@ def train_step(engine, stream: Iterator[dict], recipe: Recipe, state: TrainState
 
 
 def save_and_report(sink: Sink, metrics: dict, engine, state: TrainState, rank: int, tokenizer) -> None:
-    """Each rank writes its part into its own folder; the sink (Ray Train) merges them into one checkpoint."""
+    """Each rank writes its part into its own folder; the sink (Ray Train) merges them into one checkpoint.
+    `tokenizer`: what export needs beside the weights (a vision-language model's processor)."""
     tmp = checkpoint.scratch_dir()
     checkpoint.save(tmp, rank, engine, state, tokenizer)
     sink.report(metrics, checkpoint_dir=tmp)
@@ -189,7 +199,7 @@ def peak_host_memory_gb() -> float:
 
 @torch.no_grad()
 def validate(engine, validation: Validation, micro_batch_size: int, device: torch.device, flat: bool = False,
-             objective: Objective | None = None) -> dict:
+             objective: Objective | None = None, pixels_per_row: bool = False) -> dict:
     """Mean loss and perplexity on each source's fixed validation samples (each rank an equal slice; each source's
     loss token-weighted over all ranks), and overall: the sources' losses averaged with their blend weights. A
     single source reports only the overall figures. On held-out preference pairs, also the objective's reported
@@ -205,7 +215,7 @@ def validate(engine, validation: Validation, micro_batch_size: int, device: torc
         total, count = 0.0, 0
         for start in range(first, first + per_rank, micro_batch_size):
             inputs = model_inputs(rows, device, slice(start, min(start + micro_batch_size, first + per_rank)), flat,
-                                  sequences=pairs)
+                                  sequences=pairs, pixels_per_row=pixels_per_row)
             for_objective = {k: inputs.pop(k) for k in ("sequence_ids", "reference_logps") if k in inputs}
             nll, n = summed_nll(engine, inputs)
             total, count = total + nll, count + n

@@ -23,13 +23,14 @@ from llmray.cluster import ensure_ray
 from llmray.data.catalog import CatalogActor
 from llmray.data.chat import Conversion, shard_conversations
 from llmray.data.pack import StreamSpec, first_rows
+from llmray.data.pixels import load_processor
 from llmray.data.split import split_sources
 from llmray.data.tokenizer import load_tokenizer
 from llmray.errors import LlmrayError
 from llmray.evals.perplexity import perplexity
 from llmray.evals.tasks import load_task
 from llmray.model import lineage
-from llmray.model.build import build_config
+from llmray.model.build import build_config, is_vision_language
 from llmray.model.lora import check_qlora, check_targets
 from llmray.objectives.distill import check_teacher
 from llmray.objectives.reference import precompute
@@ -106,7 +107,7 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     d = recipe.data
     splits = split_sources(d)
     common = dict(tokenizer=d.tokenizer, seq_len=d.seq_len, seed=recipe.run.seed, batch_docs=d.tokenize_batch_docs,
-                  documents=recipe.documents,
+                  documents=recipe.documents, max_images=recipe.vision.max_images if recipe.vision else 0,
                   document_masking=d.document_masking)
     train_spec = StreamSpec.of([(s.name, s.weight, s.train) for s in splits], max_epochs=d.max_epochs,
                                tasks=d.tokenize_tasks, **common)
@@ -121,8 +122,12 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
             val_specs.append((s.name, source.weight, StreamSpec.of([(s.name, 1.0, s.held_out)], **common)))
     vocab = len(load_tokenizer(d.tokenizer))
     config = build_config(recipe.model, vocab)
-    if recipe.model.pretrained is not None and config.vocab_size < vocab:
-        raise RecipeError(f"model.pretrained {recipe.model.pretrained} has {config.vocab_size} token embeddings, "
+    if recipe.vision is not None and not is_vision_language(config):
+        raise RecipeError(f"vision: model.pretrained {recipe.model.pretrained} is a {config.model_type} model, not a "
+                          "vision-language one (its config has no vision_config)")
+    if recipe.model.pretrained is not None and config.get_text_config().vocab_size < vocab:
+        raise RecipeError(f"model.pretrained {recipe.model.pretrained} has {config.get_text_config().vocab_size} "
+                          "token embeddings, "
                           f"fewer than the {vocab} tokens of data.tokenizer {d.tokenizer}")
     if recipe.trains_adapters:
         check_targets(config, recipe.finetune.lora)
@@ -134,7 +139,7 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     if recipe.rl is not None:
         Rewards(recipe.rl.rewards)  # a user function that does not import is named here
         val_specs = []  # held-out prompts are not trained on; the recipe's eval tasks measure the policy
-    positions = getattr(config, "max_position_embeddings", None)
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     if positions is not None and d.seq_len > positions:
         raise RecipeError(f"data.seq_len={d.seq_len} is larger than the model's {positions} positions")
     return train_spec, val_specs, vocab
@@ -202,7 +207,9 @@ def with_conversation_shards(recipe: Recipe) -> tuple[Recipe, Conversion | None]
     out = d.shards or storage.join(recipe.run.folder, "conversations")
     conversion = shard_conversations(d.conversations, out, load_tokenizer(d.tokenizer), d.seq_len, d.format, d.split,
                                      d.columns, recipe.documents,
-                                     recipe.rl.required_fields if recipe.rl else ())
+                                     recipe.rl.required_fields if recipe.rl else (),
+                                     recipe.vision.max_images if recipe.vision else 0,
+                                     load_processor(d.tokenizer) if recipe.vision else None)
     print("[llmray] " + conversion.text(), flush=True)
     return recipe.model_copy(update={"data": d.model_copy(update={"shards": out})}), conversion
 

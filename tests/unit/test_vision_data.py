@@ -1,0 +1,256 @@
+"""Image-text conversations: the three formats read as one form (images from data: URIs, paths relative to the file,
+s3://, Parquet bytes), bad lines skipped and named by file and line, the processor's rows (image tokens expanded,
+loss on the assistant's tokens only, pixels with the row) and their forward through a tiny LLaVA."""
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+from helpers import colour_png, s3_client, tiny_idefics3, tiny_vlm
+
+from llmray.data import images
+from llmray.data.chat import read_conversations, shard_conversations
+from llmray.data.pixels import encode_image_chat, image_rows, load_processor
+from llmray.data.template import IGNORE_INDEX
+from llmray.data.vision import IMAGE_PLACEHOLDER
+
+RED, BLUE = colour_png("red"), colour_png("blue", seed=1)
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    return str(tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny"))
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read(path, max_images=2):
+    return list(read_conversations(str(path), kind="images", max_images=max_images))
+
+
+def test_three_formats_read_as_the_same_image_conversation(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "red.png").write_bytes(RED)
+    question, answer = "What colour is the square?", "It is red."
+    openai = write_jsonl(tmp_path / "openai.jsonl", [
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(RED)}},
+                                                   {"type": "text", "text": question}]},
+                      {"role": "assistant", "content": answer}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "img/red.png"}},
+                                                   {"type": "text", "text": question}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}])
+    llava = write_jsonl(tmp_path / "llava.jsonl", [
+        {"messages": [{"role": "user", "content": f"<image>{question}"}, {"role": "assistant", "content": answer}],
+         "images": ["img/red.png"]},
+        {"conversations": [{"from": "human", "value": f"<image>{question}"}, {"from": "gpt", "value": answer}],
+         "image": str(tmp_path / "img" / "red.png")}])
+    captions = write_jsonl(tmp_path / "captions.jsonl", [{"image": "img/red.png", "text": "a red square"}])
+    want = {"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}{question}"},
+                         {"role": "assistant", "content": answer}], "images": [images.to_text(RED)]}
+    got = read(openai) + read(llava)
+    assert [problem for _, _, problem in got] == [None] * 4
+    assert all(record == want for _, record, _ in got)
+    assert [doc for doc, _, _ in got] == [f"{openai}:1", f"{openai}:2", f"{llava}:1", f"{llava}:2"]
+    ((_, caption, _),) = read(captions)
+    assert caption == {"messages": [{"role": "user", "content": IMAGE_PLACEHOLDER},
+                                    {"role": "assistant", "content": "a red square"}], "images": [images.to_text(RED)]}
+
+
+def test_a_caption_table_in_parquet_holds_the_image_bytes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "captions.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": RED, "path": None}], "caption": ["a red square"]}), path)
+    ((doc, record, problem),) = read(path)
+    assert problem is None and doc == f"{path}#0" and images.from_text(record["images"][0]) == RED
+
+
+def test_images_in_object_storage_are_read(tmp_path, s3):
+    import os
+
+    s3_client(dict(os.environ)).put_object(Bucket="llmray", Key="img/blue.png", Body=BLUE)
+    path = write_jsonl(tmp_path / "llava.jsonl", [
+        {"messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "blue"}],
+         "images": ["s3://llmray/img/blue.png"]}])
+    ((_, record, problem),) = read(path)
+    assert problem is None and images.from_text(record["images"][0]) == BLUE
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"messages": [{"role": "user", "content": "<image><image>two?"}, {"role": "assistant", "content": "no"}],
+      "images": ["red.png"]}, "2 <image> placeholders for 1 images in field 'images' (llava format)"),
+    ({"messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "no"}],
+      "images": ["gone.png"]}, "field 'images[0]': image {dir}/gone.png is missing (llava format)"),
+    ({"messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "no"}],
+      "images": ["corrupt.png"]}, "field 'images[0]': unreadable or corrupt image"),
+    ({"messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "no"}],
+      "images": ["truncated.png"]}, "field 'images[0]': unreadable or corrupt image"),
+    ({"messages": [{"role": "user", "content": "<image><image><image>?"}, {"role": "assistant", "content": "no"}],
+      "images": ["red.png"] * 3}, "3 images, more than vision.max_images=2 a row holds (llava format)"),
+    ({"messages": [{"role": "user", "content": "<image>?"}], "images": ["red.png"]},
+     "no assistant message: nothing to learn from (llava format)"),
+    ('{"messages": [', "not valid JSON"),
+])
+def test_a_bad_line_is_skipped_counted_and_named_by_file_and_line(tmp_path, vlm, row, problem):
+    from transformers import AutoTokenizer
+
+    (tmp_path / "red.png").write_bytes(RED)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "truncated.png").write_bytes(RED[:len(RED) // 2])
+    good = {"messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "red"}],
+            "images": ["red.png"]}
+    path = write_jsonl(tmp_path / "chats.jsonl", [good, row, good])
+    made = shard_conversations(str(path), str(tmp_path / "shards"), AutoTokenizer.from_pretrained(vlm), 64,
+                               kind="images", max_images=2)
+    assert made.documents == 2 and len(made.skipped) == 1
+    assert made.skipped[0].startswith(f"{path}:2: " + problem.format(dir=tmp_path)), made.skipped[0]
+
+
+def test_rows_expand_the_image_and_train_on_the_answer_only(vlm):
+    processor = load_processor(vlm)
+    record = {"messages": [{"role": "user", "content": "<image>What colour is the square?"},
+                           {"role": "assistant", "content": "It is red."}], "images": [images.to_text(RED)]}
+    text_only = {"messages": [{"role": "user", "content": "Describe the image."},
+                              {"role": "assistant", "content": "a blue square"}], "images": []}
+    rows = image_rows(processor, [record, text_only], seq_len=64, max_images=2)
+    assert rows["input_ids"].shape == (2, 64) and rows["pixel_values"].shape == (2, 2, 3, 16, 16)
+    assert rows["image_count"].tolist() == [1, 0]
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (rows["input_ids"][0] == image_id).sum() == 4  # (16 / 8)^2 patches, CLS dropped
+    assert not rows["pixel_values"][1].any() and rows["pixel_values"][0, 0].any() and not rows["pixel_values"][0, 1].any()
+    for row, answer in ((0, "It is red."), (1, "a blue square")):
+        labels = rows["labels"][row]
+        taught = processor.tokenizer.decode(labels[labels != IGNORE_INDEX])
+        assert taught.startswith(answer) and "<image>" not in taught and "colour" not in taught
+    # too long once the image is expanded: dropped, not cut through the image
+    assert len(image_rows(processor, [record], seq_len=12, max_images=1)["input_ids"]) == 0
+
+
+def test_image_rows_go_through_the_model_and_the_pixels_matter(vlm):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.train.batch import model_inputs
+
+    processor = load_processor(vlm)
+    model = AutoModelForImageTextToText.from_pretrained(vlm).eval()
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
+               for c, png in (("red", RED), ("blue", BLUE))]
+    rows = image_rows(processor, records, seq_len=48, max_images=1)
+    inputs = model_inputs(rows, torch.device("cpu"))
+    assert inputs["pixel_values"].shape == (2, 3, 16, 16)
+    with torch.no_grad():
+        loss = model(**inputs).loss
+        swapped = model(**{**inputs, "pixel_values": inputs["pixel_values"].flip(0)}).loss
+    assert torch.isfinite(loss) and not torch.isclose(loss, swapped)
+
+
+def test_the_mask_is_carried_over_the_expansion(vlm):
+    processor = load_processor(vlm)
+    messages = [{"role": "user", "content": "<image>a"}, {"role": "assistant", "content": "It is red."},
+                {"role": "user", "content": "<image>b"}, {"role": "assistant", "content": "It is blue."}]
+    ids, labels, pixels = encode_image_chat(processor, messages, [RED, BLUE])
+    assert pixels.shape == (2, 3, 16, 16)
+    taught = processor.tokenizer.decode(np.where(labels != IGNORE_INDEX, ids, processor.tokenizer.pad_token_id),
+                                        skip_special_tokens=False).replace("<pad>", "|")
+    assert "It is red." in taught and "It is blue." in taught and "<image>" not in taught
+
+
+@pytest.mark.parametrize("override, message", [
+    ("vision.max_image=2", "vision.max_image: unknown key"),
+    ("vision.max_images=0", "vision.max_images"),
+    ("finetune=null", "vision tunes a pretrained model: add a finetune: block"),
+    ("preference={loss: simpo}", "preference with vision is not built yet"),
+])
+def test_a_wrong_vision_recipe_names_the_key(override, message):
+    from llmray.recipe.load import load_recipe
+    from llmray.recipe.schema import RecipeError
+
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe("jobs/vision_tiny.yaml", [override])
+
+
+def test_a_text_model_with_a_vision_block_is_refused_before_ray(tmp_path, vlm):
+    from helpers import tiny_llama
+
+    from llmray.recipe.load import load_recipe
+    from llmray.recipe.schema import RecipeError
+    from llmray.train.trainer import check_inputs
+
+    folder = tmp_path / "llama"
+    tiny_llama(320).save_pretrained(folder)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": str(tmp_path / "red.png"), "text": "a red square"}) + "\n")
+    (tmp_path / "red.png").write_bytes(RED)
+    r = load_recipe("jobs/vision_tiny.yaml", [f"model.pretrained={folder}", f"data.tokenizer={vlm}",
+                                              f"data.shards={tmp_path / 'shards'}", f"data.conversations={tmp_path / 'c.jsonl'}"])
+    shard_conversations(r.data.conversations, r.data.shards, load_processor(vlm).tokenizer, 64, kind="images",
+                        max_images=1)
+    with pytest.raises(RecipeError, match="is a llama model, not a vision-language one"):
+        check_inputs(r)
+
+
+def test_a_conversation_too_long_with_its_images_expanded_is_skipped_and_named(tmp_path, vlm):
+    from llmray.data.pixels import expanded_length
+
+    processor = load_processor(vlm)
+    record = {"messages": [{"role": "user", "content": "<image>What colour is the square?"},
+                           {"role": "assistant", "content": "It is red."}], "images": [images.to_text(RED)]}
+    ids, _, _ = encode_image_chat(processor, [{**m} for m in record["messages"]], [RED])
+    assert expanded_length(processor, record) == len(ids)  # the processor's count, before any image is prepared
+    (tmp_path / "red.png").write_bytes(RED)
+    short = {"messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "red"}],
+             "images": ["red.png"]}
+    path = write_jsonl(tmp_path / "chats.jsonl", [{**record, "images": ["red.png"]}, short])
+    made = shard_conversations(str(path), str(tmp_path / "shards"), processor.tokenizer, len(ids) - 1,
+                               kind="images", max_images=1, processor=processor)
+    assert made.documents == 1 and len(made.skipped) == 1
+    assert made.skipped[0] == (f"{path}:1: over the length: with its images it takes {len(ids)} tokens, "
+                               f"data.seq_len is {len(ids) - 1}")
+
+
+def test_an_idefics3_takes_its_pixels_per_row(tmp_path):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.model.build import PIXELS_PER_ROW
+    from llmray.train.batch import model_inputs
+
+    folder = str(tiny_idefics3(tmp_path / "idefics3"))
+    processor = load_processor(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert model.config.model_type in PIXELS_PER_ROW
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
+               for c, png in (("red", RED), ("blue", BLUE))]
+    records.append({"messages": [{"role": "user", "content": "Describe it."},
+                                 {"role": "assistant", "content": "a red square"}], "images": []})
+    rows = image_rows(processor, records, seq_len=64, max_images=2)
+    assert rows["image_count"].tolist() == [1, 1, 0]
+    inputs = model_inputs(rows, torch.device("cpu"), pixels_per_row=True)
+    assert inputs["pixel_values"].shape == (3, 2, 3, 32, 32)  # zero slots: dropped by the model
+    with torch.no_grad():
+        loss = model(**inputs).loss
+        swapped = model(**{**inputs, "pixel_values": inputs["pixel_values"][[1, 0, 2]]}).loss
+    assert torch.isfinite(loss) and not torch.isclose(loss, swapped)
+
+
+def test_image_records_read_as_text_conversations_point_to_the_vision_block(tmp_path):
+    from llmray.data.chat import ChatDataError
+
+    (tmp_path / "red.png").write_bytes(RED)
+    path = write_jsonl(tmp_path / "llava.jsonl", [
+        {"conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "red"}],
+         "images": ["red.png"]}])
+    with pytest.raises(ChatDataError, match=r"holds image conversations .* vision: block \(image-text fine-tuning\) reads"):
+        list(read_conversations(str(path)))
