@@ -142,37 +142,41 @@ def test_a_tiny_vlm_learns_the_colours_and_exports_for_plain_transformers(colour
     assert trained[0] >= 0.6 and trained[0] > untrained[0] + 0.25
 
 
-@pytest.mark.slow  # ZeRO-3's partitioned start-up: ~100 s on 2 busy cores
-def test_lora_under_zero3_trains_adapters_and_the_projector_and_exports_merged(colour_set, ray_cluster, tmp_path):
+@pytest.mark.slow  # ZeRO-3's partitioned start-up: ~80 s on 2 busy cores
+def test_an_idefics3_under_lora_and_zero3_trains_adapters_and_the_connector_and_exports_merged(colour_set, ray_cluster,
+                                                                                              tmp_path):
+    """SmolVLM's architecture (Idefics3, no image splitting; its forward takes the pixels per row) with LoRA under
+    ZeRO-3: adapters on the language model, the connector in full, the vision tower (`vision_model`) frozen; held-out
+    image conversations validated with their pixels; the merged export loads in plain transformers with its
+    processor."""
+    from helpers import tiny_idefics3
     from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from llmray.export.folder import export
     from llmray.train.checkpoint import read_state
 
-    base = tiny_vlm(tmp_path / "vlm")
+    base = tiny_idefics3(tmp_path / "idefics3")
     recipe = load_recipe("jobs/vision_tiny.yaml", [
         f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
-        "run.name=vision-lora", "finetune.method=lora", "finetune.lora.r=8", "finetune.lora.dropout=0.0",
-        "train.zero_stage=3", "train.max_steps=24", "train.log_every=8", "train.lr=3e-2", "data.val_fraction=0.1"])
+        "run.name=idefics3-lora", "finetune.method=lora", "finetune.lora.r=8", "finetune.lora.dropout=0.0",
+        "train.zero_stage=3", "train.max_steps=12", "train.log_every=4", "train.lr=3e-2", "data.val_fraction=0.1"])
     summary = fit(recipe)
     loss = losses(summary)
-    # LoRA over a random-init LM and head learns slowly (measured: 5.54 over steps 1-8, 5.24 over 17-24); what this
-    # test holds is which weights train, below
-    assert summary.steps == 24 and loss[-1] < loss[0] - 0.15, loss
+    assert summary.steps == 12 and loss[-1] < loss[0] - 0.15, loss
     history = read_state(summary.checkpoint).history
-    # held-out image conversations, validated with their pixels
     assert history[-1]["val_loss"] < loss[0] - 0.15, history[-1]
 
     out = tmp_path / "merged"
     export(summary.run_dir, str(out))
-    AutoModelForImageTextToText.from_pretrained(out)
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "Idefics3ForConditionalGeneration"
+    AutoProcessor.from_pretrained(out)
     before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(before) == set(after)  # merged: no adapter or modules_to_save copies left
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert not any("vision_tower" in k for k in changed), "the frozen vision tower changed"
-    assert any("multi_modal_projector" in k for k in changed), "the projector did not train"
-    assert any("language_model" in k and "proj" in k for k in changed), "the adapters were not merged into the LM"
+    assert not any("vision_model" in k for k in changed), "the frozen vision tower changed"
+    assert any("connector" in k for k in changed), "the connector did not train"
+    assert any("text_model" in k and "proj" in k for k in changed), "the adapters were not merged into the LM"
 
 
 def test_image_rows_stream_with_their_pixels_and_resume_exactly_on_another_world_size(colour_set, ray_cluster,
@@ -263,29 +267,3 @@ def test_llava_stage_one_trains_the_projector_alone_on_captions(colour_set, ray_
     before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "stage1" / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("multi_modal_projector" in k for k in changed), sorted(changed)
-
-
-@pytest.mark.slow  # another Train run: ~45 s
-def test_an_idefics3_fine_tunes_with_its_pixels_per_row_and_exports(colour_set, ray_cluster, tmp_path):
-    """SmolVLM's architecture (Idefics3, no image splitting) through the same path: its forward takes the pixels
-    per row; the vision tower (`vision_model`) stays frozen, the connector trains."""
-    from helpers import tiny_idefics3
-    from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from llmray.export.folder import export
-
-    base = tiny_idefics3(tmp_path / "idefics3")
-    recipe = load_recipe("jobs/vision_tiny.yaml", [
-        f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
-        "run.name=idefics3", "train.max_steps=8", "train.log_every=4", "data.val_fraction=0.0"])
-    summary = fit(recipe)
-    loss = losses(summary)
-    assert loss[-1] < loss[0] - 1.0, loss
-    export(summary.run_dir, str(tmp_path / "out"))
-    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "out")).__name__ == \
-        "Idefics3ForConditionalGeneration"
-    AutoProcessor.from_pretrained(tmp_path / "out")
-    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert not any("vision_model" in k for k in changed) and any("connector" in k for k in changed)
