@@ -59,7 +59,8 @@ def _text(value, field: str) -> str:
     return value
 
 
-def _turns(obj: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+def read_turns(obj: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    """The turns of `obj[key]` as messages (roles mapped through `roles`); ValueError naming the field at fault."""
     turns = obj.get(key)
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"field {key!r} must be a non-empty list")
@@ -80,9 +81,9 @@ def normalize(obj, fmt: str) -> list[dict]:
     if not isinstance(obj, dict):
         raise ValueError("a line must hold a JSON object")
     if fmt == "messages":
-        messages = _turns(obj, "messages", "role", "content", {r: r for r in ROLES})
+        messages = read_turns(obj, "messages", "role", "content", {r: r for r in ROLES})
     elif fmt == "sharegpt":
-        messages = _turns(obj, "conversations", "from", "value", SHAREGPT_ROLES)
+        messages = read_turns(obj, "conversations", "from", "value", SHAREGPT_ROLES)
     elif fmt == "alpaca":
         prompt = _text(obj.get("instruction"), "instruction")
         extra = _text(obj.get("input", ""), "input")

@@ -18,7 +18,7 @@ record, skipped and named by file, line and field.
 from __future__ import annotations
 
 from llmray.data import images
-from llmray.data.chat import ROLES, SHAREGPT_ROLES
+from llmray.data.chat import ROLES, SHAREGPT_ROLES, read_turns
 
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a message's text (LLaVA's and LLaMA-Factory's token)
 CAPTION_KEYS = ("text", "caption")
@@ -103,20 +103,9 @@ def _openai(obj: dict) -> tuple[list[dict], list[tuple[str, object]]]:
 
 def _llava(obj: dict) -> tuple[list[dict], list[tuple[str, object]]]:
     if "messages" in obj:
-        key, role_key, text_key, roles = "messages", "role", "content", {r: r for r in ROLES}
+        messages = read_turns(obj, "messages", "role", "content", {r: r for r in ROLES})
     else:
-        key, role_key, text_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
-    turns = obj.get(key)
-    if not isinstance(turns, list) or not turns:
-        raise ValueError(f"field {key!r} must be a non-empty list")
-    messages = []
-    for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
-        if not isinstance(turn, dict) or turn.get(role_key) not in roles:
-            raise ValueError(f"field '{where}.{role_key}' must be one of {', '.join(roles)}")
-        if not isinstance(turn.get(text_key), str):
-            raise ValueError(f"field '{where}.{text_key}' must be a string")
-        messages.append({"role": roles[turn[role_key]], "content": turn[text_key]})
+        messages = read_turns(obj, "conversations", "from", "value", SHAREGPT_ROLES)
     field = "images" if "images" in obj else "image"
     listed = obj[field] if field == "images" else [obj[field]]
     if not isinstance(listed, list):
