@@ -46,7 +46,7 @@ class RaySink:
             return
         try:  # Ray Train uploads each rank's part here, and records the checkpoint once every rank's is in
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
-        except Exception as e:
+        except OSError as e:  # the storage's (pyarrow's filesystems raise OSError); anything else goes up as it is
             cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise CheckpointUploadError(
                 f"the checkpoint of step {metrics.get(M.STEP)} could not be written to {self.run_folder}: {cause}. "
