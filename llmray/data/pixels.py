@@ -40,12 +40,10 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
     `seq_len`, or with no assistant token, is dropped."""
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
     ids_rows, label_rows, pixel_rows, counts = [], [], [], []
     shape = None
     for record in records:
-        messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, token)}
-                    for m in record["messages"]]
+        messages = with_image_token(processor, record)
         ids, labels, pixels = encode_image_chat(processor, messages, [images.from_text(t) for t in record["images"]])
         if len(ids) > seq_len or (labels == IGNORE_INDEX).all():
             continue
@@ -66,6 +64,12 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
                 "pixel_values": pixel_values, "image_count": np.zeros(0, dtype=np.int32)}
     return {"input_ids": np.stack(ids_rows), "labels": np.stack(label_rows), "pixel_values": pixel_values,
             "image_count": np.array(counts, dtype=np.int32)}
+
+
+def with_image_token(processor, record: dict) -> list[dict]:
+    """The record's messages with each `<image>` placeholder written as the processor's own image token."""
+    token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+    return [{"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, token)} for m in record["messages"]]
 
 
 def encode_image_chat(processor, messages: list[dict], pictures: list[bytes]
@@ -98,10 +102,7 @@ def expanded_length(processor, record: dict) -> int | None:
         return None
     from PIL import Image
 
-    token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
-    messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, token)}
-                for m in record["messages"]]
-    text = len(encode_chat(processor.tokenizer, messages)[0])
+    text = len(encode_chat(processor.tokenizer, with_image_token(processor, record))[0])
     sizes = []
     for data in record["images"]:
         with Image.open(io.BytesIO(images.from_text(data))) as img:

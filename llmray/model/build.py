@@ -38,6 +38,11 @@ def model_class(config: PretrainedConfig):
     return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
 
 
+def model_class_of(folder: str):
+    """`model_class` of the model in a local folder, from its config."""
+    return model_class(AutoConfig.from_pretrained(folder))
+
+
 def vision_parts(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """(qualified names of the vision tower's modules, of the projector's): the first module named as each."""
     found: dict[str, list[str]] = {"tower": [], "projector": []}
@@ -145,7 +150,7 @@ def frozen(name: str, what: str, device: torch.device, dtype: torch.dtype) -> to
     (a Hub id or s3:// folder once per node) in the training's precision onto this rank's device, in eval mode,
     with no gradients."""
     folder = storage.local_folder(name, what)
-    model = model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = model_class_of(folder).from_pretrained(folder, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     return model
 
@@ -169,4 +174,4 @@ def load_for_inference(folder: str, device: torch.device, quantization_config=No
     kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
     if device.type == "cuda":
         kwargs["device_map"] = str(device)
-    return model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
+    return model_class_of(folder).from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()

@@ -125,9 +125,9 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     if recipe.vision is not None and not is_vision_language(config):
         raise RecipeError(f"vision: model.pretrained {recipe.model.pretrained} is a {config.model_type} model, not a "
                           "vision-language one (its config has no vision_config)")
-    if recipe.model.pretrained is not None and config.get_text_config().vocab_size < vocab:
-        raise RecipeError(f"model.pretrained {recipe.model.pretrained} has {config.get_text_config().vocab_size} "
-                          "token embeddings, "
+    text = config.get_text_config()  # a vision-language model's language model; a text model's own config
+    if recipe.model.pretrained is not None and text.vocab_size < vocab:
+        raise RecipeError(f"model.pretrained {recipe.model.pretrained} has {text.vocab_size} token embeddings, "
                           f"fewer than the {vocab} tokens of data.tokenizer {d.tokenizer}")
     if recipe.trains_adapters:
         check_targets(config, recipe.finetune.lora)
@@ -139,7 +139,7 @@ def check_inputs(recipe: Recipe) -> tuple[StreamSpec, list[tuple[str, float, Str
     if recipe.rl is not None:
         Rewards(recipe.rl.rewards)  # a user function that does not import is named here
         val_specs = []  # held-out prompts are not trained on; the recipe's eval tasks measure the policy
-    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    positions = getattr(text, "max_position_embeddings", None)
     if positions is not None and d.seq_len > positions:
         raise RecipeError(f"data.seq_len={d.seq_len} is larger than the model's {positions} positions")
     return train_spec, val_specs, vocab
