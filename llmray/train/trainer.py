@@ -16,6 +16,7 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from llmray import hub, logs, storage
 from llmray import metric_names as M
@@ -273,8 +274,13 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
                   "tokens; it will not be validated on (raise data.val_fraction or set data.val_shards)")
         else:
             validation.append((name, weight, ray.put(val)))
-    # tokenizing begins while the workers start
-    catalog = CatalogActor.options(runtime_env={"env_vars": hub.env()}).remote(
+    # tokenizing begins while the workers start. The catalog runs on the driver's node (the head under `ray job
+    # submit`), whose loss ends the job anyway: a lost worker node must not take it along, nor Ray's
+    # AutoscalingCoordinator, which the catalog's Ray Data executor creates on its own node with hard affinity (so
+    # it cannot be restarted elsewhere) and which Ray Train's elastic group asks before it restarts on fewer workers.
+    # Hard affinity: a soft one was seen placing the catalog on the other node of the test cluster.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    catalog = CatalogActor.options(runtime_env={"env_vars": hub.env()}, scheduling_strategy=here).remote(
         train_spec, horizon_rows=t.max_steps * t.global_batch_size, expected_start=start)
 
     resources = {"CPU": per_worker}
