@@ -266,48 +266,85 @@ def recorded(client, run: str) -> bool:
         return False
 
 
+def run_losing_node_2(cluster, s3_env, client, run: str, overrides: list[str], corpus, then=None) -> str:
+    """Submit a 6-step run of 2 workers, SIGKILL node 2 once Ray Train has recorded a checkpoint of it, call `then`
+    (with the cluster one node short), wait for the job to end; its logs. Fails unless it SUCCEEDED."""
+    import threading
+
+    killed = []
+
+    def kill_once_checkpointed():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not recorded(client, run):
+            time.sleep(0.1)
+        if recorded(client, run):
+            cluster.kill_node(1)
+            killed.append(time.monotonic())
+            if then:
+                then()
+
+    killer = threading.Thread(target=kill_once_checkpointed, daemon=True)
+    killer.start()
+    # Ray Train asks for the group's workers again (the lost node is not yet known dead) and waits this long for them
+    # before it tries again, or settles for what is left (its default, 60 s, would be most of the test)
+    env = {**s3_env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+    # one tokenize task of 0.5 CPU: the head alone must hold it beside the 1.5-CPU worker
+    entry = ["jobs/pretrain.py", *tiny_args(corpus, run, 6), "train.checkpoint_every=2", "scaling.max_failures=1",
+             "data.tokenize_tasks=1", "scaling.data_cpus=0.5", *overrides]
+    job = f"pretrain-{run}"
+    try:
+        out = cluster.job("submit", "--no-wait", "--submission-id", job, "--working-dir", str(REPO),
+                          "--runtime-env-json", runtime_env_json(env), "--", "python", *entry)
+        assert out.returncode == 0, out.stderr
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and status(cluster, job) in ("PENDING", "RUNNING"):
+            time.sleep(1)
+        killer.join()
+        logs = cluster.job("logs", job).stdout
+        assert killed, "the run finished before Ray Train recorded a checkpoint"
+        assert status(cluster, job) == "SUCCEEDED", logs[-6000:]
+        return logs
+    finally:
+        cluster.job("stop", job)
+
+
+def test_a_lost_node_is_waited_for_and_its_replacement_goes_on_from_the_checkpoint(cluster, pretrained, corpus,
+                                                                                   monkeypatch):
+    """scaling.min_workers unset (a fixed group of 2): the second node SIGKILLed once a checkpoint is recorded. Ray
+    Train keeps trying to place 2 workers (a placement that times out is retried, not counted against
+    max_failures=1) while the cluster is one node short; a replacement node joins 20 s later, and the run resumes
+    on 2 workers and trains cluster-a's samples."""
+    from llmray.train.checkpoint import read_state
+
+    s3_env, client = pretrained["s3_env"], pretrained["client"]
+    joined = []
+
+    def replace_later():
+        time.sleep(20)  # past the first placement's 15-s timeout: the run waits rather than fails
+        cluster.add_node("node2-replacement.log")
+        joined.append(time.monotonic())
+
+    run_losing_node_2(cluster, s3_env, client, "cluster-replaced", [], corpus, then=replace_later)
+    assert joined
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    state = read_state(f"s3://{BUCKET}/runs/cluster-replaced/{checkpoints(client, 'cluster-replaced')[-1]}")
+    reference = read_state(f"s3://{BUCKET}/runs/cluster-a/{checkpoints(client, 'cluster-a')[-1]}")
+    (resume,) = state.resumes
+    assert resume["world_size"] == 2 and resume["from_world_size"] == 2 and state.step == 6, state.resumes
+    assert [s["samples"] for s in state.trace] == [s["samples"] for s in reference.trace[:6]]
+
+
 def test_a_lost_node_mid_run_goes_on_from_its_checkpoint_on_what_is_left(cluster, pretrained, corpus, monkeypatch):
     """scaling.min_workers=1: the second node SIGKILLed (raylet, Train worker and all) once Ray Train has recorded a
     checkpoint of the run. The group restarts on the head alone, resumes from that checkpoint on 1 worker, and trains
     the samples of the uninterrupted 2-worker run cluster-a (the global batch does not depend on the world size).
     Last in this module: it leaves the cluster one node short."""
-    import threading
-
     from llmray.train.checkpoint import read_state
 
     s3_env, client = pretrained["s3_env"], pretrained["client"]
-    killed = []
-
-    def kill_once_checkpointed():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not recorded(client, "cluster-lost"):
-            time.sleep(0.1)
-        if recorded(client, "cluster-lost"):
-            cluster.kill_node(1)
-            killed.append(time.monotonic())
-
-    killer = threading.Thread(target=kill_once_checkpointed, daemon=True)
-    killer.start()
-    # Ray Train first asks for both workers again (the lost node is not yet known dead) and waits this long for them
-    # before it settles for what is left (its default, 60 s, would be most of this test)
-    env = {**s3_env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
-    # one tokenize task of 0.5 CPU: the head alone must hold it beside the 1.5-CPU worker
-    entry = ["jobs/pretrain.py", *tiny_args(corpus, "cluster-lost", 6), "train.checkpoint_every=2",
-             "scaling.min_workers=1", "scaling.max_failures=1", "data.tokenize_tasks=1", "scaling.data_cpus=0.5"]
-    try:
-        out = cluster.job("submit", "--no-wait", "--submission-id", "pretrain-lost", "--working-dir", str(REPO),
-                          "--runtime-env-json", runtime_env_json(env), "--", "python", *entry)
-        assert out.returncode == 0, out.stderr
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and status(cluster, "pretrain-lost") in ("PENDING", "RUNNING"):
-            time.sleep(1)
-        killer.join()
-        logs = cluster.job("logs", "pretrain-lost").stdout
-        assert killed, "the run finished before Ray Train recorded a checkpoint"
-        assert status(cluster, "pretrain-lost") == "SUCCEEDED", logs[-6000:]
-        assert "re-partitioned from 2 to 1 ranks" in logs, logs[-3000:]
-    finally:
-        cluster.job("stop", "pretrain-lost")
+    logs = run_losing_node_2(cluster, s3_env, client, "cluster-lost", ["scaling.min_workers=1"], corpus)
+    assert "re-partitioned from 2 to 1 ranks" in logs, logs[-3000:]
 
     for key, value in s3_env.items():
         monkeypatch.setenv(key, value)
