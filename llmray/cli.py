@@ -323,8 +323,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-bytes", type=int, default=fields["kv_cache_bytes"].default,
                    help="KV cache budget per model (default: GPU free memory, or half the host's available)")
     p.add_argument("--allowed-image-path", action="append", default=[], metavar="PREFIX",
-                   help="a folder (local or s3://) chat image parts may name by path or URI (repeatable; default: "
-                        "none, data: URIs only)")
+                   help="a folder (local or s3://) chat image parts may name by path or URI (repeatable; without "
+                        "one, data: URIs only)")
     p.add_argument("--max-images-per-request", type=int, default=fields["max_images_per_request"].default,
                    help="image parts a chat request may hold")
     p.add_argument("--max-image-bytes", type=int, default=fields["max_image_bytes"].default,

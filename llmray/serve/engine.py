@@ -147,6 +147,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._model_lock = threading.Lock()  # the compute thread's forwards and prompt scoring take turns
+        # requests' threads take turns with the processor: a fast tokenizer used from two threads at once can fail
+        # ("Already borrowed")
+        self._processor_lock = threading.Lock()
         self._outbox: list[tuple[_Row, object]] = []
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "forward_passes": 0, "active": 0,
                       "largest_batch": 0, "kv_slots": 0, "kv_positions": 0, "decode_graphs": 0, "kv_bytes_peak": 0}
@@ -179,7 +182,8 @@ class Engine:
         """A prompt holding the image token once per image, and its Pillow images: the token ids with each image's
         tokens expanded, and the image inputs of the model's forward (pixel_values, ...), as the model's processor
         makes them for `generate`."""
-        out = self.processor(text=[prompt], images=images, return_tensors="pt")
+        with self._processor_lock:
+            out = self.processor(text=[prompt], images=images, return_tensors="pt")
         inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and torch.is_tensor(v)}
         return out["input_ids"][0].tolist(), inputs
 
