@@ -79,7 +79,7 @@ class ServeArgs(BaseModel):
     # URIs only under these prefixes (folders). Empty: data: URIs only.
     allowed_image_paths: list[str] = Field(default_factory=list)
     max_images_per_request: int = Field(8, ge=0)
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)  # each image's encoded size (OpenAI's limit: 20 MB)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)  # each image's encoded size
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)  # each image's width x height, as for fine-tuning data
 
     @property
