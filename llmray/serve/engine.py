@@ -109,6 +109,10 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model_dir)
         self.backend = self.tokenizer.backend_tokenizer
         self.model = load_for_inference(model_dir, self.device)
+        if any(hasattr(m, "get_rope_index") for m in (self.model, getattr(self.model, "model", None))):
+            raise ValueError(f"{model_dir}: a {self.model.config.model_type} model computes its positions from the whole "
+                             "sequence (M-RoPE, `get_rope_index`), and this engine gives each row plain positions; "
+                             "serve it with engine: vllm")
         # an image-text-to-text model: its processor prepares a request's images and expands their tokens
         self.processor = pixels.load_processor(model_dir) if is_vision_language(self.model.config) else None
         self.pixels_per_row = self.model.config.model_type in PIXELS_PER_ROW

@@ -69,6 +69,26 @@ def test_image_rows_batched_with_text_rows_answer_as_transformers_generate(vlm_d
     assert engine.stats["largest_batch"] == 4 and engine.stats["forward_passes"] < 4 * TOKENS
 
 
+def test_a_model_with_positions_from_the_whole_sequence_is_refused(tmp_path):
+    """Qwen2-VL's M-RoPE: the engine's plain positions would give other answers than transformers'."""
+    from helpers import colour_tokenizer
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from llmray.serve.engine import Engine
+
+    tok = colour_tokenizer()
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                           temporal_patch_size=1))
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="a qwen2_vl model computes its positions from the whole sequence"):
+        Engine(str(tmp_path), max_batch_size=2, batch_wait_s=0, device=None)
+
+
 # ---- the app's checks ----------------------------------------------------------------------------------------------
 
 MAX_BYTES = 4000
