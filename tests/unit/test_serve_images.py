@@ -154,7 +154,7 @@ def noise_png(side: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("case, parts, where, says", [
+REFUSALS = [  # (case, the user turn's parts given the images folder, the part named, what the message says)
     ("too many", lambda r: [image(data_uri(RED))] * 3, "messages[1].content[2].image_url",
      "3 images, more than max_images_per_request=2"),
     ("too many bytes", lambda r: [{"type": "text", "text": "see"}, image(data_uri(noise_png(48)))],
@@ -182,7 +182,10 @@ def noise_png(side: int) -> bytes:
     ("relative", lambda r: [image("allowed/red.png")], "messages[1].content[0].image_url", "must be a data: URI"),
     ("the image token as text", lambda r: [{"type": "text", "text": "a <image> here"}, image(data_uri(RED))],
      "messages[1].content[0].text", "stands for an image here"),
-])
+]
+
+
+@pytest.mark.parametrize("case, parts, where, says", REFUSALS, ids=[r[0] for r in REFUSALS])
 def test_an_image_part_the_app_may_not_read_is_a_400_naming_it(app, case, parts, where, says):
     status, body = ask(app, "vlm", parts(app.root))
     assert status == 400 and body["error"]["param"] == where, body
