@@ -322,6 +322,13 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
                    help="a request unfinished this long after reaching its replica gets 408")
     p.add_argument("--kv-cache-bytes", type=int, default=fields["kv_cache_bytes"].default,
                    help="KV cache budget per model (default: GPU free memory, or half the host's available)")
+    p.add_argument("--allowed-image-path", action="append", default=[], metavar="PREFIX",
+                   help="a folder (local or s3://) chat image parts may name by path or URI (repeatable; without "
+                        "one, data: URIs only)")
+    p.add_argument("--max-images-per-request", type=int, default=fields["max_images_per_request"].default,
+                   help="image parts a chat request may hold")
+    p.add_argument("--max-image-bytes", type=int, default=fields["max_image_bytes"].default,
+                   help="each image's size, encoded")
 
 
 def _serve(args) -> None:
@@ -331,7 +338,8 @@ def _serve(args) -> None:
                  replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                  max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, adapters=args.adapter,
                  max_waiting_requests=args.max_waiting_requests, request_timeout_s=args.request_timeout_s,
-                 kv_cache_bytes=args.kv_cache_bytes)
+                 kv_cache_bytes=args.kv_cache_bytes, allowed_image_paths=args.allowed_image_path,
+                 max_images_per_request=args.max_images_per_request, max_image_bytes=args.max_image_bytes)
 
 
 def _compose_options(p: argparse.ArgumentParser) -> None:

@@ -131,6 +131,13 @@ def colour_png(colour: str, size: int = 16, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def data_uri(png: bytes) -> str:
+    """An image as the `data:` URI an OpenAI image part (or a conversation file) carries."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def colour_tokenizer():
     """A byte-level BPE of 300-odd tokens trained on the colour task's words, with ChatML and a pad token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -151,10 +158,11 @@ def colour_tokenizer():
     return hf
 
 
-def tiny_vlm(out, image_size: int = 16, positions: int = 128) -> Path:
+def tiny_vlm(out, image_size: int = 16, positions: int = 128, initializer_range: float | None = None) -> Path:
     """A random-init tiny LLaVA (1-layer CLIP tower, 2-layer Llama) with a BPE tokenizer trained on the colour words
     and its processor (CLIP image processor, `<image>` expanded to 4 tokens), saved where `out` says: what
-    `AutoModelForImageTextToText` and `AutoProcessor` load. Nothing downloaded; ~1 s."""
+    `AutoModelForImageTextToText` and `AutoProcessor` load. Nothing downloaded; ~1 s. `initializer_range`: the
+    language model's (None: transformers' default; larger keeps greedy choices clear of near-ties)."""
     import torch
     from transformers import (
         CLIPImageProcessorPil,
@@ -182,7 +190,8 @@ def tiny_vlm(out, image_size: int = 16, positions: int = 128) -> Path:
                                        image_size=image_size, patch_size=patch, projection_dim=32),
         text_config=LlamaConfig(vocab_size=len(hf), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=positions,
-                                bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id),
+                                bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
+                                **({"initializer_range": initializer_range} if initializer_range else {})),
         image_token_id=hf.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
         vision_feature_select_strategy="default")
     out = Path(out)
@@ -191,8 +200,9 @@ def tiny_vlm(out, image_size: int = 16, positions: int = 128) -> Path:
     return out
 
 
-def tiny_idefics3(out) -> Path:
-    """A random-init tiny Idefics3 (SmolVLM's architecture), no image splitting: 4 image tokens an image."""
+def tiny_idefics3(out, initializer_range: float | None = None) -> Path:
+    """A random-init tiny Idefics3 (SmolVLM's architecture), no image splitting: 4 image tokens an image.
+    `initializer_range`: as `tiny_vlm`'s."""
     import torch
     from transformers import (
         Idefics3Config,
@@ -215,7 +225,8 @@ def tiny_idefics3(out) -> Path:
         vision_config=Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=32, patch_size=8),
         text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=256),
+                                num_attention_heads=4, max_position_embeddings=256,
+                                **({"initializer_range": initializer_range} if initializer_range else {})),
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
     Idefics3ForConditionalGeneration(config).save_pretrained(out)
     processor.save_pretrained(out)
@@ -327,6 +338,34 @@ def greedy_reference(model_dir):
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     greedy.tokenizer = tok
+    return greedy
+
+
+def greedy_image_reference(model_dir):
+    """greedy(text, pngs, n): what plain transformers' `generate` answers greedily from the image-text model in
+    `model_dir` to one user turn, `text` holding `<image>` where each of the `pngs` goes, rendered with the tokenizer's
+    chat template and prepared by the folder's processor."""
+    import io
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llmray.data.template import render, stop_token_ids
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tok = processor.tokenizer
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+
+    def greedy(text: str, pngs: list[bytes], n: int) -> str:
+        prompt = render(tok, [{"role": "user", "content": text.replace("<image>", processor.image_token)}],
+                        add_generation_prompt=True)
+        pictures = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
+        inputs = processor(text=[prompt], images=pictures, return_tensors="pt") if pngs else tok([prompt],
+                                                                                              return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=stop_token_ids(tok),
+                             pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
     return greedy
 
 

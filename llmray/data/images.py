@@ -27,14 +27,15 @@ def image_bytes(ref, base: str) -> bytes:
     if isinstance(ref, (bytes, bytearray)):
         data = bytes(ref)
     elif isinstance(ref, str) and ref:
-        data = _decode_data_uri(ref) if ref.startswith("data:") else _read(ref, base)
+        data = from_data_uri(ref) if ref.startswith("data:") else read(ref, base)
     else:
         raise ValueError(f"not an image reference (got {type(ref).__name__})")
     check(data)
     return data
 
 
-def _decode_data_uri(uri: str) -> bytes:
+def from_data_uri(uri: str) -> bytes:
+    """The bytes of a base64 `data:` URI; ValueError when it is not one."""
     head, sep, payload = uri.partition(",")
     if not sep or not head.endswith(";base64"):
         raise ValueError("a data: URI must be base64 (data:image/png;base64,...)")
@@ -44,12 +45,14 @@ def _decode_data_uri(uri: str) -> bytes:
         raise ValueError(f"a data: URI's base64 is corrupt ({e})") from None
 
 
-def _read(path: str, base: str) -> bytes:
+def read(path: str, base: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of the image at `path` (relative: to `base`); with `max_bytes`, at most max_bytes + 1 of them,
+    enough for the caller to tell that the file is larger without reading it all."""
     full = path if storage.is_uri(path) or posixpath.isabs(path) else storage.join(base, path)
     fs, p = storage.resolve(full)
     try:
         with fs.open_input_stream(p) as f:
-            return f.read()
+            return f.read() if max_bytes is None else f.read(max_bytes + 1)
     except FileNotFoundError:
         raise ValueError(f"image {full} is missing") from None
     except OSError as e:
@@ -61,14 +64,14 @@ def check(data: bytes) -> None:
     decode(data)
 
 
-def decode(data: bytes):
-    """The RGB Pillow image of `data`; ValueError when it is not a decodable image or too large."""
+def decode(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
+    """The RGB Pillow image of `data`; ValueError when it is not a decodable image or has more than `max_pixels`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image of {img.width}x{img.height} pixels is over {MAX_IMAGE_PIXELS:,}")
+            if img.width * img.height > max_pixels:
+                raise ValueError(f"image of {img.width}x{img.height} pixels is over {max_pixels:,}")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:  # Pillow's plugins raise all three on bad data
         raise ValueError(f"unreadable or corrupt image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \

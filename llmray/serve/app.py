@@ -23,8 +23,10 @@ from ray import serve
 from ray.serve._private.http_util import make_fastapi_class_based_view
 
 from llmray import hub, storage
+from llmray.data.images import MAX_IMAGE_PIXELS
 from llmray.errors import LlmrayError
 from llmray.serve.engine import Engine, Finished
+from llmray.serve.image_parts import ImageRefused, load_images, refuse_image_tokens
 from llmray.serve.metrics import render
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, error, error_body, overloaded, timed_out
 from llmray.serve.sampling import Sampling, TokenLogprob
@@ -73,6 +75,12 @@ class ServeArgs(BaseModel):
     # Bytes the KV cache of each model may take; a row that would pass it waits to be admitted. null: on a GPU,
     # the device's free memory (less a tenth), on CPU half the memory available when the replica starts.
     kv_cache_bytes: int | None = Field(None, ge=1)
+    # Chat image parts (image-text-to-text models): data: URIs always; local paths (or file://) and s3:// / gs://
+    # URIs only under these prefixes (folders). Empty: data: URIs only.
+    allowed_image_paths: list[str] = Field(default_factory=list)
+    max_images_per_request: int = Field(8, ge=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)  # each image's encoded size
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)  # each image's width x height, as for fine-tuning data
 
     @property
     def max_rows(self) -> int:
@@ -280,6 +288,24 @@ class Server:
                          code="context_length_exceeded")
         return wanted
 
+    async def _images(self, body: ChatCompletionRequest, engine: Engine) -> list | JSONResponse:
+        """A chat's images, read and decoded (off the event loop), or a 400 naming the part that may not be: an
+        image for a model that takes text only, or one `image_parts.load_images` refuses. In an image-text model's
+        chat, a text holding its image token is refused too (images are image_url parts)."""
+        urls = body.image_urls
+        try:
+            if engine.processor is None:
+                if urls:
+                    raise ImageRefused(urls[0][0], f"model {body.model!r} takes text only; send images to an "
+                                                   "image-text-to-text model")
+                return []
+            refuse_image_tokens([t for i, m in enumerate(body.messages) for t in m.texts(i)], engine.image_token)
+            a = self.args
+            return await asyncio.to_thread(load_images, urls, a.max_images_per_request, a.max_image_bytes,
+                                           a.max_image_pixels, a.allowed_image_paths)
+        except ImageRefused as e:
+            return error(400, str(e), param=e.where)
+
     @staticmethod
     def _pump(streams: list[AsyncIterator], engine: Engine) -> tuple[asyncio.Queue, list[asyncio.Task]]:
         """Each stream run by a task of its own into one queue of (choice index, event). Each row `engine.take`
@@ -342,13 +368,21 @@ class Server:
         engine, adapter = routed
         if (refused := _refuse_logprob_options(body, kind)) is not None:
             return refused
+        images = None  # a chat's image inputs for the model (encode_images), if it holds images
         if kind == "chat":
+            pictures = await self._images(body, engine)
+            if isinstance(pictures, JSONResponse):
+                return pictures
             prompts = [engine.chat_prompt([(m.role, m.text) for m in body.messages])]
             limit = body.limit
             top = (body.top_logprobs or 0) if body.logprobs else None
         else:
-            prompts, limit, top = body.prompts, body.max_tokens, body.logprobs
-        encoded = [engine.encode(p) for p in prompts]
+            prompts, limit, top, pictures = body.prompts, body.max_tokens, body.logprobs, []
+        if pictures:  # the processor expands each image's tokens (off the event loop: it resizes the images)
+            ids, images = await asyncio.to_thread(engine.encode_images, prompts[0], pictures)
+            encoded = [ids]
+        else:
+            encoded = [engine.encode(p) for p in prompts]
         budgets = []
         for ids in encoded:
             budget = self._budget(engine, ids, limit)
@@ -369,7 +403,7 @@ class Server:
             for j in range(body.n):
                 seed = None if body.seed is None else body.seed + j
                 sampling = Sampling(budget, body.temperature, body.top_p, seed, body.stops, body.ignore_eos, top)
-                streams.append(engine.stream(ids, sampling, adapter) if budget else _nothing(top))
+                streams.append(engine.stream(ids, sampling, adapter, images) if budget else _nothing(top))
                 sources.append(k)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         if not engine.take(len(streams), self.args.max_rows):
@@ -597,8 +631,18 @@ def build_app(args: dict | ServeArgs, **deployment_options) -> serve.Application
         server, board, parsed.retry_after_s)
 
 
+IMAGE_ARGS = ("allowed_image_paths", "max_images_per_request", "max_image_bytes", "max_image_pixels")
+
+
 def _vllm_app(args: ServeArgs) -> serve.Application:
-    """The same model folders on vLLM through `ray.serve.llm`, where vLLM is installed (GPU)."""
+    """The same model folders on vLLM through `ray.serve.llm`, where vLLM is installed (GPU). Requests reach vLLM's
+    OpenAI server as they came, image parts included: vLLM reads and limits images itself (its engine arguments
+    limit_mm_per_prompt, allowed_local_media_path), so this app's image arguments are refused rather than ignored.
+    Untested here (no vLLM)."""
+    defaults = ServeArgs.model_construct()  # the declared defaults
+    if given := [a for a in IMAGE_ARGS if getattr(args, a) != getattr(defaults, a)]:
+        raise ServeConfigError(f"engine: vllm reads and limits images itself; {', '.join(given)} apply to engine: "
+                               "transformers only (set vLLM's limit_mm_per_prompt / allowed_local_media_path instead)")
     try:
         import vllm  # noqa: F401
         from ray.serve.llm import LLMConfig, build_openai_app

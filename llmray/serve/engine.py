@@ -26,8 +26,9 @@ from typing import AsyncIterator
 import torch
 from transformers import AutoTokenizer, DynamicCache
 
+from llmray.data import pixels
 from llmray.data.template import render, stop_token_ids
-from llmray.model.build import inference_device, load_for_inference
+from llmray.model.build import PIXELS_PER_ROW, inference_device, is_vision_language, load_for_inference
 from llmray.serve.graphs import DecodeGraphs
 from llmray.serve.metrics import EngineMetrics
 from llmray.serve.sampling import Sampling, TokenLogprob, sample, token_logprob
@@ -75,6 +76,7 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     adapter: str = BASE  # the LoRA adapter this row generates with
+    images: dict[str, torch.Tensor] | None = None  # the processor's image inputs (pixel_values, ...), for the prefill
     logprobs: list[TokenLogprob] = field(default_factory=list)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -107,8 +109,15 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model_dir)
         self.backend = self.tokenizer.backend_tokenizer
         self.model = load_for_inference(model_dir, self.device)
-        config = self.model.config
-        if config._attn_implementation not in ("sdpa", "eager"):  # the decode step's mask is a 4-D tensor
+        if any(hasattr(m, "get_rope_index") for m in (self.model, getattr(self.model, "model", None))):
+            raise ValueError(f"{model_dir}: a {self.model.config.model_type} model computes its positions from the whole "
+                             "sequence (M-RoPE, `get_rope_index`), and this engine gives each row plain positions; "
+                             "serve it with engine: vllm")
+        # an image-text-to-text model: its processor prepares a request's images and expands their tokens
+        self.processor = pixels.load_processor(model_dir) if is_vision_language(self.model.config) else None
+        self.pixels_per_row = self.model.config.model_type in PIXELS_PER_ROW
+        config = self.model.config.get_text_config()  # the language model's: layers, heads, positions
+        if self.model.config._attn_implementation not in ("sdpa", "eager"):  # the decode step's mask is a 4-D tensor
             self.model.set_attn_implementation("sdpa")
         # transformers 5.x renames forward's past_key_values to cache (the old name goes at 5.40)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -142,6 +151,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._model_lock = threading.Lock()  # the compute thread's forwards and prompt scoring take turns
+        # requests' threads take turns with the processor: a fast tokenizer used from two threads at once can fail
+        # ("Already borrowed")
+        self._processor_lock = threading.Lock()
         self._outbox: list[tuple[_Row, object]] = []
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "forward_passes": 0, "active": 0,
                       "largest_batch": 0, "kv_slots": 0, "kv_positions": 0, "decode_graphs": 0, "kv_bytes_peak": 0}
@@ -158,8 +170,26 @@ class Engine:
 
     def chat_prompt(self, messages: list[tuple[str, str]]) -> str:
         """The prompt as fine-tuning rendered conversations: the model's chat template (ChatML when it has none),
-        ending in an open assistant turn."""
-        return render(self.tokenizer, [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
+        ending in an open assistant turn; an image-text model's processor's image token where IMAGE_PLACEHOLDER
+        marks an image."""
+        turns = [{"role": r, "content": c} for r, c in messages]
+        if self.processor is not None:
+            turns = pixels.with_image_token(self.processor, {"messages": turns})
+        return render(self.tokenizer, turns, add_generation_prompt=True)
+
+    @property
+    def image_token(self) -> str | None:
+        """The text that stands for an image in this model's prompts; None: the model takes text only."""
+        return None if self.processor is None else getattr(self.processor, "image_token", None)
+
+    def encode_images(self, prompt: str, images: list) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """A prompt holding the image token once per image, and its Pillow images: the token ids with each image's
+        tokens expanded, and the image inputs of the model's forward (pixel_values, ...), as the model's processor
+        makes them for `generate`."""
+        with self._processor_lock:
+            out = self.processor(text=[prompt], images=images, return_tensors="pt")
+        inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and torch.is_tensor(v)}
+        return out["input_ids"][0].tolist(), inputs
 
     # ---- the asyncio side ---------------------------------------------------------------------------------
 
@@ -182,16 +212,17 @@ class Engine:
             out.append(token_logprob(lp[i], token, top))
         return out
 
-    async def stream(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None
-                     ) -> AsyncIterator[str | Finished]:
+    async def stream(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None,
+                     images: dict[str, torch.Tensor] | None = None) -> AsyncIterator[str | Finished]:
         """Text deltas as they are generated, then a `Finished`. Closing the iterator early cancels the row.
-        `adapter`: one of this engine's LoRA adapters, or None for the base model."""
+        `adapter`: one of this engine's LoRA adapters, or None for the base model. `images`: `encode_images`'
+        inputs for the prompt's images (its prefill runs them through the model; its decode steps are text)."""
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve_forever, name="llmray-engine", daemon=True)
                 self._thread.start()
         row = _Row(list(prompt_ids), sampling, asyncio.get_running_loop(), asyncio.Queue(),
-                   TextStream(self.backend, sampling.stop), adapter=adapter or BASE)
+                   TextStream(self.backend, sampling.stop), adapter=adapter or BASE, images=images)
         self.stats["requests"] += 1
         self.incoming.put(row)
         done = False
@@ -364,7 +395,7 @@ class Engine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         prefill = DynamicCache()
-        logits = self._forward(ids, mask, prefill, fresh)
+        logits = self._forward(ids, mask, prefill, fresh, self._image_inputs(fresh))
         self.cache.admit(prefill, [len(r.prompt_ids) for r in fresh])
         self.metrics.add("prompt_tokens_total", sum(len(r.prompt_ids) for r in fresh))
         tokens, done = self._take(fresh, logits)
@@ -441,10 +472,35 @@ class Engine:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(lambda items=items: [q.put_nowait(e) for q, e in items])
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, rows: list[_Row]) -> torch.Tensor:
-        """A left-padded prefill's last logits per row."""
+    def _image_inputs(self, rows: list[_Row]) -> dict[str, torch.Tensor]:
+        """The image inputs of a prefill of `rows`: every row's images in row order, as one batch of images, or for a
+        model that takes them per row (PIXELS_PER_ROW) as (rows, most images, ...), the slots after a row's images
+        zero (which the model drops). {} when no row has an image."""
+        held = [r.images for r in rows if r.images]
+        if not held:
+            return {}
+        if not self.pixels_per_row:
+            return {k: self._on_device(torch.cat([h[k] for h in held])) for k in held[0]}
+        out = {}
+        for k, first in held[0].items():  # each (1, images, ...)
+            most = max(h[k].shape[1] for h in held)
+            batch = first.new_zeros((len(rows), most, *first.shape[2:]))
+            for i, r in enumerate(rows):
+                if r.images:
+                    batch[i, :r.images[k].shape[1]] = r.images[k][0]
+            out[k] = self._on_device(batch)
+        return out
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """An image input on the model's device, pixels in its dtype (bf16 on a GPU)."""
+        return t.to(self.device, dtype=self.model.dtype) if t.is_floating_point() else t.to(self.device)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, rows: list[_Row],
+                 images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """A left-padded prefill's last logits per row; `images`: its rows' image inputs (`_image_inputs`)."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
+        kwargs.update(images or {})
         kwargs[self.cache_kwarg] = cache
         with self._model_lock:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmray.data.vision import IMAGE_PLACEHOLDER
 
 MAX_STOPS = 4
 MAX_LOGPROBS = 20  # most-likely tokens a request may ask for at each place (vLLM's default cap)
@@ -62,17 +64,37 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    url: str  # a data: URI; a path or s3:// URI under the app's allowed_image_paths
+    detail: str | None = None  # OpenAI's "low" / "high" / "auto": the model's processor decides the resolution here
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
     @property
     def text(self) -> str:
+        """The message's text, IMAGE_PLACEHOLDER where each image part goes."""
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text if isinstance(p, TextPart) else IMAGE_PLACEHOLDER for p in self.content)
         return self.content or ""
+
+    def texts(self, i: int) -> list[tuple[str, str]]:
+        """(where, text) of each of its texts, where as `messages[i].content[j].text`; `i`: its index."""
+        if isinstance(self.content, list):
+            return [(f"messages[{i}].content[{j}].text", p.text) for j, p in enumerate(self.content)
+                    if isinstance(p, TextPart)]
+        return [(f"messages[{i}].content", self.content or "")]
 
 
 class ChatCompletionRequest(_Sampling):
@@ -84,6 +106,12 @@ class ChatCompletionRequest(_Sampling):
     @property
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def image_urls(self) -> list[tuple[str, str]]:
+        """(where, url) of each image part in order, where as `messages[i].content[j].image_url`."""
+        return [(f"messages[{i}].content[{j}].image_url", p.image_url.url) for i, m in enumerate(self.messages)
+                if isinstance(m.content, list) for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

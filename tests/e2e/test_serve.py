@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from helpers import free_port, greedy_reference
+from helpers import colour_png, data_uri, free_port, greedy_image_reference, greedy_reference, tiny_vlm, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +29,19 @@ def quantized_dir(model_dir, corpus):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, quantized_dir, ray_cluster):
+def vlm_dir(tmp_path_factory):
+    """A tiny LLaVA with its processor (greedy choices clear of near-ties), served beside the text models."""
+    return tiny_vlm(tmp_path_factory.mktemp("served-vlm") / "tiny-vlm", initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """The one folder the app reads images from by path (allowed_image_paths)."""
+    return tmp_path_factory.mktemp("images")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, quantized_dir, vlm_dir, image_dir, ray_cluster):
     from ray import serve
 
     from llmray.serve.app import build_app
@@ -37,8 +49,8 @@ def server(model_dir, quantized_dir, ray_cluster):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     models = [{"path": str(model_dir), "name": "tiny"}, {"path": str(model_dir), "name": "tiny-b"},
-              {"path": str(quantized_dir), "name": "tiny-int8"}]
-    app = build_app({"models": models,
+              {"path": str(quantized_dir), "name": "tiny-int8"}, {"path": str(vlm_dir), "name": "tiny-vlm"}]
+    app = build_app({"models": models, "allowed_image_paths": [str(image_dir)],
                      "api_key": KEY, "max_batch_size": 16, "batch_wait_ms": 20},
                     ray_actor_options={"num_cpus": 1})
     serve.run(app, name="llmray", route_prefix="/")
@@ -58,9 +70,9 @@ def reference(model_dir):
 
 
 def test_models_and_health(client, server):
-    assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-b", "tiny-int8"]
+    assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-b", "tiny-int8", "tiny-vlm"]
     health = httpx.get(f"{server}/healthz").json()
-    assert health["status"] == "ok" and set(health["models"]) == {"tiny", "tiny-b", "tiny-int8"}
+    assert health["status"] == "ok" and set(health["models"]) == {"tiny", "tiny-b", "tiny-int8", "tiny-vlm"}
 
 
 def test_quantized_model_is_served(client, quantized_dir, reference):
@@ -153,6 +165,45 @@ def test_sixteen_clients_at_once_all_correct(client, server, reference):
     stats = httpx.get(f"{server}/healthz").json()["models"]["tiny"]
     assert stats["largest_batch"] > 1
     assert stats["forward_passes"] - before < 16 * 16  # they shared forward passes
+
+
+def test_chat_images_answer_as_transformers_generate_batched_with_text(client, server, vlm_dir, image_dir):
+    """Image requests (a data: URI, a path in the allowed folder) and a text request to the image-text model at
+    once: each answers what `generate` does from the processor's inputs, in shared forward passes, and /metrics
+    counts them as requests. An image sent to a text model is a 400 naming the part."""
+    red, blue = colour_png("red"), colour_png("blue", seed=1)
+    (image_dir / "blue.png").write_bytes(blue)
+    question = {"type": "text", "text": "What colour is the square?"}
+    asks = [[{"type": "image_url", "image_url": {"url": data_uri(red)}}, question],
+            [{"type": "image_url", "image_url": {"url": str(image_dir / "blue.png")}}, question],
+            [question]]
+    reference = greedy_image_reference(vlm_dir)
+    expected = [reference("<image>What colour is the square?", [red], 12),
+                reference("<image>What colour is the square?", [blue], 12), reference("What colour is the square?", [], 12)]
+    assert len(set(expected)) == 3  # each image changes the answer
+    before = httpx.get(f"{server}/healthz").json()["models"]["tiny-vlm"]["forward_passes"]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0) as ac:
+            return await asyncio.gather(*[ac.chat.completions.create(
+                model="tiny-vlm", messages=[{"role": "user", "content": content}], max_tokens=12, temperature=0)
+                for content in asks])
+
+    answers = asyncio.run(run())
+    assert [a.choices[0].message.content for a in answers] == expected
+    assert answers[0].usage.prompt_tokens == answers[2].usage.prompt_tokens + 4  # the image's 4 tokens
+    stats = httpx.get(f"{server}/healthz").json()["models"]["tiny-vlm"]
+    assert stats["forward_passes"] - before < 3 * 12  # they shared forward passes
+    with pytest.raises(openai.BadRequestError, match="takes text only") as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": asks[0]}], max_tokens=2)
+    assert e.value.body["param"] == "messages[0].content[0].image_url"
+
+    def served() -> float:
+        lines = httpx.get(f"{server}/metrics").text.splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith("llmray:request_success_total{") and 'model_name="tiny-vlm"' in line)
+
+    wait_for(lambda: served() >= 3, 15, "image requests counted in /metrics")
 
 
 def test_disconnected_stream_stops_generating(server):

@@ -2,13 +2,12 @@
 s3://, Parquet bytes), bad lines skipped and named by file and line, the processor's rows (image tokens expanded,
 loss on the assistant's tokens only, pixels with the row) and their forward through a tiny LLaVA."""
 
-import base64
 import json
 import re
 
 import numpy as np
 import pytest
-from helpers import colour_png, s3_client, tiny_idefics3, tiny_vlm
+from helpers import colour_png, data_uri, s3_client, tiny_idefics3, tiny_vlm
 
 from llmray.data import images
 from llmray.data.chat import read_conversations, shard_conversations
@@ -22,10 +21,6 @@ RED, BLUE = colour_png("red"), colour_png("blue", seed=1)
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
     return str(tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny"))
-
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def write_jsonl(path, rows):
