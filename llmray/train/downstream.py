@@ -4,6 +4,7 @@ they run."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -25,7 +26,7 @@ def evaluate_tasks(engine, tokenizer, tasks: list[Task], device: torch.device, z
     engine.eval()
     out = {}
     for task in tasks:
-        outputs = answer(backend, task.spec, task.examples[rank::world] if split else task.examples)
+        outputs = answer(backend, dataclasses.replace(task, examples=task.examples[rank::world]) if split else task)
         if split:
             parts: list = [None] * world
             dist.all_gather_object(parts, outputs)

@@ -251,6 +251,10 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
     recipe, conversion = with_conversation_shards(recipe)
     train_spec, val_specs, vocab = check_inputs(recipe)
     eval_tasks = [load_task(path) for path in recipe.eval.tasks]  # read and checked here, once
+    pictured = [t.path for t in eval_tasks if t.spec.image is not None]
+    if pictured:
+        raise RecipeError(f"eval.tasks: {', '.join(pictured)} hold images; image tasks while training are not built "
+                          "yet: run `llmray eval` on the export")
     resume_from, start = resume.plan(recipe, vocab, resume_from, fresh)
     ensure_ray()
     logs.quiet_here()
