@@ -81,11 +81,17 @@ def _ngrams(words: list[str]) -> Counter:
 
 
 def cider(answers: list[str], references: list) -> float:
+    """CIDEr-D of the answers: the mean of `cider_scores`."""
+    scores = cider_scores(answers, references)
+    return sum(scores) / max(len(scores), 1)
+
+
+def cider_scores(answers: list[str], references: list) -> list[float]:
     """CIDEr-D (Vedantam et al. 2015, as the COCO caption toolkit computes it): per example, the cosine similarity
     of the answer's and each reference's TF-IDF vectors of n-grams (n = 1..4; IDF over the task's examples, an
     example's references counted as one document), the answer's weights clipped at the reference's, damped by a
     Gaussian of the length difference (sigma 6; lengths counted in bigrams, as the toolkit does), averaged over n
-    and the references, times 10; the mean over the examples. A corpus measure: the IDF comes from the references
+    and the references, times 10, one per example. A corpus measure: the IDF comes from the references
     of all the examples scored together."""
     refs = [[_ngrams(caption_words(r)) for r in rs] for rs in reference_lists(references)]
     hyps = [_ngrams(caption_words(a)) for a in answers]
@@ -110,7 +116,7 @@ def cider(answers: list[str], references: list) -> float:
                 dot = sum(min(w, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, w in vh[n].items())
                 total += (dot / (nh[n] * nr[n]) if nh[n] and nr[n] else 0.0) * penalty
         scores.append(10.0 * total / CIDER_N / len(rs))
-    return sum(scores) / max(len(scores), 1)
+    return scores
 
 
 def accuracy(predicted: list[str], gold: list[str]) -> float:
