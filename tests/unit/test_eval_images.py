@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
-from helpers import COLOURS, colour_png, colour_tokenizer, s3_client, tiny_llama, tiny_vlm
+from helpers import COLOURS, colour_png, colour_tokenizer, s3_client, tiny_idefics3, tiny_llama, tiny_vlm
 
 from llmray.evals import metrics
 from llmray.evals.backends import BackendError, Endpoint, LocalModel
@@ -209,3 +209,34 @@ def test_a_task_that_does_not_fit_the_model_is_refused_naming_its_file(vlm, tmp_
     image_task = task(tmp_path, CHOICE, colour_lines(tmp_path, 1))
     with pytest.raises(TaskError, match=f"task {tmp_path}/t.yaml is an image task .* text-only model"):
         answer(LocalModel.from_folder(str(folder), device="cpu"), image_task)
+
+
+def test_an_idefics3_takes_its_pixels_per_row(tmp_path):
+    """Idefics3 (SmolVLM's architecture) takes pixel values per row: batched captions equal each image's alone, and
+    a label's log-likelihood is the model's own forward on the processor's inputs."""
+    from PIL import Image
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = tiny_idefics3(tmp_path / "idefics3")
+        model = LocalModel.from_folder(str(folder), device="cpu")
+        captions = task(tmp_path, CAPTION, colour_lines(tmp_path, 3))
+        out = answer(model, captions)
+        tok = model.processor.tokenizer
+        for e, o in zip(captions.examples, out):
+            prompt = tok.apply_chat_template([{"role": "user", "content": e.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+            image = Image.open(io.BytesIO(e.image)).convert("RGB")
+            inputs = model.processor(text=[prompt], images=[image], return_tensors="pt", add_special_tokens=False)
+            alone = model.model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")])
+            assert o["answer"] == tok.decode(alone[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        choice = task(tmp_path, CHOICE, colour_lines(tmp_path, 1))
+        (scores,) = [o["scores"] for o in answer(model, choice)]
+        png = choice.examples[0].image
+        with torch.no_grad():
+            want = [direct_loglikelihood(model.model, model.processor, png, c) for c in choice.spec.choices]
+        assert scores == pytest.approx(want, abs=1e-4)
+    finally:
+        torch.set_num_threads(threads)
