@@ -240,3 +240,15 @@ def test_an_idefics3_takes_its_pixels_per_row(tmp_path):
         assert scores == pytest.approx(want, abs=1e-4)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_image_tasks_in_a_recipes_eval_block_are_refused(tmp_path):
+    from llmray.recipe.schema import RecipeError
+    from llmray.train.downstream import training_tasks
+
+    (tmp_path / "t").mkdir()
+    text = task(tmp_path / "t", "type: generate\ndata: d.jsonl\ninput: q\ntarget: a\n", [{"q": "x", "a": "y"}])
+    image = task(tmp_path, CHOICE, colour_lines(tmp_path, 1))
+    assert [t.path for t in training_tasks([text.path])] == [text.path]
+    with pytest.raises(RecipeError, match=f"eval.tasks: {image.path}: image tasks while training are not built yet"):
+        training_tasks([text.path, image.path])
