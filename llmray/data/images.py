@@ -78,6 +78,16 @@ def decode(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
             from None
 
 
+def data_uri(data: bytes) -> str:
+    """Image bytes as a `data:` URI (base64), its media type read from the image (what an OpenAI image_url part
+    carries)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        kind = Image.MIME.get(img.format or "", "application/octet-stream")
+    return f"data:{kind};base64,{to_text(data)}"
+
+
 def to_text(data: bytes) -> str:
     """Image bytes as the text a shard's JSON holds (base64)."""
     return base64.b64encode(data).decode("ascii")

@@ -81,16 +81,21 @@ def encode_image_chat(processor, messages: list[dict], pictures: list[bytes]
     else:
         from llmray.data.template import render
 
-        out = processor(text=[render(processor.tokenizer, messages)], images=[images.decode(p) for p in pictures],
-                        add_special_tokens=False, return_tensors="np")
-        expanded = np.asarray(out["input_ids"][0], dtype=np.int32)
-        pixels = np.asarray(out["pixel_values"], dtype=np.float32).reshape(len(pictures), -1,
-                                                                            *out["pixel_values"].shape[-3:])
-        pixels = pixels[:, 0] if pixels.shape[1] == 1 else pixels
+        expanded, pixels = expand(processor, render(processor.tokenizer, messages), pictures)
         mask = carried_mask(ids, mask, expanded)
     labels = np.where(mask, expanded, IGNORE_INDEX).astype(np.int32)
     labels[:1] = IGNORE_INDEX
     return expanded, labels, pixels
+
+
+def expand(processor, text: str, pictures: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(the token ids of a rendered `text` with each image token expanded into its image's tokens, the images' pixel
+    values (n_images, ...) as the processor prepared them): the processor run on the text and the decoded images."""
+    out = processor(text=[text], images=[images.decode(p) for p in pictures], add_special_tokens=False,
+                    return_tensors="np")
+    expanded = np.asarray(out["input_ids"][0], dtype=np.int32)
+    pixels = np.asarray(out["pixel_values"], dtype=np.float32).reshape(len(pictures), -1, *out["pixel_values"].shape[-3:])
+    return expanded, pixels[:, 0] if pixels.shape[1] == 1 else pixels
 
 
 def expanded_length(processor, record: dict) -> int | None:

@@ -1,12 +1,19 @@
 """What an eval asks of a model, from a model folder (transformers, batched) or an OpenAI-compatible URL: greedy
 answers to prompts, the log-likelihood of a continuation after a context, and the negative log-likelihood of a
-text. Chat prompts are a user message rendered with the model's chat template."""
+text. Chat prompts are a user message rendered with the model's chat template.
+
+Image tasks give each prompt its image (bytes; the prompt holds IMAGE_PLACEHOLDER where it goes): a vision-language
+folder's processor expands the image token into the image's tokens and prepares its pixels (`data/pixels.py`, as
+in training); an endpoint is sent the image as a `data:` URI in an OpenAI `image_url` part."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llmray import storage
+from llmray.data import images
+from llmray.data.vision import IMAGE_PLACEHOLDER
 from llmray.errors import LlmrayError
 
 BATCH = 8
@@ -18,59 +25,105 @@ class BackendError(LlmrayError):
 
 class LocalModel:
     """A transformers model in this process: an exported folder's (`from_folder`), or a training engine's module.
-    `synced`: several ranks generate together (ZeRO-3's forwards are collectives), as transformers' synced_gpus."""
+    `synced`: several ranks generate together (ZeRO-3's forwards are collectives), as transformers' synced_gpus.
+    `processor`: a vision-language model's (AutoProcessor), which image prompts go through."""
 
-    def __init__(self, model, tokenizer, device: torch.device, synced: bool = False):
+    def __init__(self, model, tokenizer, device: torch.device, synced: bool = False, processor=None):
         self.model, self.tokenizer, self.device, self.synced = model, tokenizer, device, synced
+        self.processor = processor
+        self.takes_images = processor is not None  # what `score.answer` checks a task against
         config = getattr(model, "config", None)
-        self.context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+        text = config.get_text_config() if config is not None else None  # a VLM's language model's
+        self.context = int(getattr(text, "max_position_embeddings", 2048) or 2048)
 
     @classmethod
     def from_folder(cls, folder: str, device: str | None = None) -> "LocalModel":
-        """A model folder (local or s3://) or Hub id, on the GPU when there is one."""
+        """A model folder (local or s3://) or Hub id, on the GPU when there is one; a vision-language model with its
+        processor."""
         from transformers import AutoTokenizer
 
-        from llmray.model.build import inference_device, load_for_inference
+        from llmray.data.pixels import load_processor
+        from llmray.model.build import inference_device, is_vision_language, load_for_inference
 
         folder = storage.local_folder(folder, "the evaluated model")
         dev = inference_device(device)
-        return cls(load_for_inference(folder, dev), AutoTokenizer.from_pretrained(folder), dev)
+        model = load_for_inference(folder, dev)
+        if is_vision_language(model.config):
+            processor = load_processor(folder)
+            return cls(model, processor.tokenizer, dev, processor=processor)
+        return cls(model, AutoTokenizer.from_pretrained(folder), dev)
 
     def _text(self, prompt: str, chat: bool) -> str:
+        from llmray.data.pixels import with_image_token
         from llmray.data.template import render
 
-        return render(self.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat \
-            else prompt
+        if not chat:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+        if self.processor is not None:  # IMAGE_PLACEHOLDER written as the processor's image token
+            messages = with_image_token(self.processor, {"messages": messages})
+        return render(self.tokenizer, messages, add_generation_prompt=True)
+
+    def _encode(self, text: str, image: bytes | None) -> tuple[list[int], np.ndarray | None]:
+        """(token ids of a rendered text, its image's pixel values (1, ...) or None): with an image, its token
+        expanded by the processor (`pixels.expand`, as training's rows are made)."""
+        if image is None:
+            return self.tokenizer(text).input_ids, None
+        from llmray.data.pixels import expand
+
+        ids, pixels = expand(self.processor, text, [image])
+        return ids.tolist(), pixels
+
+    def _pixel_values(self, pixels: list[np.ndarray]) -> dict:
+        """The forward's `pixel_values` of rows with one image each: every row's in one list (LLaVA), or per row
+        (`build.PIXELS_PER_ROW`: Idefics3)."""
+        from llmray.model.build import PIXELS_PER_ROW
+
+        if pixels[0] is None:
+            return {}
+        stacked = np.stack(pixels)  # (rows, 1, ...)
+        if getattr(self.model.config, "model_type", None) not in PIXELS_PER_ROW:
+            stacked = stacked.reshape(-1, *stacked.shape[2:])
+        dtype = next(self.model.parameters()).dtype
+        return {"pixel_values": torch.from_numpy(stacked).to(self.device, dtype)}
 
     @torch.no_grad()  # not inference_mode: ZeRO-3 keeps tensors it gathers here for the training step
-    def generate(self, prompts: list[str], chat: bool, max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: list[str], chat: bool, max_new_tokens: int,
+                 pictures: list[bytes] | None = None) -> list[str]:
         from llmray.data.template import stop_token_ids
 
         stops, out = stop_token_ids(self.tokenizer), []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
+        pictures = pictures or [None] * len(prompts)
         for start in range(0, len(prompts), BATCH):
-            encoded = [self.tokenizer(self._text(p, chat)).input_ids for p in prompts[start:start + BATCH]]
-            width = max(len(e) for e in encoded)
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=self.device)
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
+            encoded = [self._encode(self._text(p, chat), image)
+                       for p, image in zip(prompts[start:start + BATCH], pictures[start:start + BATCH])]
+            width = max(len(ids) for ids, _ in encoded)
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e, _ in encoded], device=self.device)
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e, _ in encoded], device=self.device)
             generated = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                             do_sample=False, eos_token_id=stops, pad_token_id=pad,
-                                            synced_gpus=self.synced)
+                                            synced_gpus=self.synced, **self._pixel_values([p for _, p in encoded]))
             out += [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in generated]
         return out
 
     @torch.no_grad()  # not inference_mode: ZeRO-3 keeps tensors it gathers here for the training step
-    def loglikelihoods(self, pairs: list[tuple[str, str]], chat: bool) -> list[float]:
+    def loglikelihoods(self, pairs: list[tuple[str, str]], chat: bool,
+                       pictures: list[bytes] | None = None) -> list[float]:
         """log P(continuation | context), summed over the continuation's tokens (lm-eval's split: the context's
-        tokens, then what tokenizing the whole adds)."""
+        tokens, then what tokenizing the whole adds). With an image, the context holds it, expanded."""
         out = []
-        for context, continuation in pairs:
+        for (context, continuation), image in zip(pairs, pictures or [None] * len(pairs)):
             context = self._text(context, chat)
-            ctx = self.tokenizer(context).input_ids
-            whole = self.tokenizer(context + continuation).input_ids
+            ctx, _ = self._encode(context, image)
+            whole, pixels = self._encode(context + continuation, image)
             cut = max(0, len(whole) - self.context)  # a context too long loses its beginning
+            if cut and image is not None:
+                raise BackendError(f"a prompt of {len(whole)} tokens with its image expanded is over the model's "
+                                   f"context of {self.context}: its image cannot be cut")
             ids, first = whole[cut:], max(1, len(ctx) - cut)
-            lp = torch.log_softmax(self.model(torch.tensor([ids], device=self.device)).logits[0].float(), -1)
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device), **self._pixel_values([pixels])).logits
+            lp = torch.log_softmax(logits[0].float(), -1)
             out.append(sum(lp[i - 1, ids[i]].item() for i in range(first, len(ids))))
         return out
 
@@ -97,7 +150,9 @@ class LocalModel:
 
 class Endpoint:
     """An OpenAI-compatible server: /v1/completions (log-likelihoods through echo + logprobs, as lm-eval asks)
-    and /v1/chat/completions for chat prompts."""
+    and /v1/chat/completions for chat prompts, an image sent as a `data:` URI in an `image_url` part."""
+
+    takes_images = None  # unknown here: the server answers an image it cannot take with an error
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None):
         import httpx
@@ -123,12 +178,13 @@ class Endpoint:
             raise BackendError(f"{self.base}{route} answered {r.status_code}: {r.text[:300]}")
         return r.json()
 
-    def generate(self, prompts: list[str], chat: bool, max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: list[str], chat: bool, max_new_tokens: int,
+                 pictures: list[bytes] | None = None) -> list[str]:
         out = []
-        for prompt in prompts:
+        for prompt, image in zip(prompts, pictures or [None] * len(prompts)):
             if chat:
                 r = self._call("POST", "/chat/completions", {
-                    "model": self.model, "messages": [{"role": "user", "content": prompt}],
+                    "model": self.model, "messages": [{"role": "user", "content": user_content(prompt, image)}],
                     "max_tokens": max_new_tokens, "temperature": 0})
                 out.append(r["choices"][0]["message"]["content"] or "")
             else:
@@ -147,7 +203,11 @@ class Endpoint:
                                "llmray serve)")
         return logprobs
 
-    def loglikelihoods(self, pairs: list[tuple[str, str]], chat: bool) -> list[float]:
+    def loglikelihoods(self, pairs: list[tuple[str, str]], chat: bool,
+                       pictures: list[bytes] | None = None) -> list[float]:
+        if pictures:
+            raise BackendError("a choice task with images needs a model folder: OpenAI's chat API does not score a "
+                               "given answer (no echo of the prompt's logprobs), and /v1/completions takes no image")
         if chat:
             raise BackendError("a choice task with chat: true needs a model folder: an endpoint does not say how "
                                "it renders a chat into the text it scores")
@@ -166,6 +226,17 @@ class Endpoint:
             values = [v for v, at in zip(lp["token_logprobs"], lp["text_offset"]) if v is not None and at < len(text)]
             out.append((-sum(values), len(values)))
         return out
+
+
+def user_content(prompt: str, image: bytes | None) -> str | list[dict]:
+    """A user message's OpenAI content: the prompt, or with an image its text and `image_url` parts in order, the
+    image where the prompt's IMAGE_PLACEHOLDER is."""
+    if image is None:
+        return prompt
+    before, _, after = prompt.partition(IMAGE_PLACEHOLDER)
+    parts = [{"type": "text", "text": before}] if before else []
+    parts.append({"type": "image_url", "image_url": {"url": images.data_uri(image)}})
+    return parts + ([{"type": "text", "text": after}] if after else [])
 
 
 def backend_for(target: str, model: str | None = None, api_key: str | None = None):

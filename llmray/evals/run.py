@@ -3,6 +3,7 @@ GPU when the cluster has them), answered, then scored; a table on the console an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import ray
 from llmray import hub, storage
 from llmray.errors import LlmrayError
 from llmray.evals.score import answer, score
-from llmray.evals.tasks import Example, TaskError, TaskSpec, load_task
+from llmray.evals.tasks import Task, TaskError, load_task
 
 
 @ray.remote
@@ -23,8 +24,8 @@ class EvalWorker:
         logs.drop_import_noise()
         self.backend = backend_for(target, model, api_key)
 
-    def run(self, spec: TaskSpec, examples: list[Example]) -> list[dict]:
-        return answer(self.backend, spec, examples)
+    def run(self, task: Task) -> list[dict]:
+        return answer(self.backend, task)
 
 
 def evaluate(target: str, task_files: list[str], workers: int = 1, model: str | None = None,
@@ -55,7 +56,8 @@ def evaluate(target: str, task_files: list[str], workers: int = 1, model: str | 
         size = -(-len(task.examples) // workers)
         parts = [task.examples[i:i + size] for i in range(0, len(task.examples), size)]
         try:
-            outputs = [o for got in ray.get([w.run.remote(task.spec, p) for w, p in zip(pool, parts)]) for o in got]
+            outputs = [o for got in ray.get([w.run.remote(dataclasses.replace(task, examples=p))
+                                              for w, p in zip(pool, parts)]) for o in got]
         except (ray.exceptions.RayTaskError, ray.exceptions.ActorDiedError) as e:
             cause = getattr(e, "cause", None)
             if isinstance(cause, LlmrayError):  # one line for the user, not a trace from inside the actor

@@ -315,7 +315,7 @@ def check_eval_metric(name: str, recipe: Recipe) -> None:
     if task not in tasks:
         raise SweepError(f"metric.name={name}: the recipe's eval.tasks have no task {task!r} "
                          f"(they have {', '.join(tasks) or 'none'})")
-    allowed = tasks[task].spec.metric_names + (["loss"] if tasks[task].spec.type == "perplexity" else [])
+    allowed = tasks[task].metric_names + (["loss"] if tasks[task].spec.type == "perplexity" else [])
     if metric not in allowed:
         raise SweepError(f"metric.name={name}: task {task} reports {', '.join(allowed)}")
 

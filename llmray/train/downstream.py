@@ -4,6 +4,7 @@ they run."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -12,7 +13,19 @@ import torch.distributed as dist
 from llmray import metric_names as M
 from llmray.evals.backends import LocalModel
 from llmray.evals.score import answer, score
-from llmray.evals.tasks import Task
+from llmray.evals.tasks import Task, load_task
+from llmray.recipe.schema import RecipeError
+
+
+def training_tasks(paths: list[str]) -> list[Task]:
+    """A recipe's eval.tasks, read and checked: image tasks are refused (the training ranks' LocalModel holds no
+    processor; `llmray eval` scores an export on them)."""
+    tasks = [load_task(path) for path in paths]
+    pictured = [t.path for t in tasks if t.spec.image is not None]
+    if pictured:
+        raise RecipeError(f"eval.tasks: {', '.join(pictured)}: image tasks while training are not built yet; run "
+                          "`llmray eval` on the export")
+    return tasks
 
 
 def evaluate_tasks(engine, tokenizer, tasks: list[Task], device: torch.device, zero3: bool) -> dict:
@@ -25,7 +38,7 @@ def evaluate_tasks(engine, tokenizer, tasks: list[Task], device: torch.device, z
     engine.eval()
     out = {}
     for task in tasks:
-        outputs = answer(backend, task.spec, task.examples[rank::world] if split else task.examples)
+        outputs = answer(backend, dataclasses.replace(task, examples=task.examples[rank::world]) if split else task)
         if split:
             parts: list = [None] * world
             dist.all_gather_object(parts, outputs)

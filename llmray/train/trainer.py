@@ -29,7 +29,6 @@ from llmray.data.split import split_sources
 from llmray.data.tokenizer import load_tokenizer
 from llmray.errors import LlmrayError
 from llmray.evals.perplexity import perplexity
-from llmray.evals.tasks import load_task
 from llmray.model import lineage
 from llmray.model.build import build_config, is_vision_language
 from llmray.model.lora import check_qlora, check_targets
@@ -40,6 +39,7 @@ from llmray.objectives.rollout import start_generators
 from llmray.recipe.load import recipe_from_dict, with_absolute_paths, with_pinned_names
 from llmray.recipe.schema import Recipe, RecipeError
 from llmray.train import checkpoint, resume
+from llmray.train.downstream import training_tasks
 from llmray.train.kernels import check_installed
 from llmray.train.metrics import eval_by_task, per_source_val
 from llmray.train.plot import plot_loss
@@ -251,7 +251,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
         build_config(recipe.model, 0)
     recipe, conversion = with_conversation_shards(recipe)
     train_spec, val_specs, vocab = check_inputs(recipe)
-    eval_tasks = [load_task(path) for path in recipe.eval.tasks]  # read and checked here, once
+    eval_tasks = training_tasks(recipe.eval.tasks)  # read and checked here, once
     resume_from, start = resume.plan(recipe, vocab, resume_from, fresh)
     ensure_ray()
     logs.quiet_here()

@@ -206,6 +206,27 @@ def test_chat_images_answer_as_transformers_generate_batched_with_text(client, s
     wait_for(lambda: served() >= 3, 15, "image requests counted in /metrics")
 
 
+def test_llmray_eval_of_an_image_task_through_the_url_answers_as_the_folder(server, vlm_dir, tmp_path):
+    """`llmray eval` of a visual-question task against the served image-text model (each image sent as a data: URI
+    in an image_url part) gives the answers it gives on the model's folder."""
+    from llmray.evals.run import evaluate
+
+    lines = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        (tmp_path / f"{i}.png").write_bytes(colour_png(colour, seed=i))
+        lines.append(json.dumps({"picture": f"{i}.png", "colour": colour}))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    task = tmp_path / "colours.yaml"
+    task.write_text("type: generate\ndata: d.jsonl\nimage: picture\nprompt: 'What colour is the square?'\n"
+                    "target: colour\nmax_new_tokens: 6\nmetrics: [exact_match]\n")
+    local = evaluate(str(vlm_dir), [str(task)], out=None)
+    remote = evaluate(f"{server}/v1", [str(task)], model="tiny-vlm", api_key=KEY, out=None)
+    answers = [a["answer"] for a in local["answers"]["colours"]]
+    assert len(set(answers)) > 1, answers  # the images make a difference
+    assert [a["answer"] for a in remote["answers"]["colours"]] == answers
+    assert remote["tasks"]["colours"]["exact_match"] == local["tasks"]["colours"]["exact_match"]
+
+
 def test_disconnected_stream_stops_generating(server):
     health = lambda: httpx.get(f"{server}/healthz").json()["models"]["tiny-b"]  # noqa: E731
     before = health()

@@ -1,7 +1,8 @@
 """Image-text fine-tuning on the real spine: a tiny random-init LLaVA learns which colour a square is, from images the
 processor prepares in the stream's Ray Data tasks, trained by `llmray finetune`'s entry (`fit`) with 2 ZeRO-2 workers
 (projector and language model in full, the vision tower frozen); the export loads with plain transformers, and on
-held-out images its answer, chosen by log-likelihood among the colours, beats the untrained model's."""
+held-out images its answer, chosen by log-likelihood among the colours by `llmray eval` (an image choice task), beats
+the untrained model's."""
 
 import json
 
@@ -74,45 +75,39 @@ def answered_colour(folder, labels) -> str:
     return next(c for c in COLOURS if answer(c) in text)
 
 
-@torch.no_grad()
-def held_out_accuracy(folder, n: int = 40) -> tuple[float, float]:
-    """(accuracy, mean log-likelihood of the right answer) on `n` unseen images: the answer is the colour whose
-    `It is <colour>.` the model finds likeliest after the image and question."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from llmray.data.template import render
-
-    processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    colours, right, likelihood = list(COLOURS), 0, 0.0
+def held_out_task(root, n: int = 40) -> str:
+    """An eval task file of `n` unseen images: the answer is the colour whose `It is <colour>.` the model finds
+    likeliest after the image and the question (a choice task: label log-likelihood)."""
+    (root / "img").mkdir(parents=True)
+    lines = []
     for i in range(n):
-        truth = colours[i % len(colours)]
-        image = colour_png(truth, seed=10_000 + i)
-        scores = []
-        for colour in colours:
-            import io
+        truth = list(COLOURS)[i % len(COLOURS)]
+        (root / "img" / f"{i}.png").write_bytes(colour_png(truth, seed=10_000 + i))
+        lines.append({"image": f"img/{i}.png", "answer": answer(truth)})
+    (root / "held_out.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    choices = ", ".join(f"'{answer(c)}'" for c in COLOURS)
+    (root / "held_out.yaml").write_text(f"type: choice\ndata: held_out.jsonl\nimage: image\nprompt: '{QUESTION}'\n"
+                                        f"target: answer\nchoices: [{choices}]\n")
+    return str(root / "held_out.yaml")
 
-            from PIL import Image
 
-            messages = [{"role": "user", "content": f"{processor.image_token}{QUESTION}"}]
-            prompt = render(processor.tokenizer, messages, add_generation_prompt=True)
-            full = prompt + answer(colour)
-            inputs = processor(text=[full], images=[Image.open(io.BytesIO(image)).convert("RGB")], return_tensors="pt",
-                               add_special_tokens=False)
-            start = len(processor(text=[prompt], images=[Image.open(io.BytesIO(image)).convert("RGB")],
-                                  add_special_tokens=False)["input_ids"][0])
-            logits = model(**inputs).logits[0, :-1].log_softmax(-1)
-            ids = inputs["input_ids"][0, 1:]
-            scores.append(float(logits.gather(-1, ids[:, None])[start - 1:].sum()))
-        right += colours[max(range(len(colours)), key=scores.__getitem__)] == truth
-        likelihood += scores[colours.index(truth)]
-    return right / n, likelihood / n
+def held_out_accuracy(folder, task: str, workers: int = 1) -> tuple[float, float]:
+    """(accuracy, mean log-likelihood of the right answer) of `llmray eval` on the held-out task."""
+    from llmray.evals.run import evaluate
+
+    results = evaluate(str(folder), [task], workers=workers, out=None)
+    answers = results["answers"]["held_out"]
+    choices = [answer(c) for c in COLOURS]
+    return (results["tasks"]["held_out"]["accuracy"],
+            sum(a["scores"][choices.index(a["reference"])] for a in answers) / len(answers))
 
 
 def test_a_tiny_vlm_learns_the_colours_and_exports_for_plain_transformers(colour_set, ray_cluster, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
+    from llmray.evals.run import evaluate
+    from llmray.evals.tasks import TaskError
     from llmray.export.folder import export
 
     base = tiny_vlm(tmp_path / "vlm")
@@ -135,11 +130,18 @@ def test_a_tiny_vlm_learns_the_colours_and_exports_for_plain_transformers(colour
     assert tower and all(torch.equal(before[k], after[k]) for k in tower), "the frozen vision tower changed"
     assert any(not torch.equal(before[k], after[k]) for k in projector), "the projector did not train"
 
-    untrained, trained = held_out_accuracy(base), held_out_accuracy(out)
+    task = held_out_task(tmp_path / "held_out")
+    untrained, trained = held_out_accuracy(base, task), held_out_accuracy(out, task, workers=2)
     print(f"held-out colour accuracy {untrained[0]:.2f} -> {trained[0]:.2f}, answer log-likelihood "
           f"{untrained[1]:.2f} -> {trained[1]:.2f}")
     assert trained[1] > untrained[1] + 1.0
     assert trained[0] >= 0.6 and trained[0] > untrained[0] + 0.25
+
+    text = tmp_path / "text.yaml"  # a text task against the vision-language export: refused, naming the task file
+    (tmp_path / "text.jsonl").write_text(json.dumps({"q": QUESTION, "a": "red"}) + "\n")
+    text.write_text("type: generate\ndata: text.jsonl\ninput: q\ntarget: a\n")
+    with pytest.raises(TaskError, match=f"task {text} is a text task .* vision-language model"):
+        evaluate(str(out), [str(text)], out=None)
 
 
 @pytest.mark.slow  # ZeRO-3's partitioned start-up: ~80 s on 2 busy cores
