@@ -19,6 +19,8 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # the tests' Hub (tests/hub_se
 # that poll (llmray/train/worker.py); the tests' runs report every few steps, so they poll 4x as often. Same runs,
 # same reports, less waiting: ~6 s of ~30 s per run on 2 cores. Set before ray.init, so the raylet passes it on.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# quantize and prune reports time greedy decoding on a short answer (benchmarks/ measure speed)
+os.environ.setdefault("LLMRAY_QUICK_SPEED", "1")
 
 import pytest  # noqa: E402
 from helpers import moto_s3  # noqa: E402
