@@ -292,6 +292,36 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.5) -> None:
 
 
 @contextmanager
+def json_server(answer: dict):
+    """An HTTP server on 127.0.0.1 that answers every POST with `answer` (JSON) and records the JSON bodies it is
+    sent: (its base URL, the list of bodies). A stand-in for an OpenAI-style server whose answers a test sets."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen: list = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
+
+
+@contextmanager
 def moto_s3(bucket: str):
     """A real S3-compatible server (moto) on 127.0.0.1 holding one empty bucket. Yields the standard AWS
     environment variables that reach it; sets none of them."""

@@ -7,12 +7,10 @@ import base64
 import io
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
-from helpers import COLOURS, colour_png, colour_tokenizer, s3_client, tiny_idefics3, tiny_llama, tiny_vlm
+from helpers import COLOURS, colour_png, colour_tokenizer, json_server, s3_client, tiny_idefics3, tiny_llama, tiny_vlm
 
 from llmray.evals import metrics
 from llmray.evals.backends import BackendError, Endpoint, LocalModel
@@ -162,33 +160,14 @@ def test_captions_are_greedy_decoding_of_each_image_alone(vlm, tmp_path):
 
 
 def test_an_endpoint_is_sent_the_image_as_a_data_uri_part_and_refuses_label_loglikelihood(tmp_path):
-    seen = []
-
-    class Chat(BaseHTTPRequestHandler):  # an OpenAI-style chat server that records what it is sent
-        def do_POST(self):
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "red"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
     lines = colour_lines(tmp_path, 2)
     lines[1]["q"] = "Look: <image> and describe it."
-    server = HTTPServer(("127.0.0.1", 0), Chat)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        endpoint = Endpoint(f"http://127.0.0.1:{server.server_port}/v1", model="m")
+    with json_server({"choices": [{"index": 0, "message": {"role": "assistant", "content": "red"}}]}) as (url, seen):
+        endpoint = Endpoint(f"{url}/v1", model="m")
         captions = task(tmp_path, CAPTION, lines)
         assert answer(endpoint, captions) == [{"answer": "red"}] * 2
         with pytest.raises(BackendError, match="a choice task with images needs a model folder: OpenAI's chat API"):
             answer(endpoint, task(tmp_path, CHOICE, lines))
-    finally:
-        server.shutdown()
     assert len(seen) == 2 and all(s["model"] == "m" and s["temperature"] == 0 for s in seen)
     first, second = (s["messages"][0]["content"] for s in seen)
     pngs = [(tmp_path / "img" / f"{i}.png").read_bytes() for i in range(2)]

@@ -1,11 +1,10 @@
 """`llmray eval`'s task files, its metrics, and what an endpoint without logprobs is told; no Ray."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import json_server
 
 from llmray.evals import metrics
 from llmray.evals.backends import BackendError, Endpoint
@@ -64,28 +63,12 @@ def test_metrics_on_known_answers():
 
 
 def test_endpoint_without_logprobs_is_told_so():
-    class NoLogprobs(BaseHTTPRequestHandler):  # an OpenAI-style server that ignores logprobs and echo
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"choices": [{"index": 0, "text": "x", "logprobs": None}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), NoLogprobs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        endpoint = Endpoint(f"http://127.0.0.1:{server.server_port}/v1", model="m")
+    # an OpenAI-style server that ignores logprobs and echo
+    with json_server({"choices": [{"index": 0, "text": "x", "logprobs": None}]}) as (url, _):
+        endpoint = Endpoint(f"{url}/v1", model="m")
         assert endpoint.generate(["hi"], chat=False, max_new_tokens=2) == ["x"]
         with pytest.raises(BackendError, match="returned no logprobs: log-likelihood tasks"):
             endpoint.loglikelihoods([("a", " b")], chat=False)
-    finally:
-        server.shutdown()
 
 
 def test_the_demo_task_file_holds_the_demos_held_out_prompts():
