@@ -2,9 +2,9 @@
 a held-out accuracy check.
 
     python jobs/vision_task.py data OUT [--seed 0] [--train 1200] [--held-out 80] [--size 32]
-    python jobs/vision_task.py tower OUT [--size 32] [--patch 8] [--layers 2] [--hidden 64]
+    python jobs/vision_task.py tower OUT [--size 32] [--patch 16] [--layers 3] [--hidden 64]
     python jobs/vision_task.py accuracy FOLDER TASK_YAML [--out JSON]
-    python jobs/vision_task.py ask URL MODEL IMAGE QUESTION       # the OpenAI client, once serving takes images
+    python jobs/vision_task.py ask URL MODEL HELD_OUT_JSONL [--line 0]   # the OpenAI client, once serving takes images
 
 `data` draws scenes with Pillow: one or two kinds of object (a shape in a colour: circle, square or triangle; red,
 green, blue or yellow; no two kinds share a shape or a colour), one to three objects in all, in the cells of a 2x2
@@ -63,9 +63,9 @@ def draw(objects: list[tuple[str, str, int]], rng: random.Random, size: int) -> 
     for shape, colour, n in objects:
         for _ in range(n):
             cx, cy = next(at)
-            side = rng.randint(int(cell * 0.55), int(cell * 0.8))
-            x = cx * cell + rng.randint(0, cell - side)
-            y = cy * cell + rng.randint(0, cell - side)
+            side = rng.randint(int(cell * 0.6), int(cell * 0.7))  # near the cell's middle: see the module's note
+            x = cx * cell + (cell - side) // 2 + rng.randint(-1, 1)
+            y = cy * cell + (cell - side) // 2 + rng.randint(-1, 1)
             box, fill = [x, y, x + side - 1, y + side - 1], COLOURS[colour]
             if shape == "circle":
                 pen.ellipse(box, fill=fill)
@@ -191,23 +191,28 @@ def accuracy(folder: str, task_file: str, out: str | None) -> dict:
                 right.setdefault(line.get("kind", "all"), []).append(hit)
                 examples.append({"question": line[task["input"]], "answer": line[task["target"]], "said": said})
     hits = [h for v in right.values() for h in v]
+    # chance: a uniform guess among the answers each kind of question has in the file
+    options = {k: {normalize(x[task["target"]]) for x in lines if x.get("kind", "all") == k} for k in right}
+    chance = sum(len(v) / len(options[k]) for k, v in right.items()) / len(hits)
     report = {"model": folder, "tasks": {task.get("name", "task"): {
-        "accuracy": sum(hits) / len(hits), "examples": len(hits),
+        "accuracy": sum(hits) / len(hits), "examples": len(hits), "chance": chance,
         "by_kind": {k: sum(v) / len(v) for k, v in sorted(right.items())}, "first": examples[:6]}}}
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
     return report
 
 
-def ask(url: str, model: str, image: str, question: str) -> str:
-    """One question about an image through the official OpenAI client (an image_url part with a data: URI)."""
+def ask(url: str, model: str, held_out: str, line: int) -> str:
+    """One held-out question about its image through the official OpenAI client (an image_url part, a data: URI)."""
     from openai import OpenAI
 
-    uri = "data:image/png;base64," + base64.b64encode(Path(image).read_bytes()).decode()
+    path = Path(held_out)
+    example = json.loads(path.read_text().splitlines()[line])
+    uri = "data:image/png;base64," + base64.b64encode((path.parent / example["image"]).read_bytes()).decode()
     client = OpenAI(base_url=url, api_key="none")
     reply = client.chat.completions.create(model=model, max_tokens=4, temperature=0, messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": question}]}])
-    return reply.choices[0].message.content
+        {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": example["question"]}]}])
+    return f"{example['image']}: {example['question']} -> {reply.choices[0].message.content!r} (right: {example['answer']})"
 
 
 def main() -> None:
@@ -222,8 +227,8 @@ def main() -> None:
     t = sub.add_parser("tower")
     t.add_argument("out")
     t.add_argument("--size", type=int, default=32)
-    t.add_argument("--patch", type=int, default=8)
-    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--patch", type=int, default=16, help="the grid cell's side: one image token a cell")
+    t.add_argument("--layers", type=int, default=3)
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("accuracy")
@@ -231,8 +236,9 @@ def main() -> None:
     a.add_argument("task")
     a.add_argument("--out")
     q = sub.add_parser("ask")
-    for name in ("url", "model", "image", "question"):
+    for name in ("url", "model", "held_out"):
         q.add_argument(name)
+    q.add_argument("--line", type=int, default=0)
     args = p.parse_args()
     if args.cmd == "data":
         print(json.dumps(write_data(Path(args.out), args.seed, args.train, args.held_out, args.size)))
@@ -241,9 +247,10 @@ def main() -> None:
     elif args.cmd == "accuracy":
         r = next(iter(accuracy(args.folder, args.task, args.out)["tasks"].values()))
         kinds = ", ".join(f"{k} {v:.0%}" for k, v in r["by_kind"].items())
-        print(f"held-out accuracy {r['accuracy']:.1%} of {r['examples']} ({kinds}) — {args.folder}")
+        print(f"held-out accuracy {r['accuracy']:.1%} of {r['examples']} ({kinds}; chance {r['chance']:.1%}) — "
+              f"{args.folder}")
     else:
-        print(ask(args.url, args.model, args.image, args.question))
+        print(ask(args.url, args.model, args.held_out, args.line))
 
 
 if __name__ == "__main__":
