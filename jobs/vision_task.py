@@ -20,7 +20,11 @@ It writes, all deterministic by --seed (the held-out scenes from another stream 
 - OUT/held_out.jsonl (image, question, answer, kind) and OUT/held_out.yaml, an eval task file over it in the
   shape `llmray eval` takes image tasks (`image: image`, a generate task by exact match).
 
-`tower` writes a random-init CLIP vision encoder and its image processor from a config (nothing is downloaded).
+`tower` writes a random-init CLIP vision encoder and its image processor from a config (nothing is downloaded). Its
+patch is the grid's cell (16 px of 32), so each object is one image token, and the objects sit near their cell's
+middle (sizes 9-11 px, +-1 px): a random, frozen tower then gives each shape-and-colour its own features, and the
+projector and the language model learn the rest. Objects anywhere in a 32 px image with 8 px patches (16 tokens) and
+the tower trained stopped at 44.6% held out (docs/vision.md).
 
 `accuracy` answers each held-out question greedily with plain transformers from an exported folder (the image
 where the prompt's `<image>` is, else before the text; the chat template; the processor expands the image) and
@@ -63,7 +67,7 @@ def draw(objects: list[tuple[str, str, int]], rng: random.Random, size: int) -> 
     for shape, colour, n in objects:
         for _ in range(n):
             cx, cy = next(at)
-            side = rng.randint(int(cell * 0.6), int(cell * 0.7))  # near the cell's middle: see the module's note
+            side = rng.randint(int(cell * 0.6), int(cell * 0.7))  # near the cell's middle (the module's note)
             x = cx * cell + (cell - side) // 2 + rng.randint(-1, 1)
             y = cy * cell + (cell - side) // 2 + rng.randint(-1, 1)
             box, fill = [x, y, x + side - 1, y + side - 1], COLOURS[colour]
