@@ -23,7 +23,7 @@ It writes, all deterministic by --seed (the held-out scenes from another stream 
 `tower` writes a random-init CLIP vision encoder and its image processor from a config (nothing is downloaded). Its
 patch is the grid's cell (16 px of 32), so each object is one image token, and the objects sit near their cell's
 middle (sizes 9-11 px, +-1 px): a random, frozen tower then gives each shape-and-colour its own features, and the
-projector and the language model learn the rest. Objects anywhere in a 32 px image with 8 px patches (16 tokens) and
+projector and the language model learn the rest. Objects anywhere in their cell with 8 px patches (16 tokens) and
 the tower trained stopped at 44.6% held out (docs/vision.md).
 
 `accuracy` answers each held-out question greedily with plain transformers from an exported folder (the image
