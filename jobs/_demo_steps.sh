@@ -1,9 +1,9 @@
-# Steps the word-category demos share (sourced by jobs/finetune_demo.sh, jobs/preference_demo.sh and
-# jobs/rl_demo.sh, from the repository root).
+# Steps the demos share (sourced by jobs/finetune_demo.sh, jobs/preference_demo.sh, jobs/rl_demo.sh and
+# jobs/vision_demo.sh, from the repository root).
 
 # demo/export: the model jobs/demo.sh pretrained, when it has run here (its newest run with a checkpoint); else
-# pretrain it now. Then the task's conversations in demo/chat.
-demo_base_and_task() {
+# pretrain it now.
+demo_base() {
   if [ ! -f demo/export/config.json ]; then
     local base
     base=$(ls -dt runs/demo-*/checkpoint_* 2>/dev/null | head -n 1 | xargs -r dirname)
@@ -13,6 +13,11 @@ demo_base_and_task() {
     fi
     llmray export "$base" --out demo/export --overwrite
   fi
+}
+
+# demo/export (demo_base), then the word-category task's conversations in demo/chat.
+demo_base_and_task() {
+  demo_base
   python jobs/chat_task.py demo/chat
 }
 
