@@ -6,7 +6,8 @@
 # projector by `llmray vision compose`, then LLaVA's two stages with `llmray finetune` (jobs/vision_tiny.yaml): stage 1
 # the projector alone on captions, stage 2 the projector and the language model on the questions, the tower frozen.
 # Held-out accuracy (greedy answers, exact match after normalising) is printed before and after. The last step asks
-# one held-out question through the official OpenAI client once `llmray serve` takes image parts (skipped until then).
+# one held-out question through the official OpenAI client, the image a data: URI (`llmray serve` took image parts
+# only after the measured run below, so that step has not run yet).
 #
 # Measured (2 CPU cores shared with two other jobs, 2026-12-04, demo/export already made): held-out accuracy 0.0%
 # before (the composed model answers Python, "#"; a uniform guess among each kind's answers would score 27.8%),
