@@ -6,7 +6,8 @@
 demo_base() {
   if [ ! -f demo/export/config.json ]; then
     local base
-    base=$(ls -dt runs/demo-*/checkpoint_* 2>/dev/null | head -n 1 | xargs -r dirname)
+    # `|| true`: with no run yet, ls fails, and under `set -eo pipefail` that would end the script here
+    base=$(ls -dt runs/demo-*/checkpoint_* 2>/dev/null | head -n 1 | xargs -r dirname || true)
     if [ -z "$base" ]; then
       bash jobs/demo.sh run.name=demo-base
       base=runs/demo-base
