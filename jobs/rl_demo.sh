@@ -16,7 +16,8 @@
 # fine-tuning learns the sampled reward faster (0.10 -> 0.53 at lr 1e-3) but reaches +17.5 at best (lr 5e-4 or 1e-3;
 # 1e-4 +15.8; 60 steps +14.0; group 16 -19.3); rl.top_k 5 lifts the sampled reward 0.43 -> 0.68 but +0.0 held out
 # (animals learned, colours lost to "animal"; 80 steps +7.0); a less-tuned start does worse (20 SFT steps, 28.1%:
-# collapsed to 0.0%; 30 steps, 29.8%: -1.8). What holds it: the held-out animals (9 of 57). "animal" is three
+# collapsed to 0.0%; 30 steps, 29.8%: -1.8); a KL to the base with top_k 5 (beta 0.04 or 0.2) +14.0, animals learned and
+# colours lost again. What holds it: the held-out animals (9 of 57). "animal" is three
 # tokens and at temperature 1 the partly tuned model trails junk after it ("animal\ufffd"), which exact match scores 0
 # like a wrong category, so GRPO pushes the word down; every run ends with all nine animals wrong (48/57, +19.3, is
 # the ceiling without them). See docs/rl.md.
