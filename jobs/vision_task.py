@@ -26,17 +26,13 @@ middle (sizes 9-11 px, +-1 px): a random, frozen tower then gives each shape-and
 projector and the language model learn the rest. Objects anywhere in their cell with 8 px patches (16 tokens) and
 the tower trained stopped at 44.6% held out (docs/vision.md).
 
-`accuracy` answers each held-out question greedily with plain transformers from an exported folder (the image
-where the prompt's `<image>` is, else before the text; the chat template; the processor expands the image) and
-scores exact match after SQuAD's normalisation, per kind and in all. It stands in for
-`llmray eval FOLDER --task TASK_YAML` until image tasks land there; it writes the same figures under
-tasks.<name>.accuracy.
+`accuracy` is `llmray eval FOLDER --task TASK_YAML`'s answers and exact match (through `llmray.evals`, in this
+process), split by the kind of question, with the chance figure eval does not report.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import random
@@ -131,8 +127,8 @@ def write_data(out: Path, seed: int, n_train: int, n_held: int, size: int) -> di
                        (out / "instructions" / "openai.jsonl", openai), (out / "held_out.jsonl", held)):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "held_out.yaml").write_text(
-        "# Held-out questions about Pillow-drawn scenes (jobs/vision_task.py): `llmray eval FOLDER --task THIS`\n"
-        "# once eval takes image tasks; until then `python jobs/vision_task.py accuracy FOLDER THIS`.\n"
+        "# Held-out questions about Pillow-drawn scenes (jobs/vision_task.py): `llmray eval FOLDER --task THIS`;\n"
+        "# `python jobs/vision_task.py accuracy FOLDER THIS` adds the split by kind of question.\n"
         "name: shapes\ndata: held_out.jsonl\ntype: generate\ninput: question\ntarget: answer\nimage: image\n"
         "chat: true\nmetrics: [accuracy, exact_match]\nmax_new_tokens: 4\n")
     return {"train_images": n_train, "captions": len(captions), "instructions": len(llava) + len(openai),
@@ -151,56 +147,31 @@ def write_tower(out: Path, size: int, patch: int, layers: int, hidden: int, seed
     return {"out": str(out), "image_tokens": (size // patch) ** 2, "layers": layers, "hidden": hidden}
 
 
-def normalize(text: str) -> str:
-    from llmray.evals.metrics import normalize as squad
-
-    return squad(text)
-
-
 def accuracy(folder: str, task_file: str, out: str | None) -> dict:
-    import torch
-    import yaml
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """`llmray eval`'s answers and exact match on the held-out task (`llmray.evals`: the folder's processor, greedy,
+    batched), split by the kind of question each line records, with the chance figure eval does not give."""
+    from llmray.evals.backends import LocalModel
+    from llmray.evals.metrics import normalize
+    from llmray.evals.score import answer
+    from llmray.evals.tasks import load_task
 
-    from llmray.data.pixels import with_image_token
-    from llmray.data.template import render, stop_token_ids
-
-    task = yaml.safe_load(Path(task_file).read_text())
-    data = Path(task_file).parent / task["data"]
-    lines = [json.loads(x) for x in data.read_text().splitlines() if x.strip()]
-    processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"  # a batch's answers start where its prompts end
-    stops = stop_token_ids(tokenizer)
-    right: dict[str, list[int]] = {}
-    examples = []
-    with torch.no_grad():
-        for start in range(0, len(lines), 16):
-            batch = lines[start:start + 16]
-            texts = []
-            for line in batch:
-                prompt = line[task["input"]]
-                prompt = prompt if "<image>" in prompt else "<image>" + prompt
-                messages = with_image_token(processor, {"messages": [{"role": "user", "content": prompt}]})
-                texts.append(render(tokenizer, messages, add_generation_prompt=True))
-            pictures = [Image.open(data.parent / line[task["image"]]).convert("RGB") for line in batch]
-            inputs = processor(text=texts, images=pictures, return_tensors="pt", padding=True, add_special_tokens=False)
-            ids = model.generate(**inputs, max_new_tokens=task.get("max_new_tokens", 4), do_sample=False,
-                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id or stops[0])
-            for line, row in zip(batch, ids[:, inputs["input_ids"].shape[1]:]):
-                said = tokenizer.decode(row, skip_special_tokens=True)
-                hit = normalize(said) == normalize(line[task["target"]])
-                right.setdefault(line.get("kind", "all"), []).append(hit)
-                examples.append({"question": line[task["input"]], "answer": line[task["target"]], "said": said})
+    task = load_task(task_file)
+    said = [o["answer"] for o in answer(LocalModel.from_folder(folder), task)]
+    raw = (Path(task_file).parent / task.spec.data).read_text().splitlines()
+    lines = [json.loads(raw[e.line - 1]) for e in task.examples]
+    right: dict[str, list[bool]] = {}
+    for line, e, a in zip(lines, task.examples, said):
+        right.setdefault(line.get("kind", "all"), []).append(normalize(a) == normalize(e.target))
     hits = [h for v in right.values() for h in v]
     # chance: a uniform guess among the answers each kind of question has in the file
-    options = {k: {normalize(x[task["target"]]) for x in lines if x.get("kind", "all") == k} for k in right}
+    options = {k: {normalize(e.target) for line, e in zip(lines, task.examples) if line.get("kind", "all") == k}
+               for k in right}
     chance = sum(len(v) / len(options[k]) for k, v in right.items()) / len(hits)
-    report = {"model": folder, "tasks": {task.get("name", "task"): {
+    first = [{"question": line[task.spec.input], "answer": e.target, "said": a}
+             for line, e, a in zip(lines[:6], task.examples, said)]
+    report = {"model": folder, "tasks": {task.name: {
         "accuracy": sum(hits) / len(hits), "examples": len(hits), "chance": chance,
-        "by_kind": {k: sum(v) / len(v) for k, v in sorted(right.items())}, "first": examples[:6]}}}
+        "by_kind": {k: sum(v) / len(v) for k, v in sorted(right.items())}, "first": first}}}
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
     return report
@@ -210,9 +181,11 @@ def ask(url: str, model: str, held_out: str, line: int) -> str:
     """One held-out question about its image through the official OpenAI client (an image_url part, a data: URI)."""
     from openai import OpenAI
 
+    from llmray.data.images import data_uri
+
     path = Path(held_out)
     example = json.loads(path.read_text().splitlines()[line])
-    uri = "data:image/png;base64," + base64.b64encode((path.parent / example["image"]).read_bytes()).decode()
+    uri = data_uri((path.parent / example["image"]).read_bytes())
     client = OpenAI(base_url=url, api_key="none")
     reply = client.chat.completions.create(model=model, max_tokens=4, temperature=0, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": example["question"]}]}])
