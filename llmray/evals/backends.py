@@ -112,10 +112,12 @@ class LocalModel:
                        pictures: list[bytes] | None = None) -> list[float]:
         """log P(continuation | context), summed over the continuation's tokens (lm-eval's split: the context's
         tokens, then what tokenizing the whole adds). With an image, the context holds it, expanded."""
-        out = []
+        out, encoded = [], None  # (context, image, its tokens): a prompt's labels come together, its context once
         for (context, continuation), image in zip(pairs, pictures or [None] * len(pairs)):
             context = self._text(context, chat)
-            ctx, _ = self._encode(context, image)
+            if encoded is None or encoded[:2] != (context, image):
+                encoded = (context, image, self._encode(context, image)[0])
+            ctx = encoded[2]
             whole, pixels = self._encode(context + continuation, image)
             cut = max(0, len(whole) - self.context)  # a context too long loses its beginning
             if cut and image is not None:
