@@ -17,24 +17,28 @@ from llmray.evals.tasks import Task, load_task
 from llmray.recipe.schema import RecipeError
 
 
-def training_tasks(paths: list[str]) -> list[Task]:
-    """A recipe's eval.tasks, read and checked: image tasks are refused (the training ranks' LocalModel holds no
-    processor; `llmray eval` scores an export on them)."""
+def training_tasks(paths: list[str], vision: bool) -> list[Task]:
+    """A recipe's eval.tasks, read and checked against the model being trained, before any worker starts: image
+    tasks for a vision-language run (`vision`, its ranks hold the processor), text tasks for a text one."""
     tasks = [load_task(path) for path in paths]
-    pictured = [t.path for t in tasks if t.spec.image is not None]
-    if pictured:
-        raise RecipeError(f"eval.tasks: {', '.join(pictured)}: image tasks while training are not built yet; run "
-                          "`llmray eval` on the export")
+    wrong = [t.path for t in tasks if (t.spec.image is not None) != vision]
+    if wrong and vision:
+        raise RecipeError(f"eval.tasks: {', '.join(wrong)}: text tasks, and the run trains a vision-language model "
+                          "(its tasks need an image field, image: FIELD)")
+    if wrong:
+        raise RecipeError(f"eval.tasks: {', '.join(wrong)}: image tasks, and the run trains a text-only model (no "
+                          "vision: block)")
     return tasks
 
 
-def evaluate_tasks(engine, tokenizer, tasks: list[Task], device: torch.device, zero3: bool) -> dict:
+def evaluate_tasks(engine, tokenizer, tasks: list[Task], device: torch.device, zero3: bool, processor=None) -> dict:
     """eval/<task>/<metric> figures, and eval_s. Under ZeRO-1/2 each rank answers every world-th example and the
-    answers are gathered; under ZeRO-3 a forward is a collective, so every rank answers them all, in step."""
+    answers are gathered; under ZeRO-3 a forward is a collective, so every rank answers them all, in step.
+    `processor`: a vision-language run's, which prepares an image task's images as `llmray eval` does."""
     started = time.perf_counter()
     rank, world = dist.get_rank(), dist.get_world_size()
     split = world > 1 and not zero3
-    backend = LocalModel(engine.module, tokenizer, device, synced=zero3 and world > 1)
+    backend = LocalModel(engine.module, tokenizer, device, synced=zero3 and world > 1, processor=processor)
     engine.eval()
     out = {}
     for task in tasks:

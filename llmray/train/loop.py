@@ -127,7 +127,8 @@ def train(recipe: Recipe, stream: Stream, validation: Validation | None, sink: S
             metrics.update(validate(engine, validation, t.micro_batch_size, device, facts.flat_rows, objective,
                                     facts.pixels_per_row))
         if tasks and (final or (recipe.eval.every and state.step % recipe.eval.every == 0)):
-            metrics.update(evaluate_tasks(engine, tokenizer, tasks, device, t.zero_stage == 3))
+            metrics.update(evaluate_tasks(engine, tokenizer, tasks, device, t.zero_stage == 3,
+                                          saved if recipe.vision is not None else None))
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if talk:
             print(progress_line(metrics, t.max_steps, started, first_step), flush=True)

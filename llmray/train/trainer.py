@@ -251,7 +251,7 @@ def fit(recipe: Recipe, resume_from: str | None = None, fresh: bool = False, cal
         build_config(recipe.model, 0)
     recipe, conversion = with_conversation_shards(recipe)
     train_spec, val_specs, vocab = check_inputs(recipe)
-    eval_tasks = training_tasks(recipe.eval.tasks)  # read and checked here, once
+    eval_tasks = training_tasks(recipe.eval.tasks, recipe.vision is not None)  # read and checked here, once
     resume_from, start = resume.plan(recipe, vocab, resume_from, fresh)
     ensure_ray()
     logs.quiet_here()

@@ -2,7 +2,7 @@
 processor prepares in the stream's Ray Data tasks, trained by `llmray finetune`'s entry (`fit`) with 2 ZeRO-2 workers
 (projector and language model in full, the vision tower frozen); the export loads with plain transformers, and on
 held-out images its answer, chosen by log-likelihood among the colours by `llmray eval` (an image choice task), beats
-the untrained model's."""
+the untrained model's; the same task in the recipe's eval: block, scored on the training ranks, gives the same figure."""
 
 import json
 
@@ -109,11 +109,14 @@ def test_a_tiny_vlm_learns_the_colours_and_exports_for_plain_transformers(colour
     from llmray.evals.run import evaluate
     from llmray.evals.tasks import TaskError
     from llmray.export.folder import export
+    from llmray.train.checkpoint import read_state
 
     base = tiny_vlm(tmp_path / "vlm")
+    task = held_out_task(tmp_path / "held_out")  # also scored on the training ranks, mid-run and at the end
     recipe = load_recipe("jobs/vision_tiny.yaml", [
         f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
-        f"train.max_steps={STEPS}", "train.log_every=6", "data.val_fraction=0.0"])
+        f"train.max_steps={STEPS}", "train.log_every=6", "data.val_fraction=0.0", f"eval.tasks={[task]}",
+        f"eval.every={STEPS // 2}"])
     summary = fit(recipe)
     assert summary.steps == STEPS
     assert summary.conversations["documents"] == 192 and summary.conversations["skipped_lines"] == 1
@@ -130,12 +133,17 @@ def test_a_tiny_vlm_learns_the_colours_and_exports_for_plain_transformers(colour
     assert tower and all(torch.equal(before[k], after[k]) for k in tower), "the frozen vision tower changed"
     assert any(not torch.equal(before[k], after[k]) for k in projector), "the projector did not train"
 
-    task = held_out_task(tmp_path / "held_out")
     untrained, trained = held_out_accuracy(base, task), held_out_accuracy(out, task, workers=2)
+    while_training = [(h["step"], h["eval/held_out/accuracy"]) for h in read_state(summary.checkpoint).history
+                      if "eval/held_out/accuracy" in h]
     print(f"held-out colour accuracy {untrained[0]:.2f} -> {trained[0]:.2f}, answer log-likelihood "
-          f"{untrained[1]:.2f} -> {trained[1]:.2f}")
+          f"{untrained[1]:.2f} -> {trained[1]:.2f}; on the training ranks {while_training}")
     assert trained[1] > untrained[1] + 1.0
     assert trained[0] >= 0.6 and trained[0] > untrained[0] + 0.25
+    # the image task in the recipe's eval: block, on the 2 ZeRO-2 ranks with the model training: what `llmray eval`
+    # gives on the export at the same step
+    assert [step for step, _ in while_training] == [STEPS // 2, STEPS]
+    assert summary.evals["eval/held_out/accuracy"] == pytest.approx(trained[0])
 
     text = tmp_path / "text.yaml"  # a text task against the vision-language export: refused, naming the task file
     (tmp_path / "text.jsonl").write_text(json.dumps({"q": QUESTION, "a": "red"}) + "\n")

@@ -221,13 +221,17 @@ def test_an_idefics3_takes_its_pixels_per_row(tmp_path):
         torch.set_num_threads(threads)
 
 
-def test_image_tasks_in_a_recipes_eval_block_are_refused(tmp_path):
+def test_a_recipes_eval_tasks_must_fit_the_model_it_trains(tmp_path):
+    """Checked by `fit` before any worker starts: image tasks for a vision-language run, text tasks for a text one."""
     from llmray.recipe.schema import RecipeError
     from llmray.train.downstream import training_tasks
 
     (tmp_path / "t").mkdir()
     text = task(tmp_path / "t", "type: generate\ndata: d.jsonl\ninput: q\ntarget: a\n", [{"q": "x", "a": "y"}])
     image = task(tmp_path, CHOICE, colour_lines(tmp_path, 1))
-    assert [t.path for t in training_tasks([text.path])] == [text.path]
-    with pytest.raises(RecipeError, match=f"eval.tasks: {image.path}: image tasks while training are not built yet"):
-        training_tasks([text.path, image.path])
+    assert [t.path for t in training_tasks([text.path], vision=False)] == [text.path]
+    assert [t.path for t in training_tasks([image.path], vision=True)] == [image.path]
+    with pytest.raises(RecipeError, match=f"eval.tasks: {image.path}: image tasks, and the run trains a text-only"):
+        training_tasks([text.path, image.path], vision=False)
+    with pytest.raises(RecipeError, match=f"eval.tasks: {text.path}: text tasks, and the run trains a vision-language"):
+        training_tasks([text.path, image.path], vision=True)
