@@ -75,10 +75,13 @@ def _pretrained_lineage(name: str | None) -> dict | None:
 
 
 def load_adapters(model, weights: dict[str, torch.Tensor], ckpt: str) -> None:
-    """The checkpoint's LoRA weights into `model`'s adapters, every one of them (the 4-bit base in the
-    checkpoint is left: the full-precision base replaces it)."""
-    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if "lora_" in k}, strict=False)
-    missing = [k for k in missing if "lora_" in k]
+    """The checkpoint's LoRA weights into `model`'s adapters, every one of them, and what trained in full beside
+    them (peft's modules_to_save: a vision-language model's projector); the 4-bit base in the checkpoint is left: the
+    full-precision base replaces it."""
+    trained = ("lora_", ".modules_to_save.")
+    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if any(t in k for t in trained)},
+                                                strict=False)
+    missing = [k for k in missing if any(t in k for t in trained)]
     if missing or unexpected:
         raise ExportError(f"checkpoint {ckpt}: its LoRA weights do not fit the recipe's adapters "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -37,12 +37,30 @@ def with_lora(model: torch.nn.Module, cfg: LoraSettings, train_tower: bool = Fal
     return get_peft_model(model, lora_config(cfg, model, train_tower))
 
 
-def four_bit(cfg: QloraSettings, compute_dtype: torch.dtype):
-    """The transformers quantization config of a QLoRA base."""
+def four_bit(cfg: QloraSettings, compute_dtype: torch.dtype, config):
+    """The transformers quantization config of a QLoRA base whose config is `config`: the language model's Linear
+    layers 4-bit; a vision-language model's tower and projector left as they are (`unquantized`)."""
     from transformers import BitsAndBytesConfig
 
+    from llmray.model.build import is_vision_language
+
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=unquantized(config) if is_vision_language(config) else None)
+
+
+def unquantized(config) -> list[str]:
+    """The modules of a vision-language model a 4-bit base keeps in full precision: the vision tower (frozen, or
+    trained in full with vision.train_tower) and the projector (trained in full beside the adapters), besides what
+    transformers keeps by default (the LM head), which a skip list replaces. Built on the meta device."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from llmray.model.build import model_class, vision_parts
+
+    with torch.device("meta"):
+        model = model_class(config).from_config(config)
+    towers, projectors = vision_parts(model)
+    return sorted({*towers, *projectors, *get_keys_to_not_convert(model)})
 
 
 def prepare_four_bit(model: torch.nn.Module) -> torch.nn.Module:

@@ -12,7 +12,15 @@ import torch
 
 from llmray import logs
 from llmray.cuda_arch import fix_arch_list
-from llmray.model.build import PIXELS_PER_ROW, build_model, freeze_language_model, freeze_tower, frozen, frozen_dtype
+from llmray.model.build import (
+    PIXELS_PER_ROW,
+    build_config,
+    build_model,
+    freeze_language_model,
+    freeze_tower,
+    frozen,
+    frozen_dtype,
+)
 from llmray.model.flops import count_params, flops_per_token
 from llmray.model.lora import four_bit, prepare_four_bit, trainable, with_lora
 from llmray.prune.sparse import keep_zeros
@@ -50,14 +58,33 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
     ds_config = deepspeed_config(recipe, precision)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    f = recipe.finetune
     adapters = recipe.trains_adapters
     kernels = fast.resolve(recipe, device.type == "cuda", precision)
     if announce:
         print(f"[llmray] kernels: {kernels.describe()}", flush=True)
+    model = model_to_train(recipe, vocab_size, device, precision, ds_config, announce)
+    fast.apply(model, kernels, adapters)
+    facts = ModelFacts(count_params(model),
+                       flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len),
+                       flat_rows=kernels.flat_rows,
+                       pixels_per_row=getattr(model.config, "model_type", None) in PIXELS_PER_ROW)
+    with logs.hush_stdout():  # DeepSpeed prints the ops it builds and the kernels it lacks
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+            lr_scheduler=None if "scheduler" in ds_config else make_scheduler(t))
+    fast.gather_lm_head_for_liger(engine, kernels, t.zero_stage == 3)
+    return engine, facts
+
+
+def model_to_train(recipe: Recipe, vocab_size: int, device: torch.device, precision: str, ds_config: dict,
+                   announce: bool) -> torch.nn.Module:
+    """The recipe's model as DeepSpeed is handed it: built (partitioned under ZeRO-3) or loaded (a QLoRA base 4-bit,
+    onto `device`), its frozen parts frozen, LoRA-wrapped, with pruned zeros held and QAT's fake quantization."""
+    f = recipe.finetune
     if f is not None and f.method == "qlora":  # the base loads 4-bit, onto this rank's device
         compute = torch.bfloat16 if precision == "bf16" else torch.float32
-        model = prepare_four_bit(build_model(recipe.model, vocab_size, compute, four_bit(f.qlora, compute), device))
+        quantized = four_bit(f.qlora, compute, build_config(recipe.model, vocab_size))
+        model = prepare_four_bit(build_model(recipe.model, vocab_size, compute, quantized, device))
     else:
         with partitioned_construction(recipe, ds_config):
             model = build_model(recipe.model, vocab_size)
@@ -74,7 +101,7 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
         held = freeze_language_model(model)
         if announce:
             print(f"[llmray] language model frozen ({held:,} weights): the projector trains alone", flush=True)
-    if adapters:
+    if recipe.trains_adapters:
         model = with_lora(model, f.lora, train_tower)
         if announce:
             n_train, n_all = trainable(model)
@@ -89,17 +116,7 @@ def build_engine(recipe: Recipe, vocab_size: int, device: torch.device, universa
         n_fake = prepare_qat(model, recipe.quant)
         if announce:
             print(f"[llmray] QAT: {n_fake} Linear layers fake-quantized as {recipe.quant.scheme}", flush=True)
-    fast.apply(model, kernels, adapters)
-    facts = ModelFacts(count_params(model),
-                       flops_per_token(model.config, count_params(model, exclude_embeddings=True), recipe.data.seq_len),
-                       flat_rows=kernels.flat_rows,
-                       pixels_per_row=getattr(model.config, "model_type", None) in PIXELS_PER_ROW)
-    with logs.hush_stdout():  # DeepSpeed prints the ops it builds and the kernels it lacks
-        engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
-            lr_scheduler=None if "scheduler" in ds_config else make_scheduler(t))
-    fast.gather_lm_head_for_liger(engine, kernels, t.zero_stage == 3)
-    return engine, facts
+    return model
 
 
 def partitioned_reference(recipe: Recipe, device: torch.device, announce: bool) -> torch.nn.Module | None:
