@@ -167,10 +167,12 @@ def test_an_idefics3_under_lora_and_zero3_trains_adapters_and_the_connector_and_
     from llmray.train.checkpoint import read_state
 
     base = tiny_idefics3(tmp_path / "idefics3")
+    task = held_out_task(tmp_path / "held_out", n=8)  # scored at the end on the ranks, in step (ZeRO-3)
     recipe = load_recipe("jobs/vision_tiny.yaml", [
         f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
         "run.name=idefics3-lora", "finetune.method=lora", "finetune.lora.r=8", "finetune.lora.dropout=0.0",
-        "train.zero_stage=3", "train.max_steps=12", "train.log_every=4", "train.lr=3e-2", "data.val_fraction=0.1"])
+        "train.zero_stage=3", "train.max_steps=12", "train.log_every=4", "train.lr=3e-2", "data.val_fraction=0.1",
+        f"eval.tasks={[task]}"])
     summary = fit(recipe)
     loss = losses(summary)
     assert summary.steps == 12 and loss[-1] < loss[0] - 0.15, loss
@@ -187,6 +189,12 @@ def test_an_idefics3_under_lora_and_zero3_trains_adapters_and_the_connector_and_
     assert not any("vision_model" in k for k in changed), "the frozen vision tower changed"
     assert any("connector" in k for k in changed), "the connector did not train"
     assert any("text_model" in k and "proj" in k for k in changed), "the adapters were not merged into the LM"
+    # the eval: block's image task, answered in step by the partitioned peft model (pixels per row): as on the export
+    from llmray.evals.run import evaluate
+
+    exported = evaluate(str(out), [task], out=None)["tasks"]["held_out"]
+    print(f"held-out figures on the ranks {summary.evals}, of the export {exported}")
+    assert summary.evals == pytest.approx({f"eval/held_out/{m}": exported[m] for m in ("accuracy", "f1")})
 
 
 def test_image_rows_stream_with_their_pixels_and_resume_exactly_on_another_world_size(colour_set, ray_cluster,
@@ -277,3 +285,44 @@ def test_llava_stage_one_trains_the_projector_alone_on_captions(colour_set, ray_
     before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "stage1" / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("multi_modal_projector" in k for k in changed), sorted(changed)
+
+
+@pytest.mark.slow  # a fourth Train run: ~50 s after Ray's start
+def test_a_qlora_llava_trains_adapters_over_a_4bit_language_model_and_exports_merged(colour_set, ray_cluster, tmp_path):
+    """finetune.method=qlora on LLaVA (2 ZeRO-2 workers): the language model's Linear layers stored 4-bit under LoRA
+    adapters, the tower unquantized and frozen, the projector unquantized and trained in full; the eval: block's image
+    task scored on the 4-bit ranks; the merged export loads in plain transformers."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.evals.run import evaluate
+    from llmray.export.folder import export
+    from llmray.train.checkpoint import TAG
+
+    base = tiny_vlm(tmp_path / "vlm")
+    task = held_out_task(tmp_path / "held_out", n=8)
+    recipe = load_recipe("jobs/vision_tiny.yaml", [
+        f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=qlora", "finetune.method=qlora", "finetune.lora.dropout=0.0", "train.max_steps=12",
+        "train.log_every=4", "train.lr=3e-2", "data.val_fraction=0.0", f"eval.tasks={[task]}"])
+    summary = fit(recipe)
+    loss = losses(summary)
+    assert summary.steps == 12 and loss[-1] < loss[0] - 0.15, loss
+    module = torch.load(summary.checkpoint + f"/{TAG}/mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    four_bit = {k for k, v in module.items() if v.dtype == torch.uint8}
+    assert four_bit and all(".language_model." in k for k in four_bit), sorted(four_bit)
+    assert len([k for k in four_bit if k.endswith("base_layer.weight")]) == 14  # 2 layers x q k v o gate up down
+
+    out = tmp_path / "merged"
+    export(summary.run_dir, str(out))
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "LlavaForConditionalGeneration"
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(before) == set(after)  # merged: no adapter or modules_to_save copies left
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any("vision_tower" in k for k in changed), "the frozen vision tower changed"
+    assert any("multi_modal_projector" in k for k in changed), "the projector did not train"
+    assert any("language_model" in k and "proj" in k for k in changed), "the adapters were not merged into the LM"
+    exported = evaluate(str(out), [task], out=None)["tasks"]["held_out"]
+    print(f"loss {loss}; held-out accuracy on the 4-bit ranks {summary.evals}, of the merged export {exported}")
+    assert summary.evals["eval/held_out/accuracy"] == pytest.approx(exported["accuracy"], abs=1 / 8)
