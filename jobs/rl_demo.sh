@@ -10,8 +10,8 @@
 # Measured (2026-12-04, 2 CPU cores shared with other jobs and another run, demo/export and demo/sft_partial already
 # there, 7m11s end to end): held-out accuracy 64.9% after the partial fine-tune, 86.0% after GRPO (+21.1 points; the
 # issue asks +20; animals 6/9, colours 15/19, fruit 16/16, numbers 12/13); the sampled completions' reward 0.53 ->
-# 0.83 (plot: runs/grpo-demo-<stamp>/loss.png). The same recipe rerun gives the same figures (seeded); with
-# run.seed=1 96.5% (+31.6). Asked about 'tiger' it says "animal".
+# 0.83 (plot: runs/grpo-demo-<stamp>/loss.png). The same recipe rerun gives the same figures (seeded); run.seed 1, 2,
+# 3, 4: +31.6, +28.1, +26.3, +14.0 (four of five seeds past +20). Asked about 'tiger' it says "animal".
 # What it took: "animal" (an|i|mal) and "colour" (co|lo|ur) are three tokens each for this Python-trained tokenizer,
 # and sampling from all 4,000 tokens at temperature 1 rarely spells them whole ("aniclu", "conumber"), so animal
 # prompts earned almost no reward. rl.top_k 3 keeps the answers whole (first sampled reward 0.53, not 0.16);
@@ -25,7 +25,8 @@
 # 5 (beta 0.04 or 0.2) +14.0. On 2026-12-04 with completions cut at 5 tokens: top_k 3 at lr 1e-3 +1.8 (animals 9/9,
 # colours 0/19); top_k 3 for 80 steps +14.0 (colours 7/19); top_k 3 at lr 3e-3 for 80 steps +17.5 (colours 9/19);
 # top_k 2 with two updates +14.0 (colours 7/19); top_k 3 with two updates for 100 steps (50 batches) +12.3 (animals
-# 2/9: they trade places with the colours again); three updates on 40 batches (120 steps) +15.8. See docs/rl.md.
+# 2/9: they trade places with the colours again); three updates on 40 batches (120 steps) +15.8; two updates at lr
+# 1.5e-3 +8.8 (colours 5/19). See docs/rl.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
