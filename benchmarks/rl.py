@@ -57,6 +57,7 @@ def spine(model_dir: str, path: str, storage: str, method: str, placement: str, 
         "train.micro_batch_size=4", f"train.global_batch_size={PROMPTS_PER_STEP}",
         f"train.lr={2e-3 if method == 'lora' else 2e-4}", f"rl.group_size={GROUP}",
         f"rl.max_completion_tokens={COMPLETION}", f"rl.beta={beta}", f"rl.rollout.placement={placement}",
+        "rl.top_k=0", "rl.updates=1",  # TRL's defaults (the demo recipe samples among 3 and updates twice)
         REWARDS]
     if placement == "separate":  # 2 CPUs: two workers, a generator actor and the tokenize task share them
         overrides += ["scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.5", "rl.rollout.cpus_per_actor=0.5"]
