@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from llmray import hub, storage
-from llmray.data.plan import Source, block_pieces, block_row_order, plan_sources
+from llmray.data.plan import IMAGE_PIECE_ROWS, Source, block_pieces, block_row_order, plan_sources
 from llmray.data.split import Documents
 from llmray.data.template import IGNORE_INDEX
 
@@ -60,7 +60,8 @@ class StreamSpec:
     def of(cls, parts: list[tuple[str, float, Documents]], tokenizer: str, seq_len: int, seed: int, batch_docs: int,
            **resources) -> "StreamSpec":
         """The spec of a blend of (name, weight, documents) parts, planned from their shards' metadata."""
-        return cls(plan_sources(parts, seq_len), tokenizer, seq_len, seed, batch_docs, **resources)
+        per_row = IMAGE_PIECE_ROWS if resources.get("documents") == "images" else None
+        return cls(plan_sources(parts, seq_len, per_row), tokenizer, seq_len, seed, batch_docs, **resources)
 
     @property
     def weights(self) -> list[float]:

@@ -29,18 +29,24 @@ from llmray.data.split import Documents
 PIECE_SAMPLES = 64  # samples of text a piece aims for: its packing drops under one sample at its end (~1%)
 BYTES_PER_TOKEN = 4  # to size pieces from bytes before anything is tokenized; a rough guess is enough
 BLOCK_PIECES = 128  # pieces shuffled together: the places in the corpus one stretch of global batches draws from
+IMAGE_PIECE_ROWS = 4  # image conversations a piece holds: one row each, unpacked, whose pixels (~0.6-1.4 MB in
+# fp32) and base64 image (not text) make the byte sizing wrong both ways: a 224 px JPEG is about a piece's text bytes,
+# so a task packed 16 images and paid its fixed cost per 16; a 32 px PNG is 1% of them, so a block would hold ~10^5
 TASK_PIECES = 16  # pieces of a block one tokenize task packs: a Ray Data task's fixed cost is paid per task, so
 # one per piece cost ~30% of tokenizing throughput; a block still spreads over BLOCK_PIECES / TASK_PIECES tasks
 
 
-def plan_pieces(shards: list[Shard], seq_len: int) -> np.ndarray:
+def plan_pieces(shards: list[Shard], seq_len: int, rows_per_piece: int | None = None) -> np.ndarray:
     """(n, 3) int64 rows of (shard index, first row, end row): each shard's documents cut into runs of about
-    PIECE_SAMPLES samples of text. A piece never spans two shards; consecutive small row groups are joined into
-    one, and a row group larger than a piece is cut by row count (a piece then reads its whole row group)."""
-    target = PIECE_SAMPLES * seq_len * BYTES_PER_TOKEN
+    PIECE_SAMPLES samples of text, or of `rows_per_piece` documents (a source whose documents are a row each). A
+    piece never spans two shards; consecutive small row groups are joined into one, and a row group larger than a
+    piece is cut by row count (a piece then reads its whole row group)."""
+    target = rows_per_piece or PIECE_SAMPLES * seq_len * BYTES_PER_TOKEN
     pieces = []
     for index, shard in enumerate(shards):
         groups = shard.row_groups or ((shard.rows, 0),)
+        if rows_per_piece:  # sized by documents, not bytes
+            groups = tuple((rows, rows) for rows, _ in groups)
         row = 0
         pending_start, pending_bytes = 0, 0
         for rows, size in groups:
@@ -207,8 +213,10 @@ class Schedule:
         return done, np.array(picks, dtype=np.int64)
 
 
-def plan_sources(parts: list[tuple[str, float, Documents]], seq_len: int) -> tuple[Source, ...]:
-    """(name, weight, documents) of each source into planned Sources, weights normalised to sum to 1."""
+def plan_sources(parts: list[tuple[str, float, Documents]], seq_len: int, rows_per_piece: int | None = None
+                 ) -> tuple[Source, ...]:
+    """(name, weight, documents) of each source into planned Sources, weights normalised to sum to 1; pieces of
+    `rows_per_piece` documents where each document is a row (image conversations), else of text bytes."""
     total = sum(w for _, w, _ in parts)
     out, first = [], 0
     for name, weight, documents in parts:
@@ -216,9 +224,11 @@ def plan_sources(parts: list[tuple[str, float, Documents]], seq_len: int) -> tup
             shards = list_shards(documents.location)
         except CorpusError as e:
             raise CorpusError(f"source {name!r}: {e}" if len(parts) > 1 else str(e)) from None
-        pieces = plan_pieces(shards, seq_len)
-        text_bytes = sum(size for s in shards for _, size in s.row_groups)
-        out.append(Source(name, weight / total, documents, tuple(s.path for s in shards), pieces, first,
-                          text_bytes / (seq_len * BYTES_PER_TOKEN)))
+        pieces = plan_pieces(shards, seq_len, rows_per_piece)
+        if rows_per_piece:
+            rows = sum(s.rows for s in shards)
+        else:
+            rows = sum(size for s in shards for _, size in s.row_groups) / (seq_len * BYTES_PER_TOKEN)
+        out.append(Source(name, weight / total, documents, tuple(s.path for s in shards), pieces, first, rows))
         first += len(pieces)
     return tuple(out)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llmray.data.corpus import CorpusError, Shard
-from llmray.data.plan import PIECE_SAMPLES, Blend, Schedule, plan_pieces
+from llmray.data.plan import IMAGE_PIECE_ROWS, PIECE_SAMPLES, Blend, Schedule, plan_pieces
 from llmray.recipe.load import recipe_from_dict
 from llmray.recipe.schema import RecipeError
 from llmray.train.checkpoint import CheckpointError
@@ -22,6 +22,19 @@ def test_pieces_cover_every_document_once_and_never_span_shards():
         assert mine[0, 1] == 0 and mine[-1, 2] == shard.rows and (mine[1:, 1] == mine[:-1, 2]).all()
     assert ((pieces[:, 1] < 60) == (pieces[:, 2] <= 60))[pieces[:, 0] == 0].all()  # the big row group is cut alone
     assert len(pieces[pieces[:, 0] == 0]) == 11 and len(pieces[pieces[:, 0] == 1]) == 1
+
+
+def test_image_pieces_hold_a_few_documents_whatever_their_bytes():
+    """Image conversations are a row each and mostly base64 image: a 224 px JPEG is about a text piece's bytes, a
+    32 px PNG a hundredth of them; sized by bytes, their pieces held 1 image or hundreds."""
+    target = PIECE_SAMPLES * 64 * 4
+    shards = [Shard("jpegs", 10, tuple((2, 2 * target) for _ in range(5))), Shard("pngs", 400, ((400, target // 4),))]
+    by_bytes = plan_pieces(shards, seq_len=64)
+    assert (by_bytes[:, 2] - by_bytes[:, 1]).tolist() == [1] * 10 + [400]
+    pieces = plan_pieces(shards, seq_len=64, rows_per_piece=IMAGE_PIECE_ROWS)
+    sizes = pieces[:, 2] - pieces[:, 1]
+    assert sizes.sum() == 410 and sizes[pieces[:, 0] == 0].max() <= IMAGE_PIECE_ROWS
+    assert (sizes[pieces[:, 0] == 1] == IMAGE_PIECE_ROWS).all()
 
 
 @pytest.mark.parametrize("weights", [[0.7, 0.2, 0.1], [0.5, 0.5], [0.97, 0.03]])
