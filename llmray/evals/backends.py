@@ -71,8 +71,8 @@ class LocalModel:
             return self.tokenizer(text).input_ids, None
         from llmray.data.pixels import expand
 
-        ids, pixels = expand(self.processor, text, [image])
-        return ids.tolist(), pixels
+        ids, inputs = expand(self.processor, text, [image])
+        return ids.tolist(), inputs["pixel_values"]
 
     def _pixel_values(self, pixels: list[np.ndarray]) -> dict:
         """The forward's `pixel_values` of rows with one image each: every row's in one list (LLaVA), or per row

@@ -152,6 +152,36 @@ def test_a_tiny_vlm_learns_the_colours_and_exports_for_plain_transformers(colour
         evaluate(str(out), [str(text)], out=None)
 
 
+def test_a_gemma3_trains_on_image_conversations_and_exports_for_plain_transformers(colour_set, ray_cluster, tmp_path):
+    """Gemma 3 (SigLIP tower, fixed-size processor, `<start_of_image>` expanded between its begin and end tokens; its
+    rows carry the processor's token types, so an image's tokens attend to each other both ways): `fit` trains the
+    projector and the language model, the tower frozen; the export loads with plain transformers and its processor."""
+    from helpers import tiny_gemma3
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llmray.export.folder import export
+
+    base = tiny_gemma3(tmp_path / "gemma3")
+    recipe = load_recipe("jobs/vision_tiny.yaml", [
+        f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=gemma3", "train.max_steps=12", "train.log_every=4", "data.val_fraction=0.0"])
+    summary = fit(recipe)
+    loss = losses(summary)
+    print(f"gemma3 loss {loss}")
+    assert summary.steps == 12 and loss[-1] < 0.5 * loss[0], loss
+
+    out = tmp_path / "export"
+    export(summary.run_dir, str(out))
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "Gemma3ForConditionalGeneration"
+    assert type(AutoProcessor.from_pretrained(out)).__name__ == "Gemma3Processor"
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any("vision_tower" in k for k in changed), "the frozen vision tower changed"
+    assert any("multi_modal_projector" in k for k in changed), "the projector did not train"
+    assert any("language_model" in k for k in changed), "the language model did not train"
+
+
 @pytest.mark.slow  # ZeRO-3's partitioned start-up: ~80 s on 2 busy cores
 def test_an_idefics3_under_lora_and_zero3_trains_adapters_and_the_connector_and_exports_merged(colour_set, ray_cluster,
                                                                                               tmp_path):

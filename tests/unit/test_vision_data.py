@@ -155,8 +155,8 @@ def test_the_mask_is_carried_over_the_expansion(vlm):
     processor = load_processor(vlm)
     messages = [{"role": "user", "content": "<image>a"}, {"role": "assistant", "content": "It is red."},
                 {"role": "user", "content": "<image>b"}, {"role": "assistant", "content": "It is blue."}]
-    ids, labels, pixels = encode_image_chat(processor, messages, [RED, BLUE])
-    assert pixels.shape == (2, 3, 16, 16)
+    ids, labels, inputs = encode_image_chat(processor, messages, [RED, BLUE])
+    assert inputs["pixel_values"].shape == (2, 3, 16, 16)
     taught = processor.tokenizer.decode(np.where(labels != IGNORE_INDEX, ids, processor.tokenizer.pad_token_id),
                                         skip_special_tokens=False).replace("<pad>", "|")
     assert "It is red." in taught and "It is blue." in taught and "<image>" not in taught
@@ -249,3 +249,42 @@ def test_image_records_read_as_text_conversations_point_to_the_vision_block(tmp_
          "images": ["red.png"]}])
     with pytest.raises(ChatDataError, match=r"holds image conversations .* vision: block \(image-text fine-tuning\) reads"):
         list(read_conversations(str(path)))
+
+
+def test_a_gemma3_row_carries_its_token_types_and_its_image_tokens_attend_both_ways(tmp_path):
+    """Gemma 3: `<start_of_image>` expands to the image's soft tokens between its begin and end tokens, and the row
+    carries the processor's `token_type_ids` (1 on the soft tokens), which the forward takes to let an image's tokens
+    attend to each other both ways: the loss differs without them, and with the images swapped."""
+    import torch
+    from helpers import tiny_gemma3
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.train.batch import model_inputs
+
+    folder = str(tiny_gemma3(tmp_path / "gemma3"))
+    processor = load_processor(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
+               for c, png in (("red", RED), ("blue", BLUE))]
+    records.append({"messages": [{"role": "user", "content": "Describe it."},
+                                 {"role": "assistant", "content": "a red square"}], "images": []})
+    rows = image_rows(processor, records, seq_len=48, max_images=1)
+    soft = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    assert rows["image_count"].tolist() == [1, 1, 0] and rows["pixel_values"].shape == (3, 1, 3, 16, 16)
+    assert ((rows["input_ids"] == soft).sum(1) == [4, 4, 0]).all()
+    np.testing.assert_array_equal(rows["token_type_ids"], (rows["input_ids"] == soft).astype(np.int32))
+    for row, answer in ((0, "It is red."), (1, "It is blue.")):
+        labels = rows["labels"][row]
+        assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]).startswith(answer)
+    inputs = model_inputs(rows, torch.device("cpu"))
+    assert inputs["pixel_values"].shape == (2, 3, 16, 16) and inputs["token_type_ids"].shape == (3, 48)
+    with torch.no_grad():
+        out = model(**inputs)
+        causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits
+        swapped = model(**{**inputs, "pixel_values": inputs["pixel_values"].flip(0)}).logits
+    assert torch.isfinite(out.loss) and (out.logits[:2] - swapped[:2]).abs().max() > 1e-2  # each row its own image
+    # the first image token sees the image's later tokens only when the token types are given
+    first = int(np.flatnonzero(rows["input_ids"][0] == soft)[0])
+    assert torch.equal(out.logits[0, :first], causal[0, :first])
+    assert (out.logits[0, first] - causal[0, first]).abs().max() > 1e-3
