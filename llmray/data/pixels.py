@@ -104,9 +104,18 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
     return out
 
 
+# the tokens a model's own chat template writes around its image token, which its processor does not add (Qwen2-VL,
+# Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>), applied when its tokenizer holds them
+IMAGE_TOKEN_AROUND = {"<|image_pad|>": ("<|vision_start|>", "<|vision_end|>")}
+
+
 def with_image_token(processor, record: dict) -> list[dict]:
-    """The record's messages with each `<image>` placeholder written as the processor's own image token."""
+    """The record's messages with each `<image>` placeholder written as the processor's own image token (with the
+    tokens the model's chat template puts around it, `IMAGE_TOKEN_AROUND`)."""
     token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+    around = IMAGE_TOKEN_AROUND.get(token)
+    if around and all(t in processor.tokenizer.get_vocab() for t in around):
+        token = f"{around[0]}{token}{around[1]}"
     return [{"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, token)} for m in record["messages"]]
 
 

@@ -288,3 +288,101 @@ def test_a_gemma3_row_carries_its_token_types_and_its_image_tokens_attend_both_w
     first = int(np.flatnonzero(rows["input_ids"][0] == soft)[0])
     assert torch.equal(out.logits[0, :first], causal[0, :first])
     assert (out.logits[0, first] - causal[0, first]).abs().max() > 1e-3
+
+
+def rgb_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def qwen2_vl_records() -> list[dict]:
+    """A 16x16 red image (4 image tokens), a 32x16 blue one (8), and a conversation without an image."""
+    def record(png: bytes | None, answer: str) -> dict:
+        return {"messages": [{"role": "user", "content": "<image>What colour?" if png else "Describe it."},
+                             {"role": "assistant", "content": answer}], "images": [images.to_text(png)] if png else []}
+    return [record(rgb_png(16, 16, (220, 30, 30)), "It is red."), record(rgb_png(32, 16, (30, 40, 220)), "It is blue."),
+            record(None, "a red square")]
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory):
+    from helpers import tiny_qwen2_vl
+
+    return tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2vl") / "tiny")
+
+
+def test_qwen2_vl_rows_of_two_image_sizes_carry_their_patches_grids_and_token_types(qwen2_vl):
+    """Qwen2-VL's dynamic resolution: an image's patches and tokens are its size's. Each row holds its images' patches
+    (the first `patch_count` of a row sized seq_len x patches a token), each image's (t, h, w) grid and the token
+    types; the batch gives the forward every row's patches and grids in order, and each row's logits are those of
+    plain transformers on the processor's own inputs for that conversation alone (so pixels, grids and the M-RoPE
+    positions the model computes from them are each row's own)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.data.pixels import image_layout, with_image_token
+    from llmray.data.template import render
+    from llmray.train.batch import model_inputs
+
+    folder, processor = qwen2_vl
+    layout = image_layout(processor)
+    assert layout.flat and layout.patches_per_token == 4 and layout.pixels == (3 * 2 * 4 * 4,)
+    records = qwen2_vl_records()
+    rows = image_rows(processor, records, seq_len=64, max_images=2)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert rows["image_count"].tolist() == [1, 1, 0]
+    assert rows["image_grid_thw"].tolist() == [[[1, 4, 4], [0, 0, 0]], [[1, 4, 8], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]]
+    assert rows["patch_count"].tolist() == [16, 32, 0] and rows["pixel_values"].shape == (3, 64 * 4, 96)
+    assert ((rows["input_ids"] == pad).sum(1) == [4, 8, 0]).all()
+    np.testing.assert_array_equal(rows["mm_token_type_ids"], (rows["input_ids"] == pad).astype(np.int32))
+    text = processor.tokenizer.decode(rows["input_ids"][1])
+    assert "<|vision_start|>" + "<|image_pad|>" * 8 + "<|vision_end|>What colour?" in text  # as Qwen's template has it
+
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = model_inputs(rows, torch.device("cpu"))
+    assert inputs["pixel_values"].shape == (48, 96) and inputs["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 8]]
+    with torch.no_grad():
+        batch = model(**inputs).logits
+        for row, record in enumerate(records):
+            text = render(processor.tokenizer, with_image_token(processor, record))
+            pictures = [images.decode(images.from_text(t)) for t in record["images"]]
+            alone = processor(text=[text], images=pictures or None, add_special_tokens=False, return_tensors="pt")
+            n = alone["input_ids"].shape[1]
+            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
+            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
+            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_qwen2_vl_learns_from_rows_of_two_image_sizes(qwen2_vl):
+    """Trained on its rows (two image sizes and a text-only row in each batch) through `model_inputs`, the tower frozen
+    as `llmray finetune` freezes it, a tiny Qwen2-VL's loss falls and its merger (the projector, inside the tower's
+    module) trains."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.model.build import freeze_tower
+    from llmray.train.batch import model_inputs
+
+    folder, processor = qwen2_vl
+    model = AutoModelForImageTextToText.from_pretrained(folder).train()
+    freeze_tower(model)  # the tower's patch embedding and blocks; its merger (the projector) trains
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("model.visual.") and ".merger." not in n for n in trained)
+    assert any(".visual.merger." in n for n in trained)
+    merger = {n: p.detach().clone() for n, p in model.named_parameters() if ".merger." in n}
+    inputs = model_inputs(image_rows(processor, qwen2_vl_records(), seq_len=64, max_images=1), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert any(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in merger.items())
