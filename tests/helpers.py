@@ -280,34 +280,21 @@ def tiny_gemma3(out, initializer_range: float | None = None) -> Path:
     return Path(out)
 
 
-def tiny_qwen2_vl(out, initializer_range: float | None = None):
+def tiny_qwen2_vl(out, initializer_range: float | None = None) -> Path:
     """A random-init tiny Qwen2-VL (1-layer tower of 4 px patches, merged 2x2 into one token; 2-layer text model with
-    M-RoPE) saved where `out` says, with its image processor and tokenizer; returns (folder, processor). Its dynamic
-    resolution makes an image's tokens its size's: 16x16 px is 4 image tokens, 32x16 px 8 (resized to multiples of
-    8 px, at most 32x32).
-
-    The processor is built here, image-only: transformers' Qwen2VLProcessor needs a video processor, which needs
-    torchvision, absent from this CPU environment (and `AutoProcessor` cannot load the folder without it).
-    `initializer_range`: as `tiny_vlm`'s."""
+    M-RoPE) with its image processor and tokenizer, saved where `out` says. Its dynamic resolution makes an image's
+    tokens its size's: 16x16 px is 4 image tokens, 32x16 px 8 (resized to multiples of 8 px, at most 32x32). Its
+    processor is what `pixels.load_processor` makes of the folder (here, without torchvision, one without a video
+    processor). `initializer_range`: as `tiny_vlm`'s."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from llmray.data.template import CHATML
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):  # its attributes are its __init__'s: no video processor
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     tok = colour_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                                                           "<|video_pad|>"]})
-    image_processor = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=8 * 8,
-                                               max_pixels=32 * 32)
-    processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHATML)
+    tok.chat_template = CHATML
     torch.manual_seed(0)
     config = Qwen2VLConfig(
         vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
@@ -317,13 +304,14 @@ def tiny_qwen2_vl(out, initializer_range: float | None = None):
                      "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                      **({"initializer_range": initializer_range} if initializer_range else {})},
-        image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
     Qwen2VLForConditionalGeneration(config).save_pretrained(out)
     tok.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    return Path(out), processor
+    Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=8 * 8,
+                             max_pixels=32 * 32).save_pretrained(out)
+    return Path(out)
 
 
 def losses(summary):

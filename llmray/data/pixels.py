@@ -34,10 +34,52 @@ from llmray.data.vision import IMAGE_PLACEHOLDER
 def load_processor(path: str):
     """The model folder's processor (tokenizer, image processor, placeholder expansion), once per process."""
     from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
 
     from llmray import hub, storage
 
-    return AutoProcessor.from_pretrained(storage.local_folder(path, "data.tokenizer", hub.TOKENIZER_FILES))
+    folder = storage.local_folder(path, "data.tokenizer", hub.TOKENIZER_FILES)
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except ImportError:
+        if is_torchvision_available():
+            raise
+        return image_only_processor(folder)
+
+
+def image_only_processor(folder: str):
+    """The folder's processor built without its video processor, which needs torchvision (Qwen2-VL's and its kin's
+    need one; llmray passes images only): on a machine without torchvision. It keeps its class's name, so what a
+    checkpoint saves of it loads as the model's own processor where torchvision is."""
+    import json
+    import os
+
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    saved = os.path.join(folder, "processor_config.json")  # a checkpoint's processor folder holds no model config
+    if os.path.exists(saved):
+        with open(saved) as f:
+            name = json.load(f)["processor_class"]
+    else:
+        name = PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(folder).model_type]
+    base = getattr(transformers, name)
+
+    def check_argument_for_proper_class(self, name, argument):
+        return None if name == "video_processor" and argument is None else base.check_argument_for_proper_class(
+            self, name, argument)
+
+    def save_pretrained(self, save_directory, **kwargs):  # its parts, and its class for AutoProcessor
+        self.image_processor.save_pretrained(save_directory)
+        self.tokenizer.save_pretrained(save_directory)
+        with open(os.path.join(save_directory, "processor_config.json"), "w") as f:
+            json.dump({"processor_class": name}, f)
+
+    image_only = type(base.__name__, (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
+                                               "save_pretrained": save_pretrained})
+    return image_only(image_processor=AutoImageProcessor.from_pretrained(folder),
+                      tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None)
 
 
 # What a processor returns for images, besides the pixel values, that a forward takes, by how a row holds it; any

@@ -182,6 +182,52 @@ def test_a_gemma3_trains_on_image_conversations_and_exports_for_plain_transforme
     assert any("language_model" in k for k in changed), "the language model did not train"
 
 
+def test_a_qwen2_vl_trains_on_images_of_two_sizes_and_exports_for_plain_transformers(ray_cluster, tmp_path):
+    """Qwen2-VL (dynamic resolution: a 16x16 image is 4 image tokens, a 32x16 one 8; M-RoPE positions the model
+    computes from the rows' grids and token types): `fit` trains on batches mixing the two sizes, the tower frozen and
+    its merger (the projector) trained; the export loads with plain transformers."""
+    import io
+
+    from helpers import tiny_qwen2_vl
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.data.pixels import load_processor
+    from llmray.export.folder import export
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    records = []
+    for i in range(96):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        img = Image.open(io.BytesIO(colour_png(colour, seed=i)))
+        if i % 2:
+            img = img.resize((32, 16))
+        img.save(data / "img" / f"{i}.png")
+        records.append({"messages": [{"role": "user", "content": f"<image>{QUESTION}"},
+                                     {"role": "assistant", "content": answer(colour)}], "images": [f"img/{i}.png"]})
+    (data / "llava.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = tiny_qwen2_vl(tmp_path / "qwen2vl")
+    recipe = load_recipe("jobs/vision_tiny.yaml", [
+        f"model.pretrained={base}", f"data.conversations={data}", f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=qwen2vl", "train.max_steps=12", "train.log_every=4", "data.val_fraction=0.0"])
+    summary = fit(recipe)
+    loss = losses(summary)
+    print(f"qwen2-vl loss {loss}")
+    assert summary.steps == 12 and loss[-1] < 0.5 * loss[0], loss
+
+    out = tmp_path / "export"
+    export(summary.run_dir, str(out))
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(load_processor(str(out))).__name__ == "Qwen2VLProcessor"
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any("visual" in k and "merger" not in k for k in changed), "the frozen vision tower changed"
+    assert any("visual.merger" in k for k in changed), "the merger did not train"
+    assert any(k.startswith("model.layers.") for k in changed), "the language model did not train"  # Qwen2-VL's names
+
+
 @pytest.mark.slow  # ZeRO-3's partitioned start-up: ~80 s on 2 busy cores
 def test_an_idefics3_under_lora_and_zero3_trains_adapters_and_the_connector_and_exports_merged(colour_set, ray_cluster,
                                                                                               tmp_path):

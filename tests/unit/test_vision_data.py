@@ -313,7 +313,8 @@ def qwen2_vl_records() -> list[dict]:
 def qwen2_vl(tmp_path_factory):
     from helpers import tiny_qwen2_vl
 
-    return tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2vl") / "tiny")
+    folder = tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2vl") / "tiny")
+    return folder, load_processor(str(folder))
 
 
 def test_qwen2_vl_rows_of_two_image_sizes_carry_their_patches_grids_and_token_types(qwen2_vl):
