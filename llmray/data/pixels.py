@@ -102,6 +102,9 @@ class ImageLayout:
     patches_per_token: int  # flat: the patches of one image token (Qwen2-VL: merge_size ** 2), which bounds a row's
     per_image: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, one image's shape, dtype) of PER_IMAGE_INPUTS
     per_token: tuple[str, ...]  # the PER_TOKEN_INPUTS the processor returns
+    # the tokens the expansion adds to an image's beyond those `_get_num_multimodal_tokens` counts (Gemma 3's begin and
+    # end of image and the line breaks around them)
+    tokens_around: int = 0
 
 
 def image_rows(processor, records: list[dict], seq_len: int, max_images: int) -> dict[str, np.ndarray]:
@@ -212,7 +215,8 @@ def expanded_length(processor, record: dict) -> int | None:
     if not sizes:
         return text
     per_image = count(image_sizes=sizes).num_image_tokens
-    return text + sum(n - 1 for n in per_image)  # each placeholder token becomes n
+    # each placeholder token becomes n, and the tokens the processor writes around them (Gemma 3's)
+    return text + sum(n - 1 + image_layout(processor).tokens_around for n in per_image)
 
 
 def carried_mask(ids: np.ndarray, mask: np.ndarray, expanded: np.ndarray) -> np.ndarray:
@@ -243,9 +247,11 @@ def image_layout(processor) -> ImageLayout:
         if flat:
             token_id = processor.tokenizer.convert_tokens_to_ids(token)
             per_token = len(pixels) // max(1, int((ids == token_id).sum()))
+        count = getattr(processor, "_get_num_multimodal_tokens", None)
+        around = len(ids) - count(image_sizes=[(32, 32)]).num_image_tokens[0] if count is not None else 0
         _LAYOUTS[id(processor)] = ImageLayout(
             pixels=tuple(pixels.shape[1:]), flat=flat, patches_per_token=per_token,
             per_image=tuple((name, tuple(inputs[name].shape[1:]), inputs[name].dtype.str) for name in PER_IMAGE_INPUTS
                             if name in inputs),
-            per_token=tuple(name for name in PER_TOKEN_INPUTS if name in inputs))
+            per_token=tuple(name for name in PER_TOKEN_INPUTS if name in inputs), tokens_around=around)
     return _LAYOUTS[id(processor)]

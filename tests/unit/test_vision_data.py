@@ -277,6 +277,11 @@ def test_a_gemma3_row_carries_its_token_types_and_its_image_tokens_attend_both_w
     for row, answer in ((0, "It is red."), (1, "It is blue.")):
         labels = rows["labels"][row]
         assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]).startswith(answer)
+    # the length check counts the begin/end-of-image tokens and line breaks the expansion adds to the soft tokens
+    from llmray.data.pixels import expanded_length, with_image_token
+
+    ids, _, _ = encode_image_chat(processor, with_image_token(processor, records[0]), [RED])
+    assert expanded_length(processor, records[0]) == len(ids)
     inputs = model_inputs(rows, torch.device("cpu"))
     assert inputs["pixel_values"].shape == (2, 3, 16, 16) and inputs["token_type_ids"].shape == (3, 48)
     with torch.no_grad():
