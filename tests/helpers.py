@@ -314,6 +314,44 @@ def tiny_qwen2_vl(out, initializer_range: float | None = None) -> Path:
     return Path(out)
 
 
+def tiny_llava_next(out) -> Path:
+    """A random-init tiny LLaVA-NeXT (1-layer CLIP tower at 16 px, 2-layer Llama) with its processor: an image is its
+    16 px base view plus the 16 px crops of the grid its aspect ratio picks (16x32, 32x16 or 32x32 px: 2 or 4 crops),
+    so images of different shapes have different crop and token counts, and `image_sizes` says which."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from llmray.data.template import CHATML
+
+    pinpoints = [[16, 32], [32, 16], [32, 32]]
+    hf = colour_tokenizer()
+    hf.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                                   image_grid_pinpoints=pinpoints),
+        tokenizer=hf, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHATML)
+    torch.manual_seed(0)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=16, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(hf), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=256, bos_token_id=hf.bos_token_id,
+                                eos_token_id=hf.eos_token_id),
+        image_token_id=hf.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
+    LlavaNextForConditionalGeneration(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
+
+
 def losses(summary):
     """The training losses a finished run reported, from its final checkpoint's state."""
     import numpy as np

@@ -84,7 +84,9 @@ def image_only_processor(folder: str):
 
 # What a processor returns for images, besides the pixel values, that a forward takes, by how a row holds it; any
 # other output (Idefics3's pixel_attention_mask, which its forward makes itself when no image is split) is not carried.
-PER_IMAGE_INPUTS = ("image_grid_thw",)  # an entry an image, (max_images, ...): Qwen2-VL's (t, h, w) patch grid
+# an entry an image, (max_images, ...): Qwen2-VL's (t, h, w) patch grid, LLaVA-NeXT's image size (which crops of the
+# image's slot are its own: the forward drops the others)
+PER_IMAGE_INPUTS = ("image_grid_thw", "image_sizes")
 # a value a token, (seq_len,), 0 on text and padding: Gemma 3's token_type_ids (its image tokens attend to each other
 # both ways), Qwen2-VL's mm_token_type_ids (which tokens its M-RoPE positions as image)
 PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
@@ -97,7 +99,9 @@ class ImageLayout:
     """How rows hold a processor's image inputs: found by running it once on a blank image (`image_layout`), so a
     run of rows without images has the same columns and shapes as one with."""
 
-    pixels: tuple[int, ...]  # one image's pixel values (C, H, W); flat: one patch's (patch size,)
+    # one image's pixel values (C, H, W), or (crops, C, H, W) with room for the most crops an image can have
+    # (LLaVA-NeXT's: its base view and the tiles of its largest grid); flat: one patch's (patch size,)
+    pixels: tuple[int, ...]
     flat: bool  # pixel values flat over the images' patches (Qwen2-VL), not one fixed shape an image
     patches_per_token: int  # flat: the patches of one image token (Qwen2-VL: merge_size ** 2), which bounds a row's
     per_image: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, one image's shape, dtype) of PER_IMAGE_INPUTS
@@ -139,7 +143,7 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
         if inputs is None:
             continue
         pixels = inputs["pixel_values"]
-        out["pixel_values"][row, :len(pixels)] = pixels
+        out["pixel_values"][row][tuple(slice(0, n) for n in pixels.shape)] = pixels  # fewer crops: zero after
         if layout.flat:
             out["patch_count"][row] = len(pixels)
         for name, _, _ in layout.per_image:
@@ -235,14 +239,14 @@ _LAYOUTS: dict[int, ImageLayout] = {}
 def image_layout(processor) -> ImageLayout:
     """How rows hold `processor`'s image inputs: the processor run once (per process) on a blank image."""
     if id(processor) not in _LAYOUTS:
-        from PIL import Image
-
         token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
-        blank = io.BytesIO()
-        Image.new("RGB", (32, 32)).save(blank, format="PNG")
-        ids, inputs = expand(processor, token, [blank.getvalue()])
+        ids, inputs = expand(processor, token, [_blank(32, 32)])
         pixels = inputs["pixel_values"]
         flat = pixels.ndim == 2
+        grids = getattr(processor.image_processor, "image_grid_pinpoints", None)
+        if pixels.ndim == 5 and grids:  # crops an image: the most, from an image the size of each grid
+            crops = max(len(expand(processor, token, [_blank(w, h)])[1]["pixel_values"][0]) for h, w in grids)
+            pixels = np.zeros((1, crops, *pixels.shape[2:]), dtype=pixels.dtype)
         per_token = 1
         if flat:
             token_id = processor.tokenizer.convert_tokens_to_ids(token)
@@ -255,3 +259,23 @@ def image_layout(processor) -> ImageLayout:
                             if name in inputs),
             per_token=tuple(name for name in PER_TOKEN_INPUTS if name in inputs), tokens_around=around)
     return _LAYOUTS[id(processor)]
+
+
+def _blank(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def concatenate_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays concatenated on their first axis, each zero-padded at the end of its other axes to the largest (images
+    of different crop counts: LLaVA-NeXT's, whose forward drops the padding crops by the images' sizes)."""
+    shape = np.max([a.shape[1:] for a in arrays], axis=0)
+    out = np.zeros((sum(len(a) for a in arrays), *shape), dtype=arrays[0].dtype)
+    start = 0
+    for a in arrays:
+        out[(slice(start, start + len(a)), *(slice(0, n) for n in a.shape[1:]))] = a
+        start += len(a)
+    return out

@@ -79,7 +79,7 @@ class LocalModel:
         row's pixel values in one list (LLaVA, Gemma 3; Qwen2-VL's patches) with their PER_IMAGE_INPUTS (Qwen2-VL's
         grids), or per row (`build.PIXELS_PER_ROW`: Idefics3); the PER_TOKEN_INPUTS (Gemma 3's, Qwen2-VL's token types)
         as rows, 0 on the padding."""
-        from llmray.data.pixels import PER_IMAGE_INPUTS, PER_TOKEN_INPUTS
+        from llmray.data.pixels import PER_IMAGE_INPUTS, PER_TOKEN_INPUTS, concatenate_padded
         from llmray.model.build import PIXELS_PER_ROW
 
         held = [inputs for _, inputs in encoded]
@@ -88,7 +88,7 @@ class LocalModel:
         pixels = [h["pixel_values"] for h in held]
         per_row = getattr(self.model.config, "model_type", None) in PIXELS_PER_ROW
         dtype = next(self.model.parameters()).dtype
-        out = {"pixel_values": torch.from_numpy(np.stack(pixels) if per_row else np.concatenate(pixels)).to(
+        out = {"pixel_values": torch.from_numpy(np.stack(pixels) if per_row else concatenate_padded(pixels)).to(
             self.device, dtype)}
         for name in PER_IMAGE_INPUTS:
             if name in held[0]:

@@ -392,3 +392,40 @@ def test_a_qwen2_vl_learns_from_rows_of_two_image_sizes(qwen2_vl):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
     assert any(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in merger.items())
+
+
+def test_llava_next_rows_hold_images_of_different_crop_counts_with_their_sizes(tmp_path):
+    """LLaVA-NeXT: an image is its base view plus the crops of the grid its shape picks (16x16 and 32x16 px: 3 views,
+    32x32: 5), its tokens likewise. A row's image slot has room for the most crops, zero after its own, and the row
+    carries each image's `image_sizes`, by which the forward drops the padding crops: each row's logits in a batch of
+    both equal plain transformers' on the processor's own inputs for that conversation alone."""
+    import torch
+    from helpers import tiny_llava_next
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.data.pixels import image_layout, with_image_token
+    from llmray.data.template import render
+    from llmray.train.batch import model_inputs
+
+    folder = str(tiny_llava_next(tmp_path / "llava-next"))
+    processor = load_processor(folder)
+    assert image_layout(processor).pixels == (5, 3, 16, 16)
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(rgb_png(*size))]}
+               for c, size in (("red", (16, 16, (220, 30, 30))), ("blue", (32, 32, (30, 40, 220))))]
+    rows = image_rows(processor, records, seq_len=64, max_images=1)
+    assert rows["pixel_values"].shape == (2, 1, 5, 3, 16, 16) and rows["image_sizes"].tolist() == [[[16, 16]], [[32, 32]]]
+    assert rows["pixel_values"][0, 0, :3].any() and not rows["pixel_values"][0, 0, 3:].any()
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = model_inputs(rows, torch.device("cpu"))
+    assert inputs["pixel_values"].shape == (2, 5, 3, 16, 16) and inputs["image_sizes"].tolist() == [[16, 16], [32, 32]]
+    with torch.no_grad():
+        batch = model(**inputs).logits
+        for row, record in enumerate(records):
+            text = render(processor.tokenizer, with_image_token(processor, record))
+            picture = images.decode(images.from_text(record["images"][0]))
+            alone = processor(text=[text], images=[picture], add_special_tokens=False, return_tensors="pt")
+            n = alone["input_ids"].shape[1]
+            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
+            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
+            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
