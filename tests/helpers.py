@@ -286,8 +286,26 @@ def tiny_qwen2_vl(out, initializer_range: float | None = None) -> Path:
     tokens its size's: 16x16 px is 4 image tokens, 32x16 px 8 (resized to multiples of 8 px, at most 32x32). Its
     processor is what `pixels.load_processor` makes of the folder (here, without torchvision, one without a video
     processor). `initializer_range`: as `tiny_vlm`'s."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    return _tiny_qwen_vl(out, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                         {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
+                         initializer_range)
+
+
+def tiny_qwen2_5_vl(out, initializer_range: float | None = None) -> Path:
+    """A random-init tiny Qwen2.5-VL, as `tiny_qwen2_vl` (its processor's inputs are Qwen2-VL's); its tower's one
+    block attends over windows of one merged patch."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    return _tiny_qwen_vl(out, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                         {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                          "window_size": 8, "fullatt_block_indexes": [0]}, initializer_range)
+
+
+def _tiny_qwen_vl(out, config_class, model_class, vision: dict, initializer_range: float | None) -> Path:
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLImageProcessorPil
 
     from llmray.data.template import CHATML
 
@@ -296,9 +314,8 @@ def tiny_qwen2_vl(out, initializer_range: float | None = None) -> Path:
                                                           "<|video_pad|>"]})
     tok.chat_template = CHATML
     torch.manual_seed(0)
-    config = Qwen2VLConfig(
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
-                       "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2},
+    config = config_class(
+        vision_config={**vision, "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2},
         text_config={"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
                      "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
@@ -307,7 +324,7 @@ def tiny_qwen2_vl(out, initializer_range: float | None = None) -> Path:
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
-    Qwen2VLForConditionalGeneration(config).save_pretrained(out)
+    model_class(config).save_pretrained(out)
     tok.save_pretrained(out)
     Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=8 * 8,
                              max_pixels=32 * 32).save_pretrained(out)

@@ -185,6 +185,7 @@ def test_a_gemma3_trains_on_image_conversations_and_exports_for_plain_transforme
 # a model whose images have no one shape: (its helper, the second image size, its class, where its tower, projector and
 # language model's weights are named)
 SIZED = {"qwen2_vl": ((32, 16), "Qwen2VLForConditionalGeneration", "visual.", "visual.merger.", "model.layers."),
+         "qwen2_5_vl": ((32, 16), "Qwen2_5_VLForConditionalGeneration", "visual.", "visual.merger.", "model.layers."),
          "llava_next": ((32, 32), "LlavaNextForConditionalGeneration", "vision_tower.", "multi_modal_projector.",
                         "language_model.")}
 

@@ -314,11 +314,12 @@ def qwen2_vl_records() -> list[dict]:
             record(None, "a red square")]
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl(tmp_path_factory):
-    from helpers import tiny_qwen2_vl
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen2_vl(tmp_path_factory, request):
+    """A tiny Qwen2-VL, and a Qwen2.5-VL (the same processor inputs; a windowed tower)."""
+    import helpers
 
-    folder = tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2vl") / "tiny")
+    folder = getattr(helpers, f"tiny_{request.param}")(tmp_path_factory.mktemp(request.param) / "tiny")
     return folder, load_processor(str(folder))
 
 
