@@ -233,6 +233,142 @@ def tiny_idefics3(out, initializer_range: float | None = None) -> Path:
     return Path(out)
 
 
+def tiny_gemma3(out, initializer_range: float | None = None) -> Path:
+    """A random-init tiny Gemma 3 (1-layer SigLIP tower at 16 px, 2-layer Gemma 3 text model) with its processor (a
+    fixed-size image processor, `<start_of_image>` expanded to 4 soft tokens): the colour tokenizer with Gemma 3's
+    three image tokens. `initializer_range`: as `tiny_vlm`'s."""
+    import tempfile
+
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    from llmray.data.template import CHATML
+
+    image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    with tempfile.TemporaryDirectory() as scratch:  # reloaded so the tokenizer names its image tokens (boi_token ...)
+        tok = colour_tokenizer()
+        tok.add_special_tokens({"additional_special_tokens": list(image_tokens.values())})
+        tok.save_pretrained(scratch)
+        tok = AutoTokenizer.from_pretrained(scratch, extra_special_tokens=image_tokens)
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 16, "width": 16}),
+                                tokenizer=tok, image_seq_length=4, chat_template=CHATML)
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in image_tokens.items()}
+    torch.manual_seed(0)
+    config = Gemma3Config(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
+                                     max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                     **({"initializer_range": initializer_range} if initializer_range else {})),
+        mm_tokens_per_image=4, boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"])
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers starts the projector at zero (no image would change a thing): drawn instead
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.1)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
+
+
+def tiny_qwen2_vl(out, initializer_range: float | None = None) -> Path:
+    """A random-init tiny Qwen2-VL (1-layer tower of 4 px patches, merged 2x2 into one token; 2-layer text model with
+    M-RoPE) with its image processor and tokenizer, saved where `out` says. Its dynamic resolution makes an image's
+    tokens its size's: 16x16 px is 4 image tokens, 32x16 px 8 (resized to multiples of 8 px, at most 32x32). Its
+    processor is what `pixels.load_processor` makes of the folder (here, without torchvision, one without a video
+    processor). `initializer_range`: as `tiny_vlm`'s."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    return _tiny_qwen_vl(out, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                         {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
+                         initializer_range)
+
+
+def tiny_qwen2_5_vl(out, initializer_range: float | None = None) -> Path:
+    """A random-init tiny Qwen2.5-VL, as `tiny_qwen2_vl` (its processor's inputs are Qwen2-VL's); its tower's one
+    block attends over windows of one merged patch."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    return _tiny_qwen_vl(out, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                         {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                          "window_size": 8, "fullatt_block_indexes": [0]}, initializer_range)
+
+
+def _tiny_qwen_vl(out, config_class, model_class, vision: dict, initializer_range: float | None) -> Path:
+    import torch
+    from transformers import Qwen2VLImageProcessorPil
+
+    from llmray.data.template import CHATML
+
+    tok = colour_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                          "<|video_pad|>"]})
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    config = config_class(
+        vision_config={**vision, "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2},
+        text_config={"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                     **({"initializer_range": initializer_range} if initializer_range else {})},
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    model_class(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=8 * 8,
+                             max_pixels=32 * 32).save_pretrained(out)
+    return Path(out)
+
+
+def tiny_llava_next(out) -> Path:
+    """A random-init tiny LLaVA-NeXT (1-layer CLIP tower at 16 px, 2-layer Llama) with its processor: an image is its
+    16 px base view plus the 16 px crops of the grid its aspect ratio picks (16x32, 32x16 or 32x32 px: 2 or 4 crops),
+    so images of different shapes have different crop and token counts, and `image_sizes` says which."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from llmray.data.template import CHATML
+
+    pinpoints = [[16, 32], [32, 16], [32, 32]]
+    hf = colour_tokenizer()
+    hf.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                                   image_grid_pinpoints=pinpoints),
+        tokenizer=hf, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHATML)
+    torch.manual_seed(0)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=16, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(hf), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=256, bos_token_id=hf.bos_token_id,
+                                eos_token_id=hf.eos_token_id),
+        image_token_id=hf.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
+    LlavaNextForConditionalGeneration(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
+
+
 def losses(summary):
     """The training losses a finished run reported, from its final checkpoint's state."""
     import numpy as np

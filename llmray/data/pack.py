@@ -21,15 +21,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from llmray import hub, storage
+from llmray.data.pixels import ROW_INPUTS
 from llmray.data.plan import IMAGE_PIECE_ROWS, Source, block_pieces, block_row_order, plan_sources
 from llmray.data.split import Documents
 from llmray.data.template import IGNORE_INDEX
 
 # the columns of a row the model takes (labels and position ids only for conversations and pairs; sequence ids only
 # for pairs: they say which tokens belong to which side of which pair; reference log-probabilities only for pairs
-# whose reference was precomputed; pixels and their count only for image conversations); a row also carries its id:
-# source, epoch, piece, sample
-MODEL_INPUTS = ("input_ids", "labels", "position_ids", "sequence_ids", "reference_logps", "pixel_values", "image_count")
+# whose reference was precomputed; the image inputs only for image conversations, `pixels.ROW_INPUTS`); a row also
+# carries its id: source, epoch, piece, sample
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "sequence_ids", "reference_logps", *ROW_INPUTS)
 PACKED = MODEL_INPUTS[:4]  # what packing makes (sequence ids only when numbered)
 
 

@@ -1,7 +1,11 @@
 """Image conversations into model rows with the model's own processor, in the stream's tokenize tasks (CPU).
 
 A row is one conversation, not packed: "input_ids" and "labels" (the assistant's tokens only) padded to `seq_len`,
-"pixel_values" (max_images, *image shape) its images as the processor prepared them, zero after its "image_count".
+"image_count", and what the processor returned for its images that the model's forward takes (`ImageLayout`):
+"pixel_values" (max_images, *image shape) zero after its images, or for a processor that returns them flat over the
+images' patches (Qwen2-VL's dynamic resolution) (seq_len * patches a token, patch size) with its "patch_count";
+each image's entry of `PER_IMAGE_INPUTS` (Qwen2-VL's patch grid); `PER_TOKEN_INPUTS` (Gemma 3's token types, Qwen2-VL's
+multimodal token types), a value a token like the ids.
 Why not packed: the processor expands each placeholder into the image's tokens, the model scatters the image
 features into them in order, and a row cut through an image breaks that; a packed row would also need
 per-document attention over image tokens, which the VLM forwards of transformers do not take. An image row's
@@ -17,6 +21,7 @@ from __future__ import annotations
 import difflib
 import functools
 import io
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,10 +34,81 @@ from llmray.data.vision import IMAGE_PLACEHOLDER
 def load_processor(path: str):
     """The model folder's processor (tokenizer, image processor, placeholder expansion), once per process."""
     from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
 
     from llmray import hub, storage
 
-    return AutoProcessor.from_pretrained(storage.local_folder(path, "data.tokenizer", hub.TOKENIZER_FILES))
+    folder = storage.local_folder(path, "data.tokenizer", hub.TOKENIZER_FILES)
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except ImportError:
+        if is_torchvision_available():
+            raise
+        return image_only_processor(folder)
+
+
+def image_only_processor(folder: str):
+    """The folder's processor built without its video processor, which needs torchvision (Qwen2-VL's and its kin's
+    need one; llmray passes images only): on a machine without torchvision. It keeps its class's name, so what a
+    checkpoint saves of it loads as the model's own processor where torchvision is."""
+    import json
+    import os
+
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    saved = os.path.join(folder, "processor_config.json")  # a checkpoint's processor folder holds no model config
+    if os.path.exists(saved):
+        with open(saved) as f:
+            name = json.load(f)["processor_class"]
+    else:
+        name = PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(folder).model_type]
+    base = getattr(transformers, name)
+
+    def check_argument_for_proper_class(self, name, argument):
+        return None if name == "video_processor" and argument is None else base.check_argument_for_proper_class(
+            self, name, argument)
+
+    def save_pretrained(self, save_directory, **kwargs):  # its parts, and its class for AutoProcessor
+        self.image_processor.save_pretrained(save_directory)
+        self.tokenizer.save_pretrained(save_directory)
+        with open(os.path.join(save_directory, "processor_config.json"), "w") as f:
+            json.dump({"processor_class": name}, f)
+
+    image_only = type(base.__name__, (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
+                                               "save_pretrained": save_pretrained})
+    return image_only(image_processor=AutoImageProcessor.from_pretrained(folder),
+                      tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None)
+
+
+# What a processor returns for images, besides the pixel values, that a forward takes, by how a row holds it; any
+# other output (Idefics3's pixel_attention_mask, which its forward makes itself when no image is split) is not carried.
+# an entry an image, (max_images, ...): Qwen2-VL's (t, h, w) patch grid, LLaVA-NeXT's image size (which crops of the
+# image's slot are its own: the forward drops the others)
+PER_IMAGE_INPUTS = ("image_grid_thw", "image_sizes")
+# a value a token, (seq_len,), 0 on text and padding: Gemma 3's token_type_ids (its image tokens attend to each other
+# both ways), Qwen2-VL's mm_token_type_ids (which tokens its M-RoPE positions as image)
+PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
+# the columns of an image row the model's inputs come from (`train/batch.py`)
+ROW_INPUTS = ("pixel_values", "image_count", "patch_count", *PER_IMAGE_INPUTS, *PER_TOKEN_INPUTS)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How rows hold a processor's image inputs: found by running it once on a blank image (`image_layout`), so a
+    run of rows without images has the same columns and shapes as one with."""
+
+    # one image's pixel values (C, H, W), or (crops, C, H, W) with room for the most crops an image can have
+    # (LLaVA-NeXT's: its base view and the tiles of its largest grid); flat: one patch's (patch size,)
+    pixels: tuple[int, ...]
+    flat: bool  # pixel values flat over the images' patches (Qwen2-VL), not one fixed shape an image
+    patches_per_token: int  # flat: the patches of one image token (Qwen2-VL: merge_size ** 2), which bounds a row's
+    per_image: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, one image's shape, dtype) of PER_IMAGE_INPUTS
+    per_token: tuple[str, ...]  # the PER_TOKEN_INPUTS the processor returns
+    # the tokens the expansion adds to an image's beyond those `_get_num_multimodal_tokens` counts (Gemma 3's begin and
+    # end of image and the line breaks around them)
+    tokens_around: int = 0
 
 
 def image_rows(processor, records: list[dict], seq_len: int, max_images: int) -> dict[str, np.ndarray]:
@@ -40,62 +116,90 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
     `seq_len`, or with no assistant token, is dropped."""
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids_rows, label_rows, pixel_rows, counts = [], [], [], []
-    shape = None
+    layout = image_layout(processor)
+    kept = []
     for record in records:
         messages = with_image_token(processor, record)
-        ids, labels, pixels = encode_image_chat(processor, messages, [images.from_text(t) for t in record["images"]])
+        ids, labels, inputs = encode_image_chat(processor, messages, [images.from_text(t) for t in record["images"]])
         if len(ids) > seq_len or (labels == IGNORE_INDEX).all():
             continue
-        if pixels is not None:
-            shape = pixels.shape[1:]
-        ids_rows.append(np.concatenate([ids, np.full(seq_len - len(ids), pad, dtype=np.int32)]))
-        label_rows.append(np.concatenate([labels, np.full(seq_len - len(ids), IGNORE_INDEX, dtype=np.int32)]))
-        pixel_rows.append(pixels)
-        counts.append(0 if pixels is None else len(pixels))
-    if shape is None:  # no image in this run of rows: the processor's shape for one
-        shape = image_shape(processor)
-    pixel_values = np.zeros((len(ids_rows), max_images, *shape), dtype=np.float32)
-    for row, pixels in enumerate(pixel_rows):
-        if pixels is not None:
-            pixel_values[row, :len(pixels)] = pixels
-    if not ids_rows:
-        return {"input_ids": np.zeros((0, seq_len), dtype=np.int32), "labels": np.zeros((0, seq_len), dtype=np.int32),
-                "pixel_values": pixel_values, "image_count": np.zeros(0, dtype=np.int32)}
-    return {"input_ids": np.stack(ids_rows), "labels": np.stack(label_rows), "pixel_values": pixel_values,
-            "image_count": np.array(counts, dtype=np.int32)}
+        kept.append((ids, labels, inputs, len(record["images"])))
+    n = len(kept)
+    out = {"input_ids": np.full((n, seq_len), pad, dtype=np.int32),
+           "labels": np.full((n, seq_len), IGNORE_INDEX, dtype=np.int32),
+           "image_count": np.array([k[3] for k in kept], dtype=np.int32).reshape(n)}
+    if layout.flat:
+        out["pixel_values"] = np.zeros((n, seq_len * layout.patches_per_token, *layout.pixels), dtype=np.float32)
+        out["patch_count"] = np.zeros(n, dtype=np.int32)
+    else:
+        out["pixel_values"] = np.zeros((n, max_images, *layout.pixels), dtype=np.float32)
+    for name, shape, dtype in layout.per_image:
+        out[name] = np.zeros((n, max_images, *shape), dtype=dtype)
+    for name in layout.per_token:
+        out[name] = np.zeros((n, seq_len), dtype=np.int32)
+    for row, (ids, labels, inputs, _) in enumerate(kept):
+        out["input_ids"][row, :len(ids)] = ids
+        out["labels"][row, :len(ids)] = labels
+        if inputs is None:
+            continue
+        pixels = inputs["pixel_values"]
+        out["pixel_values"][row][tuple(slice(0, n) for n in pixels.shape)] = pixels  # fewer crops: zero after
+        if layout.flat:
+            out["patch_count"][row] = len(pixels)
+        for name, _, _ in layout.per_image:
+            out[name][row, :len(inputs[name])] = inputs[name]
+        for name in layout.per_token:
+            out[name][row, :len(ids)] = inputs[name]
+    return out
+
+
+# the tokens a model's own chat template writes around its image token, which its processor does not add (Qwen2-VL,
+# Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>), applied when its tokenizer holds them
+IMAGE_TOKEN_AROUND = {"<|image_pad|>": ("<|vision_start|>", "<|vision_end|>")}
 
 
 def with_image_token(processor, record: dict) -> list[dict]:
-    """The record's messages with each `<image>` placeholder written as the processor's own image token."""
+    """The record's messages with each `<image>` placeholder written as the processor's own image token (with the
+    tokens the model's chat template puts around it, `IMAGE_TOKEN_AROUND`)."""
     token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+    around = IMAGE_TOKEN_AROUND.get(token)
+    if around and all(t in processor.tokenizer.get_vocab() for t in around):
+        token = f"{around[0]}{token}{around[1]}"
     return [{"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, token)} for m in record["messages"]]
 
 
 def encode_image_chat(processor, messages: list[dict], pictures: list[bytes]
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(expanded token ids, labels on the assistant's tokens, pixel values (n_images, ...) or None)."""
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
+    """(expanded token ids, labels on the assistant's tokens, the image inputs (`expand`) or None without images)."""
     ids, mask = encode_chat(processor.tokenizer, messages)
     if not pictures:
-        expanded, pixels = ids, None
+        expanded, inputs = ids, None
     else:
         from llmray.data.template import render
 
-        expanded, pixels = expand(processor, render(processor.tokenizer, messages), pictures)
+        expanded, inputs = expand(processor, render(processor.tokenizer, messages), pictures)
         mask = carried_mask(ids, mask, expanded)
     labels = np.where(mask, expanded, IGNORE_INDEX).astype(np.int32)
     labels[:1] = IGNORE_INDEX
-    return expanded, labels, pixels
+    return expanded, labels, inputs
 
 
-def expand(processor, text: str, pictures: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """(the token ids of a rendered `text` with each image token expanded into its image's tokens, the images' pixel
-    values (n_images, ...) as the processor prepared them): the processor run on the text and the decoded images."""
+def expand(processor, text: str, pictures: list[bytes]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(the token ids of a rendered `text` with each image token expanded into its image's tokens, the image inputs
+    of the forward as the processor prepared them): "pixel_values" (n_images, ...), or flat over the images' patches
+    (patches, patch size) for Qwen2-VL's kind, and those of PER_IMAGE_INPUTS (n_images, ...) and PER_TOKEN_INPUTS
+    (a value a token) it returns."""
     out = processor(text=[text], images=[images.decode(p) for p in pictures], add_special_tokens=False,
                     return_tensors="np")
     expanded = np.asarray(out["input_ids"][0], dtype=np.int32)
-    pixels = np.asarray(out["pixel_values"], dtype=np.float32).reshape(len(pictures), -1, *out["pixel_values"].shape[-3:])
-    return expanded, pixels[:, 0] if pixels.shape[1] == 1 else pixels
+    pixels = np.asarray(out["pixel_values"], dtype=np.float32)
+    if pixels.ndim > 2:  # one shape an image, the processor's leading axes (batch, image, crop) folded
+        pixels = pixels.reshape(len(pictures), -1, *pixels.shape[-3:])
+        pixels = pixels[:, 0] if pixels.shape[1] == 1 else pixels
+    inputs = {"pixel_values": pixels}
+    inputs.update({name: np.asarray(out[name]) for name in PER_IMAGE_INPUTS if name in out})
+    inputs.update({name: np.asarray(out[name][0], dtype=np.int32) for name in PER_TOKEN_INPUTS if name in out})
+    return expanded, inputs
 
 
 def expanded_length(processor, record: dict) -> int | None:
@@ -115,7 +219,8 @@ def expanded_length(processor, record: dict) -> int | None:
     if not sizes:
         return text
     per_image = count(image_sizes=sizes).num_image_tokens
-    return text + sum(n - 1 for n in per_image)  # each placeholder token becomes n
+    # each placeholder token becomes n, and the tokens the processor writes around them (Gemma 3's)
+    return text + sum(n - 1 + image_layout(processor).tokens_around for n in per_image)
 
 
 def carried_mask(ids: np.ndarray, mask: np.ndarray, expanded: np.ndarray) -> np.ndarray:
@@ -128,9 +233,49 @@ def carried_mask(ids: np.ndarray, mask: np.ndarray, expanded: np.ndarray) -> np.
     return out
 
 
-def image_shape(processor) -> tuple[int, ...]:
-    """The shape of one prepared image: the processor run on a blank one."""
+_LAYOUTS: dict[int, ImageLayout] = {}
+
+
+def image_layout(processor) -> ImageLayout:
+    """How rows hold `processor`'s image inputs: the processor run once (per process) on a blank image."""
+    if id(processor) not in _LAYOUTS:
+        token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+        ids, inputs = expand(processor, token, [_blank(32, 32)])
+        pixels = inputs["pixel_values"]
+        flat = pixels.ndim == 2
+        grids = getattr(processor.image_processor, "image_grid_pinpoints", None)
+        if pixels.ndim == 5 and grids:  # crops an image: the most, from an image the size of each grid
+            crops = max(len(expand(processor, token, [_blank(w, h)])[1]["pixel_values"][0]) for h, w in grids)
+            pixels = np.zeros((1, crops, *pixels.shape[2:]), dtype=pixels.dtype)
+        per_token = 1
+        if flat:
+            token_id = processor.tokenizer.convert_tokens_to_ids(token)
+            per_token = len(pixels) // max(1, int((ids == token_id).sum()))
+        count = getattr(processor, "_get_num_multimodal_tokens", None)
+        around = len(ids) - count(image_sizes=[(32, 32)]).num_image_tokens[0] if count is not None else 0
+        _LAYOUTS[id(processor)] = ImageLayout(
+            pixels=tuple(pixels.shape[1:]), flat=flat, patches_per_token=per_token,
+            per_image=tuple((name, tuple(inputs[name].shape[1:]), inputs[name].dtype.str) for name in PER_IMAGE_INPUTS
+                            if name in inputs),
+            per_token=tuple(name for name in PER_TOKEN_INPUTS if name in inputs), tokens_around=around)
+    return _LAYOUTS[id(processor)]
+
+
+def _blank(width: int, height: int) -> bytes:
     from PIL import Image
 
-    out = processor.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="np")
-    return tuple(np.asarray(out["pixel_values"]).shape[-3:])
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def concatenate_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays concatenated on their first axis, each zero-padded at the end of its other axes to the largest (images
+    of different crop counts: LLaVA-NeXT's, whose forward drops the padding crops by the images' sizes)."""
+    shape = np.max([a.shape[1:] for a in arrays], axis=0)
+    out = np.zeros((sum(len(a) for a in arrays), *shape), dtype=arrays[0].dtype)
+    start = 0
+    for a in arrays:
+        out[(slice(start, start + len(a)), *(slice(0, n) for n in a.shape[1:]))] = a
+        start += len(a)
+    return out

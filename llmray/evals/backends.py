@@ -64,28 +64,42 @@ class LocalModel:
             messages = with_image_token(self.processor, {"messages": messages})
         return render(self.tokenizer, messages, add_generation_prompt=True)
 
-    def _encode(self, text: str, image: bytes | None) -> tuple[list[int], np.ndarray | None]:
-        """(token ids of a rendered text, its image's pixel values (1, ...) or None): with an image, its token
-        expanded by the processor (`pixels.expand`, as training's rows are made)."""
+    def _encode(self, text: str, image: bytes | None) -> tuple[list[int], dict[str, np.ndarray] | None]:
+        """(token ids of a rendered text, its image's inputs or None): with an image, its token expanded by the
+        processor (`pixels.expand`, as training's rows are made)."""
         if image is None:
             return self.tokenizer(text).input_ids, None
         from llmray.data.pixels import expand
 
-        ids, pixels = expand(self.processor, text, [image])
-        return ids.tolist(), pixels
+        ids, inputs = expand(self.processor, text, [image])
+        return ids.tolist(), inputs
 
-    def _pixel_values(self, pixels: list[np.ndarray]) -> dict:
-        """The forward's `pixel_values` of rows with one image each: every row's in one list (LLaVA), or per row
-        (`build.PIXELS_PER_ROW`: Idefics3)."""
+    def _image_inputs(self, encoded: list[tuple[list[int], dict | None]], width: int) -> dict:
+        """The forward's image inputs of rows with one image each (`_encode`'s), the rows left-padded to `width`: every
+        row's pixel values in one list (LLaVA, Gemma 3; Qwen2-VL's patches) with their PER_IMAGE_INPUTS (Qwen2-VL's
+        grids), or per row (`build.PIXELS_PER_ROW`: Idefics3); the PER_TOKEN_INPUTS (Gemma 3's, Qwen2-VL's token types)
+        as rows, 0 on the padding."""
+        from llmray.data.pixels import PER_IMAGE_INPUTS, PER_TOKEN_INPUTS, concatenate_padded
         from llmray.model.build import PIXELS_PER_ROW
 
-        if pixels[0] is None:
+        held = [inputs for _, inputs in encoded]
+        if held[0] is None:
             return {}
-        stacked = np.stack(pixels)  # (rows, 1, ...)
-        if getattr(self.model.config, "model_type", None) not in PIXELS_PER_ROW:
-            stacked = stacked.reshape(-1, *stacked.shape[2:])
+        pixels = [h["pixel_values"] for h in held]
+        per_row = getattr(self.model.config, "model_type", None) in PIXELS_PER_ROW
         dtype = next(self.model.parameters()).dtype
-        return {"pixel_values": torch.from_numpy(stacked).to(self.device, dtype)}
+        out = {"pixel_values": torch.from_numpy(np.stack(pixels) if per_row else concatenate_padded(pixels)).to(
+            self.device, dtype)}
+        for name in PER_IMAGE_INPUTS:
+            if name in held[0]:
+                out[name] = torch.from_numpy(np.concatenate([h[name] for h in held])).to(self.device)
+        for name in PER_TOKEN_INPUTS:
+            if name in held[0]:
+                rows = np.zeros((len(held), width), dtype=np.int64)
+                for row, (ids, h) in enumerate(encoded):
+                    rows[row, width - len(ids):] = h[name]
+                out[name] = torch.from_numpy(rows).to(self.device)
+        return out
 
     @torch.no_grad()  # not inference_mode: ZeRO-3 keeps tensors it gathers here for the training step
     def generate(self, prompts: list[str], chat: bool, max_new_tokens: int,
@@ -103,7 +117,7 @@ class LocalModel:
             mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e, _ in encoded], device=self.device)
             generated = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                             do_sample=False, eos_token_id=stops, pad_token_id=pad,
-                                            synced_gpus=self.synced, **self._pixel_values([p for _, p in encoded]))
+                                            synced_gpus=self.synced, **self._image_inputs(encoded, width))
             out += [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in generated]
         return out
 
@@ -118,13 +132,14 @@ class LocalModel:
             if encoded is None or encoded[:2] != (context, image):
                 encoded = (context, image, self._encode(context, image)[0])
             ctx = encoded[2]
-            whole, pixels = self._encode(context + continuation, image)
+            whole, inputs = self._encode(context + continuation, image)
             cut = max(0, len(whole) - self.context)  # a context too long loses its beginning
             if cut and image is not None:
                 raise BackendError(f"a prompt of {len(whole)} tokens with its image expanded is over the model's "
                                    f"context of {self.context}: its image cannot be cut")
             ids, first = whole[cut:], max(1, len(ctx) - cut)
-            logits = self.model(input_ids=torch.tensor([ids], device=self.device), **self._pixel_values([pixels])).logits
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device),
+                                **self._image_inputs([(ids, inputs)], len(ids))).logits
             lp = torch.log_softmax(logits[0].float(), -1)
             out.append(sum(lp[i - 1, ids[i]].item() for i in range(first, len(ids))))
         return out

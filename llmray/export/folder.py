@@ -94,7 +94,9 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
     `full_precision`. A LoRA fine-tune is exported with its adapters merged into the base weights, or with
     `adapter` as the PEFT adapter folder alone (`PeftModel.from_pretrained(base, out)`). `ckpt` may also be a
     run folder: its latest complete checkpoint is exported."""
-    from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from llmray.data.pixels import load_processor
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -110,7 +112,7 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_size: str = "2
             raise ExportError(f"checkpoint {ckpt} holds no tokenizer/ folder (written by an older llmray?)")
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         # a vision-language run's checkpoint holds the processor (image processor and tokenizer): exported whole
-        processor = AutoProcessor.from_pretrained(str(tok_dir)) if recipe.vision is not None else None
+        processor = load_processor(str(tok_dir)) if recipe.vision is not None else None
         config = build_config(recipe.model, state.vocab_size)
         with logs.hush_stdout():  # DeepSpeed prints each step of gathering the ZeRO partitions
             weights = consolidated_state_dict(local, recipe.train.zero_stage)

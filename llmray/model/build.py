@@ -19,9 +19,10 @@ class ModelError(LlmrayError):
 
 
 # where a vision-language model keeps its vision encoder and its projector, by the names transformers' models give
-# them (LLaVA, Idefics3/SmolVLM, Gemma 3, Qwen2-VL's `visual` holds its merger)
+# them (LLaVA, Idefics3/SmolVLM, Gemma 3; Qwen2-VL's projector, `merger`, is inside its tower, `visual`, and trains
+# with the projectors, not frozen with the tower)
 TOWER_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder")
-PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector")
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "merger")
 
 
 # models whose forward takes pixel values per row, (rows, images, C, H, W), padding images all zero (their
@@ -55,17 +56,20 @@ def vision_parts(model: torch.nn.Module) -> tuple[list[str], list[str]]:
 
 
 def freeze_tower(model: torch.nn.Module) -> int:
-    """The vision tower's weights frozen (requires_grad False); returns how many."""
-    towers, _ = vision_parts(model)
+    """The vision tower's weights frozen (requires_grad False), but a projector inside it (Qwen2-VL's merger);
+    returns how many."""
+    towers, projectors = vision_parts(model)
     if not towers:
         raise ModelError(f"no vision tower (a module named {', '.join(TOWER_NAMES)}) in {type(model).__name__}")
     from llmray.model.flops import weights_in
 
+    keep = tuple(f"{name}." for name in projectors)
     frozen_weights = 0
     for name in towers:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(False)
-            frozen_weights += weights_in(p)  # a ZeRO-3 partitioned parameter holds none here
+        for inner, p in model.get_submodule(name).named_parameters():
+            if not f"{name}.{inner}".startswith(keep):
+                p.requires_grad_(False)
+                frozen_weights += weights_in(p)  # a ZeRO-3 partitioned parameter holds none here
     return frozen_weights
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from llmray.data.pixels import PER_IMAGE_INPUTS, PER_TOKEN_INPUTS
 from llmray.data.template import IGNORE_INDEX
 
 
@@ -18,8 +19,8 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
     position ids as flash-attn's varlen sequences only in a batch of one. Each row's first label is dropped, so
     no row's last token learns to predict the next row's first: the same loss terms as row by row.
 
-    Image conversations' rows also give their images, as one `pixel_values` of every row's images in order, or
-    with `pixels_per_row` (Idefics3's forward) as (rows, max_images, C, H, W), the model dropping the all-zero slots.
+    Image conversations' rows also give their image inputs (`image_inputs`) and the processor's per-token inputs
+    (`pixels.PER_TOKEN_INPUTS`: Gemma 3's token types, Qwen2-VL's multimodal token types) like the ids.
 
     `sequences`: also the rows' `sequence_ids` (preference pairs), for the objective, not the forward; made unique
     across the rows when they are flattened into one (the parity of each id, chosen or rejected, kept); and their
@@ -41,16 +42,35 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
             out["reference_logps"] = torch.from_numpy(np.array(batch["reference_logps"][rows], dtype=np.float32)).to(
                 device, non_blocking=True)
     if "pixel_values" in batch:  # each row's images, in row order: the model fills its image tokens with them
-        counts = np.asarray(batch["image_count"][rows])
-        pixels = np.asarray(batch["pixel_values"][rows])
-        held = np.arange(pixels.shape[1])[None, :] < counts[:, None]
-        if held.any():
-            chosen = pixels if pixels_per_row else pixels[held]
-            out["pixel_values"] = torch.from_numpy(np.array(chosen, dtype=np.float32)).to(device, non_blocking=True)
+        out.update(image_inputs(batch, rows, device, pixels_per_row))
+        out.update({name: tensor(name) for name in PER_TOKEN_INPUTS if name in batch})
     if "position_ids" in batch:
         out["position_ids"] = tensor("position_ids")
         if flat:
             out["labels"] = out["labels"].clone()
             out["labels"][:, 0] = IGNORE_INDEX
             out = {k: v.reshape(1, -1) if torch.is_tensor(v) else v for k, v in out.items()}
+    return out
+
+
+def image_inputs(batch: dict, rows: slice, device: torch.device, pixels_per_row: bool = False) -> dict[str, torch.Tensor]:
+    """The rows' images as the forward takes them ({} when none holds one): every row's images in row order in one
+    `pixel_values` (LLaVA, Gemma 3: (images, C, H, W); Qwen2-VL: their patches, (patches, patch size), each row's
+    first `patch_count`) with each image's PER_IMAGE_INPUTS entry (Qwen2-VL's `image_grid_thw`, (images, 3)), or with
+    `pixels_per_row` (Idefics3's forward) as (rows, max_images, C, H, W), the model dropping the all-zero slots."""
+    counts = np.asarray(batch["image_count"][rows])
+    pixels = np.asarray(batch["pixel_values"][rows])
+    held = np.arange(max(1, int(counts.max(initial=0))))[None, :] < counts[:, None]
+    if not held.any():
+        return {}
+    if "patch_count" in batch:
+        patches = np.asarray(batch["patch_count"][rows])
+        chosen = np.concatenate([row[:n] for row, n in zip(pixels, patches)])
+    else:
+        chosen = pixels if pixels_per_row else pixels[:, :held.shape[1]][held]
+    out = {"pixel_values": torch.from_numpy(np.array(chosen, dtype=np.float32)).to(device, non_blocking=True)}
+    for name in PER_IMAGE_INPUTS:
+        if name in batch:
+            held_entries = np.asarray(batch[name][rows])[:, :held.shape[1]][held]
+            out[name] = torch.from_numpy(np.array(held_entries, dtype=np.int64)).to(device, non_blocking=True)
     return out

@@ -152,6 +152,94 @@ def test_a_tiny_vlm_learns_the_colours_and_exports_for_plain_transformers(colour
         evaluate(str(out), [str(text)], out=None)
 
 
+def test_a_gemma3_trains_on_image_conversations_and_exports_for_plain_transformers(colour_set, ray_cluster, tmp_path):
+    """Gemma 3 (SigLIP tower, fixed-size processor, `<start_of_image>` expanded between its begin and end tokens; its
+    rows carry the processor's token types, so an image's tokens attend to each other both ways): `fit` trains the
+    projector and the language model, the tower frozen; the export loads with plain transformers and its processor."""
+    from helpers import tiny_gemma3
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llmray.export.folder import export
+
+    base = tiny_gemma3(tmp_path / "gemma3")
+    recipe = load_recipe("jobs/vision_tiny.yaml", [
+        f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=gemma3", "train.max_steps=12", "train.log_every=4", "data.val_fraction=0.0"])
+    summary = fit(recipe)
+    loss = losses(summary)
+    print(f"gemma3 loss {loss}")
+    assert summary.steps == 12 and loss[-1] < 0.5 * loss[0], loss
+
+    out = tmp_path / "export"
+    export(summary.run_dir, str(out))
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "Gemma3ForConditionalGeneration"
+    assert type(AutoProcessor.from_pretrained(out)).__name__ == "Gemma3Processor"
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any("vision_tower" in k for k in changed), "the frozen vision tower changed"
+    assert any("multi_modal_projector" in k for k in changed), "the projector did not train"
+    assert any("language_model" in k for k in changed), "the language model did not train"
+
+
+# a model whose images have no one shape: (its helper, the second image size, its class, where its tower, projector and
+# language model's weights are named)
+SIZED = {"qwen2_vl": ((32, 16), "Qwen2VLForConditionalGeneration", "visual.", "visual.merger.", "model.layers."),
+         "qwen2_5_vl": ((32, 16), "Qwen2_5_VLForConditionalGeneration", "visual.", "visual.merger.", "model.layers."),
+         "llava_next": ((32, 32), "LlavaNextForConditionalGeneration", "vision_tower.", "multi_modal_projector.",
+                        "language_model.")}
+
+
+@pytest.mark.parametrize("build", list(SIZED))
+def test_a_vlm_trains_on_images_of_two_sizes_and_exports_for_plain_transformers(ray_cluster, tmp_path, build):
+    """Images of two sizes in every batch, for the models whose image inputs are the images' size's: Qwen2-VL (dynamic
+    resolution: a 16x16 image is 4 image tokens, a 32x16 one 8; M-RoPE positions the model computes from the rows'
+    grids and token types) and LLaVA-NeXT (a 16x16 image is 3 views, a 32x32 one 5, with their image sizes). `fit`
+    trains the projector (Qwen2-VL's merger, inside its tower's module) and the language model with the tower frozen;
+    the export loads with plain transformers."""
+    import io
+
+    import helpers
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.data.pixels import load_processor
+    from llmray.export.folder import export
+
+    size, cls, tower, projector, language_model = SIZED[build]
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    records = []
+    for i in range(96):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        img = Image.open(io.BytesIO(colour_png(colour, seed=i)))
+        if i % 2:
+            img = img.resize(size)
+        img.save(data / "img" / f"{i}.png")
+        records.append({"messages": [{"role": "user", "content": f"<image>{QUESTION}"},
+                                     {"role": "assistant", "content": answer(colour)}], "images": [f"img/{i}.png"]})
+    (data / "llava.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = getattr(helpers, f"tiny_{build}")(tmp_path / build)
+    recipe = load_recipe("jobs/vision_tiny.yaml", [
+        f"model.pretrained={base}", f"data.conversations={data}", f"run.storage_path={tmp_path / 'runs'}",
+        f"run.name={build}", "train.max_steps=12", "train.log_every=4", "data.val_fraction=0.0"])
+    summary = fit(recipe)
+    loss = losses(summary)
+    print(f"{build} loss {loss}")
+    assert summary.steps == 12 and loss[-1] < 0.5 * loss[0], loss
+
+    out = tmp_path / "export"
+    export(summary.run_dir, str(out))
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == cls
+    assert type(load_processor(str(out))).__name__ == type(load_processor(str(base))).__name__
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(tower in k and projector not in k for k in changed), "the frozen vision tower changed"
+    assert any(projector in k for k in changed), "the projector did not train"
+    assert any(language_model in k for k in changed), "the language model did not train"
+
+
 @pytest.mark.slow  # ZeRO-3's partitioned start-up: ~80 s on 2 busy cores
 def test_an_idefics3_under_lora_and_zero3_trains_adapters_and_the_connector_and_exports_merged(colour_set, ray_cluster,
                                                                                               tmp_path):

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import COLOURS, colour_png, colour_tokenizer, json_server, s3_client, tiny_idefics3, tiny_llama, tiny_vlm
+from helpers import COLOURS, colour_png, colour_tokenizer, json_server, s3_client, tiny_llama, tiny_vlm
 
 from llmray.evals import metrics
 from llmray.evals.backends import BackendError, Endpoint, LocalModel
@@ -117,8 +117,10 @@ def direct_loglikelihood(model, processor, png: bytes, label: str) -> float:
     from PIL import Image
 
     image = Image.open(io.BytesIO(png)).convert("RGB")
-    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": f"<image>{QUESTION}"}], tokenize=False,
-                                                     add_generation_prompt=True)
+    from llmray.data.pixels import with_image_token
+
+    messages = with_image_token(processor, {"messages": [{"role": "user", "content": f"<image>{QUESTION}"}]})
+    prompt = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     whole = processor(text=[prompt + label], images=[image], return_tensors="pt", add_special_tokens=False)
     start = len(processor(text=[prompt], images=[image], add_special_tokens=False)["input_ids"][0])
     lp = model(**whole).logits[0, :-1].float().log_softmax(-1)
@@ -190,22 +192,28 @@ def test_a_task_that_does_not_fit_the_model_is_refused_naming_its_file(vlm, tmp_
         answer(LocalModel.from_folder(str(folder), device="cpu"), image_task)
 
 
-def test_an_idefics3_takes_its_pixels_per_row(tmp_path):
-    """Idefics3 (SmolVLM's architecture) takes pixel values per row: batched captions equal each image's alone, and
-    a label's log-likelihood is the model's own forward on the processor's inputs."""
+@pytest.mark.parametrize("build", ["idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl", "llava_next"])
+def test_a_vlm_takes_its_own_image_inputs(tmp_path, build):
+    """Each model's image inputs as its forward takes them: Idefics3 (SmolVLM's architecture) pixel values per row;
+    Gemma 3 with its token types; Qwen2-VL and Qwen2.5-VL their patches, grids and token types (M-RoPE); LLaVA-NeXT its crops and
+    image sizes. Batched captions equal each
+    image's alone, and a label's log-likelihood is the model's own forward on the processor's inputs."""
+    import helpers
     from PIL import Image
+
+    from llmray.data.pixels import with_image_token
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        folder = tiny_idefics3(tmp_path / "idefics3")
+        folder = getattr(helpers, f"tiny_{build}")(tmp_path / build)
         model = LocalModel.from_folder(str(folder), device="cpu")
         captions = task(tmp_path, CAPTION, colour_lines(tmp_path, 3))
         out = answer(model, captions)
         tok = model.processor.tokenizer
         for e, o in zip(captions.examples, out):
-            prompt = tok.apply_chat_template([{"role": "user", "content": e.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+            prompt = tok.apply_chat_template(with_image_token(model.processor, {"messages": [
+                {"role": "user", "content": e.prompt}]}), tokenize=False, add_generation_prompt=True)
             image = Image.open(io.BytesIO(e.image)).convert("RGB")
             inputs = model.processor(text=[prompt], images=[image], return_tensors="pt", add_special_tokens=False)
             alone = model.model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id,

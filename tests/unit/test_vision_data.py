@@ -155,8 +155,8 @@ def test_the_mask_is_carried_over_the_expansion(vlm):
     processor = load_processor(vlm)
     messages = [{"role": "user", "content": "<image>a"}, {"role": "assistant", "content": "It is red."},
                 {"role": "user", "content": "<image>b"}, {"role": "assistant", "content": "It is blue."}]
-    ids, labels, pixels = encode_image_chat(processor, messages, [RED, BLUE])
-    assert pixels.shape == (2, 3, 16, 16)
+    ids, labels, inputs = encode_image_chat(processor, messages, [RED, BLUE])
+    assert inputs["pixel_values"].shape == (2, 3, 16, 16)
     taught = processor.tokenizer.decode(np.where(labels != IGNORE_INDEX, ids, processor.tokenizer.pad_token_id),
                                         skip_special_tokens=False).replace("<pad>", "|")
     assert "It is red." in taught and "It is blue." in taught and "<image>" not in taught
@@ -249,3 +249,184 @@ def test_image_records_read_as_text_conversations_point_to_the_vision_block(tmp_
          "images": ["red.png"]}])
     with pytest.raises(ChatDataError, match=r"holds image conversations .* vision: block \(image-text fine-tuning\) reads"):
         list(read_conversations(str(path)))
+
+
+def test_a_gemma3_row_carries_its_token_types_and_its_image_tokens_attend_both_ways(tmp_path):
+    """Gemma 3: `<start_of_image>` expands to the image's soft tokens between its begin and end tokens, and the row
+    carries the processor's `token_type_ids` (1 on the soft tokens), which the forward takes to let an image's tokens
+    attend to each other both ways: the loss differs without them, and with the images swapped."""
+    import torch
+    from helpers import tiny_gemma3
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.train.batch import model_inputs
+
+    folder = str(tiny_gemma3(tmp_path / "gemma3"))
+    processor = load_processor(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
+               for c, png in (("red", RED), ("blue", BLUE))]
+    records.append({"messages": [{"role": "user", "content": "Describe it."},
+                                 {"role": "assistant", "content": "a red square"}], "images": []})
+    rows = image_rows(processor, records, seq_len=48, max_images=1)
+    soft = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    assert rows["image_count"].tolist() == [1, 1, 0] and rows["pixel_values"].shape == (3, 1, 3, 16, 16)
+    assert ((rows["input_ids"] == soft).sum(1) == [4, 4, 0]).all()
+    np.testing.assert_array_equal(rows["token_type_ids"], (rows["input_ids"] == soft).astype(np.int32))
+    for row, answer in ((0, "It is red."), (1, "It is blue.")):
+        labels = rows["labels"][row]
+        assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]).startswith(answer)
+    # the length check counts the begin/end-of-image tokens and line breaks the expansion adds to the soft tokens
+    from llmray.data.pixels import expanded_length, with_image_token
+
+    ids, _, _ = encode_image_chat(processor, with_image_token(processor, records[0]), [RED])
+    assert expanded_length(processor, records[0]) == len(ids)
+    inputs = model_inputs(rows, torch.device("cpu"))
+    assert inputs["pixel_values"].shape == (2, 3, 16, 16) and inputs["token_type_ids"].shape == (3, 48)
+    with torch.no_grad():
+        out = model(**inputs)
+        causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits
+        swapped = model(**{**inputs, "pixel_values": inputs["pixel_values"].flip(0)}).logits
+    assert torch.isfinite(out.loss) and (out.logits[:2] - swapped[:2]).abs().max() > 1e-2  # each row its own image
+    # the first image token sees the image's later tokens only when the token types are given
+    first = int(np.flatnonzero(rows["input_ids"][0] == soft)[0])
+    assert torch.equal(out.logits[0, :first], causal[0, :first])
+    assert (out.logits[0, first] - causal[0, first]).abs().max() > 1e-3
+
+
+def rgb_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def qwen2_vl_records() -> list[dict]:
+    """A 16x16 red image (4 image tokens), a 32x16 blue one (8), and a conversation without an image."""
+    def record(png: bytes | None, answer: str) -> dict:
+        return {"messages": [{"role": "user", "content": "<image>What colour?" if png else "Describe it."},
+                             {"role": "assistant", "content": answer}], "images": [images.to_text(png)] if png else []}
+    return [record(rgb_png(16, 16, (220, 30, 30)), "It is red."), record(rgb_png(32, 16, (30, 40, 220)), "It is blue."),
+            record(None, "a red square")]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen2_vl(tmp_path_factory, request):
+    """A tiny Qwen2-VL, and a Qwen2.5-VL (the same processor inputs; a windowed tower)."""
+    import helpers
+
+    folder = getattr(helpers, f"tiny_{request.param}")(tmp_path_factory.mktemp(request.param) / "tiny")
+    return folder, load_processor(str(folder))
+
+
+def test_qwen2_vl_rows_of_two_image_sizes_carry_their_patches_grids_and_token_types(qwen2_vl):
+    """Qwen2-VL's dynamic resolution: an image's patches and tokens are its size's. Each row holds its images' patches
+    (the first `patch_count` of a row sized seq_len x patches a token), each image's (t, h, w) grid and the token
+    types; the batch gives the forward every row's patches and grids in order, and each row's logits are those of
+    plain transformers on the processor's own inputs for that conversation alone (so pixels, grids and the M-RoPE
+    positions the model computes from them are each row's own)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.data.pixels import image_layout, with_image_token
+    from llmray.data.template import render
+    from llmray.train.batch import model_inputs
+
+    folder, processor = qwen2_vl
+    layout = image_layout(processor)
+    assert layout.flat and layout.patches_per_token == 4 and layout.pixels == (3 * 2 * 4 * 4,)
+    records = qwen2_vl_records()
+    rows = image_rows(processor, records, seq_len=64, max_images=2)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert rows["image_count"].tolist() == [1, 1, 0]
+    assert rows["image_grid_thw"].tolist() == [[[1, 4, 4], [0, 0, 0]], [[1, 4, 8], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]]
+    assert rows["patch_count"].tolist() == [16, 32, 0] and rows["pixel_values"].shape == (3, 64 * 4, 96)
+    assert ((rows["input_ids"] == pad).sum(1) == [4, 8, 0]).all()
+    np.testing.assert_array_equal(rows["mm_token_type_ids"], (rows["input_ids"] == pad).astype(np.int32))
+    text = processor.tokenizer.decode(rows["input_ids"][1])
+    assert "<|vision_start|>" + "<|image_pad|>" * 8 + "<|vision_end|>What colour?" in text  # as Qwen's template has it
+
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = model_inputs(rows, torch.device("cpu"))
+    assert inputs["pixel_values"].shape == (48, 96) and inputs["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 8]]
+    with torch.no_grad():
+        batch = model(**inputs).logits
+        for row, record in enumerate(records):
+            text = render(processor.tokenizer, with_image_token(processor, record))
+            pictures = [images.decode(images.from_text(t)) for t in record["images"]]
+            alone = processor(text=[text], images=pictures or None, add_special_tokens=False, return_tensors="pt")
+            n = alone["input_ids"].shape[1]
+            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
+            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
+            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_qwen2_vl_learns_from_rows_of_two_image_sizes(qwen2_vl):
+    """Trained on its rows (two image sizes and a text-only row in each batch) through `model_inputs`, the tower frozen
+    as `llmray finetune` freezes it, a tiny Qwen2-VL's loss falls and its merger (the projector, inside the tower's
+    module) trains."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.model.build import freeze_tower
+    from llmray.train.batch import model_inputs
+
+    folder, processor = qwen2_vl
+    model = AutoModelForImageTextToText.from_pretrained(folder).train()
+    freeze_tower(model)  # the tower's patch embedding and blocks; its merger (the projector) trains
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("model.visual.") and ".merger." not in n for n in trained)
+    assert any(".visual.merger." in n for n in trained)
+    merger = {n: p.detach().clone() for n, p in model.named_parameters() if ".merger." in n}
+    inputs = model_inputs(image_rows(processor, qwen2_vl_records(), seq_len=64, max_images=1), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert any(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in merger.items())
+
+
+def test_llava_next_rows_hold_images_of_different_crop_counts_with_their_sizes(tmp_path):
+    """LLaVA-NeXT: an image is its base view plus the crops of the grid its shape picks (16x16 and 32x16 px: 3 views,
+    32x32: 5), its tokens likewise. A row's image slot has room for the most crops, zero after its own, and the row
+    carries each image's `image_sizes`, by which the forward drops the padding crops: each row's logits in a batch of
+    both equal plain transformers' on the processor's own inputs for that conversation alone."""
+    import torch
+    from helpers import tiny_llava_next
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.data.pixels import image_layout, with_image_token
+    from llmray.data.template import render
+    from llmray.train.batch import model_inputs
+
+    folder = str(tiny_llava_next(tmp_path / "llava-next"))
+    processor = load_processor(folder)
+    assert image_layout(processor).pixels == (5, 3, 16, 16)
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(rgb_png(*size))]}
+               for c, size in (("red", (16, 16, (220, 30, 30))), ("blue", (32, 32, (30, 40, 220))))]
+    rows = image_rows(processor, records, seq_len=64, max_images=1)
+    assert rows["pixel_values"].shape == (2, 1, 5, 3, 16, 16) and rows["image_sizes"].tolist() == [[[16, 16]], [[32, 32]]]
+    assert rows["pixel_values"][0, 0, :3].any() and not rows["pixel_values"][0, 0, 3:].any()
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = model_inputs(rows, torch.device("cpu"))
+    assert inputs["pixel_values"].shape == (2, 5, 3, 16, 16) and inputs["image_sizes"].tolist() == [[16, 16], [32, 32]]
+    with torch.no_grad():
+        batch = model(**inputs).logits
+        for row, record in enumerate(records):
+            text = render(processor.tokenizer, with_image_token(processor, record))
+            picture = images.decode(images.from_text(record["images"][0]))
+            alone = processor(text=[text], images=[picture], add_special_tokens=False, return_tensors="pt")
+            n = alone["input_ids"].shape[1]
+            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
+            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
+            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)

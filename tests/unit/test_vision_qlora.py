@@ -40,11 +40,11 @@ def test_a_qlora_vlm_quantizes_the_language_model_alone_trains_the_projector_and
         assert any("multi_modal_projector.modules_to_save." in n for n in training), "the projector does not train"
         assert not any("vision_tower" in n for n in training), "the vision tower trains"
 
-        ids, labels, pixels = encode_image_chat(processor, [
+        ids, labels, inputs = encode_image_chat(processor, [
             {"role": "user", "content": "<image>What colour is the square?"},
             {"role": "assistant", "content": "It is red."}], [colour_png("red", seed=0)])
         batch = {"input_ids": torch.tensor(ids[None], dtype=torch.long),
-                 "labels": torch.tensor(labels[None], dtype=torch.long), "pixel_values": torch.from_numpy(pixels)}
+                 "labels": torch.tensor(labels[None], dtype=torch.long), "pixel_values": torch.from_numpy(inputs["pixel_values"])}
         tower = {n: p.detach().clone() for n, p in model.named_parameters() if "vision_tower" in n}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
