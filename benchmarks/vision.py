@@ -209,7 +209,7 @@ def main() -> None:
     emit("vision", {
         "load_avg_1_5_15_at_start": [round(x, 2) for x in load_start],
         "load_avg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
-        "machine": f"{os.cpu_count()} CPUs, shared with another job",
+        "machine": f"{os.cpu_count()} CPUs (the load averages say what else ran)",
         "images": {"count": args.images, "size_px": "300-600 a side, JPEG q90, Pillow-drawn",
                    "processor": f"CLIPImageProcessorPil: resize {IMAGE}, centre crop {IMAGE}; {(IMAGE // PATCH) ** 2} "
                                 "image tokens", "seq_len": SEQ, "draw_s": round(draw_s, 1),
