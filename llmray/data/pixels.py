@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import functools
 import io
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,7 +144,7 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
         if inputs is None:
             continue
         pixels = inputs["pixel_values"]
-        out["pixel_values"][row][tuple(slice(0, n) for n in pixels.shape)] = pixels  # fewer crops: zero after
+        out["pixel_values"][row][tuple(slice(0, size) for size in pixels.shape)] = pixels  # fewer crops: zero after
         if layout.flat:
             out["patch_count"][row] = len(pixels)
         for name, _, _ in layout.per_image:
@@ -233,12 +234,14 @@ def carried_mask(ids: np.ndarray, mask: np.ndarray, expanded: np.ndarray) -> np.
     return out
 
 
-_LAYOUTS: dict[int, ImageLayout] = {}
+# by the processor itself, held weakly: keyed by id(), a processor freed (load_processor keeps two) and another made
+# at its address would be given the first one's layout
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def image_layout(processor) -> ImageLayout:
-    """How rows hold `processor`'s image inputs: the processor run once (per process) on a blank image."""
-    if id(processor) not in _LAYOUTS:
+    """How rows hold `processor`'s image inputs: the processor run once (while it lives) on a blank image."""
+    if processor not in _LAYOUTS:
         token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
         ids, inputs = expand(processor, token, [_blank(32, 32)])
         pixels = inputs["pixel_values"]
@@ -253,12 +256,12 @@ def image_layout(processor) -> ImageLayout:
             per_token = len(pixels) // max(1, int((ids == token_id).sum()))
         count = getattr(processor, "_get_num_multimodal_tokens", None)
         around = len(ids) - count(image_sizes=[(32, 32)]).num_image_tokens[0] if count is not None else 0
-        _LAYOUTS[id(processor)] = ImageLayout(
+        _LAYOUTS[processor] = ImageLayout(
             pixels=tuple(pixels.shape[1:]), flat=flat, patches_per_token=per_token,
             per_image=tuple((name, tuple(inputs[name].shape[1:]), inputs[name].dtype.str) for name in PER_IMAGE_INPUTS
                             if name in inputs),
             per_token=tuple(name for name in PER_TOKEN_INPUTS if name in inputs), tokens_around=around)
-    return _LAYOUTS[id(processor)]
+    return _LAYOUTS[processor]
 
 
 def _blank(width: int, height: int) -> bytes:
