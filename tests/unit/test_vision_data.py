@@ -28,6 +28,17 @@ def write_jsonl(path, rows):
     return path
 
 
+def colour_records(with_text: bool = False) -> list[dict]:
+    """Two image conversations, RED's and BLUE's, asked their colour; and one without an image when `with_text`."""
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
+               for c, png in (("red", RED), ("blue", BLUE))]
+    if with_text:
+        records.append({"messages": [{"role": "user", "content": "Describe it."},
+                                     {"role": "assistant", "content": "a red square"}], "images": []})
+    return records
+
+
 def read(path, max_images=2):
     return list(read_conversations(str(path), kind="images", max_images=max_images))
 
@@ -139,9 +150,7 @@ def test_image_rows_go_through_the_model_and_the_pixels_matter(vlm):
 
     processor = load_processor(vlm)
     model = AutoModelForImageTextToText.from_pretrained(vlm).eval()
-    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
-                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
-               for c, png in (("red", RED), ("blue", BLUE))]
+    records = colour_records()
     rows = image_rows(processor, records, seq_len=48, max_images=1)
     inputs = model_inputs(rows, torch.device("cpu"))
     assert inputs["pixel_values"].shape == (2, 3, 16, 16)
@@ -225,11 +234,7 @@ def test_an_idefics3_takes_its_pixels_per_row(tmp_path):
     processor = load_processor(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     assert model.config.model_type in PIXELS_PER_ROW
-    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
-                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
-               for c, png in (("red", RED), ("blue", BLUE))]
-    records.append({"messages": [{"role": "user", "content": "Describe it."},
-                                 {"role": "assistant", "content": "a red square"}], "images": []})
+    records = colour_records(with_text=True)
     rows = image_rows(processor, records, seq_len=64, max_images=2)
     assert rows["image_count"].tolist() == [1, 1, 0]
     inputs = model_inputs(rows, torch.device("cpu"), pixels_per_row=True)
@@ -264,11 +269,7 @@ def test_a_gemma3_row_carries_its_token_types_and_its_image_tokens_attend_both_w
     folder = str(tiny_gemma3(tmp_path / "gemma3"))
     processor = load_processor(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
-                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
-               for c, png in (("red", RED), ("blue", BLUE))]
-    records.append({"messages": [{"role": "user", "content": "Describe it."},
-                                 {"role": "assistant", "content": "a red square"}], "images": []})
+    records = colour_records(with_text=True)
     rows = image_rows(processor, records, seq_len=48, max_images=1)
     soft = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
     assert rows["image_count"].tolist() == [1, 1, 0] and rows["pixel_values"].shape == (3, 1, 3, 16, 16)
