@@ -331,10 +331,11 @@ def _tiny_qwen_vl(out, config_class, model_class, vision: dict, initializer_rang
     return Path(out)
 
 
-def tiny_llava_next(out) -> Path:
+def tiny_llava_next(out, initializer_range: float | None = None) -> Path:
     """A random-init tiny LLaVA-NeXT (1-layer CLIP tower at 16 px, 2-layer Llama) with its processor: an image is its
     16 px base view plus the 16 px crops of the grid its aspect ratio picks (16x32, 32x16 or 32x32 px: 2 or 4 crops),
-    so images of different shapes have different crop and token counts, and `image_sizes` says which."""
+    so images of different shapes have different crop and token counts, and `image_sizes` says which.
+    `initializer_range`: as `tiny_vlm`'s."""
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -361,7 +362,8 @@ def tiny_llava_next(out) -> Path:
                                        image_size=16, patch_size=8, projection_dim=32),
         text_config=LlamaConfig(vocab_size=len(hf), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=256, bos_token_id=hf.bos_token_id,
-                                eos_token_id=hf.eos_token_id),
+                                eos_token_id=hf.eos_token_id,
+                                **({"initializer_range": initializer_range} if initializer_range else {})),
         image_token_id=hf.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
         vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
     LlavaNextForConditionalGeneration(config).save_pretrained(out)
@@ -510,24 +512,26 @@ def greedy_reference(model_dir):
 def greedy_image_reference(model_dir):
     """greedy(text, pngs, n): what plain transformers' `generate` answers greedily from the image-text model in
     `model_dir` to one user turn, `text` holding `<image>` where each of the `pngs` goes, rendered with the tokenizer's
-    chat template and prepared by the folder's processor."""
+    chat template (the image token as fine-tuning writes it, `pixels.with_image_token`) and prepared by the folder's
+    processor, as `generate` takes its inputs."""
     import io
 
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
+    from llmray.data.pixels import load_processor, with_image_token
     from llmray.data.template import render, stop_token_ids
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(str(model_dir))
     tok = processor.tokenizer
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
 
     def greedy(text: str, pngs: list[bytes], n: int) -> str:
-        prompt = render(tok, [{"role": "user", "content": text.replace("<image>", processor.image_token)}],
+        prompt = render(tok, with_image_token(processor, {"messages": [{"role": "user", "content": text}]}),
                         add_generation_prompt=True)
         pictures = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
-        inputs = processor(text=[prompt], images=pictures, return_tensors="pt") if pngs else tok([prompt],
-                                                                                              return_tensors="pt")
+        inputs = (processor(text=[prompt], images=pictures, add_special_tokens=False, return_tensors="pt") if pngs
+                  else tok([prompt], add_special_tokens=False, return_tensors="pt"))
         out = model.generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=stop_token_ids(tok),
                              pad_token_id=tok.pad_token_id)
         return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -185,13 +185,13 @@ def encode_image_chat(processor, messages: list[dict], pictures: list[bytes]
     return expanded, labels, inputs
 
 
-def expand(processor, text: str, pictures: list[bytes]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def expand(processor, text: str, pictures: list) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(the token ids of a rendered `text` with each image token expanded into its image's tokens, the image inputs
     of the forward as the processor prepared them): "pixel_values" (n_images, ...), or flat over the images' patches
     (patches, patch size) for Qwen2-VL's kind, and those of PER_IMAGE_INPUTS (n_images, ...) and PER_TOKEN_INPUTS
-    (a value a token) it returns."""
-    out = processor(text=[text], images=[images.decode(p) for p in pictures], add_special_tokens=False,
-                    return_tensors="np")
+    (a value a token) it returns. `pictures`: encoded images (bytes), or Pillow images already decoded (serving's)."""
+    decoded = [images.decode(p) if isinstance(p, bytes) else p for p in pictures]
+    out = processor(text=[text], images=decoded, add_special_tokens=False, return_tensors="np")
     expanded = np.asarray(out["input_ids"][0], dtype=np.int32)
     pixels = np.asarray(out["pixel_values"], dtype=np.float32)
     if pixels.ndim > 2:  # one shape an image, the processor's leading axes (batch, image, crop) folded
@@ -270,6 +270,36 @@ def _blank(width: int, height: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (width, height)).save(out, format="PNG")
     return out.getvalue()
+
+
+def left_padded_inputs(rows: list[tuple[int, dict[str, np.ndarray] | None]], width: int, per_row: bool
+                       ) -> dict[str, np.ndarray]:
+    """The image inputs of one forward of rows left-padded to `width` (inference: evaluation's and serving's), each
+    row given as (its token count, its `expand` inputs, or None for a row without images): every row's pixel values
+    in row order in one array (LLaVA, Gemma 3; LLaVA-NeXT's crops zero-padded to the most; Qwen2-VL's patches) with
+    their PER_IMAGE_INPUTS, or with `per_row` (`build.PIXELS_PER_ROW`: Idefics3) as (rows, most images, ...), the
+    slots after a row's images zero (which the model drops); the PER_TOKEN_INPUTS as rows, 0 on padding and on rows
+    without images. {} when no row has an image."""
+    held = [inputs for _, inputs in rows if inputs is not None]
+    if not held:
+        return {}
+    if per_row:
+        first = held[0]["pixel_values"]
+        out = {"pixel_values": np.zeros((len(rows), max(len(h["pixel_values"]) for h in held), *first.shape[1:]),
+                                        dtype=first.dtype)}
+        for i, (_, inputs) in enumerate(rows):
+            if inputs is not None:
+                out["pixel_values"][i, :len(inputs["pixel_values"])] = inputs["pixel_values"]
+    else:
+        out = {"pixel_values": concatenate_padded([h["pixel_values"] for h in held])}
+    out.update({name: np.concatenate([h[name] for h in held]) for name in PER_IMAGE_INPUTS if name in held[0]})
+    for name in PER_TOKEN_INPUTS:
+        if name in held[0]:
+            out[name] = np.zeros((len(rows), width), dtype=np.int64)
+            for i, (length, inputs) in enumerate(rows):
+                if inputs is not None:
+                    out[name][i, width - length:] = inputs[name]
+    return out
 
 
 def concatenate_padded(arrays: list[np.ndarray]) -> np.ndarray:

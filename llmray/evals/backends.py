@@ -75,30 +75,17 @@ class LocalModel:
         return ids.tolist(), inputs
 
     def _image_inputs(self, encoded: list[tuple[list[int], dict | None]], width: int) -> dict:
-        """The forward's image inputs of rows with one image each (`_encode`'s), the rows left-padded to `width`: every
-        row's pixel values in one list (LLaVA, Gemma 3; Qwen2-VL's patches) with their PER_IMAGE_INPUTS (Qwen2-VL's
-        grids), or per row (`build.PIXELS_PER_ROW`: Idefics3); the PER_TOKEN_INPUTS (Gemma 3's, Qwen2-VL's token types)
-        as rows, 0 on the padding."""
-        from llmray.data.pixels import PER_IMAGE_INPUTS, PER_TOKEN_INPUTS, concatenate_padded
+        """The forward's image inputs of rows with one image each (`_encode`'s), the rows left-padded to `width`
+        (`pixels.left_padded_inputs`), as tensors on the model's device, pixels in its dtype."""
+        from llmray.data.pixels import left_padded_inputs
         from llmray.model.build import PIXELS_PER_ROW
 
-        held = [inputs for _, inputs in encoded]
-        if held[0] is None:
-            return {}
-        pixels = [h["pixel_values"] for h in held]
         per_row = getattr(self.model.config, "model_type", None) in PIXELS_PER_ROW
         dtype = next(self.model.parameters()).dtype
-        out = {"pixel_values": torch.from_numpy(np.stack(pixels) if per_row else concatenate_padded(pixels)).to(
-            self.device, dtype)}
-        for name in PER_IMAGE_INPUTS:
-            if name in held[0]:
-                out[name] = torch.from_numpy(np.concatenate([h[name] for h in held])).to(self.device)
-        for name in PER_TOKEN_INPUTS:
-            if name in held[0]:
-                rows = np.zeros((len(held), width), dtype=np.int64)
-                for row, (ids, h) in enumerate(encoded):
-                    rows[row, width - len(ids):] = h[name]
-                out[name] = torch.from_numpy(rows).to(self.device)
+        inputs = left_padded_inputs([(len(ids), held) for ids, held in encoded], width, per_row)
+        out = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(dtype)
         return out
 
     @torch.no_grad()  # not inference_mode: ZeRO-3 keeps tensors it gathers here for the training step

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, DynamicCache
 
@@ -76,7 +77,8 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     adapter: str = BASE  # the LoRA adapter this row generates with
-    images: dict[str, torch.Tensor] | None = None  # the processor's image inputs (pixel_values, ...), for the prefill
+    images: dict[str, np.ndarray] | None = None  # the processor's image inputs (`pixels.expand`), for the prefill
+    rope_delta: int = 0  # M-RoPE: its next position less its cache length (its image tokens took fewer positions)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -109,10 +111,10 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model_dir)
         self.backend = self.tokenizer.backend_tokenizer
         self.model = load_for_inference(model_dir, self.device)
-        if any(hasattr(m, "get_rope_index") for m in (self.model, getattr(self.model, "model", None))):
-            raise ValueError(f"{model_dir}: a {self.model.config.model_type} model computes its positions from the whole "
-                             "sequence (M-RoPE, `get_rope_index`), and this engine gives each row plain positions; "
-                             "serve it with engine: vllm")
+        # M-RoPE (Qwen2-VL and its kin): a prefill's positions come from the whole sequence, its image tokens' from
+        # their place in the image; each decode step's are the row's cache length plus the row's `rope_delta`
+        self.rope_index = next((m.get_rope_index for m in (self.model, getattr(self.model, "model", None))
+                                if hasattr(m, "get_rope_index")), None)
         # an image-text-to-text model: its processor prepares a request's images and expands their tokens
         self.processor = pixels.load_processor(model_dir) if is_vision_language(self.model.config) else None
         self.pixels_per_row = self.model.config.model_type in PIXELS_PER_ROW
@@ -135,6 +137,9 @@ class Engine:
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.cache = SlotCache(config.num_hidden_layers, max_batch_size, self.context, MaskLayout.of(config))
+        # each slot row's M-RoPE delta, in a fixed buffer a decode graph reads
+        self.rope_deltas = (torch.zeros((max_batch_size, 1), dtype=torch.long, device=self.device)
+                            if self.rope_index is not None else None)
         use_graphs = (self.device.type == "cuda" if cuda_graphs is None else cuda_graphs) and not self.adapters
         self.graphs = DecodeGraphs(self._decode_step, self.device) if use_graphs else None
         self.incoming: queue.Queue[_Row] = queue.Queue()
@@ -182,14 +187,13 @@ class Engine:
         """The text that stands for an image in this model's prompts; None: the model takes text only."""
         return None if self.processor is None else getattr(self.processor, "image_token", None)
 
-    def encode_images(self, prompt: str, images: list) -> tuple[list[int], dict[str, torch.Tensor]]:
+    def encode_images(self, prompt: str, images: list) -> tuple[list[int], dict[str, np.ndarray]]:
         """A prompt holding the image token once per image, and its Pillow images: the token ids with each image's
-        tokens expanded, and the image inputs of the model's forward (pixel_values, ...), as the model's processor
-        makes them for `generate`."""
+        tokens expanded, and the image inputs of the model's forward (pixel_values, ...), as fine-tuning's rows are
+        made (`pixels.expand`)."""
         with self._processor_lock:
-            out = self.processor(text=[prompt], images=images, return_tensors="pt")
-        inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and torch.is_tensor(v)}
-        return out["input_ids"][0].tolist(), inputs
+            ids, inputs = pixels.expand(self.processor, prompt, images)
+        return ids.tolist(), inputs
 
     # ---- the asyncio side ---------------------------------------------------------------------------------
 
@@ -213,7 +217,7 @@ class Engine:
         return out
 
     async def stream(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None,
-                     images: dict[str, torch.Tensor] | None = None) -> AsyncIterator[str | Finished]:
+                     images: dict[str, np.ndarray] | None = None) -> AsyncIterator[str | Finished]:
         """Text deltas as they are generated, then a `Finished`. Closing the iterator early cancels the row.
         `adapter`: one of this engine's LoRA adapters, or None for the base model. `images`: `encode_images`'
         inputs for the prompt's images (its prefill runs them through the model; its decode steps are text)."""
@@ -394,8 +398,12 @@ class Engine:
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
+        images = self._image_inputs(fresh, width)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.rope_index is not None:
+            positions = self._rope_positions(ids, mask, images, fresh)
         prefill = DynamicCache()
-        logits = self._forward(ids, mask, prefill, fresh, self._image_inputs(fresh))
+        logits = self._forward(ids, mask, positions, prefill, fresh, images)
         self.cache.admit(prefill, [len(r.prompt_ids) for r in fresh])
         self.metrics.add("prompt_tokens_total", sum(len(r.prompt_ids) for r in fresh))
         tokens, done = self._take(fresh, logits)
@@ -413,6 +421,8 @@ class Engine:
         self.cache.reserve(rows, max(self.cache.lengths) + 1)
         span = self.cache.span(repeatable=graphs)
         positions = torch.tensor(self.cache.lengths + [0] * (rows - count), device=self.device)[:, None]
+        if self.rope_deltas is not None:
+            self.rope_deltas[:rows, 0] = torch.tensor([r.rope_delta for r in batch.rows] + [0] * (rows - count))
         ids = torch.cat([batch.tokens, batch.tokens.new_full((rows - count,), self.pad)])[:, None]
         with self._model_lock:
             if graphs:
@@ -434,6 +444,8 @@ class Engine:
         mask = self.cache.attention_mask(self.model.dtype if eager else None)
         kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
         kwargs[self.cache_kwarg] = self.cache
+        if self.rope_deltas is not None:  # the cache's write positions, moved to the rows' M-RoPE text positions
+            positions = positions + self.rope_deltas[:len(positions)]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1, :].float()
 
@@ -472,33 +484,29 @@ class Engine:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(lambda items=items: [q.put_nowait(e) for q, e in items])
 
-    def _image_inputs(self, rows: list[_Row]) -> dict[str, torch.Tensor]:
-        """The image inputs of a prefill of `rows`: every row's images in row order, as one batch of images, or for a
-        model that takes them per row (PIXELS_PER_ROW) as (rows, most images, ...), the slots after a row's images
-        zero (which the model drops). {} when no row has an image."""
-        held = [r.images for r in rows if r.images]
-        if not held:
-            return {}
-        if not self.pixels_per_row:
-            return {k: self._on_device(torch.cat([h[k] for h in held])) for k in held[0]}
-        out = {}
-        for k, first in held[0].items():  # each (1, images, ...)
-            most = max(h[k].shape[1] for h in held)
-            batch = first.new_zeros((len(rows), most, *first.shape[2:]))
-            for i, r in enumerate(rows):
-                if r.images:
-                    batch[i, :r.images[k].shape[1]] = r.images[k][0]
-            out[k] = self._on_device(batch)
+    def _image_inputs(self, rows: list[_Row], width: int) -> dict[str, torch.Tensor]:
+        """The image inputs of a prefill of `rows` left-padded to `width` (`pixels.left_padded_inputs`), on the model's
+        device, pixels in its dtype (bf16 on a GPU). {} when no row has an image."""
+        inputs = pixels.left_padded_inputs([(len(r.prompt_ids), r.images) for r in rows], width, self.pixels_per_row)
+        out = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
         return out
 
-    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
-        """An image input on the model's device, pixels in its dtype (bf16 on a GPU)."""
-        return t.to(self.device, dtype=self.model.dtype) if t.is_floating_point() else t.to(self.device)
+    def _rope_positions(self, ids: torch.Tensor, mask: torch.Tensor, images: dict[str, torch.Tensor],
+                        rows: list[_Row]) -> torch.Tensor:
+        """A prefill's M-RoPE positions, (3, rows, width), as the model computes them (`get_rope_index`); each row's
+        `rope_delta` set for its decode steps."""
+        types = images.get("mm_token_type_ids", torch.zeros_like(ids))  # all text
+        positions, deltas = self.rope_index(input_ids=ids, mm_token_type_ids=types,
+                                            image_grid_thw=images.get("image_grid_thw"), attention_mask=mask)
+        for r, delta in zip(rows, deltas.view(-1).tolist()):
+            r.rope_delta = int(delta)
+        return positions
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, rows: list[_Row],
-                 images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                 rows: list[_Row], images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """A left-padded prefill's last logits per row; `images`: its rows' image inputs (`_image_inputs`)."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs = {"adapter_names": [r.adapter for r in rows]} if self.adapters else {}
         kwargs.update(images or {})
         kwargs[self.cache_kwarg] = cache
