@@ -200,8 +200,15 @@ def tiny_vlm(out, image_size: int = 16, positions: int = 128, initializer_range:
     return out
 
 
-def tiny_idefics3(out, initializer_range: float | None = None) -> Path:
-    """A random-init tiny Idefics3 (SmolVLM's architecture), no image splitting: 4 image tokens an image.
+def tiny_idefics3_split(out, initializer_range: float | None = None) -> Path:
+    """`tiny_idefics3` with image splitting, as SmolVLM's processor does by default."""
+    return tiny_idefics3(out, initializer_range, split=True)
+
+
+def tiny_idefics3(out, initializer_range: float | None = None, split: bool = False) -> Path:
+    """A random-init tiny Idefics3 (SmolVLM's architecture), no image splitting: 4 image tokens an image, one 32 px
+    crop. `split`: an image is resized to at most 64 px and split into 32 px tiles, each 4 tokens after its
+    `<row_i_col_j>` token, plus its global view (a square image: 5 crops; twice as wide as high: 3).
     `initializer_range`: as `tiny_vlm`'s."""
     import torch
     from transformers import (
@@ -216,9 +223,10 @@ def tiny_idefics3(out, initializer_range: float | None = None) -> Path:
     from llmray.data.template import CHATML
 
     tok = colour_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
+    tiles = [f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)] if split else []
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>", *tiles]})
     processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(
-        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}),
+        do_image_splitting=split, size={"longest_edge": 64 if split else 32}, max_image_size={"longest_edge": 32}),
         tokenizer=tok, image_seq_len=4, chat_template=CHATML)
     torch.manual_seed(0)
     config = Idefics3Config(

@@ -83,16 +83,19 @@ def image_only_processor(folder: str):
                       tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None)
 
 
-# What a processor returns for images, besides the pixel values, that a forward takes, by how a row holds it; any
-# other output (Idefics3's pixel_attention_mask, which its forward makes itself when no image is split) is not carried.
+# What a processor returns for images, besides the pixel values, that a forward takes, by how a row holds it.
 # an entry an image, (max_images, ...): Qwen2-VL's (t, h, w) patch grid, LLaVA-NeXT's image size (which crops of the
 # image's slot are its own: the forward drops the others)
 PER_IMAGE_INPUTS = ("image_grid_thw", "image_sizes")
 # a value a token, (seq_len,), 0 on text and padding: Gemma 3's token_type_ids (its image tokens attend to each other
 # both ways), Qwen2-VL's mm_token_type_ids (which tokens its M-RoPE positions as image)
 PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
+# a value a pixel of each crop, (crops, H, W), beside pixel values held as the row's crops in one list: Idefics3's
+# (SmolVLM's) pixel_attention_mask, which pixels of a crop are the image's (its processor pads the crops of a batch
+# to one size)
+PER_CROP_INPUTS = ("pixel_attention_mask",)
 # the columns of an image row the model's inputs come from (`train/batch.py`)
-ROW_INPUTS = ("pixel_values", "image_count", "patch_count", *PER_IMAGE_INPUTS, *PER_TOKEN_INPUTS)
+ROW_INPUTS = ("pixel_values", "image_count", "patch_count", *PER_IMAGE_INPUTS, *PER_TOKEN_INPUTS, *PER_CROP_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,8 @@ class ImageLayout:
     run of rows without images has the same columns and shapes as one with."""
 
     # one image's pixel values (C, H, W), or (crops, C, H, W) with room for the most crops an image can have
-    # (LLaVA-NeXT's: its base view and the tiles of its largest grid); flat: one patch's (patch size,)
+    # (LLaVA-NeXT's: its base view and the tiles of its largest grid); flat: one patch's (patch size,); with
+    # `crops_per_image`: one crop's (C, H, W)
     pixels: tuple[int, ...]
     flat: bool  # pixel values flat over the images' patches (Qwen2-VL), not one fixed shape an image
     patches_per_token: int  # flat: the patches of one image token (Qwen2-VL: merge_size ** 2), which bounds a row's
@@ -110,6 +114,9 @@ class ImageLayout:
     # the tokens the expansion adds to an image's beyond those `_get_num_multimodal_tokens` counts (Gemma 3's begin and
     # end of image and the line breaks around them)
     tokens_around: int = 0
+    # > 0: the processor returns the row's crops in one list with PER_CROP_INPUTS (Idefics3 / SmolVLM), an image as
+    # many crops as its size gives (split into tiles, and a global view), at most this many
+    crops_per_image: int = 0
 
 
 def image_rows(processor, records: list[dict], seq_len: int, max_images: int) -> dict[str, np.ndarray]:
@@ -132,6 +139,10 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
     if layout.flat:
         out["pixel_values"] = np.zeros((n, seq_len * layout.patches_per_token, *layout.pixels), dtype=np.float32)
         out["patch_count"] = np.zeros(n, dtype=np.int32)
+    elif layout.crops_per_image:
+        crops = max_images * layout.crops_per_image
+        out["pixel_values"] = np.zeros((n, crops, *layout.pixels), dtype=np.float32)
+        out.update({name: np.zeros((n, crops, *layout.pixels[1:]), dtype=bool) for name in PER_CROP_INPUTS})
     else:
         out["pixel_values"] = np.zeros((n, max_images, *layout.pixels), dtype=np.float32)
     for name, shape, dtype in layout.per_image:
@@ -147,6 +158,8 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
         out["pixel_values"][row][tuple(slice(0, size) for size in pixels.shape)] = pixels  # fewer crops: zero after
         if layout.flat:
             out["patch_count"][row] = len(pixels)
+        for name in PER_CROP_INPUTS if layout.crops_per_image else ():
+            out[name][row, :len(inputs[name])] = inputs[name]
         for name, _, _ in layout.per_image:
             out[name][row, :len(inputs[name])] = inputs[name]
         for name in layout.per_token:
@@ -188,16 +201,20 @@ def encode_image_chat(processor, messages: list[dict], pictures: list[bytes]
 def expand(processor, text: str, pictures: list) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(the token ids of a rendered `text` with each image token expanded into its image's tokens, the image inputs
     of the forward as the processor prepared them): "pixel_values" (n_images, ...), or flat over the images' patches
-    (patches, patch size) for Qwen2-VL's kind, and those of PER_IMAGE_INPUTS (n_images, ...) and PER_TOKEN_INPUTS
-    (a value a token) it returns. `pictures`: encoded images (bytes), or Pillow images already decoded (serving's)."""
+    (patches, patch size) for Qwen2-VL's kind, or the crops of all the images in one list (crops, C, H, W) with their
+    PER_CROP_INPUTS for Idefics3's, and those of PER_IMAGE_INPUTS (n_images, ...) and PER_TOKEN_INPUTS (a value a
+    token) it returns. `pictures`: encoded images (bytes), or Pillow images already decoded (serving's)."""
     decoded = [images.decode(p) if isinstance(p, bytes) else p for p in pictures]
     out = processor(text=[text], images=decoded, add_special_tokens=False, return_tensors="np")
     expanded = np.asarray(out["input_ids"][0], dtype=np.int32)
     pixels = np.asarray(out["pixel_values"], dtype=np.float32)
-    if pixels.ndim > 2:  # one shape an image, the processor's leading axes (batch, image, crop) folded
+    if all(name in out for name in PER_CROP_INPUTS):  # the row's crops in one list, (crops, C, H, W): Idefics3's
+        pixels = pixels[0]
+    elif pixels.ndim > 2:  # one shape an image, the processor's leading axes (batch, image, crop) folded
         pixels = pixels.reshape(len(pictures), -1, *pixels.shape[-3:])
         pixels = pixels[:, 0] if pixels.shape[1] == 1 else pixels
     inputs = {"pixel_values": pixels}
+    inputs.update({name: np.asarray(out[name][0], dtype=bool) for name in PER_CROP_INPUTS if name in out})
     inputs.update({name: np.asarray(out[name]) for name in PER_IMAGE_INPUTS if name in out})
     inputs.update({name: np.asarray(out[name][0], dtype=np.int32) for name in PER_TOKEN_INPUTS if name in out})
     return expanded, inputs
@@ -219,9 +236,25 @@ def expanded_length(processor, record: dict) -> int | None:
             sizes.append((img.height, img.width))
     if not sizes:
         return text
+    if image_layout(processor).crops_per_image > 1:  # a split image's tokens around its tiles depend on its grid
+        return text + sum(split_image_tokens(processor, size) - 1 for size in sizes)
     per_image = count(image_sizes=sizes).num_image_tokens
     # each placeholder token becomes n, and the tokens the processor writes around them (Gemma 3's)
     return text + sum(n - 1 + image_layout(processor).tokens_around for n in per_image)
+
+
+_SPLIT_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> {(height, width): tokens}
+
+
+def split_image_tokens(processor, size: tuple[int, int]) -> int:
+    """The tokens an image of `size` (height, width) expands into with a processor that splits images (Idefics3's:
+    its tiles' tokens, each tile's `<row_i_col_j>`, the line breaks between rows, its global view): the expansion of
+    a blank image of that size, once a size."""
+    known = _SPLIT_TOKENS.setdefault(processor, {})
+    if size not in known:
+        token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+        known[size] = len(expand(processor, token, [_blank(size[1], size[0])])[0])
+    return known[size]
 
 
 def carried_mask(ids: np.ndarray, mask: np.ndarray, expanded: np.ndarray) -> np.ndarray:
@@ -250,6 +283,11 @@ def image_layout(processor) -> ImageLayout:
         if pixels.ndim == 5 and grids:  # crops an image: the most, from an image the size of each grid
             crops = max(len(expand(processor, token, [_blank(w, h)])[1]["pixel_values"][0]) for h, w in grids)
             pixels = np.zeros((1, crops, *pixels.shape[2:]), dtype=pixels.dtype)
+        crops = 0
+        if all(name in inputs for name in PER_CROP_INPUTS):  # the most crops: an image of the largest size it takes
+            edge = getattr(getattr(processor.image_processor, "size", None), "longest_edge", None) or 32
+            splits = getattr(processor.image_processor, "do_image_splitting", False)
+            crops = len(expand(processor, token, [_blank(edge, edge)])[1]["pixel_values"]) if splits else 1
         per_token = 1
         if flat:
             token_id = processor.tokenizer.convert_tokens_to_ids(token)
@@ -260,7 +298,8 @@ def image_layout(processor) -> ImageLayout:
             pixels=tuple(pixels.shape[1:]), flat=flat, patches_per_token=per_token,
             per_image=tuple((name, tuple(inputs[name].shape[1:]), inputs[name].dtype.str) for name in PER_IMAGE_INPUTS
                             if name in inputs),
-            per_token=tuple(name for name in PER_TOKEN_INPUTS if name in inputs), tokens_around=around)
+            per_token=tuple(name for name in PER_TOKEN_INPUTS if name in inputs), tokens_around=around,
+            crops_per_image=crops)
     return _LAYOUTS[processor]
 
 
@@ -277,19 +316,19 @@ def left_padded_inputs(rows: list[tuple[int, dict[str, np.ndarray] | None]], wid
     """The image inputs of one forward of rows left-padded to `width` (inference: evaluation's and serving's), each
     row given as (its token count, its `expand` inputs, or None for a row without images): every row's pixel values
     in row order in one array (LLaVA, Gemma 3; LLaVA-NeXT's crops zero-padded to the most; Qwen2-VL's patches) with
-    their PER_IMAGE_INPUTS, or with `per_row` (`build.PIXELS_PER_ROW`: Idefics3) as (rows, most images, ...), the
-    slots after a row's images zero (which the model drops); the PER_TOKEN_INPUTS as rows, 0 on padding and on rows
-    without images. {} when no row has an image."""
+    their PER_IMAGE_INPUTS, or with `per_row` (`build.PIXELS_PER_ROW`: Idefics3) as (rows, most images or crops, ...)
+    with their PER_CROP_INPUTS, the slots after a row's own zero (which the model drops); the PER_TOKEN_INPUTS as rows,
+    0 on padding and on rows without images. {} when no row has an image."""
     held = [inputs for _, inputs in rows if inputs is not None]
     if not held:
         return {}
-    if per_row:
-        first = held[0]["pixel_values"]
-        out = {"pixel_values": np.zeros((len(rows), max(len(h["pixel_values"]) for h in held), *first.shape[1:]),
-                                        dtype=first.dtype)}
+    if per_row:  # and their PER_CROP_INPUTS likewise
+        most = max(len(h["pixel_values"]) for h in held)
+        out = {name: np.zeros((len(rows), most, *held[0][name].shape[1:]), dtype=held[0][name].dtype)
+               for name in ("pixel_values", *PER_CROP_INPUTS) if name in held[0]}
         for i, (_, inputs) in enumerate(rows):
-            if inputs is not None:
-                out["pixel_values"][i, :len(inputs["pixel_values"])] = inputs["pixel_values"]
+            for name in out if inputs is not None else ():
+                out[name][i, :len(inputs[name])] = inputs[name]
     else:
         out = {"pixel_values": concatenate_padded([h["pixel_values"] for h in held])}
     out.update({name: np.concatenate([h[name] for h in held]) for name in PER_IMAGE_INPUTS if name in held[0]})

@@ -64,11 +64,12 @@ class LocalModel:
             messages = with_image_token(self.processor, {"messages": messages})
         return render(self.tokenizer, messages, add_generation_prompt=True)
 
-    def _encode(self, text: str, image: bytes | None) -> tuple[list[int], dict[str, np.ndarray] | None]:
-        """(token ids of a rendered text, its image's inputs or None): with an image, its token expanded by the
-        processor (`pixels.expand`, as training's rows are made)."""
+    def _encode(self, text: str, image: bytes | None, chat: bool) -> tuple[list[int], dict[str, np.ndarray] | None]:
+        """(token ids of a text, its image's inputs or None): with an image, its token expanded by the processor
+        (`pixels.expand`, as training's rows are made). `chat`: the text is a rendered chat, whose template wrote the
+        special tokens it takes (a BOS), not added again."""
         if image is None:
-            return self.tokenizer(text).input_ids, None
+            return self.tokenizer(text, add_special_tokens=not chat).input_ids, None
         from llmray.data.pixels import expand
 
         ids, inputs = expand(self.processor, text, [image])
@@ -97,7 +98,7 @@ class LocalModel:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
         pictures = pictures or [None] * len(prompts)
         for start in range(0, len(prompts), BATCH):
-            encoded = [self._encode(self._text(p, chat), image)
+            encoded = [self._encode(self._text(p, chat), image, chat)
                        for p, image in zip(prompts[start:start + BATCH], pictures[start:start + BATCH])]
             width = max(len(ids) for ids, _ in encoded)
             ids = torch.tensor([[pad] * (width - len(e)) + e for e, _ in encoded], device=self.device)
@@ -117,9 +118,9 @@ class LocalModel:
         for (context, continuation), image in zip(pairs, pictures or [None] * len(pairs)):
             context = self._text(context, chat)
             if encoded is None or encoded[:2] != (context, image):
-                encoded = (context, image, self._encode(context, image)[0])
+                encoded = (context, image, self._encode(context, image, chat)[0])
             ctx = encoded[2]
-            whole, inputs = self._encode(context + continuation, image)
+            whole, inputs = self._encode(context + continuation, image, chat)
             cut = max(0, len(whole) - self.context)  # a context too long loses its beginning
             if cut and image is not None:
                 raise BackendError(f"a prompt of {len(whole)} tokens with its image expanded is over the model's "

@@ -382,7 +382,7 @@ class Server:
             ids, images = await asyncio.to_thread(engine.encode_images, prompts[0], pictures)
             encoded = [ids]
         else:
-            encoded = [engine.encode(p) for p in prompts]
+            encoded = [engine.encode(p, special_tokens=kind != "chat") for p in prompts]
         budgets = []
         for ids in encoded:
             budget = self._budget(engine, ids, limit)

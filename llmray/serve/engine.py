@@ -163,8 +163,10 @@ class Engine:
         self.stats = {"requests": 0, "cancelled": 0, "generated_tokens": 0, "forward_passes": 0, "active": 0,
                       "largest_batch": 0, "kv_slots": 0, "kv_positions": 0, "decode_graphs": 0, "kv_bytes_peak": 0}
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text).input_ids
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """`text`'s token ids; `special_tokens`: with those the tokenizer adds (a BOS), which a chat prompt, rendered
+        by its template with them written in, does not take again (as fine-tuning encodes it)."""
+        return self.tokenizer(text, add_special_tokens=special_tokens).input_ids
 
     def token_starts(self, text: str) -> list[int]:
         """Where each token of `encode(text)` starts in `text` (characters)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmray.data.pixels import PER_IMAGE_INPUTS, PER_TOKEN_INPUTS
+from llmray.data.pixels import PER_CROP_INPUTS, PER_IMAGE_INPUTS, PER_TOKEN_INPUTS
 from llmray.data.template import IGNORE_INDEX
 
 
@@ -57,7 +57,8 @@ def image_inputs(batch: dict, rows: slice, device: torch.device, pixels_per_row:
     """The rows' images as the forward takes them ({} when none holds one): every row's images in row order in one
     `pixel_values` (LLaVA, Gemma 3: (images, C, H, W); Qwen2-VL: their patches, (patches, patch size), each row's
     first `patch_count`) with each image's PER_IMAGE_INPUTS entry (Qwen2-VL's `image_grid_thw`, (images, 3)), or with
-    `pixels_per_row` (Idefics3's forward) as (rows, max_images, C, H, W), the model dropping the all-zero slots."""
+    `pixels_per_row` (Idefics3's forward) as (rows, max_images, C, H, W), or its crops (rows, most crops, C, H, W) with
+    their PER_CROP_INPUTS, the model dropping the all-zero slots."""
     counts = np.asarray(batch["image_count"][rows])
     pixels = np.asarray(batch["pixel_values"][rows])
     held = np.arange(max(1, int(counts.max(initial=0))))[None, :] < counts[:, None]
@@ -69,6 +70,9 @@ def image_inputs(batch: dict, rows: slice, device: torch.device, pixels_per_row:
     else:
         chosen = pixels if pixels_per_row else pixels[:, :held.shape[1]][held]
     out = {"pixel_values": torch.from_numpy(np.array(chosen, dtype=np.float32)).to(device, non_blocking=True)}
+    for name in PER_CROP_INPUTS:
+        if name in batch:
+            out[name] = torch.from_numpy(np.array(batch[name][rows], dtype=bool)).to(device, non_blocking=True)
     for name in PER_IMAGE_INPUTS:
         if name in batch:
             held_entries = np.asarray(batch[name][rows])[:, :held.shape[1]][held]

@@ -216,23 +216,24 @@ def test_a_vlm_trains_on_images_of_two_sizes_and_exports_for_plain_transformers(
 @pytest.mark.slow  # ZeRO-3's partitioned start-up: ~80 s on 2 busy cores
 def test_an_idefics3_under_lora_and_zero3_trains_adapters_and_the_connector_and_exports_merged(colour_set, ray_cluster,
                                                                                               tmp_path):
-    """SmolVLM's architecture (Idefics3, no image splitting; its forward takes the pixels per row) with LoRA under
-    ZeRO-3: adapters on the language model, the connector in full, the vision tower (`vision_model`) frozen; held-out
-    image conversations validated with their pixels; the merged export loads in plain transformers with its
-    processor."""
-    from helpers import tiny_idefics3
+    """SmolVLM's architecture (Idefics3 with image splitting, as SmolVLM's processor does: its forward takes each
+    row's crops and their pixel masks, which the stream carries) with LoRA under ZeRO-3: adapters on the language
+    model, the connector in full, the vision tower (`vision_model`) frozen; held-out image conversations validated
+    with their pixels; the merged export loads in plain transformers with its processor."""
+    from helpers import tiny_idefics3_split
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from llmray.export.folder import export
     from llmray.train.checkpoint import read_state
 
-    base = tiny_idefics3(tmp_path / "idefics3")
+    base = tiny_idefics3_split(tmp_path / "idefics3")
     task = held_out_task(tmp_path / "held_out", n=8)  # scored at the end on the ranks, in step (ZeRO-3)
     recipe = load_recipe("jobs/vision_tiny.yaml", [
         f"model.pretrained={base}", f"data.conversations={colour_set}", f"run.storage_path={tmp_path / 'runs'}",
         "run.name=idefics3-lora", "finetune.method=lora", "finetune.lora.r=8", "finetune.lora.dropout=0.0",
         "train.zero_stage=3", "train.max_steps=12", "train.log_every=4", "train.lr=3e-2", "data.val_fraction=0.1",
+        "data.seq_len=96",  # an image is 5 crops, 42 tokens
         f"eval.tasks={[task]}"])
     summary = fit(recipe)
     loss = losses(summary)

@@ -192,9 +192,10 @@ def test_a_task_that_does_not_fit_the_model_is_refused_naming_its_file(vlm, tmp_
         answer(LocalModel.from_folder(str(folder), device="cpu"), image_task)
 
 
-@pytest.mark.parametrize("build", ["idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl", "llava_next"])
+@pytest.mark.parametrize("build", ["idefics3", "idefics3_split", "gemma3", "qwen2_vl", "qwen2_5_vl", "llava_next"])
 def test_a_vlm_takes_its_own_image_inputs(tmp_path, build):
-    """Each model's image inputs as its forward takes them: Idefics3 (SmolVLM's architecture) pixel values per row;
+    """Each model's image inputs as its forward takes them: Idefics3 (SmolVLM's architecture) pixel values per row
+    (with image splitting: each row's crops and their pixel masks);
     Gemma 3 with its token types; Qwen2-VL and Qwen2.5-VL their patches, grids and token types (M-RoPE); LLaVA-NeXT its crops and
     image sizes. Batched captions equal each
     image's alone, and a label's log-likelihood is the model's own forward on the processor's inputs."""

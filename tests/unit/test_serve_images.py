@@ -61,7 +61,8 @@ def wide(png: bytes) -> bytes:
 
 # larger weights than the default, so greedy choices are not near-ties that batching's rounding could flip (Gemma 3's
 # scaled embeddings answer one token whatever the image past 0.05)
-INITIALIZER_RANGE = {"llava": 0.3, "idefics3": 0.3, "gemma3": 0.05, "qwen2_vl": 0.3, "llava_next": 0.3}
+INITIALIZER_RANGE = {"llava": 0.3, "idefics3": 0.3, "idefics3_split": 0.3, "gemma3": 0.05, "qwen2_vl": 0.3,
+                     "llava_next": 0.3}
 
 
 @pytest.fixture(scope="module", params=list(INITIALIZER_RANGE))
@@ -69,14 +70,15 @@ def vlm_dir(request, tmp_path_factory):
     import helpers
 
     build = tiny_vlm if request.param == "llava" else getattr(helpers, f"tiny_{request.param}")
-    return str(build(tmp_path_factory.mktemp(request.param) / "tiny", initializer_range=INITIALIZER_RANGE[request.param]))
+    scale = INITIALIZER_RANGE[request.param]
+    return str(build(tmp_path_factory.mktemp(request.param) / "tiny", initializer_range=scale))
 
 
 def test_image_rows_batched_with_text_rows_answer_as_transformers_generate(vlm_dir):
     """Rows of images of two sizes (their own token and crop counts), two images, and text only, in one prefill:
-    LLaVA's batch of images, Idefics3's images per row, Gemma 3's token types (its image tokens attend both ways),
-    Qwen2-VL's M-RoPE positions (the decode steps' carried on from the image's), LLaVA-NeXT's crops. The decode steps
-    run through the fixed buffers a CUDA graph replays (batches padded to their bucket)."""
+    LLaVA's batch of images, Idefics3's images per row (split: their crops), Gemma 3's token types (its image tokens
+    attend both ways), Qwen2-VL's M-RoPE positions (the decode steps' carried on from the image's), LLaVA-NeXT's
+    crops. The decode steps run through the fixed buffers a CUDA graph replays (batches padded to their bucket)."""
     from llmray.serve.engine import Engine
 
     engine = Engine(vlm_dir, max_batch_size=4, batch_wait_s=0, device=None, cuda_graphs=True)

@@ -431,3 +431,47 @@ def test_llava_next_rows_hold_images_of_different_crop_counts_with_their_sizes(t
             np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
             logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
             torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_idefics3_rows_hold_the_crops_of_split_images_with_their_masks(tmp_path):
+    """SmolVLM's image splitting (a tiny Idefics3's): an image is its 32 px tiles and a global view, a 64x32 image 3
+    crops, a 32x32 one 5 and a 16x16 one 5, each tile's tokens after its `<row_i_col_j>`. A row holds its images'
+    crops in one list with each crop's `pixel_attention_mask`, room for max_images times the most crops an image has;
+    each row's logits in a batch of rows of one and two images equal plain transformers' on the processor's own
+    inputs for that conversation alone, and its expanded length is counted before any image is decoded."""
+    import torch
+    from helpers import tiny_idefics3_split
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.data.pixels import expanded_length, image_layout, with_image_token
+    from llmray.data.template import render
+    from llmray.train.batch import model_inputs
+
+    folder = str(tiny_idefics3_split(tmp_path / "idefics3"))
+    processor = load_processor(folder)
+    assert image_layout(processor).crops_per_image == 5 and image_layout(processor).pixels == (3, 32, 32)
+    pngs = {"red": rgb_png(64, 32, (220, 30, 30)), "blue": rgb_png(32, 32, (30, 40, 220)),
+            "green": rgb_png(16, 16, (30, 200, 40))}
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": "It is red."}], "images": [images.to_text(pngs["red"])]},
+               {"messages": [{"role": "user", "content": "<image> and <image>: what colours?"},
+                             {"role": "assistant", "content": "blue and green."}],
+                "images": [images.to_text(pngs["blue"]), images.to_text(pngs["green"])]}]
+    rows = image_rows(processor, records, seq_len=256, max_images=2)
+    assert rows["pixel_values"].shape == (2, 10, 3, 32, 32) and rows["pixel_attention_mask"].shape == (2, 10, 32, 32)
+    assert [int(r.any(axis=(1, 2, 3)).sum()) for r in rows["pixel_values"]] == [3, 10]
+    assert rows["pixel_attention_mask"][0, :3].all() and not rows["pixel_attention_mask"][0, 3:].any()
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = model_inputs(rows, torch.device("cpu"), pixels_per_row=True)
+    assert inputs["pixel_attention_mask"].shape == (2, 10, 32, 32)
+    with torch.no_grad():
+        batch = model(**inputs).logits
+        for row, record in enumerate(records):
+            text = render(processor.tokenizer, with_image_token(processor, record))
+            pictures = [images.decode(images.from_text(t)) for t in record["images"]]
+            alone = processor(text=[text], images=[pictures], add_special_tokens=False, return_tensors="pt")
+            n = alone["input_ids"].shape[1]
+            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
+            assert expanded_length(processor, record) == n
+            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
+            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
