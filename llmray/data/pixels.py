@@ -2,10 +2,12 @@
 
 A row is one conversation, not packed: "input_ids" and "labels" (the assistant's tokens only) padded to `seq_len`,
 "image_count", and what the processor returned for its images that the model's forward takes (`ImageLayout`):
-"pixel_values" (max_images, *image shape) zero after its images, or for a processor that returns them flat over the
-images' patches (Qwen2-VL's dynamic resolution) (seq_len * patches a token, patch size) with its "patch_count";
-each image's entry of `PER_IMAGE_INPUTS` (Qwen2-VL's patch grid); `PER_TOKEN_INPUTS` (Gemma 3's token types, Qwen2-VL's
-multimodal token types), a value a token like the ids.
+"pixel_values" (max_images, *image shape) zero after its images; or one list of entries, the row's own first and
+"pixel_count" of them: for a processor that returns them flat over the images' patches (Qwen2-VL's dynamic
+resolution) (seq_len * patches a token, patch size), for one that gives an image as many crops as its size asks
+(Idefics3's / SmolVLM's image splitting, Gemma 3's pan-and-scan) (max_images * most crops, C, H, W) with each crop's
+`PER_CROP_INPUTS`; each image's entry of `PER_IMAGE_INPUTS` (Qwen2-VL's patch grid); `PER_TOKEN_INPUTS` (Gemma 3's
+token types, Qwen2-VL's multimodal token types), a value a token like the ids.
 Why not packed: the processor expands each placeholder into the image's tokens, the model scatters the image
 features into them in order, and a row cut through an image breaks that; a packed row would also need
 per-document attention over image tokens, which the VLM forwards of transformers do not take. An image row's
@@ -95,7 +97,7 @@ PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
 # to one size)
 PER_CROP_INPUTS = ("pixel_attention_mask",)
 # the columns of an image row the model's inputs come from (`train/batch.py`)
-ROW_INPUTS = ("pixel_values", "image_count", "patch_count", *PER_IMAGE_INPUTS, *PER_TOKEN_INPUTS, *PER_CROP_INPUTS)
+ROW_INPUTS = ("pixel_values", "image_count", "pixel_count", *PER_IMAGE_INPUTS, *PER_TOKEN_INPUTS, *PER_CROP_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,15 @@ class ImageLayout:
     # the tokens the expansion adds to an image's beyond those `_get_num_multimodal_tokens` counts (Gemma 3's begin and
     # end of image and the line breaks around them)
     tokens_around: int = 0
-    # > 0: the processor returns the row's crops in one list with PER_CROP_INPUTS (Idefics3 / SmolVLM), an image as
-    # many crops as its size gives (split into tiles, and a global view), at most this many
+    # > 0: the processor returns the row's crops in one list, an image as many crops as its size gives, at most this
+    # many (Idefics3 / SmolVLM: its tiles and a global view; Gemma 3's pan-and-scan: the image and its crops)
     crops_per_image: int = 0
+    per_crop: tuple[str, ...] = ()  # the PER_CROP_INPUTS the processor returns
+
+    @property
+    def listed(self) -> bool:
+        """A row's pixel values are one list of entries (patches or crops), the row's own "pixel_count" first."""
+        return self.flat or self.crops_per_image > 0
 
 
 def image_rows(processor, records: list[dict], seq_len: int, max_images: int) -> dict[str, np.ndarray]:
@@ -138,13 +146,14 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
            "image_count": np.array([k[3] for k in kept], dtype=np.int32).reshape(n)}
     if layout.flat:
         out["pixel_values"] = np.zeros((n, seq_len * layout.patches_per_token, *layout.pixels), dtype=np.float32)
-        out["patch_count"] = np.zeros(n, dtype=np.int32)
     elif layout.crops_per_image:
         crops = max_images * layout.crops_per_image
         out["pixel_values"] = np.zeros((n, crops, *layout.pixels), dtype=np.float32)
-        out.update({name: np.zeros((n, crops, *layout.pixels[1:]), dtype=bool) for name in PER_CROP_INPUTS})
+        out.update({name: np.zeros((n, crops, *layout.pixels[1:]), dtype=bool) for name in layout.per_crop})
     else:
         out["pixel_values"] = np.zeros((n, max_images, *layout.pixels), dtype=np.float32)
+    if layout.listed:
+        out["pixel_count"] = np.zeros(n, dtype=np.int32)
     for name, shape, dtype in layout.per_image:
         out[name] = np.zeros((n, max_images, *shape), dtype=dtype)
     for name in layout.per_token:
@@ -156,9 +165,9 @@ def image_rows(processor, records: list[dict], seq_len: int, max_images: int) ->
             continue
         pixels = inputs["pixel_values"]
         out["pixel_values"][row][tuple(slice(0, size) for size in pixels.shape)] = pixels  # fewer crops: zero after
-        if layout.flat:
-            out["patch_count"][row] = len(pixels)
-        for name in PER_CROP_INPUTS if layout.crops_per_image else ():
+        if layout.listed:
+            out["pixel_count"][row] = len(pixels)
+        for name in layout.per_crop:
             out[name][row, :len(inputs[name])] = inputs[name]
         for name, _, _ in layout.per_image:
             out[name][row, :len(inputs[name])] = inputs[name]
@@ -210,6 +219,8 @@ def expand(processor, text: str, pictures: list) -> tuple[np.ndarray, dict[str, 
     pixels = np.asarray(out["pixel_values"], dtype=np.float32)
     if all(name in out for name in PER_CROP_INPUTS):  # the row's crops in one list, (crops, C, H, W): Idefics3's
         pixels = pixels[0]
+    elif pixels.ndim == 4 and len(pixels) > len(pictures):  # more crops than images, in one list: pan-and-scan's
+        pass
     elif pixels.ndim > 2:  # one shape an image, the processor's leading axes (batch, image, crop) folded
         pixels = pixels.reshape(len(pictures), -1, *pixels.shape[-3:])
         pixels = pixels[:, 0] if pixels.shape[1] == 1 else pixels
@@ -236,21 +247,22 @@ def expanded_length(processor, record: dict) -> int | None:
             sizes.append((img.height, img.width))
     if not sizes:
         return text
-    if image_layout(processor).crops_per_image > 1:  # a split image's tokens around its tiles depend on its grid
-        return text + sum(split_image_tokens(processor, size) - 1 for size in sizes)
+    if image_layout(processor).crops_per_image > 1:  # the tokens around a cropped image's depend on its crops
+        return text + sum(cropped_image_tokens(processor, size) - 1 for size in sizes)
     per_image = count(image_sizes=sizes).num_image_tokens
     # each placeholder token becomes n, and the tokens the processor writes around them (Gemma 3's)
     return text + sum(n - 1 + image_layout(processor).tokens_around for n in per_image)
 
 
-_SPLIT_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> {(height, width): tokens}
+_CROPPED_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> {(height, width): tokens}
 
 
-def split_image_tokens(processor, size: tuple[int, int]) -> int:
-    """The tokens an image of `size` (height, width) expands into with a processor that splits images (Idefics3's:
-    its tiles' tokens, each tile's `<row_i_col_j>`, the line breaks between rows, its global view): the expansion of
-    a blank image of that size, once a size."""
-    known = _SPLIT_TOKENS.setdefault(processor, {})
+def cropped_image_tokens(processor, size: tuple[int, int]) -> int:
+    """The tokens an image of `size` (height, width) expands into with a processor that crops images (Idefics3's
+    split: its tiles' tokens, each tile's `<row_i_col_j>`, the line breaks between rows, its global view; Gemma 3's
+    pan-and-scan: its crops' tokens and the words that introduce them): the expansion of a blank image of that size,
+    once a size."""
+    known = _CROPPED_TOKENS.setdefault(processor, {})
     if size not in known:
         token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
         known[size] = len(expand(processor, token, [_blank(size[1], size[0])])[0])
@@ -283,11 +295,7 @@ def image_layout(processor) -> ImageLayout:
         if pixels.ndim == 5 and grids:  # crops an image: the most, from an image the size of each grid
             crops = max(len(expand(processor, token, [_blank(w, h)])[1]["pixel_values"][0]) for h, w in grids)
             pixels = np.zeros((1, crops, *pixels.shape[2:]), dtype=pixels.dtype)
-        crops = 0
-        if all(name in inputs for name in PER_CROP_INPUTS):  # the most crops: an image of the largest size it takes
-            edge = getattr(getattr(processor.image_processor, "size", None), "longest_edge", None) or 32
-            splits = getattr(processor.image_processor, "do_image_splitting", False)
-            crops = len(expand(processor, token, [_blank(edge, edge)])[1]["pixel_values"]) if splits else 1
+        crops = _most_crops(processor, token)
         per_token = 1
         if flat:
             token_id = processor.tokenizer.convert_tokens_to_ids(token)
@@ -299,8 +307,24 @@ def image_layout(processor) -> ImageLayout:
             per_image=tuple((name, tuple(inputs[name].shape[1:]), inputs[name].dtype.str) for name in PER_IMAGE_INPUTS
                             if name in inputs),
             per_token=tuple(name for name in PER_TOKEN_INPUTS if name in inputs), tokens_around=around,
-            crops_per_image=crops)
+            crops_per_image=crops or int(any(name in inputs for name in PER_CROP_INPUTS)),
+            per_crop=tuple(name for name in PER_CROP_INPUTS if name in inputs))
     return _LAYOUTS[processor]
+
+
+def _most_crops(processor, token: str) -> int:
+    """The most crops the processor makes of one image, returned in one list with the other images' (0: it does not
+    crop): Idefics3's image splitting (an image of its largest size: the most tiles, and the global view), Gemma 3's
+    pan-and-scan (its most crops and the image; a call's option in transformers, not saved with the folder, so on
+    only for a processor whose `images_kwargs` were set in this process)."""
+    settings = processor.image_processor
+    if getattr(settings, "do_image_splitting", False):
+        edge = getattr(getattr(settings, "size", None), "longest_edge", None) or 32
+        return len(expand(processor, token, [_blank(edge, edge)])[1]["pixel_values"])
+    calls = getattr(processor, "images_kwargs", {})  # its call's defaults: Gemma 3 pans and scans only when set there
+    if calls.get("do_pan_and_scan"):
+        return calls["pan_and_scan_max_num_crops"] + 1
+    return 0
 
 
 def _blank(width: int, height: int) -> bytes:

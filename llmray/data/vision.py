@@ -11,8 +11,9 @@ first record:
 One form out: {"messages": [{role, content}] with IMAGE_PLACEHOLDER where each image goes, "images": [base64 of
 each image's bytes, in placeholder order]}, stored as JSON in a shard's `text` column like a conversation, so the
 shards hold the images and the stream reads no other storage. A record whose placeholders and images do not
-match in number, or holds an image missing from storage or corrupt, or more than the row's `max_images`, is a bad
-record, skipped and named by file, line and field.
+match in number, or holds an image missing from storage or corrupt, or more than the row's `max_images`, or video
+or audio (LLaMA-Factory's `videos`, `audios`; OpenAI parts other than text and image_url), is a bad record, skipped
+and named by file, line and field.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from llmray.data.chat import ROLES, SHAREGPT_ROLES, read_turns
 
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a message's text (LLaVA's and LLaMA-Factory's token)
 CAPTION_KEYS = ("text", "caption")
+# LLaMA-Factory's fields for other media: a record holding them is refused, not trained on without them
+UNREAD_MEDIA = ("videos", "video", "audios", "audio")
 
 
 def detect_vision_format(obj: dict) -> str | None:
@@ -39,6 +42,10 @@ def detect_vision_format(obj: dict) -> str | None:
 def normalize_vision(obj: dict, fmt: str, base: str, max_images: int) -> dict:
     """The image conversation of one record in format `fmt`, its images read (relative paths from `base`, the
     folder of its file) and checked; ValueError naming the field when it is malformed."""
+    for key in UNREAD_MEDIA:
+        if key in obj:
+            raise ValueError(f"field {key!r}: only images are read, not video or audio (the conversation would be "
+                             "trained on without them)")
     if fmt == "openai":
         messages, refs = _openai(obj)
     elif fmt == "llava":

@@ -55,20 +55,22 @@ def model_inputs(batch: dict, device: torch.device, rows: slice = slice(None), f
 
 def image_inputs(batch: dict, rows: slice, device: torch.device, pixels_per_row: bool = False) -> dict[str, torch.Tensor]:
     """The rows' images as the forward takes them ({} when none holds one): every row's images in row order in one
-    `pixel_values` (LLaVA, Gemma 3: (images, C, H, W); Qwen2-VL: their patches, (patches, patch size), each row's
-    first `patch_count`) with each image's PER_IMAGE_INPUTS entry (Qwen2-VL's `image_grid_thw`, (images, 3)), or with
-    `pixels_per_row` (Idefics3's forward) as (rows, max_images, C, H, W), or its crops (rows, most crops, C, H, W) with
-    their PER_CROP_INPUTS, the model dropping the all-zero slots."""
+    `pixel_values` (LLaVA, Gemma 3: (images, C, H, W); a row held as a list (`pixels.ImageLayout.listed`: Qwen2-VL's
+    patches, Gemma 3's pan-and-scan crops): each row's first `pixel_count` entries) with each image's PER_IMAGE_INPUTS
+    entry (Qwen2-VL's `image_grid_thw`, (images, 3)), or with `pixels_per_row` (Idefics3's forward) as (rows,
+    max_images, C, H, W), or its crops (rows, most crops, C, H, W) with their PER_CROP_INPUTS, the model dropping the
+    all-zero slots."""
     counts = np.asarray(batch["image_count"][rows])
     pixels = np.asarray(batch["pixel_values"][rows])
     held = np.arange(max(1, int(counts.max(initial=0))))[None, :] < counts[:, None]
     if not held.any():
         return {}
-    if "patch_count" in batch:
-        patches = np.asarray(batch["patch_count"][rows])
-        chosen = np.concatenate([row[:n] for row, n in zip(pixels, patches)])
+    if pixels_per_row:
+        chosen = pixels
+    elif "pixel_count" in batch:
+        chosen = np.concatenate([row[:n] for row, n in zip(pixels, np.asarray(batch["pixel_count"][rows]))])
     else:
-        chosen = pixels if pixels_per_row else pixels[:, :held.shape[1]][held]
+        chosen = pixels[:, :held.shape[1]][held]
     out = {"pixel_values": torch.from_numpy(np.array(chosen, dtype=np.float32)).to(device, non_blocking=True)}
     for name in PER_CROP_INPUTS:
         if name in batch:

@@ -105,6 +105,8 @@ def test_images_in_object_storage_are_read(tmp_path, s3):
       "images": ["red.png"] * 3}, "3 images, more than vision.max_images=2 a row holds (llava format)"),
     ({"messages": [{"role": "user", "content": "<image>?"}], "images": ["red.png"]},
      "no assistant message: nothing to learn from (llava format)"),
+    ({"messages": [{"role": "user", "content": "<video>what happens?"}, {"role": "assistant", "content": "no"}],
+      "videos": ["clip.mp4"]}, "field 'videos': only images are read, not video or audio"),
     ('{"messages": [', "not valid JSON"),
 ])
 def test_a_bad_line_is_skipped_counted_and_named_by_file_and_line(tmp_path, vlm, row, problem):
@@ -326,7 +328,7 @@ def qwen2_vl(tmp_path_factory, request):
 
 def test_qwen2_vl_rows_of_two_image_sizes_carry_their_patches_grids_and_token_types(qwen2_vl):
     """Qwen2-VL's dynamic resolution: an image's patches and tokens are its size's. Each row holds its images' patches
-    (the first `patch_count` of a row sized seq_len x patches a token), each image's (t, h, w) grid and the token
+    (the first `pixel_count` of a row sized seq_len x patches a token), each image's (t, h, w) grid and the token
     types; the batch gives the forward every row's patches and grids in order, and each row's logits are those of
     plain transformers on the processor's own inputs for that conversation alone (so pixels, grids and the M-RoPE
     positions the model computes from them are each row's own)."""
@@ -345,7 +347,7 @@ def test_qwen2_vl_rows_of_two_image_sizes_carry_their_patches_grids_and_token_ty
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert rows["image_count"].tolist() == [1, 1, 0]
     assert rows["image_grid_thw"].tolist() == [[[1, 4, 4], [0, 0, 0]], [[1, 4, 8], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]]
-    assert rows["patch_count"].tolist() == [16, 32, 0] and rows["pixel_values"].shape == (3, 64 * 4, 96)
+    assert rows["pixel_count"].tolist() == [16, 32, 0] and rows["pixel_values"].shape == (3, 64 * 4, 96)
     assert ((rows["input_ids"] == pad).sum(1) == [4, 8, 0]).all()
     np.testing.assert_array_equal(rows["mm_token_type_ids"], (rows["input_ids"] == pad).astype(np.int32))
     text = processor.tokenizer.decode(rows["input_ids"][1])
@@ -470,6 +472,45 @@ def test_idefics3_rows_hold_the_crops_of_split_images_with_their_masks(tmp_path)
             text = render(processor.tokenizer, with_image_token(processor, record))
             pictures = [images.decode(images.from_text(t)) for t in record["images"]]
             alone = processor(text=[text], images=[pictures], add_special_tokens=False, return_tensors="pt")
+            n = alone["input_ids"].shape[1]
+            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
+            assert expanded_length(processor, record) == n
+            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
+            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_rows_hold_the_pan_and_scan_crops_of_their_images(tmp_path):
+    """Gemma 3's pan-and-scan (transformers' option of a processor call, here its processor's own defaults): a 64x16
+    image is its view and 4 crops of at least 8 px (each introduced in the text), a 16x16 one its view alone. A row
+    holds its images' views in one list, the row's own first (`pixel_count`), room for max_images times the most;
+    each row's logits in a batch equal plain transformers' on the processor's inputs for that conversation alone, and
+    its expanded length is counted before any image is decoded."""
+    import torch
+    from helpers import tiny_gemma3
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.data.pixels import expanded_length, image_layout, with_image_token
+    from llmray.data.template import render
+    from llmray.train.batch import model_inputs
+
+    folder = str(tiny_gemma3(tmp_path / "gemma3"))
+    processor = load_processor(folder)
+    processor.images_kwargs = {**processor.images_kwargs, "do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8}
+    assert image_layout(processor).crops_per_image == 5 and image_layout(processor).pixels == (3, 16, 16)
+    records = [{"messages": [{"role": "user", "content": "<image>What colour?"},
+                             {"role": "assistant", "content": f"It is {c}."}], "images": [images.to_text(png)]}
+               for c, png in (("red", rgb_png(64, 16, (220, 30, 30))), ("blue", rgb_png(16, 16, (30, 40, 220))))]
+    rows = image_rows(processor, records, seq_len=256, max_images=1)
+    assert rows["pixel_values"].shape == (2, 5, 3, 16, 16) and rows["pixel_count"].tolist() == [5, 1]
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = model_inputs(rows, torch.device("cpu"))
+    assert inputs["pixel_values"].shape == (6, 3, 16, 16)
+    with torch.no_grad():
+        batch = model(**inputs).logits
+        for row, record in enumerate(records):
+            text = render(processor.tokenizer, with_image_token(processor, record))
+            picture = images.decode(images.from_text(record["images"][0]))
+            alone = processor(text=[text], images=[picture], add_special_tokens=False, return_tensors="pt")
             n = alone["input_ids"].shape[1]
             np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
             assert expanded_length(processor, record) == n
