@@ -398,6 +398,28 @@ def test_a_qwen2_vl_learns_from_rows_of_two_image_sizes(qwen2_vl):
     assert any(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in merger.items())
 
 
+def assert_each_row_is_its_conversation_alone(model, processor, rows: dict, records: list[dict], inputs: dict) -> None:
+    """Each row's logits in the batch (`inputs`, made of `rows`) equal plain transformers' on the processor's own
+    inputs for its conversation alone, its ids are the processor's, and its length with its images expanded is
+    counted before any image is decoded (`pixels.expanded_length`)."""
+    import torch
+
+    from llmray.data.pixels import expanded_length, with_image_token
+    from llmray.data.template import render
+
+    with torch.no_grad():
+        batch = model(**inputs).logits
+        for row, record in enumerate(records):
+            text = render(processor.tokenizer, with_image_token(processor, record))
+            pictures = [images.decode(images.from_text(t)) for t in record["images"]]
+            alone = processor(text=[text], images=[pictures], add_special_tokens=False, return_tensors="pt")
+            n = alone["input_ids"].shape[1]
+            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
+            assert expanded_length(processor, record) == n
+            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
+            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
+
+
 def test_llava_next_rows_hold_images_of_different_crop_counts_with_their_sizes(tmp_path):
     """LLaVA-NeXT: an image is its base view plus the crops of the grid its shape picks (16x16 and 32x16 px: 3 views,
     32x32: 5), its tokens likewise. A row's image slot has room for the most crops, zero after its own, and the row
@@ -407,8 +429,7 @@ def test_llava_next_rows_hold_images_of_different_crop_counts_with_their_sizes(t
     from helpers import tiny_llava_next
     from transformers import AutoModelForImageTextToText
 
-    from llmray.data.pixels import image_layout, with_image_token
-    from llmray.data.template import render
+    from llmray.data.pixels import image_layout
     from llmray.train.batch import model_inputs
 
     folder = str(tiny_llava_next(tmp_path / "llava-next"))
@@ -423,16 +444,7 @@ def test_llava_next_rows_hold_images_of_different_crop_counts_with_their_sizes(t
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     inputs = model_inputs(rows, torch.device("cpu"))
     assert inputs["pixel_values"].shape == (2, 5, 3, 16, 16) and inputs["image_sizes"].tolist() == [[16, 16], [32, 32]]
-    with torch.no_grad():
-        batch = model(**inputs).logits
-        for row, record in enumerate(records):
-            text = render(processor.tokenizer, with_image_token(processor, record))
-            picture = images.decode(images.from_text(record["images"][0]))
-            alone = processor(text=[text], images=[picture], add_special_tokens=False, return_tensors="pt")
-            n = alone["input_ids"].shape[1]
-            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
-            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
-            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
+    assert_each_row_is_its_conversation_alone(model, processor, rows, records, inputs)
 
 
 def test_idefics3_rows_hold_the_crops_of_split_images_with_their_masks(tmp_path):
@@ -445,8 +457,7 @@ def test_idefics3_rows_hold_the_crops_of_split_images_with_their_masks(tmp_path)
     from helpers import tiny_idefics3_split
     from transformers import AutoModelForImageTextToText
 
-    from llmray.data.pixels import expanded_length, image_layout, with_image_token
-    from llmray.data.template import render
+    from llmray.data.pixels import image_layout
     from llmray.train.batch import model_inputs
 
     folder = str(tiny_idefics3_split(tmp_path / "idefics3"))
@@ -466,17 +477,7 @@ def test_idefics3_rows_hold_the_crops_of_split_images_with_their_masks(tmp_path)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     inputs = model_inputs(rows, torch.device("cpu"), pixels_per_row=True)
     assert inputs["pixel_attention_mask"].shape == (2, 10, 32, 32)
-    with torch.no_grad():
-        batch = model(**inputs).logits
-        for row, record in enumerate(records):
-            text = render(processor.tokenizer, with_image_token(processor, record))
-            pictures = [images.decode(images.from_text(t)) for t in record["images"]]
-            alone = processor(text=[text], images=[pictures], add_special_tokens=False, return_tensors="pt")
-            n = alone["input_ids"].shape[1]
-            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
-            assert expanded_length(processor, record) == n
-            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
-            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
+    assert_each_row_is_its_conversation_alone(model, processor, rows, records, inputs)
 
 
 def test_gemma3_rows_hold_the_pan_and_scan_crops_of_their_images(tmp_path):
@@ -489,8 +490,7 @@ def test_gemma3_rows_hold_the_pan_and_scan_crops_of_their_images(tmp_path):
     from helpers import tiny_gemma3
     from transformers import AutoModelForImageTextToText
 
-    from llmray.data.pixels import expanded_length, image_layout, with_image_token
-    from llmray.data.template import render
+    from llmray.data.pixels import image_layout
     from llmray.train.batch import model_inputs
 
     folder = str(tiny_gemma3(tmp_path / "gemma3"))
@@ -505,14 +505,4 @@ def test_gemma3_rows_hold_the_pan_and_scan_crops_of_their_images(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     inputs = model_inputs(rows, torch.device("cpu"))
     assert inputs["pixel_values"].shape == (6, 3, 16, 16)
-    with torch.no_grad():
-        batch = model(**inputs).logits
-        for row, record in enumerate(records):
-            text = render(processor.tokenizer, with_image_token(processor, record))
-            picture = images.decode(images.from_text(record["images"][0]))
-            alone = processor(text=[text], images=[picture], add_special_tokens=False, return_tensors="pt")
-            n = alone["input_ids"].shape[1]
-            np.testing.assert_array_equal(rows["input_ids"][row, :n], alone["input_ids"][0].numpy())
-            assert expanded_length(processor, record) == n
-            logits = model(**{k: v for k, v in alone.items() if k != "attention_mask"}).logits
-            torch.testing.assert_close(batch[row, :n], logits[0], rtol=1e-4, atol=1e-4)
+    assert_each_row_is_its_conversation_alone(model, processor, rows, records, inputs)
