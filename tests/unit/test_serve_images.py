@@ -18,21 +18,23 @@ def pictures(pngs: list[bytes]) -> list:
     return [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
 
 
-def served(engine, requests: list[tuple[str, list[bytes]]]) -> list[str]:
+def served(engine, requests: list[tuple[str, list[bytes]]], adapters: list[str | None] | None = None) -> list[str]:
     """Each (text with <image> per image, its PNGs) as one user turn, greedily: the first generates alone for a
-    while, then the others join it at once (their prefill one forward, images and text rows together)."""
+    while, then the others join it at once (their prefill one forward, images and text rows together). `adapters`:
+    each request's LoRA adapter (None: the base)."""
     from llmray.serve.engine import Finished
     from llmray.serve.sampling import Sampling
 
     def prepared(text: str, pngs: list[bytes]):
         prompt = engine.chat_prompt([("user", text)])
-        return engine.encode_images(prompt, pictures(pngs)) if pngs else (engine.encode(prompt), None)
+        return engine.encode_images(prompt, pictures(pngs)) if pngs else (engine.encode(prompt, False), None)
 
-    inputs = [prepared(*r) for r in requests]  # ahead, so the late rows arrive together
+    adapters = adapters or [None] * len(requests)
+    inputs = [(*prepared(*r), a) for r, a in zip(requests, adapters)]  # ahead, so the late rows arrive together
 
-    async def collect(ids: list[int], images, started: asyncio.Event | None = None) -> str:
+    async def collect(ids: list[int], images, adapter: str | None, started: asyncio.Event | None = None) -> str:
         out = ""
-        async for ev in engine.stream(ids, Sampling(TOKENS, 0.0), images=images):
+        async for ev in engine.stream(ids, Sampling(TOKENS, 0.0), adapter=adapter, images=images):
             if not isinstance(ev, Finished):
                 out += ev
                 if started is not None and len(out) > 3:
@@ -89,6 +91,34 @@ def test_image_rows_batched_with_text_rows_answer_as_transformers_generate(vlm_d
     assert expected[1] != reference("<image>What colour is the square?", [BLUE], TOKENS)  # the pixels matter
     assert served(engine, requests) == expected
     assert engine.stats["largest_batch"] == 4 and engine.stats["forward_passes"] < 4 * TOKENS
+
+
+def test_image_rows_with_a_lora_adapter_answer_as_the_merged_model(tmp_path):
+    """A LoRA adapter on a VLM's language model, served beside the base (peft's mixed batch): an image row with the
+    adapter answers as the adapter merged into the model does, beside an image row of the base and a text row of the
+    adapter, in one prefill."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from llmray.data.pixels import load_processor
+    from llmray.serve.engine import Engine
+
+    base = tiny_vlm(tmp_path / "vlm", initializer_range=0.3)
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForImageTextToText.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    model.merge_and_unload().save_pretrained(merged)
+    load_processor(str(base)).save_pretrained(merged)
+    engine = Engine(str(base), max_batch_size=4, batch_wait_s=0, device=None, adapters={"a": str(tmp_path / "adapter")})
+    requests = [("<image>What colour is the square?", [RED]), ("<image>What colour is the square?", [RED]),
+                ("It is", [])]
+    tuned, plain = greedy_image_reference(merged), greedy_image_reference(base)
+    expected = [tuned(*requests[0], TOKENS), plain(*requests[1], TOKENS), tuned(*requests[2], TOKENS)]
+    assert expected[0] != expected[1]  # the adapter matters
+    assert served(engine, requests, adapters=["a", None, "a"]) == expected
 
 
 # ---- the app's checks ----------------------------------------------------------------------------------------------
