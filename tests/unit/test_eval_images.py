@@ -244,3 +244,17 @@ def test_a_recipes_eval_tasks_must_fit_the_model_it_trains(tmp_path):
         training_tasks([text.path, image.path], vision=False)
     with pytest.raises(RecipeError, match=f"eval.tasks: {text.path}: text tasks, and the run trains a vision-language"):
         training_tasks([text.path, image.path], vision=True)
+
+
+def test_a_vlm_folder_in_object_storage_answers_as_the_local_folder(tmp_path, s3):
+    """`llmray eval` of an image task on a VLM named by its s3:// folder (model, processor and tokenizer copied once):
+    the same captions and label scores as the local folder's."""
+    from llmray import storage
+
+    folder = tiny_vlm(tmp_path / "vlm", initializer_range=0.3)
+    storage.upload(str(folder), "s3://llmray/models/vlm")
+    captions, choice = task(tmp_path, CAPTION, colour_lines(tmp_path, 2)), task(tmp_path, CHOICE, colour_lines(tmp_path, 2))
+    local, remote = LocalModel.from_folder(str(folder), "cpu"), LocalModel.from_folder("s3://llmray/models/vlm", "cpu")
+    assert remote.processor is not None
+    assert answer(remote, captions) == answer(local, captions)
+    assert answer(remote, choice) == answer(local, choice)
