@@ -295,7 +295,7 @@ def image_layout(processor) -> ImageLayout:
         if pixels.ndim == 5 and grids:  # crops an image: the most, from an image the size of each grid
             crops = max(len(expand(processor, token, [_blank(w, h)])[1]["pixel_values"][0]) for h, w in grids)
             pixels = np.zeros((1, crops, *pixels.shape[2:]), dtype=pixels.dtype)
-        crops = _most_crops(processor, token)
+        most_crops = _most_crops(processor, token)
         per_token = 1
         if flat:
             token_id = processor.tokenizer.convert_tokens_to_ids(token)
@@ -307,7 +307,7 @@ def image_layout(processor) -> ImageLayout:
             per_image=tuple((name, tuple(inputs[name].shape[1:]), inputs[name].dtype.str) for name in PER_IMAGE_INPUTS
                             if name in inputs),
             per_token=tuple(name for name in PER_TOKEN_INPUTS if name in inputs), tokens_around=around,
-            crops_per_image=crops or int(any(name in inputs for name in PER_CROP_INPUTS)),
+            crops_per_image=most_crops or int(any(name in inputs for name in PER_CROP_INPUTS)),
             per_crop=tuple(name for name in PER_CROP_INPUTS if name in inputs))
     return _LAYOUTS[processor]
 
