@@ -11,7 +11,9 @@
 # Measured (2026-12-04, 2 CPU cores, the unit tests running beside its first two minutes, demo/export already made): held-out accuracy 0.0% before
 # (the composed model answers Python, "#"; a uniform guess among each kind's answers would score 27.8%), 88.3% after
 # (colour 96%, count 91%, shape 78%; 240 questions about 80 unseen scenes), 669 s to the figures; the OpenAI-client
-# step asked "What colour is the triangle?" of a held-out scene and got 'green' (right).
+# step asked "What colour is the triangle?" of a held-out scene and got 'green' (right). Again from a fresh clone on a
+# new machine (2026-12-04, demo/export made first by jobs/demo.sh's 300 steps, another job beside it): 0.0% -> 96.2%
+# (colour 99%, count 91%, shape 99%), 908 s end to end with the pretraining; the same question answered 'green'.
 #
 # What it took (docs/vision.md has every try): the question comes before the image in every prompt, so the image's
 # tokens, which come later, can attend to it; stage 1 at lr 1e-3, not 1e-2 (at 1e-2 its 40 steps grew the projector's
