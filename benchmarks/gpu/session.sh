@@ -3,12 +3,15 @@
 #     bash benchmarks/gpu/session.sh              # on the H200: about 8 minutes, items most important first
 #     bash benchmarks/gpu/session.sh --rehearse   # on CPU: tiny presets, a few steps, GPU-only items noted and skipped
 # Each item runs under its own time limit; one that no longer fits in what is left of TOTAL_S is skipped, and says so.
+# ITEMS picks items by number (default all: "1 2 3 4 5"), e.g. a second try for what the first did not reach:
+#     ITEMS="4 5" TOTAL_S=300 bash benchmarks/gpu/session.sh
 # Results go to $OUT as each item ends (the device tool brings back at most 8 files): session.log, mfu.json,
 # ablation.json, serve.json, checks.json, int4.json, zero_memory.json. A table of the items ends the log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 REHEARSE=0
+ITEMS=${ITEMS:-1 2 3 4 5}
 if [[ ${1:-} == --rehearse ]]; then REHEARSE=1; fi
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
@@ -46,6 +49,7 @@ ROWS=()
 item() {
   local name=$1 budget=$2 left rc=0 t0=$SECONDS
   shift 2
+  if [[ $name != corpus && " $ITEMS " != *" ${name%% *} "* ]]; then return; fi
   left=$((TOTAL_S - (SECONDS - START)))
   if ((budget > left)); then
     echo "[session] $name: skipped, needs ${budget}s and ${left}s are left"
@@ -60,23 +64,24 @@ item() {
   ROWS+=("$name|$status|$((SECONDS - t0))|$budget")
 }
 note() {  # an item that cannot run here, with why
+  if [[ " $ITEMS " != *" ${1%% *} "* ]]; then return; fi
   echo "[session] $1: not run, $2"
   ROWS+=("$1|not run: $2|0|0")
 }
 
 GPU_MFU=(python3 benchmarks/gpu_mfu.py)
-item corpus 60 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import stdlib_corpus; stdlib_corpus()"
-item "1 mfu torchrun+ray" 200 "${GPU_MFU[@]}" "${MFU[@]}" --only auto_zero1 --out "$OUT/mfu.json"
-item "2 ablation" 140 "${GPU_MFU[@]}" "${ABLATION[@]}" --no-ray --out "$OUT/ablation.json"
+item corpus 45 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import stdlib_corpus; stdlib_corpus()"
+item "1 mfu torchrun+ray" 180 "${GPU_MFU[@]}" "${MFU[@]}" --only auto_zero1 --out "$OUT/mfu.json"
+item "2 ablation" 120 "${GPU_MFU[@]}" "${ABLATION[@]}" --no-ray --out "$OUT/ablation.json"
 item "3 serve in process" 90 python3 benchmarks/gpu/serve_check.py "${SERVE[@]}" --out "$OUT/serve.json"
-item "4 liger zero3, fused adam" 100 "${GPU_MFU[@]}" "${CHECKS[@]}" --no-ray --out "$OUT/checks.json"
+item "4 liger zero3, fused adam" 90 "${GPU_MFU[@]}" "${CHECKS[@]}" --no-ray --out "$OUT/checks.json"
 if ((REHEARSE)); then
   note "4 int4 decode" "int4-weight-only is a CUDA kernel"
 else
-  item "4 int4 decode" 60 python3 benchmarks/gpu/int4_check.py --out "$OUT/int4.json"
+  item "4 int4 decode" 50 python3 benchmarks/gpu/int4_check.py --out "$OUT/int4.json"
 fi
 if [[ $FLASH == no ]]; then note "4 flash varlen = sdpa" "flash-attn is not importable"; fi
-item "5 zero memory" 120 python3 benchmarks/zero_memory.py "${ZERO[@]}" --out "$OUT/zero_memory.json"
+item "5 zero memory" 100 python3 benchmarks/zero_memory.py "${ZERO[@]}" --out "$OUT/zero_memory.json"
 
 echo
 echo "| item | status | seconds | limit |"
