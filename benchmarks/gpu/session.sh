@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu/session.sh --rehearse   # on CPU: tiny presets, a few steps, GPU-only items noted and skipped
 # Each item runs under its own time limit; one that no longer fits in what is left of TOTAL_S is skipped, and says so.
 # ITEMS picks items by number (default all: "1 2 3 4 5"), e.g. a second try for what the first did not reach:
-#     ITEMS="4 5" TOTAL_S=300 bash benchmarks/gpu/session.sh
+#     ITEMS="4 5" TOTAL_S=150 bash benchmarks/gpu/session.sh
 # Results go to $OUT as each item ends (the device tool brings back at most 8 files): session.log, mfu.json,
 # ablation.json, serve.json, checks.json, int4.json, zero_memory.json. A table of the items ends the log.
 set -euo pipefail
@@ -27,7 +27,7 @@ if ((REHEARSE)); then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
   MFU=(--preset tiny --steps 6)
   ABLATION=(--preset tiny --steps 6 --only all_off fused_adam compile)
-  CHECKS=(--preset tiny --steps 6 --only sdpa_zero3)  # liger and FusedAdam are CUDA kernels
+  CHECKS=(--preset tiny --steps 6 model.num_layers=1 --only sdpa_zero3)  # liger and FusedAdam are CUDA kernels
   SERVE=(--hidden 64 --layers 2 --tokens 8 --levels 1 4 --requests 1)
   ZERO=(--steps 2 model.hidden_size=64 model.num_layers=2 model.num_heads=4 model.intermediate_size=128
         scaling.num_workers=1)
