@@ -49,7 +49,8 @@ def emit(name: str, figures: dict) -> None:
 
 def steady(history: list[dict]) -> dict:
     """A training run's report history as steady-state figures: tokens/s, MFU, step time and data-wait share
-    averaged over the report windows after the first (compilation, warm-up), and the run's memory peaks."""
+    averaged over the report windows after the first (compilation, warm-up), the run's memory peaks and its last
+    reported loss."""
     windows = history[1:] or history
     out = {}
     for key in ("tokens_per_s", "mfu", "step_time_s", "data_wait_share"):
@@ -60,6 +61,8 @@ def steady(history: list[dict]) -> dict:
         values = [h[key] for h in history if h.get(key) is not None]
         if values:
             out[key] = max(values)
+    if history and history[-1].get("loss") is not None:
+        out["final_loss"] = history[-1]["loss"]  # runs that should train alike are compared on it
     return out
 
 

@@ -4,6 +4,9 @@ stream against torchrun without Ray (the ratio is what Ray costs).
 
     python benchmarks/gpu_mfu.py [--steps 30] [--only NAME ...] [key=value recipe overrides...]
     python benchmarks/gpu_mfu.py --preset tiny   # a CPU rehearsal of every run (figures not kept)
+    python benchmarks/gpu_mfu.py --only auto_zero1 --steps 20 --out mfu.json   # a GPU session's first item
+
+`--out FILE` also writes the figures so far after each run, so a run stopped at its time limit keeps what it had.
 
 Each run is llmray's one training loop (`llmray.train.loop.train`); torchrun feeds it pre-tokenized rows in memory
 (`train_overhead.bare_worker`), Ray Train its Ray Data stream. Tokens/s, MFU and step time are the mean of the
@@ -50,13 +53,18 @@ RUNS = {
     "auto_zero3": ["train.zero_stage=3"],
     "auto_zero1_recompute_half_mb16": ["train.zero_stage=1", "train.activation_checkpointing=2",
                                        "train.micro_batch_size=16", "train.global_batch_size=16"],
+    # checks no CPU test can run: liger's loss under ZeRO-3 (its LM head gathered), DeepSpeed's JIT-built FusedAdam
+    "liger_zero3": [*OFF, "train.kernels.liger=true", "train.zero_stage=3"],
+    "sdpa_zero3": [*OFF, "train.zero_stage=3"],  # liger_zero3's loss without liger
+    "deepspeed_fused_adam": [*OFF, "train.kernels.adam=deepspeed_fused"],
 }
 RAY_RUN = "auto_zero1"  # the settings measured under Ray Train too
 
 
 def torchrun(overrides: list[str], out: str, env: dict) -> dict:
-    subprocess.run(["torchrun", "--standalone", "--nproc_per_node=1", __file__, "--bare-worker", out, *overrides],
-                   check=True, env=env)
+    # torchrun as this interpreter's module: the image's `torchrun` script may not be on PATH
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
+                    "--bare-worker", out, *overrides], check=True, env=env)
     return steady(json.loads(Path(out).read_text()))
 
 
@@ -103,6 +111,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--only", nargs="*", choices=sorted(RUNS), help="these runs only (default: all)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Train run")
+    p.add_argument("--out", help="also write the figures here, after each run")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--bare-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -122,30 +131,36 @@ def main() -> None:
     if not on_gpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     runs, results = args.only or list(RUNS), {}
+
+    def figures() -> dict:
+        out = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu (rehearsal)", "preset": args.preset,
+               "steps": args.steps, "versions": versions(), "runs": results}
+        if "all_off" in results:  # which change bought how much
+            off = results["all_off"]["torchrun"]["tokens_per_s"]
+            out["speedup_over_all_off"] = {n: round(r["torchrun"]["tokens_per_s"] / off, 3) for n, r in results.items()}
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+        return out
+
     with tempfile.TemporaryDirectory() as tmp:
         for name in runs:
             overrides = [*base, *RUNS[name], *args.overrides]
             results[name] = {"kernels": kernels_of(overrides, on_gpu), "overrides": RUNS[name],
                              "torchrun": torchrun(overrides, os.path.join(tmp, f"{name}.json"), env)}
             print(f"[gpu_mfu] {name}: {json.dumps(results[name]['torchrun'])}", flush=True)
+            figures()
         if not args.no_ray and RAY_RUN in results:
             os.environ.update(env)
             ray_run = under_ray([*base, *RUNS[RAY_RUN], *args.overrides], tmp)
             results[RAY_RUN]["ray_train"] = ray_run
             results[RAY_RUN]["ray_over_torchrun"] = round(
                 ray_run["tokens_per_s"] / results[RAY_RUN]["torchrun"]["tokens_per_s"], 3)
-    figures = {
-        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu (rehearsal)",
-        "preset": args.preset, "steps": args.steps, "versions": versions(), "runs": results,
-    }
-    if "all_off" in results:  # which change bought how much
-        off = results["all_off"]["torchrun"]["tokens_per_s"]
-        figures["speedup_over_all_off"] = {n: round(r["torchrun"]["tokens_per_s"] / off, 3)
-                                           for n, r in results.items()}
+            print(f"[gpu_mfu] {RAY_RUN} under Ray Train: {json.dumps(ray_run)}", flush=True)
+    final = figures()
     if on_gpu:
-        emit("gpu_mfu", figures)
+        emit("gpu_mfu", final)
     else:
-        print(json.dumps(figures, indent=1))
+        print(json.dumps(final, indent=1))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def baseline(model_dir: str, tokens: int, count: int) -> dict:
 def engine_in_process(model_dir: str, tokens: int, count: int, max_batch_size: int, concurrency: int = 1,
                       cuda_graphs: bool | None = None) -> dict:
     """`count` requests through llmray's engine, `concurrency` at a time, with no HTTP and no Serve in between
-    (after one warm-up round, which also captures the graphs its shapes need): tokens/s and p50 latency."""
+    (after one warm-up round, which also captures the graphs its shapes need): tokens/s, p50 and p99 latency."""
     from llmray.serve.engine import Engine
     from llmray.serve.sampling import Sampling
 
@@ -101,7 +101,8 @@ def engine_in_process(model_dir: str, tokens: int, count: int, max_batch_size: i
     asyncio.run(run())
     latencies, wall = asyncio.run(run())
     return {"concurrency": concurrency, "tokens_per_s": round(count * tokens / wall, 1),
-            "p50_latency_ms": round(pct(latencies, 0.5) * 1e3, 1), "engine": dict(engine.stats)}
+            "p50_latency_ms": round(pct(latencies, 0.5) * 1e3, 1), "p99_latency_ms": round(pct(latencies, 0.99) * 1e3, 1),
+            "engine": dict(engine.stats)}
 
 
 def graphs_on_and_off(model_dir: str, tokens: int, levels: list[int], max_batch_size: int) -> list[dict]:

@@ -3,7 +3,9 @@
 allocated and host RSS. `--before DIR` also runs ZeRO-3 with another checkout of llmray (e.g. one from before
 ZeRO-3 built its model partitioned), so the two constructions are compared on one machine.
 
-    python benchmarks/zero_memory.py [--before DIR] [--steps 3] [key=value recipe overrides...]
+    python benchmarks/zero_memory.py [--before DIR] [--steps 3] [--out FILE] [key=value recipe overrides...]
+
+`--out FILE` also writes the stages measured so far after each one (a run stopped at a time limit keeps them).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", help="another llmray checkout to run ZeRO-3 with, for comparison")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", help="also write the stages so far here, after each")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -68,18 +71,23 @@ def main() -> None:
     shards, tok = stdlib_corpus()
     base = [f"data.shards={shards}", f"data.tokenizer={tok}", f"train.max_steps={args.steps}",
             f"train.log_every={args.steps}", *MODEL, *args.overrides]
-    stages = {f"zero{s}": run([*base, f"train.zero_stage={s}"], None) for s in (1, 2, 3)}
-    if args.before:
-        stages["zero3_before"] = run([*base, "train.zero_stage=3"], os.path.abspath(args.before))
     import torch
 
-    figures = {
-        "device": torch.cuda.get_device_name(0) if "scaling.use_gpu=true" in args.overrides else f"cpu x{os.cpu_count()}",
-        "workers": 2, "n_params": stages["zero1"]["n_params"], "overrides": MODEL + args.overrides,
-        "stages": stages,
-        "peak_ratio_vs_zero1": {k: round(v["peak_memory_gb"] / stages["zero1"]["peak_memory_gb"], 3)
-                                for k, v in stages.items()},
-    }
+    on_gpu = "scaling.use_gpu=true" in args.overrides
+    workers = next((int(o.split("=")[1]) for o in reversed([*MODEL, *args.overrides]) if o.startswith("scaling.num_workers=")))
+    figures = {"device": torch.cuda.get_device_name(0) if on_gpu else f"cpu x{os.cpu_count()}", "workers": workers,
+               "overrides": MODEL + args.overrides, "stages": {}}
+    stages = figures["stages"]
+    runs = [(f"zero{s}", [*base, f"train.zero_stage={s}"], None) for s in (1, 2, 3)]
+    if args.before:
+        runs.append(("zero3_before", [*base, "train.zero_stage=3"], os.path.abspath(args.before)))
+    for name, overrides, code in runs:
+        stages[name] = run(overrides, code)
+        figures["n_params"] = stages["zero1"]["n_params"]
+        figures["peak_ratio_vs_zero1"] = {k: round(v["peak_memory_gb"] / stages["zero1"]["peak_memory_gb"], 3)
+                                          for k, v in stages.items()}
+        if args.out:
+            Path(args.out).write_text(json.dumps(figures, indent=1))
     if args.before:
         figures["before"] = args.before
     emit("zero_memory", figures)
