@@ -79,15 +79,11 @@ class LocalModel:
         """The forward's image inputs of rows with one image each (`_encode`'s), the rows left-padded to `width`
         (`pixels.left_padded_inputs`), as tensors on the model's device, pixels in its dtype."""
         from llmray.data.pixels import left_padded_inputs
-        from llmray.model.build import PIXELS_PER_ROW
+        from llmray.model.build import PIXELS_PER_ROW, image_tensors
 
         per_row = getattr(self.model.config, "model_type", None) in PIXELS_PER_ROW
-        dtype = next(self.model.parameters()).dtype
         inputs = left_padded_inputs([(len(ids), held) for ids, held in encoded], width, per_row)
-        out = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in out:
-            out["pixel_values"] = out["pixel_values"].to(dtype)
-        return out
+        return image_tensors(inputs, self.device, next(self.model.parameters()).dtype)
 
     @torch.no_grad()  # not inference_mode: ZeRO-3 keeps tensors it gathers here for the training step
     def generate(self, prompts: list[str], chat: bool, max_new_tokens: int,

@@ -166,6 +166,15 @@ def frozen_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def image_tensors(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A forward's image inputs (numpy arrays, `pixels.left_padded_inputs`') as it takes them: on `device`, the pixel
+    values in the model's `dtype` (bf16 on a GPU), the others (grids, token types, masks) as they are."""
+    out = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
+    if "pixel_values" in out:
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
 def inference_device(device: str | None = None) -> torch.device:
     """The device a model is measured or served on: as asked, else the GPU when there is one."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -29,7 +29,13 @@ from transformers import AutoTokenizer, DynamicCache
 
 from llmray.data import pixels
 from llmray.data.template import render, stop_token_ids
-from llmray.model.build import PIXELS_PER_ROW, inference_device, is_vision_language, load_for_inference
+from llmray.model.build import (
+    PIXELS_PER_ROW,
+    image_tensors,
+    inference_device,
+    is_vision_language,
+    load_for_inference,
+)
 from llmray.serve.graphs import DecodeGraphs
 from llmray.serve.metrics import EngineMetrics
 from llmray.serve.sampling import Sampling, TokenLogprob, sample, token_logprob
@@ -401,9 +407,10 @@ class Engine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         images = self._image_inputs(fresh, width)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if self.rope_index is not None:
             positions = self._rope_positions(ids, mask, images, fresh)
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
         prefill = DynamicCache()
         logits = self._forward(ids, mask, positions, prefill, fresh, images)
         self.cache.admit(prefill, [len(r.prompt_ids) for r in fresh])
@@ -490,10 +497,7 @@ class Engine:
         """The image inputs of a prefill of `rows` left-padded to `width` (`pixels.left_padded_inputs`), on the model's
         device, pixels in its dtype (bf16 on a GPU). {} when no row has an image."""
         inputs = pixels.left_padded_inputs([(len(r.prompt_ids), r.images) for r in rows], width, self.pixels_per_row)
-        out = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in out:
-            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
-        return out
+        return image_tensors(inputs, self.device, self.model.dtype)
 
     def _rope_positions(self, ids: torch.Tensor, mask: torch.Tensor, images: dict[str, torch.Tensor],
                         rows: list[_Row]) -> torch.Tensor:
