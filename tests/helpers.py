@@ -467,24 +467,33 @@ def json_server(answer: dict):
         server.shutdown()
 
 
+_MOTO_ENDPOINT: list[str] = []  # the one moto server of this process
+
+
+def moto_endpoint() -> str:
+    """The URL of this process's moto server, started on first use and left running (a daemon thread): stopping one
+    waits out werkzeug's 0.5-s shutdown poll, which a server per test paid at every teardown."""
+    if not _MOTO_ENDPOINT:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        _MOTO_ENDPOINT.append(f"http://{host}:{port}")
+    return _MOTO_ENDPOINT[0]
+
+
 @contextmanager
 def moto_s3(bucket: str):
     """A real S3-compatible server (moto) on 127.0.0.1 holding one empty bucket. Yields the standard AWS
     environment variables that reach it; sets none of them."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
+    env = {"AWS_ENDPOINT_URL": moto_endpoint(), "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    s3_client(env).create_bucket(Bucket=bucket)
     try:
-        host, port = server.get_host_and_port()
-        env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-        s3_client(env).create_bucket(Bucket=bucket)
         yield env
-        # moto keeps its buckets in memory for the whole process, across servers: the next test starts empty.
+    finally:  # moto keeps its buckets in memory for the whole process: the next user starts empty
         urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))
-    finally:
-        server.stop()
 
 
 def s3_client(env: dict):
