@@ -19,15 +19,15 @@ import _entry  # noqa: F401  (sys.path: the llmray next to this file)
 
 
 def main(argv: list[str]) -> int:
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
-    from llmray.serve.app import ServeArgs
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config", help="Serve config YAML, e.g. serve/config.yaml")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="model to serve (repeatable)")
     args = p.parse_args(argv)
+    import yaml  # after the arguments: `--help` answers without loading Ray Serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from llmray.serve.app import ServeArgs
+
     with open(args.config) as f:
         config = yaml.safe_load(f)
     app = next((a for a in config.get("applications", []) if a.get("import_path") == "llmray.serve.app:build_app"),
