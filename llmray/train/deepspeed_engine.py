@@ -31,6 +31,7 @@ from llmray.train.schedule import make_scheduler
 from llmray.train.zero import deepspeed_config, resolve_precision
 
 ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
+SHM_ALL_REDUCE_OP = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder.NAME
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ def device_for(use_gpu: bool) -> torch.device:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
         return dev
+    # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce when it sets up its process group: 35 s of g++ on
+    # a machine's first run, and a line in each worker's log. Only its inference engine calls it; training never does.
+    deepspeed.ops.__compatible_ops__[SHM_ALL_REDUCE_OP] = False
     return torch.device("cpu")
 
 

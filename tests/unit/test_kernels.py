@@ -118,6 +118,17 @@ def test_the_adamw_picked_is_the_one_deepspeed_builds():
     assert "torch_adam" not in gpu["optimizer"]["params"]  # DeepSpeed's own FusedAdam
 
 
+def test_a_cpu_run_does_not_build_deepspeeds_shared_memory_all_reduce():
+    """DeepSpeed's process group on the CPU builds that op (35 s of g++ on a fresh machine) for its inference engine;
+    training on gloo never calls it, so the worker's device choice turns it off."""
+    from deepspeed.comm.torch import build_shm_op
+
+    from llmray.train.deepspeed_engine import device_for
+
+    assert device_for(use_gpu=False).type == "cpu"
+    assert build_shm_op() is None
+
+
 @pytest.mark.parametrize("value, fixed", [
     ("9.0a", "9.0"),  # NVIDIA's Hopper images
     ("8.0;8.6;9.0a+PTX", "8.0;8.6;9.0+PTX"),
