@@ -41,15 +41,19 @@ def evaluate_tasks(engine, tokenizer, tasks: list[Task], device: torch.device, z
     backend = LocalModel(engine.module, tokenizer, device, synced=zero3 and world > 1, processor=processor)
     engine.eval()
     out = {}
-    for task in tasks:
-        outputs = answer(backend, dataclasses.replace(task, examples=task.examples[rank::world]) if split else task)
-        if split:
-            parts: list = [None] * world
-            dist.all_gather_object(parts, outputs)
-            outputs = [parts[i % world][i // world] for i in range(len(task.examples))]
-        for metric, value in score(task, outputs).items():
-            if metric not in ("examples", "tokens"):
-                out[M.eval_metric(task.name, metric)] = value
+    # Compiled blocks (train.kernels.compile) run eagerly here: prompts and generated lengths change shape at each
+    # forward, and each new shape would be one more compile for a few forwards. Validation, at training shapes, is
+    # compiled.
+    with torch.compiler.set_stance("force_eager"):
+        for task in tasks:
+            outputs = answer(backend, dataclasses.replace(task, examples=task.examples[rank::world]) if split else task)
+            if split:
+                parts: list = [None] * world
+                dist.all_gather_object(parts, outputs)
+                outputs = [parts[i % world][i // world] for i in range(len(task.examples))]
+            for metric, value in score(task, outputs).items():
+                if metric not in ("examples", "tokens"):
+                    out[M.eval_metric(task.name, metric)] = value
     engine.train()
     out[M.EVAL_S] = time.perf_counter() - started
     return out

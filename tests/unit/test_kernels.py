@@ -129,6 +129,53 @@ def test_a_cpu_run_does_not_build_deepspeeds_shared_memory_all_reduce():
     assert build_shm_op() is None
 
 
+def test_eval_tasks_on_compiled_blocks_compile_nothing_and_score_as_the_plain_model(tmp_path, monkeypatch):
+    """A generate task changes shape at every forward; on compiled blocks each shape would be a compile. The tasks
+    run eagerly on DeepSpeed's engine: no graph is compiled, and the figures are the uncompiled model's."""
+    import json
+
+    import deepspeed
+    import torch.distributed as dist
+    from helpers import colour_tokenizer, free_port, tiny_llama
+    from torch._dynamo.utils import counters
+
+    from llmray.evals.backends import LocalModel
+    from llmray.evals.score import answer, score
+    from llmray.evals.tasks import load_task
+    from llmray.train.deepspeed_engine import device_for
+    from llmray.train.downstream import evaluate_tasks
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"q": f"a {c} square?", "a": c}) + "\n"
+                                              for c in ("red", "blue", "green")))
+    (tmp_path / "g.yaml").write_text("type: generate\ndata: d.jsonl\ninput: q\ntarget: a\nmax_new_tokens: 4\n")
+    (tmp_path / "p.yaml").write_text("type: perplexity\ndata: d.jsonl\ninput: q\n")
+    tasks = [load_task(tmp_path / "g.yaml"), load_task(tmp_path / "p.yaml")]
+    tok = colour_tokenizer()
+    plain = tiny_llama(len(tok))
+    expected = {t.name: score(t, answer(LocalModel(plain, tok, torch.device("cpu")), t)) for t in tasks}
+    compiled = tiny_llama(len(tok))
+    for block in fast.decoder_blocks(compiled):
+        block.compile()
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    device = device_for(use_gpu=False)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        engine, *_ = deepspeed.initialize(model=compiled, config={"train_micro_batch_size_per_gpu": 1, "optimizer": {
+            "type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
+        counters.clear()
+        figures = evaluate_tasks(engine, tok, tasks, device, zero3=False)
+    finally:
+        dist.destroy_process_group()
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    assert engine.module.training  # handed back to training
+    for t in tasks:
+        for metric, value in expected[t.name].items():
+            if metric not in ("examples", "tokens"):
+                assert figures[f"eval/{t.name}/{metric}"] == pytest.approx(value), (t.name, metric)
+
+
 @pytest.mark.parametrize("value, fixed", [
     ("9.0a", "9.0"),  # NVIDIA's Hopper images
     ("8.0;8.6;9.0a+PTX", "8.0;8.6;9.0+PTX"),
