@@ -12,7 +12,8 @@ export TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's JIT ops on the H200; its "9.0a" f
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # transformers 5.25's from_pretrained turns Hub kernels on by default, which needs the `kernels` package and the
-# Hub (unreachable there): off, so every run measures llmray's own kernels
+# Hub (unreachable there). llmray's own loads turn them off (model/build.py, NO_HUB_KERNELS); this covers the
+# scripts' plain transformers loads too, so every run measures llmray's own kernels
 export USE_HUB_KERNELS=NO
 # installed with --no-compile: each process compiling torchao would repeat its docstrings' SyntaxWarning
 export PYTHONWARNINGS=ignore::SyntaxWarning

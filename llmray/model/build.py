@@ -28,6 +28,10 @@ PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "merger
 # models whose forward takes pixel values per row, (rows, images, C, H, W), padding images all zero (their
 # processors return them so); the others (LLaVA, ...) take every row's images in one list, (images, C, H, W)
 PIXELS_PER_ROW = ("idefics2", "idefics3", "smolvlm")
+# transformers 5 swaps Hub kernels (the `kernels` package's, downloaded from the Hub) into a model that loads onto a
+# GPU, in inference mode, unless told not to. llmray picks its kernels itself (train.kernels), serves through CUDA
+# graphs it checks against eager, and runs on clusters that cannot reach the Hub.
+NO_HUB_KERNELS = {"use_kernels": False}
 
 
 def is_vision_language(config: PretrainedConfig) -> bool:
@@ -130,7 +134,8 @@ def build_model(cfg: ModelSettings, vocab_size: int, dtype: torch.dtype = torch.
     if cfg.pretrained is not None:
         quantized = {} if quantization_config is None else {"quantization_config": quantization_config,
                                                              "device_map": {"": device}}
-        model = model_class(config).from_pretrained(pretrained_folder(cfg.pretrained), dtype=dtype, **quantized)
+        model = model_class(config).from_pretrained(pretrained_folder(cfg.pretrained), dtype=dtype, **quantized,
+                                                     **NO_HUB_KERNELS)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings, "
                              f"fewer than the tokenizer's {vocab_size} tokens")
@@ -154,7 +159,7 @@ def frozen(name: str, what: str, device: torch.device, dtype: torch.dtype) -> to
     (a Hub id or s3:// folder once per node) in the training's precision onto this rank's device, in eval mode,
     with no gradients."""
     folder = storage.local_folder(name, what)
-    model = model_class_of(folder).from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = model_class_of(folder).from_pretrained(folder, dtype=dtype, **NO_HUB_KERNELS).to(device).eval()
     model.requires_grad_(False)
     return model
 
@@ -187,4 +192,4 @@ def load_for_inference(folder: str, device: torch.device, quantization_config=No
     kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
     if device.type == "cuda":
         kwargs["device_map"] = str(device)
-    return model_class_of(folder).from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
+    return model_class_of(folder).from_pretrained(folder, dtype=dtype, **kwargs, **NO_HUB_KERNELS).to(device).eval()

@@ -127,6 +127,21 @@ def test_offline_a_populated_cache_loads_and_a_missing_name_stops_before_ray(off
     assert len(err) == 1 and "org/missing" in err[0] and "HF_HUB_OFFLINE" in err[0], err
 
 
+def test_models_load_without_the_hubs_kernels(model_dir):
+    """transformers 5 kernelizes every model it loads (on a GPU: layers swapped for kernels downloaded from the Hub,
+    in inference mode) unless told not to; each way llmray loads a model tells it not to."""
+    from transformers import AutoModelForCausalLM
+
+    from llmray.model.build import build_model, frozen, load_for_inference
+    from llmray.recipe.schema import ModelSettings
+
+    assert AutoModelForCausalLM.from_pretrained(model_dir).use_kernels  # transformers' default
+    cpu = torch.device("cpu")
+    for model in (build_model(ModelSettings(pretrained=str(model_dir)), 0),
+                  frozen(str(model_dir), "model.teacher", cpu, torch.float32), load_for_inference(str(model_dir), cpu)):
+        assert model.use_kernels is False
+
+
 def test_hub_dataset_conversations_hold_out_as_a_local_copy(online, offline_cache_of, model_dir, tmp_path):
     """Conversations from a Hub dataset (its train split, its fields renamed) and from a local copy of the same
     files become the same documents with the same doc ids, so the held-out split is the same; offline, the
