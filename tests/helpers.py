@@ -5,6 +5,7 @@ W&B's offline run files back. Imported as `from helpers import ...` (pyproject p
 Heavy imports (torch, transformers, boto3, moto, wandb) stay inside the functions that need them, so a unit test
 pays only for what it uses."""
 
+import functools
 import json
 import socket
 import struct
@@ -467,20 +468,16 @@ def json_server(answer: dict):
         server.shutdown()
 
 
-_MOTO_ENDPOINT: list[str] = []  # the one moto server of this process
-
-
+@functools.cache
 def moto_endpoint() -> str:
     """The URL of this process's moto server, started on first use and left running (a daemon thread): stopping one
     waits out werkzeug's 0.5-s shutdown poll, which a server per test paid at every teardown."""
-    if not _MOTO_ENDPOINT:
-        from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        _MOTO_ENDPOINT.append(f"http://{host}:{port}")
-    return _MOTO_ENDPOINT[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return f"http://{host}:{port}"
 
 
 @contextmanager
